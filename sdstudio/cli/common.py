@@ -1,0 +1,61 @@
+"""Pieces several commands share: --set parsing and config resolution."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+from ..core.config import RunConfig
+from ..core.errors import UserError
+from ..core.presets import DEFAULT_PRESET, load_config_file, load_preset
+
+
+def parse_set_value(text: str) -> Any:
+    """A TOML value (numbers, booleans, arrays, quoted strings); anything else is a plain string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_sets(items: list[str] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UserError(f"--set {item!r}: use KEY=VALUE, e.g. --set train.learning_rate=1e-4")
+        out[key] = parse_set_value(value.strip())
+    return out
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--preset", help=f"built-in or user preset (default: {DEFAULT_PRESET})")
+    group.add_argument("--config", type=Path, help="a config TOML file (a full config or an overlay)")
+    parser.add_argument("--data", type=Path, help="image folder (sets data.path)")
+    parser.add_argument("--set", dest="sets", action="append", metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set train.learning_rate=1e-4 (repeatable)")
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, str]:
+    """(config, label for the run folder name) from --preset/--config, --data and --set."""
+    if args.config is not None:
+        config, label = load_config_file(args.config), args.config.stem
+    else:
+        name = args.preset or DEFAULT_PRESET
+        config, label = load_preset(name), name
+    overrides = parse_sets(args.sets)
+    if args.data is not None:
+        if not args.data.is_dir():
+            raise UserError(f"--data {args.data}: no such folder")
+        overrides["data.path"] = str(args.data.resolve())
+    if overrides:
+        config = config.with_overrides(overrides)
+    return config, label

@@ -1,0 +1,64 @@
+"""`sdstudio sample`: images from a trained run or checkpoint with fixed seeds, plus a grid."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from ..core.errors import UserError
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("sample", help="generate images from a run or checkpoint")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", type=Path, help="run folder (uses its newest valid checkpoint)")
+    src.add_argument("--model", type=Path, help="a model file or diffusers folder")
+    p.add_argument("--checkpoint", type=Path, help="a checkpoint folder of the run")
+    p.add_argument("--lora", type=Path, help="a LoRA file applied to --model")
+    p.add_argument("--prompt", action="append", required=True, help="prompt (repeatable: one grid row each)")
+    p.add_argument("--negative", default=None, help="negative prompt")
+    p.add_argument("--n", type=int, default=4, help="images per prompt (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="seed of image 0; image k uses seed+k")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the run's)")
+    p.add_argument("--sampler", choices=["ddpm", "ddim", "euler", "dpmpp_2m"], default=None)
+    p.add_argument("--raw", action="store_true", help="use the raw weights even when the checkpoint has EMA")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.model is not None:
+        raise UserError("--model: sampling from a base model file is not available in this build yet; "
+                        "use --run RUN_DIR")
+    if args.n < 1:
+        raise UserError(f"--n {args.n}: give at least 1 image per prompt")
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps {args.steps}: must be at least 1")
+    from PIL import Image
+
+    from ..core.inference import load_trained
+    from ..core.sampling import make_grid
+
+    loaded = load_trained(args.run, args.checkpoint, use_ema=not args.raw)
+    seeds = [args.seed + k for k in range(args.n)]
+    images = loaded.generate(args.prompt, seeds, steps=args.steps, guidance=args.guidance, sampler=args.sampler,
+                             negative_prompt=args.negative)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+        for i in range(len(args.prompt)):
+            for k in range(args.n):
+                _save(Image.fromarray(images[i * args.n + k]), args.out / f"{i}-{k}.png")
+        _save(Image.fromarray(make_grid(images, rows=len(args.prompt))), args.out / "grid.png")
+    except OSError as exc:
+        raise UserError(f"--out {args.out}: cannot write images ({exc.strerror or exc})") from None
+    print(f"{len(images)} images and grid.png written to {args.out} (checkpoint {loaded.checkpoint.name}"
+          f"{', EMA weights' if loaded.ema_used else ''})")
+    return 0
+
+
+def _save(image: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    tmp.replace(path)

@@ -1,0 +1,124 @@
+"""`sdstudio train`: run or resume training headless, with a tqdm progress bar."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from tqdm import tqdm
+
+from ..core import events as ev
+from ..core.control import TrainingControl
+from ..core.errors import UserError
+from ..core.runs import default_run_dir, is_run_dir, load_run_config
+from .common import add_config_args, parse_sets, resolve_config
+
+# Keys --resume may change: they alter neither the model nor the data order.
+RESUME_SAFE_PREFIXES = ("sample.", "checkpoint.")
+RESUME_SAFE_KEYS = {"train.max_steps", "train.epochs", "train.log_every", "train.val_every_steps",
+                    "train.nan_skip_steps", "train.threads", "data.num_workers", "train.device"}
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("train", help="train a model (default: the demo preset on the bundled demo data)",
+                       description="Train headless. Ctrl-C saves a resumable checkpoint and exits (code 130).")
+    add_config_args(p)
+    p.add_argument("--out", type=Path, help="run folder (default: a new folder in the runs folder)")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run from its newest valid checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def _resume_config(args: argparse.Namespace) -> tuple[Any, Path]:
+    run_dir: Path = args.resume
+    if args.preset or args.config or args.data:
+        raise UserError("--resume continues a run with its own config; --preset/--config/--data cannot be combined")
+    if args.out is not None and args.out.resolve() != run_dir.resolve():
+        raise UserError(f"--out {args.out}: with --resume the run is written to its own folder {run_dir}")
+    if not run_dir.is_dir() or not is_run_dir(run_dir):
+        raise UserError(f"--resume {run_dir}: not an sdstudio run folder (no config.toml)")
+    config = load_run_config(run_dir)
+    overrides = parse_sets(args.sets)
+    refused = [k for k in overrides if k not in RESUME_SAFE_KEYS and not k.startswith(RESUME_SAFE_PREFIXES)]
+    if refused:
+        raise UserError(f"--set {', '.join(refused)}: cannot change when resuming (it would change the model or "
+                        "the data order); allowed: train.max_steps, train.epochs, sample.*, checkpoint.*")
+    if overrides:
+        config = config.with_overrides(overrides)
+        from ..core.runs import save_run_config
+        save_run_config(run_dir, config)
+    return config, run_dir
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.resume is not None:
+        config, run_dir = _resume_config(args)
+        resume = True
+    else:
+        config, label = resolve_config(args)
+        run_dir = args.out.resolve() if args.out is not None else default_run_dir(label)
+        resume = False
+    from ..core.train.loop import train  # torch/diffusers import only when training
+
+    control = TrainingControl()
+    interrupted = {"count": 0}
+
+    def on_sigint(signum: int, frame: FrameType | None) -> None:
+        interrupted["count"] += 1
+        if interrupted["count"] > 1:
+            raise KeyboardInterrupt
+        tqdm.write("stopping: saving a resumable checkpoint (Ctrl-C again to abort without saving)")
+        control.request_stop()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    bar = None
+    code = 1
+    try:
+        for event in train(config, control, run_dir=run_dir, resume=resume):
+            if isinstance(event, ev.Started):
+                if not args.quiet:
+                    bar = tqdm(total=event.total_steps, initial=event.resumed_from_step, unit="step",
+                               dynamic_ncols=True, file=sys.stderr)
+                tqdm.write(f"run folder: {event.run_dir}")
+            elif isinstance(event, ev.StepMetrics):
+                if bar is not None:
+                    bar.update(event.step - bar.n)
+                    bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}", img_s=f"{event.img_per_s:.1f}")
+            elif isinstance(event, ev.Warning):
+                tqdm.write(f"warning: {event.text}")
+            elif isinstance(event, ev.ValidationResult):
+                tqdm.write(f"step {event.step}: validation loss {event.val_loss:.5f}")
+            elif isinstance(event, ev.SampleGrid) and event.path is not None:
+                tqdm.write(f"step {event.step}: samples {event.path}")
+            elif isinstance(event, ev.CheckpointSaved):
+                tqdm.write(f"step {event.step}: checkpoint {event.path}")
+            elif isinstance(event, ev.Finished):
+                if bar is not None:
+                    bar.update(event.step - bar.n)
+                    bar.close()
+                    bar = None
+                if event.reason == "stopped":
+                    print(f"stopped at step {event.step}; resume with: sdstudio train --resume {event.run_dir}",
+                          file=sys.stderr)
+                    code = 130
+                else:
+                    print(f"finished: {event.run_dir}", file=sys.stderr)
+                    code = 0
+            elif isinstance(event, ev.Failed):
+                if bar is not None:
+                    bar.close()
+                    bar = None
+                where = f" (resumable: sdstudio train --resume {event.run_dir})" if event.resumable_from else ""
+                print(f"sdstudio: {event.message}{where}", file=sys.stderr)
+                if event.kind == "error" and event.run_dir is not None:
+                    print(f"sdstudio: details in {event.run_dir / 'run.log'}", file=sys.stderr)
+                code = 2 if event.kind == "input" else 1
+    finally:
+        if bar is not None:
+            bar.close()
+        signal.signal(signal.SIGINT, previous)
+    return code

@@ -1,0 +1,597 @@
+"""Find the usable images of a dataset folder, their captions and repeats, and everything wrong with it.
+
+Read-only: a scan never creates, changes or deletes anything in the folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import random
+import re
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from sdstudio.core.data.images import (
+    ImageInfo,
+    ImageProblem,
+    difference_hash,
+    load_with_info,
+    normalized_thumbnail,
+    probe_image,
+    verify_decodes,
+)
+from sdstudio.core.errors import DatasetError, UserError
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+
+# kind -> severity. "error": the file is not used for training; "warning": used (or harmless), worth a look.
+PROBLEM_KINDS: dict[str, str] = {  # in the order reports list them
+    "zero_byte": "error",
+    "not_an_image": "error",
+    "unreadable": "error",
+    "truncated": "error",
+    "decompression_bomb": "error",
+    "unreadable_folder": "error",
+    "skipped_folder": "warning",
+    "metadata_error": "warning",
+    "undecodable_caption": "warning",
+    "missing_caption": "warning",
+    "orphan_caption": "warning",
+    "duplicate": "warning",
+    "near_duplicate": "warning",
+    "too_small": "warning",
+    "extreme_aspect": "warning",
+}
+_KIND_ORDER = {kind: i for i, kind in enumerate(PROBLEM_KINDS)}
+
+LAYOUTS = ("plain", "kohya", "imagefolder")
+EXTREME_ASPECT = 4.0
+NEAR_DUPLICATE_BITS = 4  # dHash Hamming distance
+NEAR_DUPLICATE_CORRELATION = 0.98  # and 16x16 thumbnail correlation
+
+_SKIPPED_FIX = ("To train on these images, put them in a folder named <repeats>_<caption> (e.g. '1_photo') "
+                "in the dataset folder; otherwise move them out of it.")
+_KOHYA_FOLDER = re.compile(r"^(\d+)_(.+)$")
+# Folders and files that operating systems and NAS boxes drop everywhere; never part of a dataset.
+_JUNK = {"thumbs.db", "desktop.ini", "__macosx", "$recycle.bin", "system volume information", "@eadir"}
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    path: Path  # absolute
+    captions: tuple[str, ...]  # alternatives, one per line; () = no caption at all
+    repeats: int  # kohya repeats, 1 otherwise
+    concept: str  # kohya subfolder name ("10_sks dog"), "" otherwise
+    width: int  # as displayed, after EXIF rotation
+    height: int
+    caption_source: str = "none"  # "sidecar" | "metadata" | "folder" | "instance_prompt" | "none"
+
+
+@dataclass(frozen=True)
+class Problem:
+    kind: str  # one of PROBLEM_KINDS
+    path: Path
+    message: str  # what is wrong, naming the file
+    fix: str  # what to do
+    severity: str  # "error" | "warning"
+
+
+@dataclass
+class ScanResult:
+    root: Path
+    layout: str  # "plain" | "kohya" | "imagefolder"
+    records: list[ImageRecord]  # usable images, sorted by path
+    problems: list[Problem]
+    concepts: dict[str, int] = field(default_factory=dict)  # kohya folder name -> repeats
+
+    @property
+    def images_per_epoch(self) -> int:
+        return sum(r.repeats for r in self.records)
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "warning"]
+
+
+@dataclass
+class _Folder:
+    """One directory's relevant files, as found by the walk."""
+
+    path: Path
+    images: list[Path]
+    captions: dict[tuple[str, str], Path]  # (stem, lower-case extension) -> caption file
+
+
+@dataclass
+class _Candidate:
+    path: Path
+    caption_file: Path | None
+    concept: str = ""
+    repeats: int = 1
+    fallback: str = ""  # the kohya folder's caption
+
+
+@dataclass
+class _Inspected:
+    info: ImageInfo | None = None
+    problem: ImageProblem | None = None
+    sha256: str = ""
+    dhash: int = 0
+    thumbnail: np.ndarray | None = None
+    caption_lines: tuple[str, ...] | None = None  # None: no caption file, or it could not be read
+    caption_error: str = ""
+
+
+def _path_key(path: Path | str) -> str:
+    """Compare paths as the file system does (case-insensitive on Windows)."""
+    return os.path.normcase(os.path.normpath(path))
+
+
+def _ignored(name: str) -> bool:
+    return name.startswith(".") or name.lower() in _JUNK
+
+
+class _Problems(list[Problem]):
+    """Problems with paths shown relative to the dataset folder in their messages."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__()
+        self.root = root
+
+    def rel(self, path: Path) -> str:
+        try:
+            return path.relative_to(self.root).as_posix() or "."
+        except ValueError:
+            return str(path)
+
+    def add(self, kind: str, path: Path, message: str, fix: str) -> None:
+        self.append(Problem(kind, path, message, fix, PROBLEM_KINDS[kind]))
+
+
+def _walk(top: Path, caption_exts: Sequence[str], visited: set[tuple[int, int]],
+          problems: _Problems) -> Iterator[_Folder]:
+    """Folders under ``top`` (symlinks followed, each real folder once, so link cycles end)."""
+    stack = [top]
+    while stack:
+        folder = stack.pop()
+        try:
+            st = os.stat(folder)
+            if (st.st_dev, st.st_ino) in visited:
+                continue  # a symlink back to a folder already scanned (a link cycle ends here)
+            visited.add((st.st_dev, st.st_ino))
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            problems.add("unreadable_folder", folder, f"folder {problems.rel(folder)} cannot be read "
+                         f"({exc.strerror or exc}); its images are not used.",
+                         "Check that the folder exists and that you have permission to read it.")
+            continue
+        found = _Folder(folder, [], {})
+        subfolders: list[Path] = []
+        for entry in entries:
+            if _ignored(entry.name):
+                continue
+            try:
+                is_dir = entry.is_dir()
+            except OSError:
+                is_dir = False
+            if is_dir:
+                subfolders.append(Path(entry.path))
+                continue
+            stem, ext = os.path.splitext(entry.name)
+            ext = ext.lower()
+            if ext in IMAGE_EXTENSIONS:
+                found.images.append(Path(entry.path))
+            elif ext in caption_exts:
+                found.captions[(stem, ext)] = Path(entry.path)
+        yield found
+        stack.extend(reversed(subfolders))
+
+
+def _read_caption(path: Path) -> tuple[tuple[str, ...] | None, str]:
+    """The caption's non-empty lines, or (None, why not)."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        return None, f"is not UTF-8 text (byte {exc.start})"
+    except OSError as exc:
+        return None, f"cannot be read ({exc.strerror or exc})"
+    return tuple(line.strip() for line in text.splitlines() if line.strip()), ""
+
+
+def _inspect(candidate: _Candidate, decode: bool, fingerprint: bool) -> _Inspected:
+    result = _Inspected()
+    path = candidate.path
+    try:
+        if fingerprint:
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                raise ImageProblem("unreadable", path, f"cannot be read ({exc.strerror or exc})") from exc
+            result.sha256 = hashlib.sha256(data).hexdigest()
+            result.info, img = load_with_info(path, data)
+            result.dhash = difference_hash(img)
+            result.thumbnail = normalized_thumbnail(img)
+        elif decode:
+            result.info = verify_decodes(path)
+        else:
+            result.info = probe_image(path)
+    except ImageProblem as exc:
+        result.problem = exc
+    if candidate.caption_file is not None:
+        result.caption_lines, result.caption_error = _read_caption(candidate.caption_file)
+    return result
+
+
+def _detect_layout(root: Path) -> tuple[str, list[os.DirEntry[str]]]:
+    try:
+        with os.scandir(root) as it:
+            entries = sorted((e for e in it if not _ignored(e.name)), key=lambda e: e.name)
+    except FileNotFoundError as exc:
+        raise DatasetError(f"Dataset folder {root} does not exist. Check the path.") from exc
+    except NotADirectoryError as exc:
+        raise DatasetError(f"{root} is a file, not a folder: point at the folder of images.") from exc
+    except OSError as exc:
+        raise DatasetError(f"Dataset folder {root} cannot be read ({exc.strerror or exc}). "
+                           "Check that you have permission to read it.") from exc
+    names = {e.name for e in entries}
+    if "metadata.jsonl" in names or "metadata.csv" in names:
+        return "imagefolder", entries
+    if any(_KOHYA_FOLDER.match(e.name) and _is_dir(e) for e in entries):
+        return "kohya", entries
+    return "plain", entries
+
+
+def _is_dir(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _candidates(folder: _Folder, caption_exts: Sequence[str], concept: str = "", repeats: int = 1,
+                fallback: str = "") -> list[_Candidate]:
+    out = []
+    for image in folder.images:
+        stem = os.path.splitext(image.name)[0]
+        found = [folder.captions[(stem, e)] for e in caption_exts if (stem, e) in folder.captions]
+        caption = found[0] if found else None
+        out.append(_Candidate(image, caption, concept, repeats, fallback))
+    return out
+
+
+def _orphans(folder: _Folder, problems: _Problems) -> None:
+    stems = {os.path.splitext(i.name)[0] for i in folder.images}
+    for (stem, _ext), caption in sorted(folder.captions.items()):
+        if stem not in stems:
+            problems.add("orphan_caption", caption,
+                         f"caption {problems.rel(caption)} has no image named {stem}.* next to it.",
+                         "Rename it to match its image, or delete it if the image is gone.")
+
+
+def _kohya_candidates(root: Path, entries: list[os.DirEntry[str]], caption_exts: Sequence[str],
+                      visited: set[tuple[int, int]], problems: _Problems,
+                      concepts: dict[str, int]) -> list[_Candidate]:
+    out: list[_Candidate] = []
+    kohya_names = [e.name for e in entries if _is_dir(e) and _KOHYA_FOLDER.match(e.name)]
+    example = next((n for n in kohya_names if not n.startswith("0")), kohya_names[0])
+    root_images = [e.name for e in entries if not _is_dir(e) and os.path.splitext(e.name)[1].lower()
+                   in IMAGE_EXTENSIONS]
+    if root_images:
+        problems.add("skipped_folder", root,
+                     f"{len(root_images)} image(s) directly in {root} are ignored: the folder looks like a "
+                     f"kohya parent (it has <repeats>_<name> subfolders such as '{example}').",
+                     _SKIPPED_FIX)
+    for entry in entries:
+        if not _is_dir(entry):
+            continue
+        match = _KOHYA_FOLDER.match(entry.name)
+        folder = Path(entry.path)
+        if match is None or int(match.group(1)) == 0:
+            why = "has 0 repeats, so it would never be used" if match else \
+                "is not named <repeats>_<name> (e.g. '10_sks dog')"
+            problems.add("skipped_folder", folder,
+                         f"folder {problems.rel(folder)} is skipped: it {why}, and the dataset folder is a "
+                         "kohya parent.",
+                         _SKIPPED_FIX)
+            continue
+        repeats, name = int(match.group(1)), match.group(2).strip()
+        concepts[entry.name] = repeats
+        for found in _walk(folder, caption_exts, visited, problems):
+            out += _candidates(found, caption_exts, entry.name, repeats, name)
+            _orphans(found, problems)
+    return out
+
+
+def _caption_value(value: object) -> tuple[str, ...] | None:
+    if isinstance(value, str):
+        return tuple(line.strip() for line in value.splitlines() if line.strip())
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(v.strip() for v in value if v.strip())
+    return None
+
+
+def _text_column(columns: Sequence[str], row: dict[str, object] | None = None) -> str | None:
+    for name in ("text", "caption"):
+        if name in columns:
+            return name
+    others = [c for c in columns if c != "file_name"]
+    if row is not None:
+        others = [c for c in others if isinstance(row.get(c), str)]
+    return others[0] if others else None
+
+
+def read_metadata(root: Path, problems: _Problems) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """Hugging Face imagefolder captions: _path_key(image) -> (file_name as written, caption lines)."""
+    jsonl, table = root / "metadata.jsonl", root / "metadata.csv"
+    source = jsonl if jsonl.exists() else table
+    if source is jsonl and table.exists():
+        problems.add("metadata_error", table, "metadata.csv is ignored: metadata.jsonl is used.",
+                     "Keep only one metadata file.")
+    try:
+        text = source.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        problems.add("undecodable_caption", source, f"{source.name} is not UTF-8 text (byte {exc.start}); "
+                     "its captions are not used.", "Re-save the metadata file as UTF-8.")
+        return {}
+    except OSError as exc:
+        problems.add("metadata_error", source, f"{source.name} cannot be read ({exc.strerror or exc}).",
+                     "Check that you have permission to read it.")
+        return {}
+
+    rows: list[tuple[int, dict[str, object]]] = []
+    column: str | None = None
+    if source is jsonl:
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                row = exc.msg
+            if not isinstance(row, dict):
+                problems.add("metadata_error", source, f"{source.name} line {number} is not a JSON object "
+                             f"({row if isinstance(row, str) else type(row).__name__}); it is skipped.",
+                             'Write one object per line, like {"file_name": "a.png", "text": "a cat"}.')
+                continue
+            rows.append((number, row))
+    else:
+        reader = csv.DictReader(io.StringIO(text))
+        rows = [(number, dict(row)) for number, row in enumerate(reader, 2)]
+        if "file_name" not in (reader.fieldnames or []):
+            problems.add("metadata_error", source, f"{source.name} has no file_name column; its captions "
+                         "are not used.", "Add a header line like: file_name,text")
+            return {}
+        column = _text_column(reader.fieldnames or [])
+
+    captions: dict[str, tuple[str, tuple[str, ...]]] = {}
+    for number, row in rows:
+        name = row.get("file_name")
+        key = column if source is table else _text_column(list(row), row)
+        value = _caption_value(row.get(key)) if key else None
+        if not isinstance(name, str) or not name or value is None:
+            problems.add("metadata_error", source, f"{source.name} line {number} has no file_name and "
+                         "caption text; it is skipped.", "Give every row a file_name and a text value.")
+            continue
+        captions[_path_key(root / name)] = (name, value)
+    return captions
+
+
+def _templated(captions: tuple[str, ...], template: str | None) -> tuple[str, ...]:
+    if not template:
+        return captions
+    return tuple(template.replace("{caption}", c) for c in captions)
+
+
+def scan_dataset(
+    root: Path | str,
+    *,
+    resolution: int = 0,
+    caption_extensions: Sequence[str] = (".txt", ".caption"),
+    instance_prompt: str | None = None,
+    caption_template: str | None = None,
+    decode: bool = False,
+    find_duplicates: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> ScanResult:
+    """Scan a plain, kohya (``N_name`` subfolders) or Hugging Face imagefolder dataset folder.
+
+    decode: fully decode every image (finds truncated files; slower). find_duplicates: hash every file's
+    content and pixels (decodes them too). Raises DatasetError when ``root`` cannot be read.
+    """
+    if caption_template and "{caption}" not in caption_template:
+        raise UserError(f"caption template {caption_template!r} has no {{caption}} placeholder: write it "
+                        "like 'a photo of {caption}'.")
+    root = Path(root).expanduser().absolute()
+    caption_exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in caption_extensions)
+    layout, entries = _detect_layout(root)
+    problems = _Problems(root)
+    concepts: dict[str, int] = {}
+    visited: set[tuple[int, int]] = set()
+    metadata: dict[str, tuple[str, tuple[str, ...]]] = {}
+    if layout == "kohya":
+        st = os.stat(root)
+        visited.add((st.st_dev, st.st_ino))
+        candidates = _kohya_candidates(root, entries, caption_exts, visited, problems, concepts)
+    else:
+        if layout == "imagefolder":
+            metadata = read_metadata(root, problems)
+        candidates = []
+        for found in _walk(root, caption_exts, visited, problems):
+            candidates += _candidates(found, caption_exts)
+            _orphans(found, problems)
+    found_keys = {_path_key(c.path) for c in candidates}
+    for key in sorted(set(metadata) - found_keys):
+        name = metadata[key][0]
+        problems.add("metadata_error", root / name, f"metadata lists {name}, but there is no such image.",
+                     "Fix the file_name in the metadata file, or put the image back.")
+
+    candidates.sort(key=lambda c: c.path)
+    inspected = _inspect_all(candidates, decode or find_duplicates, find_duplicates, progress)
+    records: list[ImageRecord] = []
+    fingerprints: list[_Fingerprint] = []
+    for cand, result in zip(candidates, inspected, strict=True):
+        if result.problem is not None or result.info is None:
+            exc = result.problem
+            assert exc is not None
+            problems.add(exc.kind, cand.path, f"{problems.rel(cand.path)} {exc.reason}.", exc.fix)
+            continue
+        record = _record(cand, result, metadata, instance_prompt, caption_template, problems)
+        _size_problems(record, resolution, problems)
+        records.append(record)
+        if find_duplicates:
+            fingerprints.append(_Fingerprint(cand.path, result.sha256, result.dhash, result.thumbnail))
+    if find_duplicates:
+        _duplicate_problems(fingerprints, problems)
+    problems.sort(key=lambda p: (_KIND_ORDER[p.kind], p.path))
+    return ScanResult(root, layout, records, list(problems), concepts)
+
+
+def _inspect_all(candidates: list[_Candidate], decode: bool, fingerprint: bool,
+                 progress: Callable[[int, int], None] | None) -> list[_Inspected]:
+    total = len(candidates)
+    results: list[_Inspected] = []
+    if progress:
+        progress(0, total)
+    # Threads, not processes: the work is file I/O and Pillow decoding, which release the GIL.
+    with ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) + 4)) as pool:
+        for done, result in enumerate(pool.map(lambda c: _inspect(c, decode, fingerprint), candidates), 1):
+            results.append(result)
+            if progress:
+                progress(done, total)
+    return results
+
+
+def _record(cand: _Candidate, result: _Inspected, metadata: dict[str, tuple[str, tuple[str, ...]]],
+            instance_prompt: str | None, template: str | None, problems: _Problems) -> ImageRecord:
+    assert result.info is not None
+    rel = problems.rel(cand.path)
+    own: tuple[str, ...] = ()
+    source = "none"
+    key = _path_key(cand.path)
+    if key in metadata:
+        own, source = metadata[key][1], "metadata"
+    elif cand.caption_file is not None:
+        if result.caption_lines is None:
+            problems.add("undecodable_caption", cand.caption_file,
+                         f"caption {problems.rel(cand.caption_file)} {result.caption_error}; {rel} is used "
+                         "without it.",
+                         "Re-save the caption file as UTF-8 (any text editor's 'Save as... UTF-8').")
+        else:
+            own, source = result.caption_lines, "sidecar"
+    captions = _templated(own, template)
+    if not own:
+        if source == "sidecar" or source == "metadata":
+            why = "an empty caption"
+        elif result.caption_lines is None and cand.caption_file is not None:
+            why = ""  # already reported as undecodable_caption
+        else:
+            why = "no caption file"
+        if cand.fallback:
+            captions, source, used = _templated((cand.fallback,), template), "folder", "its folder's name"
+        elif instance_prompt:
+            captions, source, used = (instance_prompt,), "instance_prompt", "the instance prompt"
+        else:
+            captions, source, used = (), "none", "an empty caption"
+        if why:
+            problems.add("missing_caption", cand.path, f"{rel} has {why}; {used} is used instead.",
+                         "Add a caption file with the image's name and .txt next to it (one caption per "
+                         "line), or ignore this if the fallback caption is what you want.")
+    return ImageRecord(cand.path, captions, cand.repeats, cand.concept, result.info.width,
+                       result.info.height, source)
+
+
+def _size_problems(record: ImageRecord, resolution: int, problems: _Problems) -> None:
+    rel = problems.rel(record.path)
+    short, long = sorted((record.width, record.height))
+    if resolution > 0 and short < resolution / 2:
+        problems.add("too_small", record.path,
+                     f"{rel} is {record.width}x{record.height}: its shorter side is under half the "
+                     f"training resolution ({resolution}), so it is upscaled a lot and looks blurry.",
+                     "Replace it with a larger version, or remove it.")
+    if short > 0 and long / short > EXTREME_ASPECT:
+        problems.add("extreme_aspect", record.path,
+                     f"{rel} is {record.width}x{record.height} (aspect ratio {long / short:.1f}:1); a crop "
+                     "at the training size shows only a small part of it.",
+                     "Crop it to the part that matters, or remove it.")
+
+
+def _popcount(x: np.ndarray) -> np.ndarray:
+    if hasattr(np, "bitwise_count"):  # numpy >= 2
+        return np.bitwise_count(x)
+    table = np.array([i.bit_count() for i in range(256)], dtype=np.uint8)
+    return table[x.view(np.uint8).reshape(*x.shape, 8)].sum(axis=-1)
+
+
+@dataclass
+class _Fingerprint:
+    path: Path
+    sha256: str
+    dhash: int
+    thumbnail: np.ndarray | None
+
+
+def _duplicate_problems(prints: list[_Fingerprint], problems: _Problems) -> None:
+    """Flag the 2nd+ copy of identical files, then images whose pixels are nearly the same."""
+    first_by_sha: dict[str, Path] = {}
+    exact: set[int] = set()
+    for j, fp in enumerate(prints):
+        first = first_by_sha.setdefault(fp.sha256, fp.path)
+        if first != fp.path:
+            exact.add(j)
+            problems.add("duplicate", fp.path,
+                         f"{problems.rel(fp.path)} is an exact copy of {problems.rel(first)}; that image is "
+                         "trained on twice as often.",
+                         "Delete one of the copies (or keep both if that weighting is intended).")
+    if len(prints) < 2:
+        return
+    hashes = np.array([fp.dhash for fp in prints], dtype=np.uint64)
+    thumbs = np.stack([fp.thumbnail if fp.thumbnail is not None else np.zeros(256, np.float32)
+                       for fp in prints])
+    groups = np.unique([fp.sha256 for fp in prints], return_inverse=True)[1]
+    index = np.arange(len(prints))
+    for start in range(0, len(prints), 256):
+        rows = slice(start, start + 256)
+        close = _popcount(hashes[rows, None] ^ hashes[None, :]) <= NEAR_DUPLICATE_BITS
+        close &= index[None, :] < index[rows, None]  # name the earlier image of a pair
+        close &= groups[None, :] != groups[rows, None]  # exact copies are reported above
+        close &= thumbs[rows] @ thumbs.T >= NEAR_DUPLICATE_CORRELATION
+        for offset in np.flatnonzero(close.any(axis=1)):
+            j = start + int(offset)
+            if j in exact:
+                continue
+            path, first = prints[j].path, prints[int(np.argmax(close[offset]))].path
+            problems.add("near_duplicate", path,
+                         f"{problems.rel(path)} looks almost the same as {problems.rel(first)}.",
+                         "Look at the two; delete one if it is a re-saved or slightly edited copy.")
+
+
+def choose_caption(captions: Sequence[str], rng: random.Random) -> str:
+    """One of an image's alternative captions, picked at random ("" when it has none)."""
+    return captions[rng.randrange(len(captions))] if captions else ""
+
+
+def process_caption(caption: str, rng: random.Random, *, shuffle_tags: bool, keep_tokens: int,
+                    dropout: float) -> str:
+    """Caption dropout, then keep the first ``keep_tokens`` comma-separated tags and shuffle the rest."""
+    if dropout > 0 and rng.random() < dropout:
+        return ""
+    if not shuffle_tags:
+        return caption
+    tags = [t.strip() for t in caption.split(",") if t.strip()]
+    keep = max(0, keep_tokens)
+    rest = tags[keep:]
+    rng.shuffle(rest)
+    return ", ".join(tags[:keep] + rest)

@@ -1,0 +1,94 @@
+"""What the training loop yields. Frozen dataclasses; images are uint8 numpy arrays (HxWx3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Event:
+    pass
+
+
+@dataclass(frozen=True)
+class Started(Event):
+    run_dir: Path
+    config: dict[str, Any]
+    total_steps: int
+    resumed_from_step: int = 0
+
+
+@dataclass(frozen=True)
+class Status(Event):
+    """A phase: scanning, caching, building, compiling, training, sampling, saving, paused."""
+
+    phase: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Progress(Event):
+    done: int
+    total: int
+    what: str
+
+
+@dataclass(frozen=True)
+class StepMetrics(Event):
+    step: int
+    epoch: int
+    loss: float
+    lr: float
+    grad_norm: float
+    img_per_s: float
+    total_steps: int
+    eta_s: float
+
+
+@dataclass(frozen=True)
+class ValidationResult(Event):
+    step: int
+    epoch: int
+    val_loss: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SampleGrid(Event):
+    step: int
+    epoch: int
+    image: np.ndarray = field(repr=False)
+    prompts: tuple[str, ...]
+    seeds: tuple[int, ...]
+    path: Path | None = None
+
+
+@dataclass(frozen=True)
+class CheckpointSaved(Event):
+    path: Path
+    step: int
+
+
+@dataclass(frozen=True)
+class Warning(Event):  # noqa: A001 - the event's name in the architecture
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished(Event):
+    run_dir: Path
+    reason: str  # "completed" | "stopped"
+    step: int
+
+
+@dataclass(frozen=True)
+class Failed(Event):
+    message: str
+    details: str
+    resumable_from: Path | None
+    run_dir: Path | None = None
+    kind: str = "error"  # "input" (bad input: exit 2) | "nan" | "oom" | "error" (unexpected: exit 1)

@@ -1,0 +1,75 @@
+"""Load a trained checkpoint for sampling outside a training run (CLI `sample`, the app, evaluation)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import RunConfig
+from .diffusion import training_scheduler
+from .errors import CheckpointError
+from .models.bundle import ModelBundle
+from .presets import load_config_file
+from .runs import is_run_dir
+from .sampling import generate
+from .train import state as ckpt_state
+from .train.checkpoint import newest_valid_checkpoint, verify_checkpoint
+from .train.setup import build_model, pick_device
+
+
+@dataclass
+class LoadedModel:
+    config: RunConfig
+    bundle: ModelBundle
+    scheduler: Any
+    device: torch.device
+    checkpoint: Path
+    ema_used: bool
+
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int], *, steps: int | None = None,
+                 guidance: float | None = None, sampler: str | None = None,
+                 negative_prompt: str | None = None) -> np.ndarray:
+        s = self.config.sample
+        return generate(self.bundle, self.bundle.trainable, self.scheduler, list(prompts), list(seeds),
+                        steps=steps or s.steps, guidance=s.guidance if guidance is None else guidance,
+                        sampler=sampler or s.sampler,
+                        negative_prompt=s.negative_prompt if negative_prompt is None else negative_prompt,
+                        device=self.device)
+
+
+def resolve_checkpoint(run_or_checkpoint: Path, checkpoint: Path | None = None) -> Path:
+    """A checkpoint folder: the one given, or the newest valid one of a run folder."""
+    if checkpoint is not None:
+        return verify_checkpoint(checkpoint).path
+    if is_run_dir(run_or_checkpoint):
+        return newest_valid_checkpoint(run_or_checkpoint / "checkpoints").path
+    if (run_or_checkpoint / "manifest.json").is_file():
+        return verify_checkpoint(run_or_checkpoint).path
+    raise CheckpointError(f"{run_or_checkpoint}: neither a run folder nor an sdstudio checkpoint folder")
+
+
+def load_trained(run_or_checkpoint: Path, checkpoint: Path | None = None, *, use_ema: bool = True,
+                 device: str = "auto") -> LoadedModel:
+    folder = resolve_checkpoint(run_or_checkpoint, checkpoint)
+    config = load_config_file(folder / ckpt_state.CONFIG)
+    tokenizer = folder / "tokenizer.json"
+    bundle = build_model(config, [], tokenizer_file=tokenizer if tokenizer.is_file() else None)
+    ckpt_state.load_model_state(bundle, ckpt_state.load_weights(folder), folder)
+    ema_used = False
+    if use_ema and (folder / ckpt_state.EMA_WEIGHTS).is_file():
+        shadow = ckpt_state.load_weights(folder, ckpt_state.EMA_WEIGHTS)
+        params = dict(bundle.trainable.named_parameters())
+        with torch.no_grad():
+            for name, tensor in shadow.items():
+                if name in params:
+                    params[name].copy_(tensor)
+        ema_used = True
+    dev = pick_device(device)
+    bundle.trainable.to(dev).eval()
+    sched = training_scheduler(config.diffusion, pixel_space=bundle.family == "pixel")
+    return LoadedModel(config, bundle, sched, dev, folder, ema_used)

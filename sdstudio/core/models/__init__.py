@@ -1,0 +1,1 @@
+"""models part of the core."""

@@ -1,0 +1,93 @@
+"""Reverse diffusion for previews and `sdstudio sample`: fixed prompts and seeds -> uint8 images/grids."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from .diffusion import sampling_scheduler
+from .models.bundle import ModelBundle
+
+
+@contextmanager
+def preserved_rng_state() -> Iterator[None]:
+    """Sampling must not change the training run: save and restore every global RNG."""
+    py = random.getstate()
+    npy = np.random.get_state()
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+@torch.no_grad()
+def generate(bundle: ModelBundle, model: torch.nn.Module, train_sched: Any, prompts: Sequence[str],
+             seeds: Sequence[int], *, steps: int, guidance: float, sampler: str, negative_prompt: str = "",
+             device: torch.device, autocast_dtype: torch.dtype | None = None,
+             max_batch: int = 64) -> np.ndarray:
+    """Images for every (prompt, seed) pair, prompt-major: uint8 array (P*S, H, W, 3)."""
+    was_training = model.training
+    model.eval()
+    try:
+        pairs = [(p, s) for p in prompts for s in seeds]
+        out = []
+        for i in range(0, len(pairs), max_batch):
+            out.append(_generate_batch(bundle, model, train_sched, pairs[i:i + max_batch], steps, guidance,
+                                       sampler, negative_prompt, device, autocast_dtype))
+        return np.concatenate(out, axis=0)
+    finally:
+        model.train(was_training)
+
+
+def _generate_batch(bundle: ModelBundle, model: torch.nn.Module, train_sched: Any, pairs: list[tuple[str, int]],
+                    steps: int, guidance: float, sampler: str, negative: str, device: torch.device,
+                    autocast_dtype: torch.dtype | None) -> np.ndarray:
+    sched = sampling_scheduler(train_sched, sampler)
+    sched.set_timesteps(steps, device=device)
+    c, side = bundle.in_channels, bundle.sample_size
+    noise = torch.cat([torch.randn((1, c, side, side), generator=torch.Generator().manual_seed(int(s)))
+                       for _, s in pairs]).to(device)
+    x = noise * sched.init_noise_sigma
+    use_cfg = guidance > 1.0 and bundle.tokenizer is not None
+    prompts = [p for p, _ in pairs]
+    cond = bundle.encode_captions(prompts + ([negative] * len(pairs) if use_cfg else []), device)
+    gen = torch.Generator(device=device).manual_seed(int(pairs[0][1]) + 7919)
+    ctx = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+           else torch.autocast(device.type, enabled=False))
+    for t in sched.timesteps:
+        inp = sched.scale_model_input(x, t)
+        tt = torch.full((inp.shape[0],), int(t), device=device, dtype=torch.long)
+        with ctx:
+            if use_cfg:
+                pred = model(torch.cat([inp, inp]), torch.cat([tt, tt]), cond).float()
+                p_cond, p_uncond = pred.chunk(2)
+                pred = p_uncond + guidance * (p_cond - p_uncond)
+            else:
+                pred = model(inp, tt, cond).float()
+        x = sched.step(pred, t, x, generator=gen).prev_sample
+    pixels = bundle.to_pixels(x).float().clamp(-1, 1)
+    arr = ((pixels + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return arr
+
+
+def make_grid(images: np.ndarray, rows: int, pad: int = 2, fill: int = 255) -> np.ndarray:
+    """Tile (N, H, W, 3) uint8 images into a grid of ``rows`` rows (prompt-major order)."""
+    n, h, w, _ = images.shape
+    cols = max(1, -(-n // max(1, rows)))
+    grid = np.full((rows * h + (rows + 1) * pad, cols * w + (cols + 1) * pad, 3), fill, dtype=np.uint8)
+    for i in range(n):
+        r, col = divmod(i, cols)
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        grid[y:y + h, x:x + w] = images[i]
+    return grid

@@ -1,0 +1,1 @@
+"""train part of the core."""

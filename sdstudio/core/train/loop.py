@@ -1,0 +1,288 @@
+"""The one training loop: ``train(config, control) -> Iterator[Event]``, used by the CLI, the app, the
+tests and the benchmarks alike. Built on accelerate (device placement, mixed precision, several
+processes); only the main process writes files and yields UI events."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import events as ev
+from ..config import RunConfig
+from ..control import TrainingControl
+from ..errors import CheckpointError, UserError
+from ..runs import (MetricsWriter, RunLock, close_run_log, metrics_row, open_run_log, prepare_new_run_dir,
+                    save_run_config, truncate_metrics_after)
+from .checkpoint import newest_valid_checkpoint
+from .session import TrainingSession
+
+log = logging.getLogger("sdstudio")
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+@dataclass
+class _Window:
+    """Metrics accumulated between two log lines (kept as tensors to avoid a sync per step)."""
+
+    loss_sum: float = 0.0
+    grad_sum: float = 0.0
+    steps: int = 0
+    images: int = 0
+    t0: float = field(default_factory=time.perf_counter)
+
+
+def train(config: RunConfig, control: TrainingControl | None = None, *, run_dir: Path | None = None,
+          resume: bool = False) -> Iterator[ev.Event]:
+    """Run (or resume) training; always ends with ``Finished`` or ``Failed``; never raises for user errors.
+
+    ``run_dir``: where the run writes (created; must be new unless ``resume``).
+    """
+    control = control or TrainingControl()
+    session: TrainingSession | None = None
+    lock: RunLock | None = None
+    handler = None
+    created = False
+    try:
+        problems = config.readiness_problems()
+        if problems:
+            raise UserError("; ".join(problems))
+        session = TrainingSession(config, run_dir=run_dir, resume=resume)
+        if session.is_main and run_dir is not None:
+            if not resume:
+                prepare_new_run_dir(run_dir)
+                created = True
+            lock = RunLock(run_dir)
+            lock.acquire()
+            handler = open_run_log(run_dir)
+            if not resume:
+                save_run_config(run_dir, config)
+        yield from _run(session, control)
+    except UserError as exc:
+        log.error("%s", exc)
+        if created and session is not None and not session.started:
+            # bad input found before training began: leave nothing half-written behind
+            _remove_new_run_dir(run_dir, handler, lock)
+            handler = lock = None
+            run_dir = None
+        yield ev.Failed(str(exc), "", _resumable(session), run_dir, kind="input")
+    except NonFiniteLoss as exc:
+        log.error("%s", exc)
+        yield ev.Failed(str(exc), "", _resumable(session), run_dir, kind="nan")
+    except torch.cuda.OutOfMemoryError as exc:
+        msg = (f"CUDA out of memory: {str(exc).splitlines()[0]}. Lower train.batch_size or data.resolution, "
+               "or enable train.gradient_checkpointing, latent caching, adamw8bit or a smaller LoRA rank")
+        log.error("%s", msg)
+        saved = _emergency_save(session)
+        yield ev.Failed(msg, traceback.format_exc(), saved or _resumable(session), run_dir, kind="oom")
+    except Exception as exc:  # noqa: BLE001 - reported as Failed with the traceback in run.log
+        details = traceback.format_exc()
+        log.error("unexpected failure: %s\n%s", exc, details)
+        yield ev.Failed(f"unexpected error: {type(exc).__name__}: {exc}", details, _resumable(session), run_dir,
+                        kind="error")
+    finally:
+        if session is not None:
+            session.close()
+        if handler is not None:
+            close_run_log(handler)
+        if lock is not None:
+            lock.release()
+
+
+def _remove_new_run_dir(run_dir: Path | None, handler: logging.Handler | None, lock: RunLock | None) -> None:
+    if handler is not None:
+        close_run_log(handler)
+    if lock is not None:
+        lock.release()
+    if run_dir is not None:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _resumable(session: TrainingSession | None) -> Path | None:
+    if session is None or session.run_dir is None:
+        return None
+    try:
+        return newest_valid_checkpoint(session.run_dir / "checkpoints").path
+    except CheckpointError:
+        return None
+
+
+def _emergency_save(session: TrainingSession | None) -> Path | None:
+    if session is None or session.run_dir is None or not session.ready:
+        return None
+    try:
+        torch.cuda.empty_cache()
+        return session.save_checkpoint()
+    except Exception:  # noqa: BLE001 - best effort after an OOM
+        log.exception("could not save a checkpoint after the out-of-memory error")
+        return None
+
+
+def _run(s: TrainingSession, control: TrainingControl) -> Iterator[ev.Event]:
+    cfg = s.config
+    yield ev.Status("scanning", f"scanning {s.data_root}")
+    for warning in s.prepare_data():
+        yield ev.Warning(warning)
+    yield ev.Status("building", f"building the {cfg.model.family} model")
+    s.build()
+    if s.resume:
+        yield ev.Status("loading", "loading the newest valid checkpoint")
+        for warning in s.load_latest():
+            yield ev.Warning(warning)
+        if s.is_main and s.run_dir is not None:
+            truncate_metrics_after(s.run_dir / "metrics.jsonl", s.step)
+    metrics = MetricsWriter(s.run_dir / "metrics.jsonl") if s.is_main and s.run_dir is not None else None
+    try:
+        s.started = True
+        yield ev.Started(s.run_dir or Path("."), cfg.to_dict(), s.total_steps, s.step if s.resume else 0)
+        log.info("training %s: %d steps, %d images per epoch (%d train, %d validation), %d steps per epoch",
+                 cfg.model.family, s.total_steps, s.order.batches_per_epoch * s.global_batch, len(s.data.train),
+                 len(s.data.val), s.steps_per_epoch)
+        if metrics and not s.resume:
+            metrics.write(metrics_row("event", 0, 0, event="started", total_steps=s.total_steps))
+        yield ev.Status("training", "training")
+        yield from _epochs(s, control, metrics)
+    finally:
+        if metrics:
+            metrics.close()
+
+
+def _epochs(s: TrainingSession, control: TrainingControl, metrics: MetricsWriter | None) -> Iterator[ev.Event]:
+    cfg = s.config
+    window = _Window()
+    step_times: list[float] = []
+    reason = "completed"
+    while s.step < s.total_steps:
+        epoch = s.epoch
+        for group in s.batch_groups():
+            if _should_stop(s, control):
+                reason = "stopped"
+                break
+            while control.paused and not control.stop_requested:
+                yield ev.Status("paused", "paused")
+                while control.paused and not control.stop_requested:
+                    control.wait_while_paused(0.1)
+                yield ev.Status("training", "training")
+            t_step = time.perf_counter()
+            loss, grad_norm, lr = s.optimizer_step(group)
+            s.step += 1
+            s.step_in_epoch += 1
+            window.loss_sum += loss
+            window.grad_sum += grad_norm
+            window.steps += 1
+            window.images += s.global_batch
+            step_times.append(time.perf_counter() - t_step)
+            if len(step_times) > 50:
+                del step_times[0]
+            if s.step % cfg.train.log_every == 0 or s.step == s.total_steps:
+                yield _log_window(s, window, lr, step_times, metrics)
+                window = _Window()
+            if cfg.train.val_every_steps and s.step % cfg.train.val_every_steps == 0:
+                yield from _validate(s, metrics)
+            if (cfg.sample.every_steps and s.step % cfg.sample.every_steps == 0) or control.take_sample_request():
+                yield from _sample(s, metrics)
+            if (cfg.checkpoint.every_steps and s.step % cfg.checkpoint.every_steps == 0) or control.take_save_request():
+                yield from _checkpoint(s, metrics)
+            if s.step >= s.total_steps:
+                break
+        else:
+            # the epoch ran to its end
+            if s.step_in_epoch >= s.steps_per_epoch:
+                s.epoch += 1
+                s.step_in_epoch = 0
+                yield from _epoch_end(s, epoch, metrics)
+            continue
+        break
+    if reason == "completed":
+        if not cfg.train.val_every_steps or s.step % cfg.train.val_every_steps:
+            if s.last_val_step != s.step:
+                yield from _validate(s, metrics)
+        if cfg.sample.at_end and s.last_sample_step != s.step:
+            yield from _sample(s, metrics)
+    if s.last_checkpoint_step != s.step:
+        yield from _checkpoint(s, metrics)
+    if metrics:
+        metrics.write(metrics_row("event", s.step, s.epoch, event=reason))
+    log.info("run %s at step %d", reason, s.step)
+    yield ev.Finished(s.run_dir or Path("."), reason, s.step)
+
+
+def _should_stop(s: TrainingSession, control: TrainingControl) -> bool:
+    return s.agree(control.stop_requested)
+
+
+def _log_window(s: TrainingSession, w: _Window, lr: float, step_times: list[float],
+                metrics: MetricsWriter | None) -> ev.StepMetrics:
+    elapsed = max(time.perf_counter() - w.t0, 1e-9)
+    loss = w.loss_sum / max(1, w.steps)
+    grad = w.grad_sum / max(1, w.steps)
+    ips = w.images / elapsed
+    sorted_times = sorted(step_times)
+    median = sorted_times[len(sorted_times) // 2] if sorted_times else 0.0
+    eta = median * (s.total_steps - s.step)
+    if metrics:
+        metrics.write(metrics_row("train", s.step, s.epoch, loss=loss, lr=lr, grad_norm=grad, img_per_s=ips))
+    return ev.StepMetrics(s.step, s.epoch, loss, lr, grad, ips, s.total_steps, eta)
+
+
+def _epoch_end(s: TrainingSession, epoch: int, metrics: MetricsWriter | None) -> Iterator[ev.Event]:
+    cfg = s.config
+    n = epoch + 1
+    if not cfg.train.val_every_steps:
+        yield from _validate(s, metrics)
+    if cfg.sample.every_epochs and n % cfg.sample.every_epochs == 0 and s.last_sample_step != s.step:
+        yield from _sample(s, metrics)
+    if cfg.checkpoint.every_epochs and n % cfg.checkpoint.every_epochs == 0 and s.last_checkpoint_step != s.step:
+        yield from _checkpoint(s, metrics)
+
+
+def _validate(s: TrainingSession, metrics: MetricsWriter | None) -> Iterator[ev.Event]:
+    if not s.data.val:
+        return
+    yield ev.Status("validating", "validation loss")
+    result = s.validate()
+    s.last_val_step = s.step
+    if result is None:
+        return
+    val_loss, per_bucket = result
+    s.schedule.observe(val_loss)
+    if metrics:
+        metrics.write(metrics_row("val", s.step, s.epoch, val_loss=val_loss, val_buckets=per_bucket))
+    yield ev.ValidationResult(s.step, s.epoch, val_loss, {f"t{i}": v for i, v in enumerate(per_bucket)})
+    yield ev.Status("training", "training")
+
+
+def _sample(s: TrainingSession, metrics: MetricsWriter | None) -> Iterator[ev.Event]:
+    if not s.is_main or not s.sample_prompts:
+        s.last_sample_step = s.step
+        return
+    yield ev.Status("sampling", f"sampling {len(s.sample_prompts)} prompts")
+    grid, path = s.sample_grid()
+    s.last_sample_step = s.step
+    if path is None:
+        yield ev.Warning(f"could not save the sample grid of step {s.step} (see run.log); training goes on")
+    if metrics and path is not None:
+        metrics.write(metrics_row("sample", s.step, s.epoch, path=str(path.name)))
+    yield ev.SampleGrid(s.step, s.epoch, grid, tuple(s.sample_prompts), tuple(s.config.sample.seeds), path)
+    yield ev.Status("training", "training")
+
+
+def _checkpoint(s: TrainingSession, metrics: MetricsWriter | None) -> Iterator[ev.Event]:
+    s.last_checkpoint_step = s.step
+    if not s.is_main or s.run_dir is None:
+        return
+    yield ev.Status("saving", f"saving checkpoint at step {s.step}")
+    path = s.save_checkpoint()
+    if metrics:
+        metrics.write(metrics_row("checkpoint", s.step, s.epoch, path=path.name))
+    yield ev.CheckpointSaved(path, s.step)
+    yield ev.Status("training", "training")

@@ -1,0 +1,357 @@
+"""A training session: the state of one run (accelerator, data, model, optimizer, schedule, EMA,
+position) and the operations the loop performs on it (a step, validation, a sample grid, a checkpoint)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from diffusers.training_utils import EMAModel
+from torch.utils.data import DataLoader
+
+from ..config import RunConfig
+from ..data.dataset import EpochOrder, ImageCaptionDataset, SampleKey, collate
+from ..diffusion import diffusion_loss, sample_noise, target_for, training_scheduler
+from ..errors import DatasetError
+from ..presets import config_to_toml
+from ..sampling import generate, make_grid, preserved_rng_state
+from . import state as ckpt_state
+from .checkpoint import CheckpointInfo, newest_valid_checkpoint, prune_checkpoints, write_checkpoint
+from .optim import LRSchedule, build_optimizer, param_groups
+from .setup import PreparedData, build_model, data_root, pick_device, prepare_data
+
+log = logging.getLogger("sdstudio")
+VAL_BUCKETS = 10
+
+
+class _KeySource:
+    """The batch sampler the DataLoader iterates: this rank's slice of each global batch."""
+
+    def __init__(self, order: EpochOrder, batch: int, rank: int) -> None:
+        self.order, self.batch, self.rank = order, batch, rank
+        self.epoch, self.start = 0, 0
+
+    def __iter__(self) -> Iterator[list[SampleKey]]:
+        for keys in self.order.batches(self.epoch, self.start):
+            yield keys[self.rank * self.batch:(self.rank + 1) * self.batch]
+
+    def __len__(self) -> int:
+        return self.order.batches_per_epoch - self.start
+
+
+class TrainingSession:
+    def __init__(self, config: RunConfig, *, run_dir: Path | None, resume: bool) -> None:
+        self.config = config
+        self.run_dir = run_dir
+        self.resume = resume
+        cfg = config.train
+        device = pick_device(cfg.device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=cfg.mixed_precision)
+        self.device = self.accelerator.device
+        self.is_main = self.accelerator.is_main_process
+        self.world = self.accelerator.num_processes
+        self.rank = self.accelerator.process_index
+        self.accum = cfg.gradient_accumulation
+        self.global_batch = cfg.batch_size * self.world * self.accum
+        self.data_root = data_root(config)
+        self.step = self.epoch = self.step_in_epoch = 0
+        self.last_val_step = self.last_sample_step = self.last_checkpoint_step = -1
+        self.bad_steps = 0
+        self.ready = False
+        self.started = False
+        self._checkpoint: CheckpointInfo | None = None
+        self.ema: EMAModel | None = None
+        self._pending_warnings: list[str] = []
+
+    # -- building ---------------------------------------------------------------------------------------
+    def prepare_data(self) -> list[str]:
+        warnings: list[str] = []
+        self.data: PreparedData = prepare_data(self.config, warnings.append)
+        cfg = self.config
+        self.order = EpochOrder(self.data.train, cfg.train.batch_size * self.world, cfg.train.seed)
+        self.steps_per_epoch = self.order.batches_per_epoch // self.accum
+        if self.steps_per_epoch < 1:
+            raise DatasetError(f"train.gradient_accumulation: {self.accum} batches of {cfg.train.batch_size * self.world}"
+                               f" images per step need more than the {len(self.order.expanded)} images of an epoch; "
+                               "lower train.gradient_accumulation or train.batch_size")
+        t = cfg.train
+        self.total_steps = t.max_steps if t.max_steps > 0 else t.epochs * self.steps_per_epoch
+        self.dataset = ImageCaptionDataset(self.data.train, cfg, train=True)
+        self.val_dataset = ImageCaptionDataset(self.data.val, cfg, train=False)
+        self.keys = _KeySource(self.order, cfg.train.batch_size, self.rank)
+        workers = cfg.data.num_workers
+        self.loader = DataLoader(self.dataset, batch_sampler=self.keys, collate_fn=collate, num_workers=workers,
+                                 pin_memory=self.device.type == "cuda", persistent_workers=workers > 0)
+        if self.dataset.aug.describe():
+            log.info("per-step augmentations: %s", ", ".join(self.dataset.aug.describe()))
+        return warnings
+
+    def build(self) -> None:
+        cfg = self.config
+        tokenizer_file = None
+        if self.resume:
+            if self.run_dir is None:
+                raise DatasetError("resume needs a run folder")
+            self._checkpoint = newest_valid_checkpoint(self.run_dir / "checkpoints", self._warn_later)
+            candidate = self._checkpoint.path / "tokenizer.json"
+            tokenizer_file = candidate if candidate.is_file() else None
+        captions = sorted({c for r in self.data.train for c in r.captions}) + list(cfg.sample.prompts)
+        captions += [cfg.data.instance_prompt, cfg.sample.negative_prompt]
+        self.bundle = build_model(cfg, captions, tokenizer_file=tokenizer_file)
+        if cfg.train.gradient_checkpointing:
+            for module in self.bundle.save_modules.values():
+                for fn in ("enable_gradient_checkpointing", "gradient_checkpointing_enable"):
+                    if hasattr(module, fn):
+                        getattr(module, fn)()
+                        break
+        self.sched = training_scheduler(cfg.diffusion, pixel_space=self.bundle.family == "pixel")
+        self.sched.alphas_cumprod = self.sched.alphas_cumprod.to(self.device)
+        self.trainable_params = [p for p in self.bundle.trainable.parameters() if p.requires_grad]
+        self.param_names = [n for n, p in self.bundle.trainable.named_parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self._groups(), cfg.train, device=self.device)
+        self.schedule = LRSchedule(cfg.train, self.total_steps)
+        self.model, self.optimizer = self.accelerator.prepare(self.bundle.trainable, self.optimizer)
+        if cfg.train.compile:
+            self.model = torch.compile(self.model)
+        if cfg.train.ema:
+            on_cpu = cfg.train.ema_on_cpu and self.device.type != "cpu"
+            params = [p.detach().to("cpu").requires_grad_(True) if on_cpu else p for p in self.trainable_params]
+            self.ema = EMAModel(params, decay=cfg.train.ema_decay, foreach=not on_cpu)
+        self.sample_prompts = list(cfg.sample.prompts) or self._default_prompts()
+        self.ready = True
+
+    def _groups(self) -> list[dict[str, Any]]:
+        cfg = self.config.train
+        te_lr = cfg.text_encoder_lr or cfg.learning_rate
+        te = getattr(self.bundle.trainable, "text_encoder", None)
+        te_ids = {id(p) for p in te.parameters()} if te is not None else set()
+        main = [p for p in self.trainable_params if id(p) not in te_ids]
+        text = [p for p in self.trainable_params if id(p) in te_ids]
+        return param_groups([("model", main, cfg.learning_rate), ("text_encoder", text, te_lr)])
+
+    def _default_prompts(self) -> list[str]:
+        if self.bundle.tokenizer is None:
+            return [""]
+        seen = sorted({r.captions[0] for r in self.data.train if r.captions})
+        return seen[:4] or [""]
+
+    def _warn_later(self, text: str) -> None:
+        log.warning("%s", text)
+        self._pending_warnings.append(text)
+
+    # -- resume -----------------------------------------------------------------------------------------
+    def load_latest(self) -> list[str]:
+        info = self._checkpoint
+        assert info is not None
+        weights = ckpt_state.load_weights(info.path)
+        ckpt_state.load_model_state(self.bundle, weights, info.path)
+        state = ckpt_state.load_training_state(info.path)
+        if state.get("optimizer") is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        if state.get("scaler") is not None and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and (info.path / ckpt_state.EMA_WEIGHTS).is_file():
+            shadow = ckpt_state.load_weights(info.path, ckpt_state.EMA_WEIGHTS)
+            for name, s_param in zip(self.param_names, self.ema.shadow_params):
+                s_param.data.copy_(shadow[name].to(s_param.device))
+            meta = info.manifest.get("ema_optimization_step")
+            self.ema.optimization_step = int(meta) if meta is not None else info.step
+        pos = state["position"]
+        self.step, self.epoch, self.step_in_epoch = int(pos["step"]), int(pos["epoch"]), int(pos["step_in_epoch"])
+        self.last_checkpoint_step = self.step
+        ckpt_state.set_rng_state(state["rng"])
+        log.info("resumed from %s (step %d, epoch %d)", info.path, self.step, self.epoch)
+        warnings, self._pending_warnings = list(self._pending_warnings), []
+        return warnings + [f"resumed from {info.path.name} (step {self.step})"]
+
+    # -- training ---------------------------------------------------------------------------------------
+    def batch_groups(self) -> Iterator[list[dict[str, Any]]]:
+        """The rest of the current epoch as groups of ``gradient_accumulation`` batches."""
+        self.keys.epoch = self.epoch
+        self.keys.start = self.step_in_epoch * self.accum
+        group: list[dict[str, Any]] = []
+        remaining = self.steps_per_epoch - self.step_in_epoch
+        for batch in self.loader:
+            group.append(batch)
+            if len(group) == self.accum:
+                yield group
+                group = []
+                remaining -= 1
+                if remaining <= 0:
+                    return
+
+    def _noise_generator(self, micro: int) -> torch.Generator:
+        # Seeded from (seed, step, micro-batch, rank): exact after a resume with no state to save.
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed((self.config.train.seed * 1_000_003 + self.step) * 4099 + micro * 131 + self.rank)
+        return gen
+
+    def compute_loss(self, batch: dict[str, Any], micro: int) -> torch.Tensor:
+        pixels = batch["pixels"].to(self.device, non_blocking=True)
+        clean = self.bundle.to_model_space(pixels)
+        cond = self.bundle.encode_captions(batch["captions"], self.device)
+        gen = self._noise_generator(micro)
+        tmin, tmax = self.config.resolved_timestep_range()
+        t = torch.randint(tmin, tmax, (clean.shape[0],), generator=gen, device=self.device)
+        noise, model_noise = sample_noise(clean, self.config.loss, gen)
+        noisy = self.sched.add_noise(clean, model_noise, t)
+        target = target_for(self.sched, clean, noise, t)
+        with self.accelerator.autocast():
+            pred = self.model(noisy, t, cond)
+        return diffusion_loss(pred, target, t, self.sched, self.config.loss)
+
+    def optimizer_step(self, group: list[dict[str, Any]]) -> tuple[float, float, float]:
+        """One optimizer step over a group of micro-batches: (loss, grad norm, lr)."""
+        from .loop import NonFiniteLoss
+
+        lr = self.schedule.apply(self.optimizer, self.step)
+        total = torch.zeros((), device=self.device)
+        for i, batch in enumerate(group):
+            last = i == len(group) - 1
+            ctx = nullcontext() if last or self.world == 1 else self.accelerator.no_sync(self.model)
+            with ctx:
+                loss = self.compute_loss(batch, i)
+                if self.agree(not bool(torch.isfinite(loss.detach()))):  # some rank saw NaN/inf
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.bad_steps += 1
+                    if self.bad_steps > self.config.train.nan_skip_steps:
+                        raise NonFiniteLoss(self._nan_message())
+                    log.warning("non-finite loss at step %d skipped (%d of %d allowed)", self.step + 1,
+                                self.bad_steps, self.config.train.nan_skip_steps)
+                    return float("nan"), float("nan"), lr
+                self.accelerator.backward(loss / len(group))
+            total += loss.detach()
+        max_norm = self.config.train.max_grad_norm or float("inf")
+        grad_norm = self.accelerator.clip_grad_norm_(self.trainable_params, max_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            if self.ema.foreach:
+                self.ema.step(self.trainable_params)
+            else:
+                self.ema.step([p.detach().to("cpu").requires_grad_(True) for p in self.trainable_params])
+        return float(total) / len(group), float(grad_norm), lr
+
+    def _nan_message(self) -> str:
+        t = self.config.train
+        return (f"the loss became NaN/inf at step {self.step + 1}; the last good checkpoint is kept. Usual causes: "
+                f"a learning rate too high (train.learning_rate = {t.learning_rate:g}: try 3-10x lower), fp16 "
+                f"mixed precision (train.mixed_precision = {t.mixed_precision!r}: try bf16 or no), a VAE in "
+                "fp16 (SDXL), or no gradient clipping (train.max_grad_norm)")
+
+    def agree(self, flag: bool) -> bool:
+        """True when ``flag`` is set on any process (one tiny all-reduce with several processes)."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        return bool(self.accelerator.reduce(t, reduction="sum").item() > 0)
+
+    # -- validation, sampling, checkpoints ----------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self) -> tuple[float, list[float]] | None:
+        """Loss on the validation images at fixed timesteps with fixed noise: comparable across epochs."""
+        if not len(self.val_dataset):
+            return None
+        model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        tmin, tmax = self.config.resolved_timestep_range()
+        edges = np.linspace(tmin, tmax, VAL_BUCKETS + 1)
+        ts = [int((edges[k] + edges[k + 1]) / 2) for k in range(VAL_BUCKETS)]
+        sums = [0.0] * VAL_BUCKETS
+        bs = max(1, self.config.train.batch_size)
+        try:
+            for start in range(0, len(self.val_dataset), bs):
+                items = [self.val_dataset[i] for i in range(start, min(start + bs, len(self.val_dataset)))]
+                batch = collate(items)
+                clean = self.bundle.to_model_space(batch["pixels"].to(self.device))
+                cond = self.bundle.encode_captions(batch["captions"], self.device)
+                for k, tk in enumerate(ts):
+                    gen = torch.Generator().manual_seed(self.config.data.val_seed * 7919 + start * 101 + k)
+                    noise = torch.randn(clean.shape, generator=gen).to(self.device, clean.dtype)
+                    t = torch.full((clean.shape[0],), tk, device=self.device, dtype=torch.long)
+                    noisy = self.sched.add_noise(clean, noise, t)
+                    with self.accelerator.autocast():
+                        pred = model(noisy, t, cond)
+                    target = target_for(self.sched, clean, noise, t)
+                    per = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none")
+                    sums[k] += float(per.mean(dim=(1, 2, 3)).sum())
+        finally:
+            model.train(was_training)
+        per_bucket = [s / len(self.val_dataset) for s in sums]
+        return float(np.mean(per_bucket)), per_bucket
+
+    def sample_images(self, prompts: list[str], seeds: list[int]) -> np.ndarray:
+        cfg = self.config.sample
+        model = self.accelerator.unwrap_model(self.model)
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.config.train.mixed_precision)
+        with preserved_rng_state():
+            if self.ema is not None:
+                self.ema.store(self.trainable_params)
+                self.ema.copy_to(self.trainable_params)
+            try:
+                return generate(self.bundle, model, self.sched, prompts, seeds, steps=cfg.steps,
+                                guidance=cfg.guidance, sampler=cfg.sampler, negative_prompt=cfg.negative_prompt,
+                                device=self.device, autocast_dtype=dtype)
+            finally:
+                if self.ema is not None:
+                    self.ema.restore(self.trainable_params)
+
+    def sample_grid(self) -> tuple[np.ndarray, Path | None]:
+        seeds = list(self.config.sample.seeds)
+        images = self.sample_images(self.sample_prompts, seeds)
+        grid = make_grid(images, rows=len(self.sample_prompts))
+        if self.run_dir is None:
+            return grid, None
+        from PIL import Image
+
+        from ..runs import write_text_atomic
+
+        path = self.run_dir / "samples" / f"step-{self.step:08d}.png"
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(grid).save(tmp, format="PNG")
+            tmp.replace(path)
+            write_text_atomic(path.with_suffix(".json"), json.dumps(
+                {"step": self.step, "epoch": self.epoch, "prompts": self.sample_prompts, "seeds": seeds,
+                 "sampler": self.config.sample.sampler, "steps": self.config.sample.steps,
+                 "guidance": self.config.sample.guidance, "ema": self.ema is not None}, indent=1))
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            log.warning("could not save the sample grid %s: %s (training goes on)", path, exc)
+            return grid, None
+        return grid, path
+
+    def save_checkpoint(self) -> Path:
+        assert self.run_dir is not None
+        root = self.run_dir / "checkpoints"
+        pos = ckpt_state.Position(self.step, self.epoch, self.step_in_epoch)
+        toml = config_to_toml(self.config)
+
+        def fill(folder: Path) -> None:
+            ckpt_state.save_training_files(folder, self.bundle, optimizer=self.optimizer, schedule=self.schedule,
+                                           scaler=self.accelerator.scaler, ema=self.ema, ema_names=self.param_names,
+                                           position=pos, config_toml=toml,
+                                           save_optimizer=self.config.checkpoint.save_optimizer)
+
+        extra = {"family": self.bundle.family, "step_in_epoch": self.step_in_epoch,
+                 "ema_optimization_step": self.ema.optimization_step if self.ema is not None else None}
+        path = write_checkpoint(root, self.step, self.epoch, fill, extra)
+        self.last_checkpoint_step = self.step
+        prune_checkpoints(root, self.config.checkpoint.keep_last, protect={path})
+        log.info("checkpoint saved: %s", path)
+        return path
+
+    def close(self) -> None:
+        self.accelerator.free_memory()

@@ -1,0 +1,101 @@
+"""What a checkpoint holds and how it goes back: weights (safetensors), EMA, optimizer, schedule, RNG."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import CheckpointError
+from ..models.bundle import ModelBundle
+
+WEIGHTS = "model.safetensors"
+EMA_WEIGHTS = "ema.safetensors"
+TRAINING_STATE = "training_state.pt"
+CONFIG = "config.toml"
+
+
+def model_state(bundle: ModelBundle) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for name, module in bundle.save_modules.items():
+        for key, tensor in module.state_dict().items():
+            out[f"{name}.{key}"] = tensor.detach().to("cpu").contiguous()
+    return out
+
+
+def load_model_state(bundle: ModelBundle, weights: dict[str, torch.Tensor], source: Path) -> None:
+    for name, module in bundle.save_modules.items():
+        prefix = f"{name}."
+        sub = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+        try:
+            module.load_state_dict(sub, strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{source}: weights do not fit this model's {name} ({str(exc).splitlines()[0]}); "
+                                  "was the model configuration changed?") from None
+
+
+def rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(),
+            "numpy": [np.random.get_state()[0], np.random.get_state()[1].tolist(), *np.random.get_state()[2:]],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class Position:
+    step: int
+    epoch: int
+    step_in_epoch: int
+
+
+def save_training_files(folder: Path, bundle: ModelBundle, *, optimizer: Any, schedule: Any, scaler: Any,
+                        ema: Any, ema_names: list[str], position: Position, config_toml: str,
+                        save_optimizer: bool) -> None:
+    """Write every file of a checkpoint into ``folder`` (the caller handles atomicity)."""
+    save_file(model_state(bundle), str(folder / WEIGHTS), metadata={"format": "pt", "sdstudio": "weights"})
+    if ema is not None:
+        shadow = {n: p.detach().to("cpu").contiguous() for n, p in zip(ema_names, ema.shadow_params)}
+        save_file(shadow, str(folder / EMA_WEIGHTS), metadata={"format": "pt", "sdstudio": "ema",
+                                                               "optimization_step": str(ema.optimization_step)})
+    state = {"position": position.__dict__, "schedule": schedule.state_dict(), "rng": rng_state(),
+             "optimizer": optimizer.state_dict() if save_optimizer else None,
+             "scaler": scaler.state_dict() if scaler is not None else None}
+    torch.save(state, folder / TRAINING_STATE)
+    bundle.save_extra(folder)
+    (folder / CONFIG).write_text(config_toml, encoding="utf-8")
+
+
+def load_training_state(folder: Path) -> dict[str, Any]:
+    try:
+        return torch.load(folder / TRAINING_STATE, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad checkpoint
+        raise CheckpointError(f"{folder / TRAINING_STATE}: cannot be read ({exc})") from None
+
+
+def load_weights(folder: Path, name: str = WEIGHTS) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(folder / name))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for bad files
+        raise CheckpointError(f"{folder / name}: not a readable safetensors file ({exc})") from None
+
+
+def read_architecture(folder: Path) -> dict[str, Any]:
+    try:
+        return json.loads((folder / "model.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{folder}: missing or unreadable model.json ({exc})") from None

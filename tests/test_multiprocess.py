@@ -1,0 +1,38 @@
+"""Data-parallel training through accelerate: two CPU ranks (gloo) started by torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY_OVERRIDES
+
+
+@pytest.mark.slow
+def test_two_ranks_train_in_lockstep(tiny_dataset: Path, tmp_path: Path) -> None:
+    torchrun = shutil.which("torchrun")
+    cmd = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    overrides = {**TINY_OVERRIDES, "train.batch_size": 2, "train.max_steps": 4, "checkpoint.every_steps": 2}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [*cmd, "--nproc_per_node", "2", "--master_port", "29517", str(Path(__file__).with_name("mp_train_script.py")),
+         str(tiny_dataset), str(tmp_path / "run"), str(reports), json.dumps(overrides)],
+        capture_output=True, text=True, timeout=400, env=env, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    r0 = json.loads((reports / "rank0.json").read_text())
+    r1 = json.loads((reports / "rank1.json").read_text())
+    assert r0["world"] == r1["world"] == 2
+    assert r0["step"] == r1["step"] == 4
+    assert r0["digest"] == r1["digest"], "gradients are synchronised: both ranks hold the same weights"
+    run = tmp_path / "run"
+    assert (run / "checkpoints" / "step-00000004" / "manifest.json").is_file()
+    metrics = (run / "metrics.jsonl").read_text().splitlines()
+    assert len([m for m in metrics if '"kind":"train"' in m]) == 4, "only rank 0 writes metrics"
