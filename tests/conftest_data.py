@@ -175,3 +175,17 @@ def snapshot(root: Path) -> dict[str, tuple[int, int, str]]:
                 digest = hashlib.sha256(path.read_bytes()).hexdigest()
             state[str(path.relative_to(root))] = (st.st_mode, st.st_mtime_ns, digest)
     return state
+
+
+def with_data_keys(config, **keys):
+    """``config`` with ``data.<key>`` set for each keyword."""
+    return config.with_overrides({f"data.{k}": v for k, v in keys.items()})
+
+
+def make_aspect_folder(root: Path, per_shape: int = 4) -> Path:
+    """Captioned images in three aspect ratios (square, 2:1 wide, 1:2 tall)."""
+    for i in range(per_shape):
+        for name, (w, h) in (("square", (48, 48)), ("wide", (96, 48)), ("tall", (48, 96))):
+            save(noise_image(w, h, seed=100 + i * 3 + len(name)), root / f"{name}{i}.png")
+            (root / f"{name}{i}.txt").write_text(f"a {name} picture", encoding="utf-8")
+    return root

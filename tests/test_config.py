@@ -83,3 +83,12 @@ def test_field_docs_cover_every_field_with_a_description() -> None:
     assert {"data.path", "train.learning_rate", "checkpoint.keep_last", "lora.rank", "sample.prompts"} <= keys
     missing = [r[0] for r in rows if not r[3]]
     assert not missing, f"fields without a description: {missing}"
+
+
+def test_docs_config_md_is_up_to_date() -> None:
+    from pathlib import Path
+
+    from sdstudio.core.config_docs import render
+
+    committed = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text(encoding="utf-8")
+    assert committed == render(), "regenerate: python -m sdstudio.core.config_docs > docs/config.md"

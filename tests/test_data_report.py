@@ -22,7 +22,7 @@ except ImportError:  # tests/ imported as a package
 
 DOC = Path(__file__).parents[1] / "docs" / "dataset-report.md"
 TOP_KEYS = {"version", "root", "layout", "resolution", "counts", "sizes", "aspect_ratios", "captions",
-            "problems", "usable", "summary"}
+            "buckets", "problems", "usable", "summary"}
 COUNT_KEYS = {"images", "captioned", "uncaptioned", "problems", "errors", "warnings", "repeats_total",
               "concepts", "problems_by_kind"}
 
@@ -53,6 +53,9 @@ def test_report_has_the_documented_keys(messy_report: dict) -> None:
     assert set(messy_report["aspect_ratios"]) == {"bins"}
     assert set(messy_report["captions"]) == {"sources", "length_bins", "mean_words", "top_tags",
                                               "tag_frequency"}
+    assert set(messy_report["buckets"]) == {"resolution", "step", "bins"}
+    for row in messy_report["buckets"]["bins"]:
+        assert set(row) == {"width", "height", "aspect", "images", "per_epoch"}
     for problem in messy_report["problems"]:
         assert set(problem) == {"kind", "severity", "path", "message", "fix"}
     json.dumps(messy_report)  # JSON-ready as it is

@@ -54,6 +54,10 @@ def _resume_config(args: argparse.Namespace) -> tuple[Any, Path]:
     return config, run_dir
 
 
+def _say(text: str) -> None:
+    tqdm.write(text, file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.resume is not None:
         config, run_dir = _resume_config(args)
@@ -71,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         interrupted["count"] += 1
         if interrupted["count"] > 1:
             raise KeyboardInterrupt
-        tqdm.write("stopping: saving a resumable checkpoint (Ctrl-C again to abort without saving)")
+        _say("stopping: saving a resumable checkpoint (Ctrl-C again to abort without saving)")
         control.request_stop()
 
     previous = signal.signal(signal.SIGINT, on_sigint)
@@ -83,19 +87,19 @@ def run(args: argparse.Namespace) -> int:
                 if not args.quiet:
                     bar = tqdm(total=event.total_steps, initial=event.resumed_from_step, unit="step",
                                dynamic_ncols=True, file=sys.stderr)
-                tqdm.write(f"run folder: {event.run_dir}")
+                _say(f"run folder: {event.run_dir}")
             elif isinstance(event, ev.StepMetrics):
                 if bar is not None:
                     bar.update(event.step - bar.n)
                     bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}", img_s=f"{event.img_per_s:.1f}")
             elif isinstance(event, ev.Warning):
-                tqdm.write(f"warning: {event.text}")
+                _say(f"warning: {event.text}")
             elif isinstance(event, ev.ValidationResult):
-                tqdm.write(f"step {event.step}: validation loss {event.val_loss:.5f}")
+                _say(f"step {event.step}: validation loss {event.val_loss:.5f}")
             elif isinstance(event, ev.SampleGrid) and event.path is not None:
-                tqdm.write(f"step {event.step}: samples {event.path}")
+                _say(f"step {event.step}: samples {event.path}")
             elif isinstance(event, ev.CheckpointSaved):
-                tqdm.write(f"step {event.step}: checkpoint {event.path}")
+                _say(f"step {event.step}: checkpoint {event.path}")
             elif isinstance(event, ev.Finished):
                 if bar is not None:
                     bar.update(event.step - bar.n)

@@ -7,7 +7,7 @@ one, a range (the form uses it for spin boxes). `RunConfig.from_dict` turns pyda
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -51,6 +51,14 @@ class DataConfig(Section):
     val_seed: int = Field(1234, description="Seed of the validation split.")
     num_workers: int = Field(0, ge=0, le=64, description="Data-loader worker processes (0 = in the "
                              "training process; fine for small images).")
+    bucketing: bool = Field(False, description="Aspect-ratio bucketing: each image trains at the bucket size "
+                            "closest to its aspect ratio (area about resolution squared) instead of a square crop.")
+    bucket_step: int = Field(64, ge=8, le=256, multiple_of=8, description="Side step of the bucket sizes in "
+                             "pixels (8 is used below 128 px).")
+    min_bucket_side: int = Field(0, ge=0, le=8192, description="Shortest bucket side (0 = half the resolution).")
+    max_bucket_side: int = Field(0, ge=0, le=8192, description="Longest bucket side (0 = twice the resolution).")
+    verify_images: bool = Field(True, description="Decode every image once before training and skip broken "
+                                "files with a warning (remembered, so later runs only check new files).")
     cache_in_memory: bool = Field(True, description="Keep decoded, resized images in memory "
                                   "(small datasets) so later epochs skip decoding.")
 
@@ -62,6 +70,8 @@ class ModelConfig(Section):
     path: str = Field("", description="Base model: a diffusers folder or a .safetensors/.ckpt file "
                       "(SD families).")
     vae_path: str = Field("", description="Optional separate VAE file or folder.")
+    config_folder: str = Field("", description="diffusers config folder for a single-file model (empty = the "
+                               "one sdstudio ships for the detected family).")
     conditional: bool = Field(True, description="Condition on captions (pixel family).")
     block_channels: list[int] = Field([32, 64, 64], min_length=1, max_length=6,
                                       description="Channels of each UNet level (its depth and width).")
@@ -318,6 +328,12 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _type_name(annotation: Any) -> str:
+    if get_origin(annotation) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(annotation))
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
 def field_docs() -> list[tuple[str, str, str, str]]:
     """(key, type, default, description) for every config field, for docs and the settings form."""
     rows: list[tuple[str, str, str, str]] = []
@@ -326,7 +342,7 @@ def field_docs() -> list[tuple[str, str, str, str]]:
         ann = sfield.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             for fname, f in ann.model_fields.items():
-                typ = getattr(f.annotation, "__name__", None) or str(f.annotation).replace("typing.", "")
+                typ = _type_name(f.annotation)
                 rows.append((f"{sname}.{fname}", typ, repr(default[sname][fname]), f.description or ""))
         else:
             rows.append((sname, getattr(ann, "__name__", str(ann)), repr(default[sname]),

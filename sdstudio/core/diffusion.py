@@ -24,12 +24,19 @@ def training_scheduler(cfg: DiffusionConfig, *, pixel_space: bool) -> DDPMSchedu
 
 
 def sampling_scheduler(train_sched: DDPMScheduler, sampler: str) -> Any:
-    """A sampler sharing the training schedule ("trailing" spacing: correct with zero terminal SNR)."""
+    """A sampler sharing the training schedule.
+
+    With zero terminal SNR the first step must be t = T ("trailing"). Otherwise sampling starts one
+    stride below T ("leading", offset 1, the SD convention): at t = T a cosine schedule has
+    alpha_bar ~ 1e-9 (sigma ~ 2e4), where samplers without clipping (Euler, DPM++) blow every error up.
+    """
     cls = SAMPLERS[sampler]
-    extra: dict[str, Any] = {"timestep_spacing": "trailing"}
+    ztsnr = bool(train_sched.config.rescale_betas_zero_snr)
+    extra: dict[str, Any] = ({"timestep_spacing": "trailing"} if ztsnr
+                             else {"timestep_spacing": "leading", "steps_offset": 1})
     if sampler == "dpmpp_2m":
         extra.update(algorithm_type="dpmsolver++", solver_order=2)
-        if train_sched.config.rescale_betas_zero_snr:
+        if ztsnr:
             extra["final_sigmas_type"] = "zero"
     return cls.from_config(train_sched.config, **extra)
 

@@ -58,7 +58,8 @@ def load_trained(run_or_checkpoint: Path, checkpoint: Path | None = None, *, use
     folder = resolve_checkpoint(run_or_checkpoint, checkpoint)
     config = load_config_file(folder / ckpt_state.CONFIG)
     tokenizer = folder / "tokenizer.json"
-    bundle = build_model(config, [], tokenizer_file=tokenizer if tokenizer.is_file() else None)
+    dev = pick_device(device)
+    bundle = build_model(config, [], tokenizer_file=tokenizer if tokenizer.is_file() else None, device=dev)
     ckpt_state.load_model_state(bundle, ckpt_state.load_weights(folder), folder)
     ema_used = False
     if use_ema and (folder / ckpt_state.EMA_WEIGHTS).is_file():
@@ -69,7 +70,9 @@ def load_trained(run_or_checkpoint: Path, checkpoint: Path | None = None, *, use
                 if name in params:
                     params[name].copy_(tensor)
         ema_used = True
-    dev = pick_device(device)
     bundle.trainable.to(dev).eval()
-    sched = training_scheduler(config.diffusion, pixel_space=bundle.family == "pixel")
+    diffusion = config.diffusion
+    if bundle.family != "pixel":
+        diffusion = diffusion.model_copy(update={"prediction_type": bundle.prediction_type})
+    sched = training_scheduler(diffusion, pixel_space=bundle.family == "pixel")
     return LoadedModel(config, bundle, sched, dev, folder, ema_used)

@@ -9,16 +9,16 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
 from ..config import RunConfig
 from ..errors import DatasetError
-from .images import load_image_rgb
+from .buckets import BucketSize
+from .images import load_with_info
 from .scan import ImageRecord, process_caption
-from .transforms import AugmentSettings, prepare_image, to_tensor_array
+from .transforms import AugmentSettings, Prepared, prepare, to_tensor_array
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,7 @@ class SampleKey:
     index: int  # record index
     epoch: int
     position: int  # position within the epoch (distinguishes repeats)
+    size: BucketSize | None = None  # (width, height) to train at; None = the square resolution
 
 
 def _rng(*parts: int) -> random.Random:
@@ -33,7 +34,8 @@ def _rng(*parts: int) -> random.Random:
 
 
 class ImageCaptionDataset(Dataset):
-    """Items are dicts with ``pixels`` (3xHxW float32 in [-1, 1]) and ``caption``."""
+    """Items are dicts: ``pixels`` (3xHxW float32 in [-1, 1]), ``caption``, and for SDXL's size
+    conditioning ``original_size`` (h, w), ``crop_top_left`` (y, x), ``target_size`` (h, w)."""
 
     def __init__(self, records: Sequence[ImageRecord], config: RunConfig, *, train: bool = True) -> None:
         self.records = list(records)
@@ -41,29 +43,37 @@ class ImageCaptionDataset(Dataset):
         self.train = train
         self.aug = AugmentSettings.from_config(config.data)
         self.seed = config.train.seed
-        self._cache: dict[int, np.ndarray] = {}
+        self._cache: dict[tuple[int, BucketSize | None], Prepared] = {}
         self.cache_enabled = config.data.cache_in_memory
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def _load(self, index: int) -> Image.Image:
+    def _load(self, index: int, size: tuple[int, int]) -> tuple[Image.Image, tuple[int, int]]:
+        """The RGB image and its full (width, height): a JPEG may be decoded at 1/2..1/8 scale when that
+        still covers the (zoomed) crop."""
         record = self.records[index]
+        zoom = 1.0 / (1.0 - self.aug.random_scale) if self.train else 1.0
+        needed = (int(size[0] * zoom) + 1, int(size[1] * zoom) + 1)
+        background: tuple[int, int, int] = tuple(self.config.data.background)  # type: ignore[assignment]
         try:
-            img = load_image_rgb(record.path, tuple(self.config.data.background))  # type: ignore[arg-type]
+            info, img = load_with_info(record.path, background=background, min_size=needed)
         except (OSError, DatasetError) as exc:
             raise DatasetError(f"{record.path}: cannot be loaded ({exc})") from exc
-        return img
+        return img, (info.width, info.height)
 
-    def image(self, index: int, rng: random.Random | None) -> np.ndarray:
-        """Prepared HxWx3 uint8; kept in memory when nothing random touches it (``cache_in_memory``)."""
+    def prepared(self, index: int, rng: random.Random | None, size: BucketSize | None = None) -> Prepared:
+        """The prepared image; kept in memory when nothing random touches it (``cache_in_memory``)."""
         static = rng is None or self.aug.is_identity
-        if static and self.cache_enabled and index in self._cache:
-            return self._cache[index]
-        arr = prepare_image(self._load(index), self.aug, None if static else rng)
+        cache_key = (index, size)
+        if static and self.cache_enabled and cache_key in self._cache:
+            return self._cache[cache_key]
+        target = size or BucketSize(self.aug.resolution, self.aug.resolution)
+        img, original = self._load(index, target)
+        result = prepare(img, self.aug, None if static else rng, target, original=original)
         if static and self.cache_enabled:
-            self._cache[index] = arr
-        return arr
+            self._cache[cache_key] = result
+        return result
 
     def caption(self, index: int, rng: random.Random | None) -> str:
         caps = self.records[index].captions
@@ -80,19 +90,35 @@ class ImageCaptionDataset(Dataset):
         if isinstance(key, int):
             key = SampleKey(key, 0, key)
         rng = _rng(self.seed, key.epoch, key.position, key.index) if self.train else None
-        image = self.image(key.index, rng)
-        return {"pixels": torch.from_numpy(to_tensor_array(image)), "caption": self.caption(key.index, rng)}
+        item = self.prepared(key.index, rng, key.size)
+        return {"pixels": torch.from_numpy(to_tensor_array(item.array)), "caption": self.caption(key.index, rng),
+                "original_size": item.original_size, "crop_top_left": item.crop_top_left,
+                "target_size": item.target_size}
 
 
 def collate(items: list[dict[str, object]]) -> dict[str, object]:
+    """Stack items of one size: ``pixels`` (Bx3xHxW), ``captions`` (list), and the SDXL size conditioning
+    ``original_size`` / ``crop_top_left`` / ``target_size`` as Bx2 int64 tensors ((h, w) / (y, x) / (h, w))."""
+    shapes = {tuple(i["pixels"].shape) for i in items}  # type: ignore[union-attr]
+    if len(shapes) > 1:
+        raise DatasetError(f"a batch mixes image sizes {sorted(shapes)}; batches must come from one bucket")
     return {"pixels": torch.stack([i["pixels"] for i in items]),  # type: ignore[misc]
-            "captions": [i["caption"] for i in items]}
+            "captions": [i["caption"] for i in items],
+            "original_size": torch.tensor([i["original_size"] for i in items], dtype=torch.long),
+            "crop_top_left": torch.tensor([i["crop_top_left"] for i in items], dtype=torch.long),
+            "target_size": torch.tensor([i["target_size"] for i in items], dtype=torch.long)}
 
 
 class EpochOrder:
-    """The seeded permutation of one epoch, with kohya repeats, cut into global batches."""
+    """The seeded order of one epoch, with kohya repeats, cut into global batches.
 
-    def __init__(self, records: Sequence[ImageRecord], global_batch: int, seed: int) -> None:
+    With ``buckets`` (one size per record) every batch holds one bucket: each bucket's images are shuffled
+    and cut into full batches, the leftover (fewer than a batch) is dropped for this epoch (the next
+    epoch's shuffle drops others), and the batches of all buckets are shuffled together.
+    """
+
+    def __init__(self, records: Sequence[ImageRecord], global_batch: int, seed: int,
+                 buckets: Sequence[BucketSize] | None = None) -> None:
         self.expanded = [i for i, r in enumerate(records) for _ in range(max(1, r.repeats))]
         self.global_batch = global_batch
         self.seed = seed
@@ -100,24 +126,55 @@ class EpochOrder:
             raise DatasetError(f"train.batch_size: a step needs {global_batch} images (batch size x processes x "
                                f"gradient accumulation) but the dataset has {len(self.expanded)} per epoch; "
                                "lower train.batch_size or add images / repeats")
+        self.buckets = [BucketSize(*b) for b in buckets] if buckets is not None else None
+        self.groups: dict[BucketSize, list[int]] = {}  # bucket -> positions in ``expanded``
+        if self.buckets is not None:
+            if len(self.buckets) != len(records):
+                raise ValueError("EpochOrder: one bucket per record")
+            for p, index in enumerate(self.expanded):
+                self.groups.setdefault(self.buckets[index], []).append(p)
+            self.groups = dict(sorted(self.groups.items()))
+            if self.batches_per_epoch < 1:
+                raise DatasetError(f"train.batch_size: no aspect-ratio bucket has {global_batch} images per epoch "
+                                   "(batch size x processes x gradient accumulation); lower train.batch_size or "
+                                   "turn data.bucketing off")
 
     @property
     def batches_per_epoch(self) -> int:
-        return len(self.expanded) // self.global_batch
+        if self.buckets is None:
+            return len(self.expanded) // self.global_batch
+        return sum(len(g) // self.global_batch for g in self.groups.values())
+
+    @property
+    def images_dropped_per_epoch(self) -> int:
+        """Images of an epoch that fill no batch (the remainder; with buckets, per bucket)."""
+        return len(self.expanded) - self.batches_per_epoch * self.global_batch
 
     def batches(self, epoch: int, start_batch: int = 0) -> Iterator[list[SampleKey]]:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        perm = torch.randperm(len(self.expanded), generator=gen).tolist()
-        for b in range(start_batch, self.batches_per_epoch):
-            chunk = perm[b * self.global_batch:(b + 1) * self.global_batch]
-            yield [SampleKey(self.expanded[p], epoch, b * self.global_batch + k) for k, p in enumerate(chunk)]
+        gb = self.global_batch
+        if self.buckets is None:
+            perm = torch.randperm(len(self.expanded), generator=gen).tolist()
+            for b in range(start_batch, self.batches_per_epoch):
+                chunk = perm[b * gb:(b + 1) * gb]
+                yield [SampleKey(self.expanded[p], epoch, b * gb + k) for k, p in enumerate(chunk)]
+            return
+        cut: list[tuple[BucketSize, list[int]]] = []
+        for size, positions in self.groups.items():
+            perm = torch.randperm(len(positions), generator=gen).tolist()
+            cut += [(size, [positions[perm[j]] for j in range(n * gb, (n + 1) * gb)])
+                    for n in range(len(positions) // gb)]
+        order = torch.randperm(len(cut), generator=gen).tolist()
+        for b in range(start_batch, len(cut)):
+            size, chunk = cut[order[b]]
+            yield [SampleKey(self.expanded[p], epoch, b * gb + k, size) for k, p in enumerate(chunk)]
 
 
 def split_validation(records: Sequence[ImageRecord], fraction: float, seed: int) -> tuple[list[ImageRecord],
                                                                                            list[ImageRecord]]:
     """(train, val): a fixed-seed fraction held out; at least one training image always remains."""
     records = list(records)
-    n_val = int(round(len(records) * fraction))
+    n_val = round(len(records) * fraction)
     if fraction <= 0 or len(records) < 4 or n_val == 0:
         return records, []
     n_val = min(n_val, len(records) - 1)

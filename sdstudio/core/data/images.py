@@ -129,10 +129,18 @@ def probe_image(path: Path | str) -> ImageInfo:
         return _info(img)
 
 
-def verify_decodes(path: Path | str) -> ImageInfo:
-    """Fully decode the first frame; raises ImageProblem (``truncated`` etc.) when that fails."""
+def verify_decodes(path: Path | str, *, reduced: bool = False) -> ImageInfo:
+    """Fully decode the first frame; raises ImageProblem (``truncated`` etc.) when that fails.
+
+    ``reduced``: a JPEG is decoded at 1/8 scale, which still reads (and checks) all of its data.
+    """
     path = Path(path)
     with _open(path) as img:
+        if reduced and img.format == "JPEG":
+            info = _info(img)
+            _draft(img, (1, 1))
+            _decode(img, path)
+            return info
         _decode(img, path)
         return _info(img)  # after decoding: a PNG's EXIF block may follow its pixels
 
@@ -165,20 +173,36 @@ def _to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     return img if mode == "RGB" else img.convert("RGB")
 
 
+def _draft(img: Image.Image, min_size: tuple[int, int]) -> bool:
+    """Let a JPEG decode at 1/2, 1/4 or 1/8 scale (DCT scaling: much faster) while it still covers
+    ``min_size`` (width, height as displayed). Other formats are decoded in full."""
+    if img.format != "JPEG" or img.mode not in ("RGB", "L"):
+        return False
+    width, height = min_size
+    if _orientation(img) in _SWAPS_AXES:
+        width, height = height, width
+    return img.draft(img.mode, (max(1, width), max(1, height))) is not None
+
+
 def load_with_info(
-    path: Path | str, data: bytes | None = None, background: tuple[int, int, int] = (255, 255, 255)
+    path: Path | str, data: bytes | None = None, background: tuple[int, int, int] = (255, 255, 255),
+    *, min_size: tuple[int, int] | None = None,
 ) -> tuple[ImageInfo, Image.Image]:
     """The header facts and the training-ready RGB image from one open.
 
     ``data``: the file's bytes when the caller already read them (to hash them); ``path`` then only
-    names the file in errors.
+    names the file in errors. ``min_size``: (width, height) the caller needs at least; a large JPEG may
+    then be decoded at a reduced scale (the info still gives its full size).
     """
     path = Path(path)
     if data is not None and not data:
         raise ImageProblem("zero_byte", path, "is empty (0 bytes)")
     with _open(path, io.BytesIO(data) if data is not None else None) as img:
+        info = _info(img)  # before a draft shrinks it
+        drafted = min_size is not None and _draft(img, min_size)
         _decode(img, path)
-        info = _info(img)
+        if not drafted:
+            info = _info(img)  # after decoding: a PNG's EXIF block may follow its pixels
         try:
             oriented = ImageOps.exif_transpose(img) or img
         except _EXIF_ERRORS:  # a broken EXIF block: use the pixels as stored
@@ -192,9 +216,13 @@ def load_with_info(
     return info, rgb
 
 
-def load_image_rgb(path: Path | str, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
-    """The first frame as 8-bit RGB, EXIF-rotated, transparency composited on ``background``."""
-    return load_with_info(path, background=background)[1]
+def load_image_rgb(path: Path | str, background: tuple[int, int, int] = (255, 255, 255), *,
+                   min_size: tuple[int, int] | None = None) -> Image.Image:
+    """The first frame as 8-bit RGB, EXIF-rotated, transparency composited on ``background``.
+
+    ``min_size``: see ``load_with_info`` (a JPEG may come back smaller than stored, never below it).
+    """
+    return load_with_info(path, background=background, min_size=min_size)[1]
 
 
 def difference_hash(img: Image.Image) -> int:

@@ -6,6 +6,7 @@ import statistics
 from collections import Counter
 from typing import Any
 
+from sdstudio.core.data.buckets import DEFAULT_STEP, format_bucket_stats, plan_buckets
 from sdstudio.core.data.scan import ImageRecord, ScanResult
 
 REPORT_VERSION = 1
@@ -64,6 +65,14 @@ def _caption_stats(records: list[ImageRecord]) -> dict[str, Any]:
     }
 
 
+def _buckets(records: list[ImageRecord], resolution: int) -> dict[str, Any]:
+    """Where aspect-ratio bucketing at this resolution would put the images (none when resolution is 0)."""
+    if resolution <= 0 or not records:
+        return {"resolution": resolution, "step": 0, "bins": []}
+    plan = plan_buckets(records, resolution, step=DEFAULT_STEP)
+    return {"resolution": resolution, "step": plan.step, "bins": plan.stats(records)}
+
+
 def _rel(scan: ScanResult, path: Any) -> str:
     try:
         return path.relative_to(scan.root).as_posix() or "."
@@ -106,6 +115,7 @@ def build_report(scan: ScanResult, resolution: int = 0) -> dict[str, Any]:
             "bins": _histogram([r.width / r.height for r in records if r.height], ASPECT_BINS),
         },
         "captions": _caption_stats(records),
+        "buckets": _buckets(records, resolution),
         "problems": [
             {"kind": p.kind, "severity": p.severity, "path": _rel(scan, p.path), "message": p.message,
              "fix": p.fix}
@@ -172,6 +182,10 @@ def format_report(report: dict[str, Any]) -> str:
         if captions["top_tags"]:
             shown = ", ".join(f"{tag} ({n})" for tag, n in captions["top_tags"][:15])
             lines += ["", f"Top tags: {shown}"]
+        buckets = report.get("buckets") or {}
+        if buckets.get("bins"):
+            lines += ["", f"Buckets (with data.bucketing at {buckets['resolution']} px, step {buckets['step']}):"]
+            lines += format_bucket_stats(buckets["bins"])
     for severity, heading in (("error", "Errors (these files are not used)"), ("warning", "Warnings")):
         problems = [p for p in report["problems"] if p["severity"] == severity]
         if not problems:

@@ -5,12 +5,8 @@ Read-only: a scan never creates, changes or deletes anything in the folder.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
-import json
 import os
-import random
 import re
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
+from sdstudio.core.data.captions import apply_template, choose_caption, process_caption, read_caption_file
+from sdstudio.core.data.duplicates import (
+    NEAR_DUPLICATE_BITS,
+    NEAR_DUPLICATE_CORRELATION,
+    Fingerprint,
+    duplicate_problems,
+)
 from sdstudio.core.data.images import (
     ImageInfo,
     ImageProblem,
@@ -28,34 +31,20 @@ from sdstudio.core.data.images import (
     probe_image,
     verify_decodes,
 )
+from sdstudio.core.data.metadata import path_key, read_metadata
+from sdstudio.core.data.problems import KIND_ORDER, PROBLEM_KINDS, Problem, ProblemList
 from sdstudio.core.errors import DatasetError, UserError
+
+__all__ = [  # the public names, importable from here as before the split
+    "EXTREME_ASPECT", "IMAGE_EXTENSIONS", "LAYOUTS", "NEAR_DUPLICATE_BITS", "NEAR_DUPLICATE_CORRELATION",
+    "PROBLEM_KINDS", "Fingerprint", "ImageRecord", "Problem", "ProblemList", "ScanResult", "choose_caption",
+    "duplicate_problems", "process_caption", "read_metadata", "scan_dataset",
+]
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 
-# kind -> severity. "error": the file is not used for training; "warning": used (or harmless), worth a look.
-PROBLEM_KINDS: dict[str, str] = {  # in the order reports list them
-    "zero_byte": "error",
-    "not_an_image": "error",
-    "unreadable": "error",
-    "truncated": "error",
-    "decompression_bomb": "error",
-    "unreadable_folder": "error",
-    "skipped_folder": "warning",
-    "metadata_error": "warning",
-    "undecodable_caption": "warning",
-    "missing_caption": "warning",
-    "orphan_caption": "warning",
-    "duplicate": "warning",
-    "near_duplicate": "warning",
-    "too_small": "warning",
-    "extreme_aspect": "warning",
-}
-_KIND_ORDER = {kind: i for i, kind in enumerate(PROBLEM_KINDS)}
-
 LAYOUTS = ("plain", "kohya", "imagefolder")
 EXTREME_ASPECT = 4.0
-NEAR_DUPLICATE_BITS = 4  # dHash Hamming distance
-NEAR_DUPLICATE_CORRELATION = 0.98  # and 16x16 thumbnail correlation
 
 _SKIPPED_FIX = ("To train on these images, put them in a folder named <repeats>_<caption> (e.g. '1_photo') "
                 "in the dataset folder; otherwise move them out of it.")
@@ -73,15 +62,6 @@ class ImageRecord:
     width: int  # as displayed, after EXIF rotation
     height: int
     caption_source: str = "none"  # "sidecar" | "metadata" | "folder" | "instance_prompt" | "none"
-
-
-@dataclass(frozen=True)
-class Problem:
-    kind: str  # one of PROBLEM_KINDS
-    path: Path
-    message: str  # what is wrong, naming the file
-    fix: str  # what to do
-    severity: str  # "error" | "warning"
 
 
 @dataclass
@@ -134,34 +114,12 @@ class _Inspected:
     caption_error: str = ""
 
 
-def _path_key(path: Path | str) -> str:
-    """Compare paths as the file system does (case-insensitive on Windows)."""
-    return os.path.normcase(os.path.normpath(path))
-
-
 def _ignored(name: str) -> bool:
     return name.startswith(".") or name.lower() in _JUNK
 
 
-class _Problems(list[Problem]):
-    """Problems with paths shown relative to the dataset folder in their messages."""
-
-    def __init__(self, root: Path) -> None:
-        super().__init__()
-        self.root = root
-
-    def rel(self, path: Path) -> str:
-        try:
-            return path.relative_to(self.root).as_posix() or "."
-        except ValueError:
-            return str(path)
-
-    def add(self, kind: str, path: Path, message: str, fix: str) -> None:
-        self.append(Problem(kind, path, message, fix, PROBLEM_KINDS[kind]))
-
-
 def _walk(top: Path, caption_exts: Sequence[str], visited: set[tuple[int, int]],
-          problems: _Problems) -> Iterator[_Folder]:
+          problems: ProblemList) -> Iterator[_Folder]:
     """Folders under ``top`` (symlinks followed, each real folder once, so link cycles end)."""
     stack = [top]
     while stack:
@@ -200,17 +158,6 @@ def _walk(top: Path, caption_exts: Sequence[str], visited: set[tuple[int, int]],
         stack.extend(reversed(subfolders))
 
 
-def _read_caption(path: Path) -> tuple[tuple[str, ...] | None, str]:
-    """The caption's non-empty lines, or (None, why not)."""
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        return None, f"is not UTF-8 text (byte {exc.start})"
-    except OSError as exc:
-        return None, f"cannot be read ({exc.strerror or exc})"
-    return tuple(line.strip() for line in text.splitlines() if line.strip()), ""
-
-
 def _inspect(candidate: _Candidate, decode: bool, fingerprint: bool) -> _Inspected:
     result = _Inspected()
     path = candidate.path
@@ -231,7 +178,7 @@ def _inspect(candidate: _Candidate, decode: bool, fingerprint: bool) -> _Inspect
     except ImageProblem as exc:
         result.problem = exc
     if candidate.caption_file is not None:
-        result.caption_lines, result.caption_error = _read_caption(candidate.caption_file)
+        result.caption_lines, result.caption_error = read_caption_file(candidate.caption_file)
     return result
 
 
@@ -272,7 +219,7 @@ def _candidates(folder: _Folder, caption_exts: Sequence[str], concept: str = "",
     return out
 
 
-def _orphans(folder: _Folder, problems: _Problems) -> None:
+def _orphans(folder: _Folder, problems: ProblemList) -> None:
     stems = {os.path.splitext(i.name)[0] for i in folder.images}
     for (stem, _ext), caption in sorted(folder.captions.items()):
         if stem not in stems:
@@ -282,7 +229,7 @@ def _orphans(folder: _Folder, problems: _Problems) -> None:
 
 
 def _kohya_candidates(root: Path, entries: list[os.DirEntry[str]], caption_exts: Sequence[str],
-                      visited: set[tuple[int, int]], problems: _Problems,
+                      visited: set[tuple[int, int]], problems: ProblemList,
                       concepts: dict[str, int]) -> list[_Candidate]:
     out: list[_Candidate] = []
     kohya_names = [e.name for e in entries if _is_dir(e) and _KOHYA_FOLDER.match(e.name)]
@@ -315,86 +262,6 @@ def _kohya_candidates(root: Path, entries: list[os.DirEntry[str]], caption_exts:
     return out
 
 
-def _caption_value(value: object) -> tuple[str, ...] | None:
-    if isinstance(value, str):
-        return tuple(line.strip() for line in value.splitlines() if line.strip())
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return tuple(v.strip() for v in value if v.strip())
-    return None
-
-
-def _text_column(columns: Sequence[str], row: dict[str, object] | None = None) -> str | None:
-    for name in ("text", "caption"):
-        if name in columns:
-            return name
-    others = [c for c in columns if c != "file_name"]
-    if row is not None:
-        others = [c for c in others if isinstance(row.get(c), str)]
-    return others[0] if others else None
-
-
-def read_metadata(root: Path, problems: _Problems) -> dict[str, tuple[str, tuple[str, ...]]]:
-    """Hugging Face imagefolder captions: _path_key(image) -> (file_name as written, caption lines)."""
-    jsonl, table = root / "metadata.jsonl", root / "metadata.csv"
-    source = jsonl if jsonl.exists() else table
-    if source is jsonl and table.exists():
-        problems.add("metadata_error", table, "metadata.csv is ignored: metadata.jsonl is used.",
-                     "Keep only one metadata file.")
-    try:
-        text = source.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        problems.add("undecodable_caption", source, f"{source.name} is not UTF-8 text (byte {exc.start}); "
-                     "its captions are not used.", "Re-save the metadata file as UTF-8.")
-        return {}
-    except OSError as exc:
-        problems.add("metadata_error", source, f"{source.name} cannot be read ({exc.strerror or exc}).",
-                     "Check that you have permission to read it.")
-        return {}
-
-    rows: list[tuple[int, dict[str, object]]] = []
-    column: str | None = None
-    if source is jsonl:
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                row = exc.msg
-            if not isinstance(row, dict):
-                problems.add("metadata_error", source, f"{source.name} line {number} is not a JSON object "
-                             f"({row if isinstance(row, str) else type(row).__name__}); it is skipped.",
-                             'Write one object per line, like {"file_name": "a.png", "text": "a cat"}.')
-                continue
-            rows.append((number, row))
-    else:
-        reader = csv.DictReader(io.StringIO(text))
-        rows = [(number, dict(row)) for number, row in enumerate(reader, 2)]
-        if "file_name" not in (reader.fieldnames or []):
-            problems.add("metadata_error", source, f"{source.name} has no file_name column; its captions "
-                         "are not used.", "Add a header line like: file_name,text")
-            return {}
-        column = _text_column(reader.fieldnames or [])
-
-    captions: dict[str, tuple[str, tuple[str, ...]]] = {}
-    for number, row in rows:
-        name = row.get("file_name")
-        key = column if source is table else _text_column(list(row), row)
-        value = _caption_value(row.get(key)) if key else None
-        if not isinstance(name, str) or not name or value is None:
-            problems.add("metadata_error", source, f"{source.name} line {number} has no file_name and "
-                         "caption text; it is skipped.", "Give every row a file_name and a text value.")
-            continue
-        captions[_path_key(root / name)] = (name, value)
-    return captions
-
-
-def _templated(captions: tuple[str, ...], template: str | None) -> tuple[str, ...]:
-    if not template:
-        return captions
-    return tuple(template.replace("{caption}", c) for c in captions)
-
-
 def scan_dataset(
     root: Path | str,
     *,
@@ -417,7 +284,7 @@ def scan_dataset(
     root = Path(root).expanduser().absolute()
     caption_exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in caption_extensions)
     layout, entries = _detect_layout(root)
-    problems = _Problems(root)
+    problems = ProblemList(root)
     concepts: dict[str, int] = {}
     visited: set[tuple[int, int]] = set()
     metadata: dict[str, tuple[str, tuple[str, ...]]] = {}
@@ -432,7 +299,7 @@ def scan_dataset(
         for found in _walk(root, caption_exts, visited, problems):
             candidates += _candidates(found, caption_exts)
             _orphans(found, problems)
-    found_keys = {_path_key(c.path) for c in candidates}
+    found_keys = {path_key(c.path) for c in candidates}
     for key in sorted(set(metadata) - found_keys):
         name = metadata[key][0]
         problems.add("metadata_error", root / name, f"metadata lists {name}, but there is no such image.",
@@ -441,7 +308,7 @@ def scan_dataset(
     candidates.sort(key=lambda c: c.path)
     inspected = _inspect_all(candidates, decode or find_duplicates, find_duplicates, progress)
     records: list[ImageRecord] = []
-    fingerprints: list[_Fingerprint] = []
+    fingerprints: list[Fingerprint] = []
     for cand, result in zip(candidates, inspected, strict=True):
         if result.problem is not None or result.info is None:
             exc = result.problem
@@ -452,10 +319,10 @@ def scan_dataset(
         _size_problems(record, resolution, problems)
         records.append(record)
         if find_duplicates:
-            fingerprints.append(_Fingerprint(cand.path, result.sha256, result.dhash, result.thumbnail))
+            fingerprints.append(Fingerprint(cand.path, result.sha256, result.dhash, result.thumbnail))
     if find_duplicates:
-        _duplicate_problems(fingerprints, problems)
-    problems.sort(key=lambda p: (_KIND_ORDER[p.kind], p.path))
+        duplicate_problems(fingerprints, problems)
+    problems.sort(key=lambda p: (KIND_ORDER[p.kind], p.path))
     return ScanResult(root, layout, records, list(problems), concepts)
 
 
@@ -475,12 +342,12 @@ def _inspect_all(candidates: list[_Candidate], decode: bool, fingerprint: bool,
 
 
 def _record(cand: _Candidate, result: _Inspected, metadata: dict[str, tuple[str, tuple[str, ...]]],
-            instance_prompt: str | None, template: str | None, problems: _Problems) -> ImageRecord:
+            instance_prompt: str | None, template: str | None, problems: ProblemList) -> ImageRecord:
     assert result.info is not None
     rel = problems.rel(cand.path)
     own: tuple[str, ...] = ()
     source = "none"
-    key = _path_key(cand.path)
+    key = path_key(cand.path)
     if key in metadata:
         own, source = metadata[key][1], "metadata"
     elif cand.caption_file is not None:
@@ -491,7 +358,7 @@ def _record(cand: _Candidate, result: _Inspected, metadata: dict[str, tuple[str,
                          "Re-save the caption file as UTF-8 (any text editor's 'Save as... UTF-8').")
         else:
             own, source = result.caption_lines, "sidecar"
-    captions = _templated(own, template)
+    captions = apply_template(own, template)
     if not own:
         if source == "sidecar" or source == "metadata":
             why = "an empty caption"
@@ -500,7 +367,7 @@ def _record(cand: _Candidate, result: _Inspected, metadata: dict[str, tuple[str,
         else:
             why = "no caption file"
         if cand.fallback:
-            captions, source, used = _templated((cand.fallback,), template), "folder", "its folder's name"
+            captions, source, used = apply_template((cand.fallback,), template), "folder", "its folder's name"
         elif instance_prompt:
             captions, source, used = (instance_prompt,), "instance_prompt", "the instance prompt"
         else:
@@ -513,7 +380,7 @@ def _record(cand: _Candidate, result: _Inspected, metadata: dict[str, tuple[str,
                        result.info.height, source)
 
 
-def _size_problems(record: ImageRecord, resolution: int, problems: _Problems) -> None:
+def _size_problems(record: ImageRecord, resolution: int, problems: ProblemList) -> None:
     rel = problems.rel(record.path)
     short, long = sorted((record.width, record.height))
     if resolution > 0 and short < resolution / 2:
@@ -528,70 +395,3 @@ def _size_problems(record: ImageRecord, resolution: int, problems: _Problems) ->
                      "Crop it to the part that matters, or remove it.")
 
 
-def _popcount(x: np.ndarray) -> np.ndarray:
-    if hasattr(np, "bitwise_count"):  # numpy >= 2
-        return np.bitwise_count(x)
-    table = np.array([i.bit_count() for i in range(256)], dtype=np.uint8)
-    return table[x.view(np.uint8).reshape(*x.shape, 8)].sum(axis=-1)
-
-
-@dataclass
-class _Fingerprint:
-    path: Path
-    sha256: str
-    dhash: int
-    thumbnail: np.ndarray | None
-
-
-def _duplicate_problems(prints: list[_Fingerprint], problems: _Problems) -> None:
-    """Flag the 2nd+ copy of identical files, then images whose pixels are nearly the same."""
-    first_by_sha: dict[str, Path] = {}
-    exact: set[int] = set()
-    for j, fp in enumerate(prints):
-        first = first_by_sha.setdefault(fp.sha256, fp.path)
-        if first != fp.path:
-            exact.add(j)
-            problems.add("duplicate", fp.path,
-                         f"{problems.rel(fp.path)} is an exact copy of {problems.rel(first)}; that image is "
-                         "trained on twice as often.",
-                         "Delete one of the copies (or keep both if that weighting is intended).")
-    if len(prints) < 2:
-        return
-    hashes = np.array([fp.dhash for fp in prints], dtype=np.uint64)
-    thumbs = np.stack([fp.thumbnail if fp.thumbnail is not None else np.zeros(256, np.float32)
-                       for fp in prints])
-    groups = np.unique([fp.sha256 for fp in prints], return_inverse=True)[1]
-    index = np.arange(len(prints))
-    for start in range(0, len(prints), 256):
-        rows = slice(start, start + 256)
-        close = _popcount(hashes[rows, None] ^ hashes[None, :]) <= NEAR_DUPLICATE_BITS
-        close &= index[None, :] < index[rows, None]  # name the earlier image of a pair
-        close &= groups[None, :] != groups[rows, None]  # exact copies are reported above
-        close &= thumbs[rows] @ thumbs.T >= NEAR_DUPLICATE_CORRELATION
-        for offset in np.flatnonzero(close.any(axis=1)):
-            j = start + int(offset)
-            if j in exact:
-                continue
-            path, first = prints[j].path, prints[int(np.argmax(close[offset]))].path
-            problems.add("near_duplicate", path,
-                         f"{problems.rel(path)} looks almost the same as {problems.rel(first)}.",
-                         "Look at the two; delete one if it is a re-saved or slightly edited copy.")
-
-
-def choose_caption(captions: Sequence[str], rng: random.Random) -> str:
-    """One of an image's alternative captions, picked at random ("" when it has none)."""
-    return captions[rng.randrange(len(captions))] if captions else ""
-
-
-def process_caption(caption: str, rng: random.Random, *, shuffle_tags: bool, keep_tokens: int,
-                    dropout: float) -> str:
-    """Caption dropout, then keep the first ``keep_tokens`` comma-separated tags and shuffle the rest."""
-    if dropout > 0 and rng.random() < dropout:
-        return ""
-    if not shuffle_tags:
-        return caption
-    tags = [t.strip() for t in caption.split(",") if t.strip()]
-    keep = max(0, keep_tokens)
-    rest = tags[keep:]
-    rng.shuffle(rest)
-    return ", ".join(tags[:keep] + rest)

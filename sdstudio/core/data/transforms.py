@@ -1,4 +1,8 @@
-"""Per-image preparation: resize, crop, augment, normalise. Deterministic for a given random.Random."""
+"""Per-image preparation: resize to cover a target size, crop, augment, normalise.
+
+Deterministic for a given random.Random. Every prepared image says where it came from (original size and
+crop position), which SDXL's size conditioning needs.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,10 @@ import numpy as np
 from PIL import Image, ImageEnhance
 
 from ..config import DataConfig
+
+# Pillow's resize first box-reduces by whole factors while the image is > this many times the target:
+# several times faster on large photos, visually the same as a full Lanczos resize.
+REDUCING_GAP = 3.0
 
 
 @dataclass(frozen=True)
@@ -48,39 +56,89 @@ class AugmentSettings:
         return out
 
 
-def resize_shorter(img: Image.Image, side: int) -> Image.Image:
-    """Resize so the shorter side is ``side`` (Lanczos when shrinking, bicubic when enlarging)."""
-    w, h = img.size
-    scale = side / min(w, h)
-    if abs(scale - 1.0) < 1e-9:
-        return img
-    size = (max(side, round(w * scale)), max(side, round(h * scale)))
-    return img.resize(size, Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC)
+@dataclass(frozen=True)
+class Prepared:
+    """A training-ready image and where it came from; sizes and positions are (height, width) / (y, x)."""
+
+    array: np.ndarray  # HxWx3 uint8
+    original_size: tuple[int, int]  # the image as loaded (EXIF-rotated)
+    crop_top_left: tuple[int, int]  # the crop's corner in the resized image (mirrored when flipped)
+    flipped: bool = False
+
+    @property
+    def target_size(self) -> tuple[int, int]:
+        return self.array.shape[0], self.array.shape[1]
 
 
-def prepare_image(img: Image.Image, aug: AugmentSettings, rng: random.Random | None) -> np.ndarray:
-    """Resized, cropped, augmented HxWx3 uint8. ``rng=None`` = no randomness (validation, cache)."""
-    res = aug.resolution
-    if rng is not None and aug.random_scale:
-        # crop a random sub-square (1 - s .. 1 of the shorter side), then resize to the resolution
-        w, h = img.size
-        frac = 1.0 - rng.uniform(0.0, aug.random_scale)
-        side = max(1, int(min(w, h) * frac))
-        x0, y0 = rng.randint(0, w - side), rng.randint(0, h - side)
-        img = img.crop((x0, y0, x0 + side, y0 + side))
-    img = resize_shorter(img, res)
+def cover_size(width: int, height: int, target_w: int, target_h: int, zoom: float = 1.0) -> tuple[int, int]:
+    """The size an image is resized to so that it covers ``target`` (times ``zoom``), aspect kept."""
+    scale = max(target_w / width, target_h / height) * zoom
+    return max(target_w, round(width * scale)), max(target_h, round(height * scale))
+
+
+def center_crop_position(width: int, height: int, target_w: int, target_h: int) -> tuple[int, int]:
+    """(y, x) of the centre crop of an image of this size at ``target`` (in the resized image)."""
+    rw, rh = cover_size(width, height, target_w, target_h)
+    return (rh - target_h) // 2, (rw - target_w) // 2
+
+
+def fit_to_size(img: Image.Image, width: int, height: int, *, crop: tuple[int, int] | None = None,
+                rng: random.Random | None = None, zoom: float = 1.0,
+                original: tuple[int, int] | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """Resize to cover width x height (times ``zoom``) and crop to exactly that; returns (image, (y, x)).
+
+    ``crop``: the corner to use; else a random one from ``rng``; else the centre. The resize only reads the
+    cropped region of the source (Pillow's ``box``), so a wide image is not resized in full to be cut.
+    ``original``: (width, height) the layout is computed from when ``img`` was decoded at a reduced scale
+    (JPEG draft), so positions do not depend on how it was decoded.
+    """
     w, h = img.size
-    if rng is not None and not aug.center_crop:
-        x0, y0 = rng.randint(0, w - res), rng.randint(0, h - res)
+    rw, rh = cover_size(*(original or (w, h)), width, height, zoom)
+    if crop is not None:
+        y, x = min(max(0, crop[0]), rh - height), min(max(0, crop[1]), rw - width)
+    elif rng is not None:
+        y, x = rng.randint(0, rh - height), rng.randint(0, rw - width)
     else:
-        x0, y0 = (w - res) // 2, (h - res) // 2
-    img = img.crop((x0, y0, x0 + res, y0 + res))
+        y, x = (rh - height) // 2, (rw - width) // 2
+    sx, sy = w / rw, h / rh
+    box = (x * sx, y * sy, (x + width) * sx, (y + height) * sy)
+    if (rw, rh) == (w, h):
+        return img.crop((x, y, x + width, y + height)), (y, x)
+    shrinking = rw < w
+    resample = Image.Resampling.LANCZOS if shrinking else Image.Resampling.BICUBIC
+    out = img.resize((width, height), resample, box=box, reducing_gap=REDUCING_GAP if shrinking else None)
+    return out, (y, x)
+
+
+def prepare(img: Image.Image, aug: AugmentSettings, rng: random.Random | None,
+            size: tuple[int, int] | None = None, *, flip: bool | None = None,
+            original: tuple[int, int] | None = None) -> Prepared:
+    """Resized, cropped, augmented image at ``size`` = (width, height) (default: the square resolution).
+
+    ``rng=None``: no randomness (validation, caches): centre crop, no augmentation; ``flip`` then forces the
+    horizontal flip on or off (a cache's second variant). ``original``: the image's full (width, height)
+    when ``img`` was decoded at a reduced scale.
+    """
+    width, height = size or (aug.resolution, aug.resolution)
+    ow, oh = original or img.size
+    zoom = 1.0
+    if rng is not None and aug.random_scale:
+        # zoom in: the crop covers 1 - s .. 1 of the image's side
+        zoom = 1.0 / (1.0 - rng.uniform(0.0, aug.random_scale))
+    random_crop = rng if rng is not None and not aug.center_crop else None
+    img, (y, x) = fit_to_size(img, width, height, rng=random_crop, zoom=zoom, original=(ow, oh))
+    flipped = bool(flip)
     if rng is not None:
         img = augment(img, aug, rng)
-    return np.asarray(img, dtype=np.uint8)
+        flipped = bool(aug.flip_p) and rng.random() < aug.flip_p
+    if flipped:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        x = cover_size(ow, oh, width, height, zoom)[0] - x - width  # the corner in the mirrored image
+    return Prepared(np.asarray(img, dtype=np.uint8), (oh, ow), (y, x), flipped)
 
 
 def augment(img: Image.Image, aug: AugmentSettings, rng: random.Random) -> Image.Image:
+    """Rotation and colour jitter (the flip is applied by ``prepare``, which tracks the crop position)."""
     if aug.rotation_degrees:
         angle = rng.uniform(-aug.rotation_degrees, aug.rotation_degrees)
         img = img.rotate(angle, resample=Image.Resampling.BICUBIC, fillcolor=img.getpixel((0, 0)))
@@ -94,8 +152,6 @@ def augment(img: Image.Image, aug: AugmentSettings, rng: random.Random) -> Image
         hsv = np.asarray(img.convert("HSV"), dtype=np.uint8).copy()
         hsv[..., 0] = (hsv[..., 0].astype(np.int16) + shift) % 256
         img = Image.fromarray(hsv, "HSV").convert("RGB")
-    if aug.flip_p and rng.random() < aug.flip_p:
-        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return img
 
 

@@ -31,13 +31,38 @@ class ModelBundle:
     frozen: dict[str, nn.Module] = field(default_factory=dict)
 
     def encode_captions(self, captions: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        """Conditioning for prompts (sampling)."""
         raise NotImplementedError
+
+    def encode_batch(self, batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+        """Conditioning for a training batch (SDXL also reads each image's size and crop from it)."""
+        return self.encode_captions(batch["captions"], device)
 
     def to_model_space(self, pixels: torch.Tensor) -> torch.Tensor:
         return pixels
 
     def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
         return x
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint stores: ``<module>.<key>`` for every saved module."""
+        out: dict[str, torch.Tensor] = {}
+        for name, module in self.save_modules.items():
+            for key, tensor in module.state_dict().items():
+                out[f"{name}.{key}"] = tensor.detach().to("cpu").contiguous()
+        return out
+
+    def load_trainable_state(self, weights: dict[str, torch.Tensor], source: Path) -> None:
+        from ..errors import CheckpointError
+
+        for name, module in self.save_modules.items():
+            prefix = f"{name}."
+            sub = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+            try:
+                module.load_state_dict(sub, strict=True)
+            except RuntimeError as exc:
+                raise CheckpointError(f"{source}: weights do not fit this model's {name} "
+                                      f"({str(exc).splitlines()[0]}); was the model configuration changed?") from None
 
     def save_extra(self, folder: Path) -> None:
         """Write files a checkpoint needs besides the weights (tokenizer, configs)."""

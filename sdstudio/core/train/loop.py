@@ -129,6 +129,8 @@ def _emergency_save(session: TrainingSession | None) -> Path | None:
 
 def _run(s: TrainingSession, control: TrainingControl) -> Iterator[ev.Event]:
     cfg = s.config
+    for warning in s.init_warnings:
+        yield ev.Warning(warning)
     yield ev.Status("scanning", f"scanning {s.data_root}")
     for warning in s.prepare_data():
         yield ev.Warning(warning)

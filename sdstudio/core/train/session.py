@@ -55,7 +55,13 @@ class TrainingSession:
         device = pick_device(cfg.device)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=cfg.mixed_precision)
+        precision = cfg.mixed_precision
+        self.init_warnings: list[str] = []
+        if device.type == "cpu" and precision != "no":
+            # sd-training.md: fp32 throughout on a CPU (bf16 autocast there is slow and changes numerics)
+            self.init_warnings.append(f"train.mixed_precision = {precision!r} ignored on the CPU: training in fp32")
+            precision = "no"
+        self.accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=precision)
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
         self.world = self.accelerator.num_processes
@@ -77,7 +83,13 @@ class TrainingSession:
         warnings: list[str] = []
         self.data: PreparedData = prepare_data(self.config, warnings.append)
         cfg = self.config
-        self.order = EpochOrder(self.data.train, cfg.train.batch_size * self.world, cfg.train.seed)
+        from ..data.buckets import plan_from_config
+        from ..data.verify import verify_prepared
+
+        verify_prepared(self.data, cfg, warnings.append)  # a truncated file: one warning, not a failed run
+        self.buckets = plan_from_config(self.data.train, cfg.data, cfg.train.batch_size * self.world)
+        self.order = EpochOrder(self.data.train, cfg.train.batch_size * self.world, cfg.train.seed,
+                                buckets=self.buckets.sizes if self.buckets else None)
         self.steps_per_epoch = self.order.batches_per_epoch // self.accum
         if self.steps_per_epoch < 1:
             raise DatasetError(f"train.gradient_accumulation: {self.accum} batches of {cfg.train.batch_size * self.world}"
@@ -93,6 +105,9 @@ class TrainingSession:
                                  pin_memory=self.device.type == "cuda", persistent_workers=workers > 0)
         if self.dataset.aug.describe():
             log.info("per-step augmentations: %s", ", ".join(self.dataset.aug.describe()))
+        if self.buckets:
+            log.info("aspect-ratio buckets (%d images per epoch left over):\n%s", self.order.images_dropped_per_epoch,
+                     "\n".join(self.buckets.describe(self.data.train)))
         return warnings
 
     def build(self) -> None:
@@ -106,14 +121,17 @@ class TrainingSession:
             tokenizer_file = candidate if candidate.is_file() else None
         captions = sorted({c for r in self.data.train for c in r.captions}) + list(cfg.sample.prompts)
         captions += [cfg.data.instance_prompt, cfg.sample.negative_prompt]
-        self.bundle = build_model(cfg, captions, tokenizer_file=tokenizer_file)
+        self.bundle = build_model(cfg, captions, tokenizer_file=tokenizer_file, device=self.device)
         if cfg.train.gradient_checkpointing:
             for module in self.bundle.save_modules.values():
                 for fn in ("enable_gradient_checkpointing", "gradient_checkpointing_enable"):
                     if hasattr(module, fn):
                         getattr(module, fn)()
                         break
-        self.sched = training_scheduler(cfg.diffusion, pixel_space=self.bundle.family == "pixel")
+        diffusion = cfg.diffusion
+        if self.bundle.family != "pixel":  # the base model decides what it predicts (override: model.prediction_type)
+            diffusion = diffusion.model_copy(update={"prediction_type": self.bundle.prediction_type})
+        self.sched = training_scheduler(diffusion, pixel_space=self.bundle.family == "pixel")
         self.sched.alphas_cumprod = self.sched.alphas_cumprod.to(self.device)
         self.trainable_params = [p for p in self.bundle.trainable.parameters() if p.requires_grad]
         self.param_names = [n for n, p in self.bundle.trainable.named_parameters() if p.requires_grad]
@@ -199,7 +217,7 @@ class TrainingSession:
     def compute_loss(self, batch: dict[str, Any], micro: int) -> torch.Tensor:
         pixels = batch["pixels"].to(self.device, non_blocking=True)
         clean = self.bundle.to_model_space(pixels)
-        cond = self.bundle.encode_captions(batch["captions"], self.device)
+        cond = self.bundle.encode_batch(batch, self.device)
         gen = self._noise_generator(micro)
         tmin, tmax = self.config.resolved_timestep_range()
         t = torch.randint(tmin, tmax, (clean.shape[0],), generator=gen, device=self.device)
@@ -275,7 +293,7 @@ class TrainingSession:
                 items = [self.val_dataset[i] for i in range(start, min(start + bs, len(self.val_dataset)))]
                 batch = collate(items)
                 clean = self.bundle.to_model_space(batch["pixels"].to(self.device))
-                cond = self.bundle.encode_captions(batch["captions"], self.device)
+                cond = self.bundle.encode_batch(batch, self.device)
                 for k, tk in enumerate(ts):
                     gen = torch.Generator().manual_seed(self.config.data.val_seed * 7919 + start * 101 + k)
                     noise = torch.randn(clean.shape, generator=gen).to(self.device, clean.dtype)
@@ -294,7 +312,7 @@ class TrainingSession:
     def sample_images(self, prompts: list[str], seeds: list[int]) -> np.ndarray:
         cfg = self.config.sample
         model = self.accelerator.unwrap_model(self.model)
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.config.train.mixed_precision)
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision)
         with preserved_rng_state():
             if self.ema is not None:
                 self.ema.store(self.trainable_params)

@@ -63,10 +63,14 @@ def prepare_data(config: RunConfig, warn: Callable[[str], None]) -> PreparedData
     return PreparedData(scan, train, val)
 
 
-def build_model(config: RunConfig, captions: list[str], tokenizer_file: Path | None = None) -> ModelBundle:
+def build_model(config: RunConfig, captions: list[str], tokenizer_file: Path | None = None,
+                device: torch.device | None = None) -> ModelBundle:
+    """The model registry: one builder per family (SD3/Flux would plug in here)."""
     family = config.model.family
     if family == "pixel":
         from ..models.pixel import build_pixel_model
         return build_pixel_model(config, captions, tokenizer_file=tokenizer_file)
-    raise UserError(f"model.family = {family!r}: fine-tuning Stable Diffusion is not available in this build yet; "
-                    "use model.family = 'pixel'")
+    if family in ("sd1", "sd2", "sdxl"):
+        from ..models.sd import build_sd_model
+        return build_sd_model(config, device or torch.device("cpu"))
+    raise UserError(f"model.family = {family!r} is not known; use pixel, sd1, sd2 or sdxl")

@@ -22,22 +22,11 @@ CONFIG = "config.toml"
 
 
 def model_state(bundle: ModelBundle) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for name, module in bundle.save_modules.items():
-        for key, tensor in module.state_dict().items():
-            out[f"{name}.{key}"] = tensor.detach().to("cpu").contiguous()
-    return out
+    return bundle.trainable_state()
 
 
 def load_model_state(bundle: ModelBundle, weights: dict[str, torch.Tensor], source: Path) -> None:
-    for name, module in bundle.save_modules.items():
-        prefix = f"{name}."
-        sub = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
-        try:
-            module.load_state_dict(sub, strict=True)
-        except RuntimeError as exc:
-            raise CheckpointError(f"{source}: weights do not fit this model's {name} ({str(exc).splitlines()[0]}); "
-                                  "was the model configuration changed?") from None
+    bundle.load_trainable_state(weights, source)
 
 
 def rng_state() -> dict[str, Any]:
