@@ -15,8 +15,8 @@ from sdstudio.core.inference import load_trained
 
 # Chance is 1/4 for colour, 1/3 for shape, 1/12 for both.
 MIN_COLOUR = 0.75
-MIN_SHAPE = 0.6
-MIN_BOTH = 0.5
+MIN_SHAPE = 0.5
+MIN_BOTH = 0.4
 
 
 @pytest.mark.slow

@@ -145,3 +145,18 @@ def test_sd15_lora_preset_from_the_cli(tiny_sd1: Path, four_images: Path, tmp_pa
     assert main(["sample", "--run", str(run), "--prompt", "a red circle", "--n", "1", "--steps", "2",
                  "--out", str(out)]) == 0
     assert (out / "grid.png").is_file()
+
+
+def test_latent_cache_gives_the_same_loss_and_is_reused(tiny_sd1: Path, four_images: Path, tmp_path: Path) -> None:
+    plain = sd_config("sd15-lora", tiny_sd1, four_images, **{"train.max_steps": 2})
+    cached = plain.with_overrides({"data.cache_latents": True})
+    without = losses(plain, tmp_path / "plain")
+    events = list(train(cached, run_dir=tmp_path / "cached"))
+    assert isinstance(events[-1], ev.Finished), events[-1]
+    progress = [e for e in events if isinstance(e, ev.Progress) and e.what == "caching latents"]
+    assert progress and progress[-1].done == progress[-1].total == 4
+    with_cache = [e.loss for e in events if isinstance(e, ev.StepMetrics)]
+    assert with_cache == pytest.approx(without, rel=1e-4, abs=1e-5)
+    again = list(train(cached, run_dir=tmp_path / "cached-again"))
+    assert not [e for e in again if isinstance(e, ev.Progress)], "a second run reuses every cached latent"
+    assert [e.loss for e in again if isinstance(e, ev.StepMetrics)] == pytest.approx(with_cache, rel=1e-5)

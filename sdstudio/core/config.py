@@ -57,6 +57,11 @@ class DataConfig(Section):
                              "pixels (8 is used below 128 px).")
     min_bucket_side: int = Field(0, ge=0, le=8192, description="Shortest bucket side (0 = half the resolution).")
     max_bucket_side: int = Field(0, ge=0, le=8192, description="Longest bucket side (0 = twice the resolution).")
+    cache_latents: bool = Field(False, description="Latent models: encode every image once with the VAE into a "
+                                "disk cache (reused across runs, rebuilt when anything changes); random crop, "
+                                "rotation and colour jitter then do not apply.")
+    cache_flip_variants: bool = Field(False, description="With the latent cache: also cache each image flipped, "
+                                      "so data.flip_p still applies.")
     verify_images: bool = Field(True, description="Decode every image once before training and skip broken "
                                 "files with a warning (remembered, so later runs only check new files).")
     cache_in_memory: bool = Field(True, description="Keep decoded, resized images in memory "

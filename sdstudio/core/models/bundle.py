@@ -38,6 +38,10 @@ class ModelBundle:
         """Conditioning for a training batch (SDXL also reads each image's size and crop from it)."""
         return self.encode_captions(batch["captions"], device)
 
+    def encoder_identity(self) -> str:
+        """Names the pixel -> model-space encoder (the latent cache's namespace)."""
+        return f"{self.family}-identity"
+
     def to_model_space(self, pixels: torch.Tensor) -> torch.Tensor:
         return pixels
 

@@ -71,6 +71,21 @@ class SDBundle(ModelBundle):
         return self.encode_captions(batch["captions"], device, sizes)
 
     # -- latents ----------------------------------------------------------------------------------------
+    def encoder_identity(self) -> str:
+        """The VAE: its source files (path, size, mtime), its config and dtype."""
+        import hashlib
+
+        vae = self.components.vae
+        parts = [self.architecture.get("base", ""), self.architecture.get("vae", ""), str(vae.dtype),
+                 json.dumps(dict(vae.config), sort_keys=True, default=str)]
+        for source in (self.architecture.get("base", ""), self.architecture.get("vae", "")):
+            if source:
+                path = Path(source)
+                files = sorted(path.rglob("*.safetensors")) if path.is_dir() else [path]
+                parts += [f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.exists()]
+        digest = hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+        return f"vae-{self.family}-{digest}"
+
     @torch.no_grad()
     def to_model_space(self, pixels: torch.Tensor) -> torch.Tensor:
         vae = self.components.vae
@@ -163,7 +178,8 @@ def build_sd_model(config: RunConfig, device: torch.device) -> SDBundle:
         unet.requires_grad_(True)
         unet.to(device, dtype=torch.float32)
     unet.train()
-    arch = {"family": comps.family, "base": str(m.path), "lora": config.lora.model_dump() if lora else None,
+    arch = {"family": comps.family, "base": str(Path(m.path).expanduser().resolve()),
+            "vae": str(Path(m.vae_path).expanduser().resolve()) if m.vae_path else "", "lora": config.lora.model_dump() if lora else None,
             "prediction_type": comps.prediction_type}
     bundle = SDBundle(family=comps.family, trainable=SDDenoiser(unet), save_modules={"unet": unet},
                       prediction_type=comps.prediction_type, in_channels=int(unet.config.in_channels),

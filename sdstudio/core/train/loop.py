@@ -136,6 +136,12 @@ def _run(s: TrainingSession, control: TrainingControl) -> Iterator[ev.Event]:
         yield ev.Warning(warning)
     yield ev.Status("building", f"building the {cfg.model.family} model")
     s.build()
+    if cfg.data.cache_latents and cfg.model.family != "pixel":
+        yield ev.Status("caching", "caching latents")
+        for done, total in s.cache_latents():
+            yield ev.Progress(done, total, "caching latents")
+        for warning in s.cache_warnings:
+            yield ev.Warning(warning)
     if s.resume:
         yield ev.Status("loading", "loading the newest valid checkpoint")
         for warning in s.load_latest():

@@ -77,6 +77,8 @@ class TrainingSession:
         self._checkpoint: CheckpointInfo | None = None
         self.ema: EMAModel | None = None
         self._pending_warnings: list[str] = []
+        self.cache_warnings: list[str] = []
+        self.feature_cache: Any = None
 
     # -- building ---------------------------------------------------------------------------------------
     def prepare_data(self) -> list[str]:
@@ -147,6 +149,40 @@ class TrainingSession:
         self.sample_prompts = list(cfg.sample.prompts) or self._default_prompts()
         self.ready = True
 
+    def cache_latents(self) -> Iterator[tuple[int, int]]:
+        """Latent models with ``data.cache_latents``: encode missing entries (yields progress), then train
+        from the cache. Entries are keyed by file content, VAE identity, size, crop and flip."""
+        from ..data.cache import FeatureCache, augmentations_with_cache, image_items
+        from ..data.cached import CachedLatentDataset, collate_cached
+
+        cfg = self.config.data
+        if self.bundle.family == "pixel" or not cfg.cache_latents:
+            return
+        applies, warnings = augmentations_with_cache(cfg, latents=True, flip_variants=cfg.cache_flip_variants)
+        self.cache_warnings = warnings
+        self.feature_cache = FeatureCache(self.bundle.encoder_identity())
+        sizes = self.buckets.sizes if self.buckets else None
+        items = image_items(self.data.train, sizes, cfg.resolution, flip_variants=cfg.cache_flip_variants,
+                            background=tuple(cfg.background))  # type: ignore[arg-type]
+        todo = [i for i in items if i not in self.feature_cache]
+        if self.is_main and todo:
+            progress: list[tuple[int, int]] = []
+            stats = self.feature_cache.build(items, self._encode_latents, batch_size=self.config.train.batch_size,
+                                             progress=lambda done, total: progress.append((done, total)))
+            yield from progress
+            log.info("latent cache: %s", stats)
+        self.accelerator.wait_for_everyone()
+        if applies:
+            log.info("per-step augmentations with the latent cache: %s", ", ".join(applies))
+        self.dataset = CachedLatentDataset(self.dataset, self.feature_cache, items)
+        workers = cfg.num_workers
+        self.loader = DataLoader(self.dataset, batch_sampler=self.keys, collate_fn=collate_cached,
+                                 num_workers=workers, pin_memory=self.device.type == "cuda",
+                                 persistent_workers=workers > 0)
+
+    def _encode_latents(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"latents": self.bundle.to_model_space(pixels.to(self.device)).to("cpu")}
+
     def _groups(self) -> list[dict[str, Any]]:
         cfg = self.config.train
         te_lr = cfg.text_encoder_lr or cfg.learning_rate
@@ -215,8 +251,12 @@ class TrainingSession:
         return gen
 
     def compute_loss(self, batch: dict[str, Any], micro: int) -> torch.Tensor:
-        pixels = batch["pixels"].to(self.device, non_blocking=True)
-        clean = self.bundle.to_model_space(pixels)
+        if "features" in batch:
+            from ..data.cached import resolve_features
+
+            clean = resolve_features(batch, self._encode_latents, self.feature_cache)["latents"].to(self.device)
+        else:
+            clean = self.bundle.to_model_space(batch["pixels"].to(self.device, non_blocking=True))
         cond = self.bundle.encode_batch(batch, self.device)
         gen = self._noise_generator(micro)
         tmin, tmax = self.config.resolved_timestep_range()
