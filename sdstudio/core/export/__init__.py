@@ -1,0 +1,1 @@
+"""Exports: LoRA files (kohya, diffusers), single-file checkpoints (LDM layout), diffusers folders."""

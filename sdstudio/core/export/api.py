@@ -1,0 +1,31 @@
+"""One entry point for every export format (the CLI, the app and the run's auto-export call it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from .source import load_export_source
+
+
+def export(source_path: Path, fmt: str, out: Path, *, dtype: torch.dtype = torch.float16, use_ema: bool = False,
+           force: bool = False) -> Path:
+    source = load_export_source(source_path, use_ema=use_ema)
+    if fmt in ("kohya", "diffusers"):
+        if source.family == "pixel":
+            raise UserError(f"{source.checkpoint}: a from-scratch (pixel) model has no LoRA; export it as "
+                            "diffusers-folder")
+        from .lora import export_diffusers_lora, export_kohya_lora
+
+        writer = export_kohya_lora if fmt == "kohya" else export_diffusers_lora
+        return writer(source, out, dtype=dtype, force=force)
+    if fmt == "single-file":
+        try:
+            from .single_file_export import export_single_file
+        except ImportError:
+            raise UserError("single-file export is not available in this build yet; use kohya or diffusers "
+                            "for LoRAs") from None
+        return export_single_file(source, out, dtype=dtype, force=force)
+    raise UserError(f"--format {fmt}: not available in this build yet; use kohya or diffusers for LoRA runs")

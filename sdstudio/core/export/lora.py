@@ -1,0 +1,104 @@
+"""LoRA exports: the kohya format (A1111, Forge, ComfyUI) and the diffusers/PEFT format
+(`load_lora_weights`), both carrying the trained alpha so the strength is right everywhere."""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from ..errors import UserError
+from .metadata import cast, training_metadata, write_safetensors
+from .source import ExportSource, lora_peft_state
+
+_PEFT_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
+
+
+def _sdxl_module_name(module: str, layers_per_block: int) -> str:
+    """diffusers UNet module path -> original (LDM) block path, for SDXL's kohya names.
+
+    Each level holds ``layers_per_block`` resnet/attention pairs plus a down-sampler, so diffusers'
+    ``down_blocks.i.{resnets,attentions}.j`` is ``input_blocks.(n*i + j + 1).{0,1}`` with n = layers + 1;
+    the up path has one pair more per level. Names inside a transformer block are the same in both.
+    """
+    n = layers_per_block + 1
+    parts = module.split(".")
+    head = parts[0]
+    if head == "down_blocks" and parts[2] in ("resnets", "attentions"):
+        i, j = int(parts[1]), int(parts[3])
+        return ".".join(["input_blocks", str(n * i + j + 1), "0" if parts[2] == "resnets" else "1", *parts[4:]])
+    if head == "up_blocks" and parts[2] in ("resnets", "attentions"):
+        i, j = int(parts[1]), int(parts[3])
+        return ".".join(["output_blocks", str(n * i + j), "0" if parts[2] == "resnets" else "1", *parts[4:]])
+    if head == "mid_block" and parts[1] == "attentions":
+        return ".".join(["middle_block", "1", *parts[3:]])
+    if head == "mid_block" and parts[1] == "resnets":
+        return ".".join(["middle_block", str(2 * int(parts[2])), *parts[3:]])
+    raise UserError(f"kohya export: no original-layout name for the SDXL module {module!r}")
+
+
+def kohya_state(source: ExportSource, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """kohya keys: lora_unet_<module path with _>.lora_down/.lora_up.weight and .alpha (the real alpha)."""
+    lora = source.lora
+    assert lora is not None
+    peft = lora_peft_state(source)
+    layers = int(source.architecture.get("layers_per_block", 2))
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in peft.items():
+        m = _PEFT_KEY.match(key)
+        if m is None:
+            raise UserError(f"kohya export: unexpected LoRA tensor {key!r} in {source.checkpoint}")
+        module = m["module"]
+        if source.family == "sdxl":
+            if ".resnets." in module or module.startswith(("conv_", "time_", "add_")) or ".upsamplers." in module \
+                    or ".downsamplers." in module:
+                raise UserError("kohya export of an SDXL LoRA trained on convolution layers (lora.targets = 'all') "
+                                "is not supported yet; export it in the diffusers format")
+            module = _sdxl_module_name(module, layers)
+        name = "lora_unet_" + module.replace(".", "_")
+        out[f"{name}.lora_{'down' if m['ab'] == 'A' else 'up'}.weight"] = tensor
+        out[f"{name}.alpha"] = torch.tensor(float(lora["alpha"]))
+    return cast(out, dtype)
+
+
+def export_kohya_lora(source: ExportSource, path: Path, *, dtype: torch.dtype = torch.float16,
+                      force: bool = False) -> Path:
+    tensors = kohya_state(source, dtype)
+    meta = training_metadata(source, title=path.stem, lora=True)
+    return write_safetensors(tensors, path, meta, force=force)
+
+
+def adapter_config(lora: dict[str, Any]) -> dict[str, Any]:
+    """The peft LoraConfig of the run, as diffusers stores it so `load_lora_weights` restores alpha."""
+    from peft import LoraConfig
+
+    from ..models.sd import LORA_TARGETS
+
+    cfg = LoraConfig(r=int(lora["rank"]), lora_alpha=float(lora["alpha"]), lora_dropout=float(lora["dropout"]),
+                     target_modules=LORA_TARGETS[lora["targets"]], init_lora_weights="gaussian")
+    out = cfg.to_dict()
+    return {k: (sorted(v) if isinstance(v, set) else v) for k, v in out.items()}
+
+
+def export_diffusers_lora(source: ExportSource, path: Path, *, dtype: torch.dtype = torch.float16,
+                          force: bool = False) -> Path:
+    """`pytorch_lora_weights.safetensors` style, written by diffusers' own `save_lora_weights` (so its
+    loader reads it back as written), plus sdstudio's header metadata."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    lora = source.lora
+    assert lora is not None
+    peft = cast(lora_peft_state(source), dtype)
+    pipe_cls = StableDiffusionXLPipeline if source.family == "sdxl" else StableDiffusionPipeline
+    with tempfile.TemporaryDirectory(prefix="sdstudio-export-") as tmp:
+        pipe_cls.save_lora_weights(tmp, unet_lora_layers=peft, unet_lora_adapter_metadata=adapter_config(lora),
+                                   safe_serialization=True, weight_name="lora.safetensors")
+        with safe_open(str(Path(tmp) / "lora.safetensors"), framework="pt") as fh:
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+            written_meta = dict(fh.metadata() or {})
+    meta = {**training_metadata(source, title=path.stem, lora=True), **written_meta}
+    return write_safetensors(tensors, path, meta, force=force)

@@ -1,0 +1,92 @@
+"""What an export starts from: a run's checkpoint (weights, EMA, config, architecture, run facts)."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import RunConfig
+from ..errors import CheckpointError
+from ..inference import resolve_checkpoint
+from ..presets import load_config_file
+from ..runs import METRICS_FILE, read_metrics
+from ..train import state as ckpt_state
+
+
+@dataclass
+class ExportSource:
+    checkpoint: Path
+    run_dir: Path | None
+    config: RunConfig
+    architecture: dict[str, Any]
+    weights: dict[str, torch.Tensor]  # what the checkpoint stores: "unet.<key>" (adapters for a LoRA run)
+    ema: bool
+    step: int
+    epoch: int
+    created: float
+    started: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def family(self) -> str:
+        return str(self.architecture.get("family", self.config.model.family))
+
+    @property
+    def lora(self) -> dict[str, Any] | None:
+        return self.architecture.get("lora")
+
+
+_ADAPTER = re.compile(r"\.(lora_[AB]|lora_embedding_[AB]|lora_magnitude_vector)\.default(\.|$)")
+
+
+def _ema_as_weights(ema: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """EMA tensors are named like trainable parameters ("unet.x.lora_A.default.weight"); map them onto the
+    checkpoint's weight names ("unet.x.lora_A.weight")."""
+    out = dict(weights)
+    for name, tensor in ema.items():
+        key = _ADAPTER.sub(r".\1\2", name)
+        if key in out:
+            out[key] = tensor
+    return out
+
+
+def load_export_source(path: Path, *, use_ema: bool = False) -> ExportSource:
+    """A run folder (its newest valid checkpoint) or a checkpoint folder; refuses anything else clearly."""
+    folder = resolve_checkpoint(path)
+    from ..train.checkpoint import verify_checkpoint
+
+    info = verify_checkpoint(folder)
+    config = load_config_file(folder / ckpt_state.CONFIG)
+    arch = ckpt_state.read_architecture(folder)
+    weights = ckpt_state.load_weights(folder)
+    if use_ema:
+        if not (folder / ckpt_state.EMA_WEIGHTS).is_file():
+            raise CheckpointError(f"{folder}: --ema asked for, but this run trained without EMA (train.ema = false)")
+        weights = _ema_as_weights(ckpt_state.load_weights(folder, ckpt_state.EMA_WEIGHTS), weights)
+    run_dir = folder.parent.parent if folder.parent.name == "checkpoints" else None
+    started = None
+    if run_dir is not None:
+        rows = read_metrics(run_dir / METRICS_FILE)
+        started = next((float(r["time"]) for r in rows if r.get("event") == "started"), None)
+    return ExportSource(folder, run_dir, config, arch, weights, use_ema, info.step, info.epoch,
+                        float(info.manifest.get("created", 0.0)), started)
+
+
+def lora_peft_state(source: ExportSource, prefix: str = "unet.") -> dict[str, torch.Tensor]:
+    """The PEFT-named adapter tensors of one module ("down_blocks.0....to_q.lora_A.weight")."""
+    if source.lora is None:
+        raise CheckpointError(f"{source.checkpoint}: a full fine-tune, not a LoRA run; export it as "
+                              "single-file or diffusers-folder")
+    out = {k[len(prefix):]: v for k, v in source.weights.items() if k.startswith(prefix)}
+    if not out:
+        raise CheckpointError(f"{source.checkpoint}: no LoRA weights under {prefix!r}")
+    return out
+
+
+def describe_json(data: Any) -> str:
+    return json.dumps(data, separators=(",", ":"), sort_keys=True)
