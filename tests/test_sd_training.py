@@ -160,3 +160,18 @@ def test_latent_cache_gives_the_same_loss_and_is_reused(tiny_sd1: Path, four_ima
     again = list(train(cached, run_dir=tmp_path / "cached-again"))
     assert not [e for e in again if isinstance(e, ev.Progress)], "a second run reuses every cached latent"
     assert [e.loss for e in again if isinstance(e, ev.StepMetrics)] == pytest.approx(with_cache, rel=1e-5)
+
+
+@pytest.mark.parametrize("model_fixture", ["tiny_sd1", "tiny_sdxl"])
+def test_text_embedding_cache_gives_the_same_loss(model_fixture: str, request, four_images: Path,
+                                                  tmp_path: Path) -> None:
+    model = request.getfixturevalue(model_fixture)
+    preset = "sdxl-lora" if model_fixture == "tiny_sdxl" else "sd15-lora"
+    plain = sd_config(preset, model, four_images, **{"train.max_steps": 2, "data.caption_dropout": 0.5})
+    cached = plain.with_overrides({"data.cache_text_embeddings": True, "data.cache_latents": True})
+    without = losses(plain, tmp_path / "plain")
+    events = list(train(cached, run_dir=tmp_path / "cached"))
+    assert isinstance(events[-1], ev.Finished), events[-1]
+    text_progress = [e for e in events if isinstance(e, ev.Progress) and e.what == "caching text embeddings"]
+    assert text_progress and text_progress[-1].total == 5, "4 captions + the empty caption of dropout"
+    assert [e.loss for e in events if isinstance(e, ev.StepMetrics)] == pytest.approx(without, rel=1e-4, abs=1e-5)

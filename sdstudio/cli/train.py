@@ -80,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     bar = None
+    phase_bar = None  # caching progress before training starts
     code = 1
     try:
         for event in train(config, control, run_dir=run_dir, resume=resume):
@@ -92,6 +93,16 @@ def run(args: argparse.Namespace) -> int:
                 if bar is not None:
                     bar.update(event.step - bar.n)
                     bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}", img_s=f"{event.img_per_s:.1f}")
+            elif isinstance(event, ev.Progress) and not args.quiet:
+                if phase_bar is None or phase_bar.desc != event.what:
+                    if phase_bar is not None:
+                        phase_bar.close()
+                    phase_bar = tqdm(total=event.total, desc=event.what, unit="item", file=sys.stderr,
+                                     dynamic_ncols=True)
+                phase_bar.update(event.done - phase_bar.n)
+                if event.done >= event.total:
+                    phase_bar.close()
+                    phase_bar = None
             elif isinstance(event, ev.Warning):
                 _say(f"warning: {event.text}")
             elif isinstance(event, ev.ValidationResult):
@@ -122,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
                     print(f"sdstudio: details in {event.run_dir / 'run.log'}", file=sys.stderr)
                 code = 2 if event.kind == "input" else 1
     finally:
-        if bar is not None:
-            bar.close()
+        for open_bar in (bar, phase_bar):
+            if open_bar is not None:
+                open_bar.close()
         signal.signal(signal.SIGINT, previous)
     return code

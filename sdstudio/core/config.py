@@ -62,6 +62,9 @@ class DataConfig(Section):
                                 "rotation and colour jitter then do not apply.")
     cache_flip_variants: bool = Field(False, description="With the latent cache: also cache each image flipped, "
                                       "so data.flip_p still applies.")
+    cache_text_embeddings: bool = Field(False, description="Latent models with frozen text encoders: encode each "
+                                        "caption once into a disk cache (captions not seen before, e.g. shuffled "
+                                        "tags, are encoded when first met and cached too).")
     verify_images: bool = Field(True, description="Decode every image once before training and skip broken "
                                 "files with a warning (remembered, so later runs only check new files).")
     cache_in_memory: bool = Field(True, description="Keep decoded, resized images in memory "

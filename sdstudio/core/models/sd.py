@@ -44,31 +44,58 @@ class SDBundle(ModelBundle):
 
     # -- conditioning -----------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_captions(self, captions: list[str], device: torch.device,
-                        sizes: list[tuple[tuple[int, int], tuple[int, int], tuple[int, int]]] | None = None
-                        ) -> dict[str, torch.Tensor]:
+    def text_features(self, captions: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        """What the frozen text encoder(s) make of captions: per-token states (+ SDXL's pooled embedding).
+        This is the part a text-embedding cache stores."""
         c = self.components
         ids = _tokenize(c.tokenizer, captions).to(device)
         if c.family != "sdxl":
-            states = c.text_encoder(ids)[0]
-            return {"encoder_hidden_states": states.to(self.weight_dtype)}
+            return {"states": c.text_encoder(ids)[0]}
         ids2 = _tokenize(c.tokenizer_2, captions).to(device)
         out1 = c.text_encoder(ids, output_hidden_states=True)
         out2 = c.text_encoder_2(ids2, output_hidden_states=True)
-        states = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)
-        pooled = out2[0]
+        return {"states": torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1), "pooled": out2[0]}
+
+    def assemble(self, features: dict[str, torch.Tensor], device: torch.device,
+                 sizes: list[tuple[tuple[int, int], tuple[int, int], tuple[int, int]]] | None = None
+                 ) -> dict[str, torch.Tensor]:
+        """UNet conditioning from text features (+ SDXL's time ids: original size, crop, target size)."""
+        states = features["states"].to(device, self.weight_dtype)
+        if self.components.family != "sdxl":
+            return {"encoder_hidden_states": states}
         side = self.sample_size * 8
-        sizes = sizes or [((side, side), (0, 0), (side, side))] * len(captions)
+        sizes = sizes or [((side, side), (0, 0), (side, side))] * states.shape[0]
         time_ids = torch.tensor([[*o, *crop, *t] for o, crop, t in sizes], dtype=torch.float32, device=device)
-        return {"encoder_hidden_states": states.to(self.weight_dtype), "text_embeds": pooled.to(self.weight_dtype),
+        return {"encoder_hidden_states": states, "text_embeds": features["pooled"].to(device, self.weight_dtype),
                 "time_ids": time_ids.to(self.weight_dtype)}
 
+    def encode_captions(self, captions: list[str], device: torch.device,
+                        sizes: list[tuple[tuple[int, int], tuple[int, int], tuple[int, int]]] | None = None
+                        ) -> dict[str, torch.Tensor]:
+        return self.assemble(self.text_features(captions, device), device, sizes)
+
+    @staticmethod
+    def batch_sizes(batch: dict[str, Any]) -> list[tuple[tuple[int, int], tuple[int, int], tuple[int, int]]] | None:
+        if "original_size" not in batch:
+            return None
+        return [(tuple(int(v) for v in o), tuple(int(v) for v in c), tuple(int(v) for v in t))  # type: ignore[misc]
+                for o, c, t in zip(batch["original_size"], batch["crop_top_left"], batch["target_size"])]
+
     def encode_batch(self, batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
-        sizes = None
-        if self.components.family == "sdxl" and "original_size" in batch:
-            sizes = [(tuple(o), tuple(c), tuple(t)) for o, c, t in
-                     zip(batch["original_size"], batch["crop_top_left"], batch["target_size"])]
+        sizes = self.batch_sizes(batch) if self.components.family == "sdxl" else None
         return self.encode_captions(batch["captions"], device, sizes)
+
+    def text_encoder_identity(self) -> str:
+        """The text encoder(s): base model files, configs and dtype (the text cache's namespace)."""
+        import hashlib
+
+        c = self.components
+        parts = [self.architecture.get("base", ""), str(self.weight_dtype),
+                 json.dumps(c.text_encoder.config.to_dict(), sort_keys=True, default=str), str(len(c.tokenizer))]
+        if c.text_encoder_2 is not None:
+            parts.append(json.dumps(c.text_encoder_2.config.to_dict(), sort_keys=True, default=str))
+        parts += _file_stamps(self.architecture.get("base", ""))
+        return f"text-{self.family}-{hashlib.sha256('|'.join(parts).encode()).hexdigest()[:16]}"
 
     # -- latents ----------------------------------------------------------------------------------------
     def encoder_identity(self) -> str:
@@ -79,10 +106,7 @@ class SDBundle(ModelBundle):
         parts = [self.architecture.get("base", ""), self.architecture.get("vae", ""), str(vae.dtype),
                  json.dumps(dict(vae.config), sort_keys=True, default=str)]
         for source in (self.architecture.get("base", ""), self.architecture.get("vae", "")):
-            if source:
-                path = Path(source)
-                files = sorted(path.rglob("*.safetensors")) if path.is_dir() else [path]
-                parts += [f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.exists()]
+            parts += _file_stamps(source)
         digest = hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
         return f"vae-{self.family}-{digest}"
 
@@ -130,6 +154,15 @@ class SDBundle(ModelBundle):
 
     def save_extra(self, folder: Path) -> None:
         (folder / "model.json").write_text(json.dumps(self.architecture, indent=1), encoding="utf-8")
+
+
+def _file_stamps(source: str) -> list[str]:
+    """path:size:mtime of a model file, or of every weights file in a model folder."""
+    if not source:
+        return []
+    path = Path(source)
+    files = sorted(path.rglob("*.safetensors")) + sorted(path.rglob("*.bin")) if path.is_dir() else [path]
+    return [f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.exists()]
 
 
 def _tokenize(tokenizer: Any, captions: list[str]) -> torch.Tensor:

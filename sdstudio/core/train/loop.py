@@ -142,6 +142,10 @@ def _run(s: TrainingSession, control: TrainingControl) -> Iterator[ev.Event]:
             yield ev.Progress(done, total, "caching latents")
         for warning in s.cache_warnings:
             yield ev.Warning(warning)
+    if cfg.data.cache_text_embeddings and cfg.model.family != "pixel":
+        yield ev.Status("caching", "caching text embeddings")
+        for done, total in s.cache_text():
+            yield ev.Progress(done, total, "caching text embeddings")
     if s.resume:
         yield ev.Status("loading", "loading the newest valid checkpoint")
         for warning in s.load_latest():

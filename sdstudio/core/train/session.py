@@ -79,6 +79,8 @@ class TrainingSession:
         self._pending_warnings: list[str] = []
         self.cache_warnings: list[str] = []
         self.feature_cache: Any = None
+        self.text_cache: Any = None
+        self._text_memo: dict[str, dict[str, torch.Tensor]] = {}
 
     # -- building ---------------------------------------------------------------------------------------
     def prepare_data(self) -> list[str]:
@@ -180,6 +182,45 @@ class TrainingSession:
                                  num_workers=workers, pin_memory=self.device.type == "cuda",
                                  persistent_workers=workers > 0)
 
+    def cache_text(self) -> Iterator[tuple[int, int]]:
+        """With ``data.cache_text_embeddings``: encode every caption variant known now (alternatives and the
+        empty caption of caption dropout) into the disk cache; others are added when first met."""
+        from ..data.cache import FeatureCache, TextItem
+
+        if self.bundle.family == "pixel" or not self.config.data.cache_text_embeddings:
+            return
+        self.text_cache = FeatureCache(self.bundle.text_encoder_identity())  # type: ignore[attr-defined]
+        texts = sorted({c for r in self.data.train for c in r.captions} | {""})
+        items = [TextItem(t) for t in texts]
+        if self.is_main and any(i not in self.text_cache for i in items):
+            progress: list[tuple[int, int]] = []
+            stats = self.text_cache.build(items, self._encode_text, batch_size=self.config.train.batch_size,
+                                          progress=lambda done, total: progress.append((done, total)))
+            yield from progress
+            log.info("text-embedding cache: %s", stats)
+        self.accelerator.wait_for_everyone()
+
+    def _encode_text(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        feats = self.bundle.text_features(list(texts), self.device)  # type: ignore[attr-defined]
+        return {k: v.float().to("cpu") for k, v in feats.items()}
+
+    def _condition(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        if self.text_cache is None:
+            return self.bundle.encode_batch(batch, self.device)
+        from ..data.cache import TextItem
+
+        rows = []
+        for caption in batch["captions"]:
+            row = self._text_memo.get(caption)
+            if row is None:
+                row = self.text_cache.get_or_compute(TextItem(caption), self._encode_text)
+                if len(self._text_memo) < 4096:
+                    self._text_memo[caption] = row
+            rows.append(row)
+        features = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+        sizes = self.bundle.batch_sizes(batch) if self.bundle.family == "sdxl" else None  # type: ignore[attr-defined]
+        return self.bundle.assemble(features, self.device, sizes)  # type: ignore[attr-defined]
+
     def _encode_latents(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"latents": self.bundle.to_model_space(pixels.to(self.device)).to("cpu")}
 
@@ -257,7 +298,7 @@ class TrainingSession:
             clean = resolve_features(batch, self._encode_latents, self.feature_cache)["latents"].to(self.device)
         else:
             clean = self.bundle.to_model_space(batch["pixels"].to(self.device, non_blocking=True))
-        cond = self.bundle.encode_batch(batch, self.device)
+        cond = self._condition(batch)
         gen = self._noise_generator(micro)
         tmin, tmax = self.config.resolved_timestep_range()
         t = torch.randint(tmin, tmax, (clean.shape[0],), generator=gen, device=self.device)

@@ -1,0 +1,119 @@
+"""`sdstudio sweep FILE.toml [--out DIR]`: a grid or random search, one run per combination, with a summary."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from tqdm import tqdm
+
+from ..core import events as ev
+from ..core.control import TrainingControl
+from ..core.sweep import SweepPlan, default_sweep_dir, load_sweep
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("sweep", help="run a grid or random search over config keys (one run per combination)",
+                       description="Run every combination of a sweep file one after another, then write "
+                       "summary.csv, summary.json and overlay.png. Run the same command again to resume; "
+                       "Ctrl-C stops the current run resumably (exit 130).")
+    p.add_argument("file", type=Path, metavar="FILE.toml", help="the sweep file (see docs/sweeps.md)")
+    p.add_argument("--out", type=Path, help="sweep folder (default: <runs folder>/sweeps/<name>)")
+    p.add_argument("--retry-failed", action="store_true", help="run failed combinations again (in fresh folders)")
+    p.add_argument("--dry-run", action="store_true", help="validate the file and list the combinations; run nothing")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def _say(text: str) -> None:
+    tqdm.write(text, file=sys.stderr)
+
+
+def _list(plan: SweepPlan, out_dir: Path) -> None:
+    print(f"sweep {plan.name} ({plan.mode}, base {plan.base}): {len(plan.combinations)} combinations -> {out_dir}")
+    for combo in plan.combinations:
+        print(f"  {combo.folder:<30} {combo.describe()}")
+
+
+def run(args: argparse.Namespace) -> int:
+    plan = load_sweep(args.file)  # every combination validated before anything runs
+    out_dir = (args.out if args.out is not None else default_sweep_dir(plan.name)).expanduser().resolve()
+    if args.dry_run:
+        _list(plan, out_dir)
+        return 0
+    from ..core.sweep_run import SweepFinished, SweepRunEnded, SweepRunStarted, SweepStarted, run_sweep
+
+    control = TrainingControl()
+    interrupted = {"count": 0}
+
+    def on_sigint(signum: int, frame: FrameType | None) -> None:
+        interrupted["count"] += 1
+        if interrupted["count"] > 1:
+            raise KeyboardInterrupt
+        _say("stopping: saving a resumable checkpoint of the current run (Ctrl-C again to abort without saving)")
+        control.request_stop()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    bar: tqdm | None = None
+    finished: SweepFinished | None = None
+    try:
+        for event in run_sweep(plan, out_dir, control, retry_failed=args.retry_failed):
+            if isinstance(event, SweepStarted):
+                done = event.total - event.to_run
+                _say(f"sweep {plan.name}: {event.total} combinations, {event.to_run} to run"
+                     + (f" ({done} done or failed already)" if done else "") + f"; folder {event.out_dir}")
+            elif isinstance(event, SweepRunStarted):
+                verb = "resuming" if event.resumed else "starting"
+                _say(f"[{event.index + 1}/{event.total}] {verb} {event.run_dir.name}: "
+                     f"{plan.combinations[event.index].describe()}")
+            elif isinstance(event, ev.Started) and not args.quiet:
+                bar = tqdm(total=event.total_steps, initial=event.resumed_from_step, unit="step",
+                           dynamic_ncols=True, file=sys.stderr, leave=False)
+            elif isinstance(event, ev.StepMetrics) and bar is not None:
+                bar.update(event.step - bar.n)
+                bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}")
+            elif isinstance(event, ev.ValidationResult) and bar is None:
+                _say(f"  step {event.step}: validation loss {event.val_loss:.5f}")
+            elif isinstance(event, ev.Warning):
+                _say(f"  warning: {event.text}")
+            elif isinstance(event, SweepRunEnded):
+                if bar is not None:
+                    bar.close()
+                    bar = None
+                detail = f": {event.message}" if event.message else ""
+                _say(f"  {event.status}{detail} ({event.seconds:.0f} s)")
+            elif isinstance(event, SweepFinished):
+                finished = event
+    finally:
+        if bar is not None:
+            bar.close()
+        signal.signal(signal.SIGINT, previous)
+    return _report(out_dir, finished)
+
+
+def _report(out_dir: Path, finished: Any) -> int:
+    import json
+
+    from ..core.sweep_summary import SUMMARY_CSV, SUMMARY_JSON
+
+    counts = finished.counts if finished is not None else {}
+    parts = ", ".join(f"{n} {status}" for status, n in counts.items() if n)
+    print(f"summary: {out_dir / SUMMARY_CSV} ({parts})", file=sys.stderr)
+    try:
+        best = json.loads((out_dir / SUMMARY_JSON).read_text(encoding="utf-8")).get("best")
+    except (OSError, ValueError):
+        best = None
+    if best:
+        print(f"best: {out_dir / best['run_dir']} (best validation loss {best['best_val_loss']:.5f})",
+              file=sys.stderr)
+    if finished is None or finished.reason == "stopped":
+        print(f"stopped; resume with: sdstudio sweep {out_dir / 'sweep.json'!s}".replace("sweep.json", "")
+              if False else "stopped; run the same command again to resume", file=sys.stderr)
+        return 130
+    if counts.get("failed") and not counts.get("completed"):
+        return 1  # every combination failed: almost always a problem shared by all of them
+    return 0

@@ -1,0 +1,164 @@
+"""One ``.safetensors`` with UNet, VAE and text encoder(s) in the original layout (A1111 / ComfyUI / Forge /
+diffusers ``from_single_file``), written atomically."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+from .ldm import (
+    SD1_CLIP_PREFIX,
+    SD2_OPEN_CLIP_PREFIX,
+    SDXL_CLIP_L_PREFIX,
+    SDXL_OPEN_CLIP_PREFIX,
+    Tensors,
+    clip_l_to_ldm,
+    open_clip_to_ldm,
+    unet_to_ldm,
+    vae_to_ldm,
+)
+
+FAMILIES = ("sd1", "sd2", "sdxl")
+# Patched in place once the tensor bytes are on disk: same length as a sha256 hex digest, so the header
+# keeps its size and the data offsets stay valid.
+_HASH_PLACEHOLDER = "0" * 64
+HASH_KEYS = ("sshs_model_hash", "sdstudio_tensor_sha256")
+
+
+def _part(components: Mapping[str, Any] | Any, name: str) -> Any:
+    if isinstance(components, Mapping):
+        return components.get(name)
+    return getattr(components, name, None)
+
+
+def ldm_state_dict(components: Mapping[str, Any] | Any, *, family: str) -> Tensors:
+    """All tensors of a pipeline's UNet, VAE and text encoder(s), named as in the original single file.
+
+    components: a dict or an object (e.g. SDComponents) with ``unet``, ``vae``, ``text_encoder`` and, for
+    SDXL, ``text_encoder_2``; the modules themselves (the UNet's config is needed).
+    """
+    if family not in FAMILIES:
+        raise UserError(f"single-file export: model family {family!r} has no original layout; expected one of "
+                        f"{', '.join(FAMILIES)} (export a from-scratch model as diffusers-folder)")
+    needed = ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if family == "sdxl" else [])
+    missing = [name for name in needed if _part(components, name) is None]
+    if missing:
+        raise UserError(f"single-file export of a {family} model needs {', '.join(missing)}")
+    unet = _part(components, "unet")
+    sdxl_unet = _part(unet.config, "addition_embed_type")
+    if (sdxl_unet == "text_time") != (family == "sdxl"):
+        raise UserError(f"single-file export: family {family!r} does not match the UNet "
+                        f"(addition_embed_type = {sdxl_unet!r}; SDXL UNets have 'text_time')")
+    tensors: Tensors = {}
+    tensors.update(unet_to_ldm(unet.state_dict(), unet.config))
+    tensors.update(vae_to_ldm(_part(components, "vae").state_dict()))
+    text = _part(components, "text_encoder").state_dict()
+    if family == "sd1":
+        tensors.update(clip_l_to_ldm(text, SD1_CLIP_PREFIX))
+    elif family == "sd2":
+        tensors.update(open_clip_to_ldm(text, SD2_OPEN_CLIP_PREFIX))
+    else:
+        tensors.update(clip_l_to_ldm(text, SDXL_CLIP_L_PREFIX))
+        tensors.update(open_clip_to_ldm(_part(components, "text_encoder_2").state_dict(), SDXL_OPEN_CLIP_PREFIX))
+    return tensors
+
+
+def _prepare(tensors: Tensors, dtype: torch.dtype) -> Tensors:
+    """CPU, contiguous, floating tensors in dtype (integer buffers keep theirs), nothing sharing memory."""
+    out: Tensors = {}
+    seen: set[int] = set()
+    for key, tensor in tensors.items():
+        t = tensor.detach()
+        t = t.to(device="cpu", dtype=dtype) if t.is_floating_point() else t.to("cpu")
+        t = t.contiguous()
+        storage = t.untyped_storage().data_ptr()
+        if t.numel() and storage in seen:  # safetensors refuses tensors sharing storage (tied weights, views)
+            t = t.clone()
+            storage = t.untyped_storage().data_ptr()
+        seen.add(storage)
+        out[key] = t
+    return out
+
+
+def _tensor_data_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        (header_len,) = struct.unpack("<Q", fh.read(8))
+        fh.seek(8 + header_len)
+        while chunk := fh.read(16 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _patch_hash(path: Path, digest: str) -> None:
+    with open(path, "r+b") as fh:
+        (header_len,) = struct.unpack("<Q", fh.read(8))
+        header = fh.read(header_len)
+        placeholder = f'"{_HASH_PLACEHOLDER}"'.encode()
+        if header.count(placeholder) != len(HASH_KEYS):
+            raise RuntimeError(f"{path}: hash placeholder not found exactly {len(HASH_KEYS)} times in the header")
+        fh.seek(8)
+        fh.write(header.replace(placeholder, f'"{digest}"'.encode()))
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def write_ldm_safetensors(tensors: Tensors, path: Path, *, metadata: Mapping[str, str] | None = None,
+                          force: bool = False) -> Path:
+    """Write tensors to path atomically: a temp name in the same folder, then ``os.replace``.
+
+    The sha256 of the tensor bytes (what UIs show as the model hash) goes into the header as
+    ``sshs_model_hash`` / ``sdstudio_tensor_sha256``, computed from the written file so a multi-GB model is
+    never serialised twice in memory.
+    """
+    path = Path(path)
+    if path.exists() and not force:
+        raise UserError(f"{path}: exists already; choose another output path or pass --force to overwrite it")
+    from safetensors.torch import save_file
+
+    meta = {"format": "pt", **{str(k): str(v) for k, v in (metadata or {}).items()}}
+    meta.update({key: _HASH_PLACEHOLDER for key in HASH_KEYS})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        _patch_hash(tmp, _tensor_data_sha256(tmp))
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"{path}: could not write the export ({exc.strerror or exc}); nothing was written "
+                        "under that name (is the disk full?)") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_single_file(components: Mapping[str, Any] | Any, path: Path, *, family: str,
+                      dtype: torch.dtype = torch.float16, metadata: Mapping[str, str] | None = None,
+                      force: bool = False, v_prediction: bool = False, zero_terminal_snr: bool = False) -> Path:
+    """Write a full SD1.x / SD2.x / SDXL checkpoint in the original layout as one ``.safetensors``.
+
+    v_prediction / zero_terminal_snr add the empty marker tensors ``v_pred`` / ``ztsnr`` that ComfyUI (and
+    sdstudio's own loader) read; the original layout has no other place for them. diffusers ignores them: pass
+    the prediction type to ``from_single_file`` through the config folder's scheduler.
+    """
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        raise UserError(f"{path}: a single-file export is written as .safetensors; give the path that suffix")
+    if path.exists() and not force:  # checked before the (slow, memory-hungry) conversion as well
+        raise UserError(f"{path}: exists already; choose another output path or pass --force to overwrite it")
+    tensors = _prepare(ldm_state_dict(components, family=family), dtype)
+    if v_prediction:
+        tensors["v_pred"] = torch.empty(0)
+    if zero_terminal_snr:
+        tensors["ztsnr"] = torch.empty(0)
+    return write_ldm_safetensors(tensors, path, metadata=metadata, force=force)

@@ -1,0 +1,325 @@
+"""Sweep files: a base config, fixed overrides and a grid or random search over config fields, expanded into
+validated combinations before any run starts. Running them is `sweep_run.py`; the summary and the overlay
+plot are `sweep_summary.py` and `sweep_plot.py`."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import itertools
+import json
+import math
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import paths
+from .config import RunConfig, field_docs, set_dotted
+from .errors import ConfigError, UserError
+from .presets import DEFAULT_PRESET, load_config_file, load_preset, read_toml
+
+TOP_LEVEL_KEYS = ("name", "base_preset", "base_config", "set", "grid", "random")
+RANDOM_SETTINGS = ("samples", "seed")
+RANGE_KEYS = ("min", "max", "log")
+MAX_COMBINATIONS = 1000  # a bigger sweep is almost always a typo; split it into several files
+NOT_OVERRIDABLE = {"schema_version"}
+
+
+@dataclass(frozen=True)
+class Combination:
+    """One run of a sweep: its swept values, the full validated config and its folder name."""
+
+    index: int
+    overrides: dict[str, Any]
+    config: RunConfig
+    folder: str
+
+    @property
+    def config_hash(self) -> str:
+        return config_hash(self.config)
+
+    def describe(self) -> str:
+        return ", ".join(f"{key}={format_value(value)}" for key, value in self.overrides.items())
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """A parsed, fully validated sweep file."""
+
+    path: Path
+    name: str
+    base: str  # "preset demo" | "config /abs/base.toml"
+    mode: str  # "grid" | "random"
+    fixed: dict[str, Any]
+    keys: list[str]
+    combinations: list[Combination]
+
+
+def config_hash(config: RunConfig) -> str:
+    text = json.dumps(config.to_dict(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def default_sweep_dir(name: str) -> Path:
+    """``<runs folder>/sweeps/<name>``: running the same sweep file again resumes it."""
+    return paths.runs_dir() / "sweeps" / name
+
+
+def load_sweep(path: Path) -> SweepPlan:
+    """Read and validate a sweep file; any problem is one UserError naming the file and the key."""
+    return parse_sweep(read_toml(path), path=path)
+
+
+def parse_sweep(data: dict[str, Any], *, path: Path) -> SweepPlan:
+    src = str(path)
+    unknown = [k for k in data if k not in TOP_LEVEL_KEYS]
+    if unknown:
+        raise UserError(f"{src}: unknown key {unknown[0]!r}{_suggest(unknown[0], TOP_LEVEL_KEYS)}; a sweep file "
+                        f"has {', '.join(TOP_LEVEL_KEYS)}")
+    name = _sweep_name(data.get("name", path.stem), src)
+    base_config, base = _load_base(data, path)
+
+    fixed = _flatten(_table(data, "set", src), "set", src)
+    _check_keys(fixed, "set", src)
+    if ("grid" in data) == ("random" in data):
+        raise UserError(f"{src}: give either a [grid] table (every combination of lists of values) or a [random] "
+                        "table (samples drawn from choices and ranges)")
+    mode = "grid" if "grid" in data else "random"
+    if mode == "grid":
+        grid = _flatten(_table(data, "grid", src), "grid", src)
+        _check_keys(grid, "grid", src)
+        values = _grid_values(grid, src)
+        combos = grid_combinations(values)
+    else:
+        settings, ranges = _random_specs(_table(data, "random", src), src)
+        _check_keys(ranges, "random", src)
+        combos = random_combinations(ranges, samples=settings["samples"], seed=settings["seed"])
+        grid = ranges
+    both = sorted(set(fixed) & set(grid))
+    if both:
+        raise UserError(f"{src}: {both[0]!r} is both in [set] and in [{mode}]; keep it in one of them")
+    if len(combos) > MAX_COMBINATIONS:
+        raise UserError(f"{src}: [{mode}] gives {len(combos)} combinations (at most {MAX_COMBINATIONS}); "
+                        "split the sweep into several files")
+
+    base_fixed = _apply(base_config, fixed, f"{src} [set]")
+    combinations = []
+    for index, overrides in enumerate(combos):
+        desc = ", ".join(f"{k}={format_value(v)}" for k, v in overrides.items())
+        config = _apply(base_fixed, overrides, f"{src}, combination {index} ({desc})")
+        _check_ready(config, f"{src}, combination {index} ({desc})")
+        combinations.append(Combination(index, overrides, config, run_folder_name(index, len(combos), overrides)))
+    if not combinations:
+        raise UserError(f"{src}: [{mode}] gives no combinations")
+    return SweepPlan(path, name, base, mode, fixed, list(grid), combinations)
+
+
+# -- pieces of the file ---------------------------------------------------------------------------------
+def _sweep_name(value: Any, src: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", str(value)).strip("-.")
+    if not isinstance(value, str) or not name:
+        raise UserError(f"{src}: name = {value!r}: use letters, digits, '-', '_' or '.'")
+    return name[:64]
+
+
+def _load_base(data: dict[str, Any], path: Path) -> tuple[RunConfig, str]:
+    src = str(path)
+    if "base_preset" in data and "base_config" in data:
+        raise UserError(f"{src}: give base_preset or base_config, not both")
+    if "base_config" in data:
+        value = data["base_config"]
+        if not isinstance(value, str) or not value:
+            raise UserError(f"{src}: base_config = {value!r}: give the path of a config TOML file")
+        base_path = Path(value).expanduser()
+        if not base_path.is_absolute():
+            base_path = path.parent / base_path  # relative to the sweep file, not the current folder
+        try:
+            return load_config_file(base_path), f"config {base_path.resolve()}"
+        except UserError as exc:
+            raise UserError(f"{src}: base_config: {exc}") from None
+    preset = data.get("base_preset", DEFAULT_PRESET)
+    if not isinstance(preset, str) or not preset:
+        raise UserError(f"{src}: base_preset = {preset!r}: give a preset name (`sdstudio presets list`)")
+    try:
+        return load_preset(preset), f"preset {preset}"
+    except UserError as exc:
+        raise UserError(f"{src}: base_preset: {exc}") from None
+
+
+def _table(data: dict[str, Any], key: str, src: str) -> dict[str, Any]:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        raise UserError(f"{src}: {key} must be a table ([{key}] followed by \"section.key\" = ... lines)")
+    return value
+
+
+def _is_range(value: Any) -> bool:
+    return isinstance(value, dict) and bool(value) and set(value) <= set(RANGE_KEYS)
+
+
+def _flatten(table: dict[str, Any], where: str, src: str, prefix: str = "") -> dict[str, Any]:
+    """Accept both ``"train.learning_rate" = x`` and ``[grid.train] learning_rate = x`` spellings."""
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict) and not (where == "random" and _is_range(value)):
+            out.update(_flatten(value, where, src, f"{full}."))
+        else:
+            out[full] = value
+    return out
+
+
+def _known_keys() -> list[str]:
+    return [key for key, *_ in field_docs() if key not in NOT_OVERRIDABLE]
+
+
+def _check_keys(table: dict[str, Any], where: str, src: str) -> None:
+    known = _known_keys()
+    sections = {k.split(".")[0] for k in known if "." in k}
+    for key in table:
+        if key in known:
+            continue
+        if key in sections:
+            raise UserError(f"{src}: [{where}] {key!r} is a section; name a field such as "
+                            f"{next(k for k in known if k.startswith(key + '.'))!r}")
+        raise UserError(f"{src}: [{where}] {key!r}: unknown config key{_suggest(key, known)} "
+                        "(`sdstudio presets show demo` lists all keys)")
+
+
+def _suggest(word: str, choices: Any) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _grid_values(grid: dict[str, Any], src: str) -> dict[str, list[Any]]:
+    if not grid:
+        raise UserError(f"{src}: [grid] is empty; list the values to try, e.g. \"train.learning_rate\" = [1e-4, 3e-4]")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise UserError(f"{src}: [grid] {key!r} = {values!r}: give a non-empty list of values to try, "
+                            f"e.g. [{values!r}]")
+    return grid
+
+
+def _random_specs(table: dict[str, Any], src: str) -> tuple[dict[str, int], dict[str, Any]]:
+    settings = {"samples": table.get("samples"), "seed": table.get("seed", 0)}
+    for key, low in (("samples", 1), ("seed", 0)):
+        value = settings[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise UserError(f"{src}: [random] {key} = {value!r}: give a whole number >= {low}"
+                            + (" (how many runs to draw)" if key == "samples" else ""))
+    specs = _flatten({k: v for k, v in table.items() if k not in RANDOM_SETTINGS}, "random", src)
+    if not specs:
+        raise UserError(f"{src}: [random] names no config keys; e.g. \"train.learning_rate\" = "
+                        "{ min = 1e-4, max = 1e-2, log = true }")
+    for key, spec in specs.items():
+        if isinstance(spec, list):
+            if not spec:
+                raise UserError(f"{src}: [random] {key!r} = []: give at least one value to choose from")
+            continue
+        if not isinstance(spec, dict):
+            raise UserError(f"{src}: [random] {key!r} = {spec!r}: give a list of choices or a range "
+                            "{ min = ..., max = ..., log = true }")
+        extra = [k for k in spec if k not in RANGE_KEYS]
+        if extra:
+            raise UserError(f"{src}: [random] {key!r}: unknown range key {extra[0]!r} (allowed: min, max, log)")
+        low, high, log = spec.get("min"), spec.get("max"), spec.get("log", False)
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)):
+            raise UserError(f"{src}: [random] {key!r}: a range needs numbers min and max, got min={low!r} "
+                            f"max={high!r}")
+        if low > high:
+            raise UserError(f"{src}: [random] {key!r}: min {low} is above max {high}")
+        if not isinstance(log, bool):
+            raise UserError(f"{src}: [random] {key!r}: log = {log!r}; use true or false")
+        if log and low <= 0:
+            raise UserError(f"{src}: [random] {key!r}: a log range needs min > 0 (got {low})")
+    return settings, specs
+
+
+# -- expansion ------------------------------------------------------------------------------------------
+def grid_combinations(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Every combination, in file order, the last key varying fastest."""
+    keys = list(grid)
+    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def random_combinations(specs: dict[str, Any], *, samples: int, seed: int) -> list[dict[str, Any]]:
+    """``samples`` distinct draws (fewer when the space is smaller); the same seed gives the same draws."""
+    rng = random.Random(seed)
+    out: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for _ in range(samples * 50):
+        if len(out) == samples:
+            break
+        combo = {key: _draw(rng, spec) for key, spec in specs.items()}
+        ident = json.dumps(combo, sort_keys=True)
+        if ident not in seen:
+            seen.add(ident)
+            out.append(combo)
+    return out
+
+
+def _draw(rng: random.Random, spec: Any) -> Any:
+    if isinstance(spec, list):
+        return spec[rng.randrange(len(spec))]
+    low, high, log = spec["min"], spec["max"], spec.get("log", False)
+    integer = isinstance(low, int) and isinstance(high, int)
+    if log:
+        value = math.exp(rng.uniform(math.log(low), math.log(high)))
+    else:
+        value = rng.uniform(low, high)
+    if integer:
+        return min(high, max(low, int(round(value))))
+    return float(f"{value:.4g}")  # 4 significant digits: readable in folder names and tables
+
+
+# -- validation of combinations ---------------------------------------------------------------------------
+def _apply(config: RunConfig, overrides: dict[str, Any], source: str) -> RunConfig:
+    if not overrides:
+        return config
+    data = config.to_dict()
+    for key, value in overrides.items():
+        set_dotted(data, key, value)
+    try:
+        return RunConfig.from_dict(data, source=source)
+    except ConfigError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _check_ready(config: RunConfig, source: str) -> None:
+    problems = config.readiness_problems()
+    if config.data.path and not Path(config.data.path).expanduser().is_dir():
+        problems.append(f"data.path: {config.data.path} is not a folder")
+    if problems:
+        raise UserError(f"{source}: {problems[0]}")
+
+
+# -- names ------------------------------------------------------------------------------------------------
+def format_value(value: Any) -> str:
+    """Short text of a value for tables and folder names (3e-4, not 0.00030000000000000003)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e5):
+            mantissa, exponent = f"{value:.3e}".split("e")
+            mantissa = mantissa.rstrip("0").rstrip(".")
+            return f"{mantissa}e{int(exponent)}"
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return "x".join(format_value(v) for v in value)
+    return str(value)
+
+
+def short_key(key: str) -> str:
+    """``train.learning_rate`` -> ``lr``; a one-word field keeps its name (``lora.rank`` -> ``rank``)."""
+    words = key.split(".")[-1].split("_")
+    return "".join(w[0] for w in words) if len(words) > 1 else words[0]
+
+
+def run_folder_name(index: int, total: int, overrides: dict[str, Any], max_len: int = 48) -> str:
+    width = max(2, len(str(max(0, total - 1))))
+    slug = "_".join(f"{short_key(k)}{format_value(v)}" for k, v in overrides.items())
+    slug = re.sub(r"[^A-Za-z0-9._+-]+", "-", slug).strip("-_.")[:max_len].rstrip("-_.")
+    return f"{index:0{width}d}-{slug}" if slug else f"{index:0{width}d}"

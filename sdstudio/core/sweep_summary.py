@@ -1,0 +1,130 @@
+"""A sweep's results: ``summary.csv`` / ``summary.json`` (one row per combination) and ``overlay.png``,
+rebuilt from the state and each run's metrics.jsonl after every run, so a crash leaves a valid summary."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .runs import read_metrics, write_text_atomic
+from .sweep import format_value
+from .sweep_state import RunRecord, SweepState
+
+SUMMARY_CSV = "summary.csv"
+SUMMARY_JSON = "summary.json"
+OVERLAY_PNG = "overlay.png"
+METRIC_COLUMNS = ("best_val_loss", "final_val_loss", "final_loss", "steps", "seconds", "fid")
+FINAL_LOSS_ROWS = 5  # final_loss averages the last few logged training losses: one row is noise
+
+
+@dataclass(frozen=True)
+class RunCurves:
+    """What a run logged, for the summary and the overlay plot."""
+
+    train: list[tuple[int, float]]  # (step, loss) of the train rows
+    val: list[tuple[int, float]]  # (step, val_loss) of the val rows
+    fid: float | None
+    last_step: int
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def read_curves(run_dir: Path) -> RunCurves:
+    """The curves of a run's metrics.jsonl (a truncated last line is skipped by ``read_metrics``)."""
+    train: list[tuple[int, float]] = []
+    val: list[tuple[int, float]] = []
+    fid: float | None = None
+    last_step = 0
+    for row in read_metrics(run_dir / "metrics.jsonl"):
+        step = row.get("step")
+        if not isinstance(step, int):
+            continue
+        last_step = max(last_step, step)
+        kind = row.get("kind")
+        if kind == "train" and (loss := _number(row.get("loss"))) is not None:
+            train.append((step, loss))
+        elif kind == "val" and (val_loss := _number(row.get("val_loss"))) is not None:
+            val.append((step, val_loss))
+        if (value := _number(row.get("fid"))) is not None:
+            fid = value
+    return RunCurves(train, val, fid, last_step)
+
+
+def summary_row(record: RunRecord, keys: list[str], curves: RunCurves | None) -> dict[str, Any]:
+    row: dict[str, Any] = {"index": record.index, "run_dir": record.run_dir, "status": record.status,
+                           "message": record.message}
+    for key in keys:
+        row[key] = record.overrides.get(key)
+    c = curves or RunCurves([], [], None, 0)
+    tail = [loss for _, loss in c.train[-FINAL_LOSS_ROWS:]]
+    row["best_val_loss"] = min(v for _, v in c.val) if c.val else None
+    row["final_val_loss"] = c.val[-1][1] if c.val else None
+    row["final_loss"] = sum(tail) / len(tail) if tail else None
+    row["steps"] = max(c.last_step, record.steps)
+    row["seconds"] = round(record.seconds, 1)
+    row["fid"] = c.fid
+    return row
+
+
+def collect(state: SweepState) -> tuple[list[dict[str, Any]], dict[int, RunCurves]]:
+    rows, curves = [], {}
+    for record in state.records:
+        run = state.out_dir / record.run_dir if record.run_dir else None
+        c = read_curves(run) if run is not None and run.is_dir() else None
+        if c is not None:
+            curves[record.index] = c
+        rows.append(summary_row(record, state.plan.keys, c))
+    return rows, curves
+
+
+def best_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The completed run with the lowest best validation loss."""
+    done = [r for r in rows if r["status"] == "completed" and r["best_val_loss"] is not None]
+    return min(done, key=lambda r: r["best_val_loss"]) if done else None
+
+
+def _csv_cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def write_summary(state: SweepState) -> tuple[list[dict[str, Any]], dict[int, RunCurves]]:
+    """Write summary.csv and summary.json (atomically); returns the rows and the curves read."""
+    rows, curves = collect(state)
+    columns = ["index", "run_dir", "status", "message", *state.plan.keys, *METRIC_COLUMNS]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _csv_cell(row[k]) for k in columns})
+    write_text_atomic(state.out_dir / SUMMARY_CSV, buf.getvalue())
+    best = best_row(rows)
+    data = {"name": state.plan.name, "sweep_file": str(state.plan.path.resolve()), "base": state.plan.base,
+            "mode": state.plan.mode, "fixed": state.plan.fixed, "keys": state.plan.keys,
+            "counts": state.counts(), "best": None if best is None else {
+                "index": best["index"], "run_dir": best["run_dir"], "best_val_loss": best["best_val_loss"]},
+            "columns": columns, "rows": rows}
+    write_text_atomic(state.out_dir / SUMMARY_JSON, json.dumps(data, indent=1) + "\n")
+    return rows, curves
+
+
+def run_label(record: RunRecord) -> str:
+    """``3: lr=3e-4 bs=16``: the legend text of a run."""
+    values = " ".join(f"{k.split('.')[-1]}={format_value(v)}" for k, v in record.overrides.items())
+    return f"{record.index}: {values}" if values else str(record.index)
