@@ -175,3 +175,25 @@ def test_text_embedding_cache_gives_the_same_loss(model_fixture: str, request, f
     text_progress = [e for e in events if isinstance(e, ev.Progress) and e.what == "caching text embeddings"]
     assert text_progress and text_progress[-1].total == 5, "4 captions + the empty caption of dropout"
     assert [e.loss for e in events if isinstance(e, ev.StepMetrics)] == pytest.approx(without, rel=1e-4, abs=1e-5)
+
+
+@pytest.fixture(scope="session")
+def class_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from sdstudio.core.demo_shapes import generate_demo_dataset
+
+    folder = tmp_path_factory.mktemp("class")
+    generate_demo_dataset(folder, per_class=1, size=32, seed=9)
+    for caption in folder.glob("*.txt"):
+        caption.unlink()  # class images without captions take data.class_prompt
+    return folder
+
+
+def test_dreambooth_prior_loss(tiny_sd1: Path, four_images: Path, class_images: Path, tmp_path: Path) -> None:
+    plain = sd_config("sd15-lora", tiny_sd1, four_images, **{"train.max_steps": 3, "data.instance_prompt": "sks"})
+    with_reg = plain.with_overrides({"data.reg_path": str(class_images), "data.class_prompt": "a shape"})
+    base = losses(plain, tmp_path / "plain")
+    zero = losses(with_reg.with_overrides({"loss.prior_loss_weight": 0.0}), tmp_path / "zero")
+    # weight 0: the class images ride along in the forward but do not change the instance loss
+    assert zero == pytest.approx(base, rel=1e-4, abs=1e-6)
+    weighted = losses(with_reg, tmp_path / "weighted")
+    assert weighted[0] > base[0], "the first step's loss includes the prior term"

@@ -23,7 +23,11 @@ class Section(BaseModel):
 class DataConfig(Section):
     path: str = Field("", description="Image folder: a plain folder, a kohya parent of N_name folders, "
                       "or an imagefolder with metadata.jsonl. Empty = the bundled demo dataset.")
-    reg_path: str = Field("", description="Folder of regularisation (class) images for DreamBooth.")
+    reg_path: str = Field("", description="Folder of regularisation (class) images for DreamBooth prior "
+                          "preservation: each step also trains on as many class images (weight: "
+                          "loss.prior_loss_weight).")
+    class_prompt: str = Field("", description="Caption of class images that have none (DreamBooth), e.g. "
+                              "'a photo of a dog'.")
     resolution: int = Field(32, ge=8, le=4096, multiple_of=8, description="Training resolution in pixels "
                             "(square side; with bucketing, the target area is resolution squared).")
     center_crop: bool = Field(True, description="Crop the centre (else a random crop each step).")
@@ -122,6 +126,8 @@ class LossConfig(Section):
                                 "dark/bright images).")
     input_perturbation: float = Field(0.0, ge=0.0, le=1.0, description="Input perturbation of the noise "
                                       "(0.1 is usual).")
+    prior_loss_weight: float = Field(1.0, ge=0.0, le=10.0, description="DreamBooth: weight of the loss on "
+                                     "class images (data.reg_path).")
     timestep_min: int = Field(0, ge=0, description="Lowest training timestep.")
     timestep_max: int = Field(0, ge=0, description="Highest training timestep + 1 (0 = num_timesteps).")
 

@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import itertools
 import json
-import math
-import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +16,9 @@ from . import paths
 from .config import RunConfig, field_docs, set_dotted
 from .errors import ConfigError, UserError
 from .presets import DEFAULT_PRESET, load_config_file, load_preset, read_toml
+from .sweep_space import flatten, grid_combinations, grid_values, random_combinations, random_specs
 
 TOP_LEVEL_KEYS = ("name", "base_preset", "base_config", "set", "grid", "random")
-RANDOM_SETTINGS = ("samples", "seed")
-RANGE_KEYS = ("min", "max", "log")
 MAX_COMBINATIONS = 1000  # a bigger sweep is almost always a typo; split it into several files
 NOT_OVERRIDABLE = {"schema_version"}
 
@@ -81,19 +77,19 @@ def parse_sweep(data: dict[str, Any], *, path: Path) -> SweepPlan:
     name = _sweep_name(data.get("name", path.stem), src)
     base_config, base = _load_base(data, path)
 
-    fixed = _flatten(_table(data, "set", src), "set", src)
+    fixed = flatten(_table(data, "set", src), "set")
     _check_keys(fixed, "set", src)
     if ("grid" in data) == ("random" in data):
         raise UserError(f"{src}: give either a [grid] table (every combination of lists of values) or a [random] "
                         "table (samples drawn from choices and ranges)")
     mode = "grid" if "grid" in data else "random"
     if mode == "grid":
-        grid = _flatten(_table(data, "grid", src), "grid", src)
+        grid = flatten(_table(data, "grid", src), "grid")
         _check_keys(grid, "grid", src)
-        values = _grid_values(grid, src)
+        values = grid_values(grid, src)
         combos = grid_combinations(values)
     else:
-        settings, ranges = _random_specs(_table(data, "random", src), src)
+        settings, ranges = random_specs(_table(data, "random", src), src)
         _check_keys(ranges, "random", src)
         combos = random_combinations(ranges, samples=settings["samples"], seed=settings["seed"])
         grid = ranges
@@ -155,22 +151,6 @@ def _table(data: dict[str, Any], key: str, src: str) -> dict[str, Any]:
     return value
 
 
-def _is_range(value: Any) -> bool:
-    return isinstance(value, dict) and bool(value) and set(value) <= set(RANGE_KEYS)
-
-
-def _flatten(table: dict[str, Any], where: str, src: str, prefix: str = "") -> dict[str, Any]:
-    """Accept both ``"train.learning_rate" = x`` and ``[grid.train] learning_rate = x`` spellings."""
-    out: dict[str, Any] = {}
-    for key, value in table.items():
-        full = f"{prefix}{key}"
-        if isinstance(value, dict) and not (where == "random" and _is_range(value)):
-            out.update(_flatten(value, where, src, f"{full}."))
-        else:
-            out[full] = value
-    return out
-
-
 def _known_keys() -> list[str]:
     return [key for key, *_ in field_docs() if key not in NOT_OVERRIDABLE]
 
@@ -191,88 +171,6 @@ def _check_keys(table: dict[str, Any], where: str, src: str) -> None:
 def _suggest(word: str, choices: Any) -> str:
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _grid_values(grid: dict[str, Any], src: str) -> dict[str, list[Any]]:
-    if not grid:
-        raise UserError(f"{src}: [grid] is empty; list the values to try, e.g. \"train.learning_rate\" = [1e-4, 3e-4]")
-    for key, values in grid.items():
-        if not isinstance(values, list) or not values:
-            raise UserError(f"{src}: [grid] {key!r} = {values!r}: give a non-empty list of values to try, "
-                            f"e.g. [{values!r}]")
-    return grid
-
-
-def _random_specs(table: dict[str, Any], src: str) -> tuple[dict[str, int], dict[str, Any]]:
-    settings = {"samples": table.get("samples"), "seed": table.get("seed", 0)}
-    for key, low in (("samples", 1), ("seed", 0)):
-        value = settings[key]
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise UserError(f"{src}: [random] {key} = {value!r}: give a whole number >= {low}"
-                            + (" (how many runs to draw)" if key == "samples" else ""))
-    specs = _flatten({k: v for k, v in table.items() if k not in RANDOM_SETTINGS}, "random", src)
-    if not specs:
-        raise UserError(f"{src}: [random] names no config keys; e.g. \"train.learning_rate\" = "
-                        "{ min = 1e-4, max = 1e-2, log = true }")
-    for key, spec in specs.items():
-        if isinstance(spec, list):
-            if not spec:
-                raise UserError(f"{src}: [random] {key!r} = []: give at least one value to choose from")
-            continue
-        if not isinstance(spec, dict):
-            raise UserError(f"{src}: [random] {key!r} = {spec!r}: give a list of choices or a range "
-                            "{ min = ..., max = ..., log = true }")
-        extra = [k for k in spec if k not in RANGE_KEYS]
-        if extra:
-            raise UserError(f"{src}: [random] {key!r}: unknown range key {extra[0]!r} (allowed: min, max, log)")
-        low, high, log = spec.get("min"), spec.get("max"), spec.get("log", False)
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)):
-            raise UserError(f"{src}: [random] {key!r}: a range needs numbers min and max, got min={low!r} "
-                            f"max={high!r}")
-        if low > high:
-            raise UserError(f"{src}: [random] {key!r}: min {low} is above max {high}")
-        if not isinstance(log, bool):
-            raise UserError(f"{src}: [random] {key!r}: log = {log!r}; use true or false")
-        if log and low <= 0:
-            raise UserError(f"{src}: [random] {key!r}: a log range needs min > 0 (got {low})")
-    return settings, specs
-
-
-# -- expansion ------------------------------------------------------------------------------------------
-def grid_combinations(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
-    """Every combination, in file order, the last key varying fastest."""
-    keys = list(grid)
-    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
-
-
-def random_combinations(specs: dict[str, Any], *, samples: int, seed: int) -> list[dict[str, Any]]:
-    """``samples`` distinct draws (fewer when the space is smaller); the same seed gives the same draws."""
-    rng = random.Random(seed)
-    out: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    for _ in range(samples * 50):
-        if len(out) == samples:
-            break
-        combo = {key: _draw(rng, spec) for key, spec in specs.items()}
-        ident = json.dumps(combo, sort_keys=True)
-        if ident not in seen:
-            seen.add(ident)
-            out.append(combo)
-    return out
-
-
-def _draw(rng: random.Random, spec: Any) -> Any:
-    if isinstance(spec, list):
-        return spec[rng.randrange(len(spec))]
-    low, high, log = spec["min"], spec["max"], spec.get("log", False)
-    integer = isinstance(low, int) and isinstance(high, int)
-    if log:
-        value = math.exp(rng.uniform(math.log(low), math.log(high)))
-    else:
-        value = rng.uniform(low, high)
-    if integer:
-        return min(high, max(low, int(round(value))))
-    return float(f"{value:.4g}")  # 4 significant digits: readable in folder names and tables
 
 
 # -- validation of combinations ---------------------------------------------------------------------------
@@ -321,5 +219,5 @@ def short_key(key: str) -> str:
 def run_folder_name(index: int, total: int, overrides: dict[str, Any], max_len: int = 48) -> str:
     width = max(2, len(str(max(0, total - 1))))
     slug = "_".join(f"{short_key(k)}{format_value(v)}" for k, v in overrides.items())
-    slug = re.sub(r"[^A-Za-z0-9._+-]+", "-", slug).strip("-_.")[:max_len].rstrip("-_.")
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", slug).strip("-_.")[:max_len].rstrip("-_.")
     return f"{index:0{width}d}-{slug}" if slug else f"{index:0{width}d}"

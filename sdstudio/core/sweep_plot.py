@@ -19,6 +19,7 @@ MARGIN = {"left": 92, "top": 56, "right": LEGEND_WIDTH + 24, "bottom": 72}
 # Tableau 10: distinct for the usual 2-10 runs; more runs get evenly spaced hues.
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
            "#17becf"]
+Y_TICKS = 8
 Colour = tuple[int, int, int]
 
 
@@ -47,7 +48,7 @@ def _hex(text: str) -> Colour:
 
 
 def _mix(colour: Colour, other: Colour, t: float) -> Colour:
-    return tuple(int(round(a + (b - a) * t)) for a, b in zip(colour, other))  # type: ignore[return-value]
+    return tuple(round(a + (b - a) * t) for a, b in zip(colour, other))  # type: ignore[return-value]
 
 
 def smooth(values: Sequence[float]) -> list[float]:
@@ -76,17 +77,27 @@ def linear_ticks(low: float, high: float, target: int = 6) -> list[float]:
 
 
 def log_ticks(low: float, high: float) -> list[float]:
-    """Decades; with less than ~2 decades shown also 2x and 5x; with many, every other decade."""
+    """Decades (every other one over many decades); with fewer than 3 decades in view also 2x and 5x."""
     lo, hi = math.floor(math.log10(low)), math.ceil(math.log10(high))
-    mults = (1, 2, 5) if hi - lo <= 2 else (1,)
     stride = 1 if hi - lo <= 8 else 2
-    ticks = [m * 10.0 ** e for e in range(lo, hi + 1, stride) for m in mults]
-    return [t for t in ticks if low <= t * (1 + 1e-9) and t <= high * (1 + 1e-9)]
+
+    def inside(mults: tuple[int, ...]) -> list[float]:
+        ticks = [m * 10.0 ** e for e in range(lo, hi + 1, stride) for m in mults]
+        return [t for t in ticks if low <= t * (1 + 1e-9) and t <= high * (1 + 1e-9)]
+
+    decades = inside((1,))
+    return decades if len(decades) >= 3 else inside((1, 2, 5))
 
 
-def tick_label(value: float) -> str:
-    if value == 0:
+def tick_label(value: float, step: float | None = None) -> str:
+    """``value`` as a tick label; with the tick ``step`` of a linear axis, every label gets the same decimals."""
+    if value == 0 and step is None:
         return "0"
+    if step is not None and 1e-4 <= step < 1e5 and abs(value) < 1e5:
+        power = math.floor(math.log10(step) + 1e-9)
+        mantissa = step / 10 ** power
+        decimals = max(0, -power + (1 if abs(mantissa - 2.5) < 1e-6 else 0))
+        return f"{value:.{decimals}f}"
     if abs(value) < 1e-3 or abs(value) >= 1e5:
         mantissa, exponent = f"{value:.1e}".split("e")
         mantissa = mantissa.rstrip("0").rstrip(".")
@@ -106,7 +117,12 @@ class YAxis:
         return (value - self.low) / (self.high - self.low)
 
     def ticks(self) -> list[float]:
-        return log_ticks(self.low, self.high) if self.log else linear_ticks(self.low, self.high)
+        return log_ticks(self.low, self.high) if self.log else linear_ticks(self.low, self.high, Y_TICKS)
+
+    def label(self, value: float) -> str:
+        if self.log:
+            return tick_label(value)
+        return tick_label(value, nice_step(self.high - self.low, Y_TICKS))
 
 
 def y_axis(values: Sequence[float]) -> YAxis:
@@ -171,9 +187,9 @@ def render_overlay(series: Sequence[Series], title: str) -> Image.Image:
         y = py(tick)
         d.line([(x0, y), (x1, y)], fill=grid, width=s)
         d.line([(x0 - 6 * s, y), (x0, y)], fill=axis_colour, width=s)
-        d.text((x0 - 9 * s, y), tick_label(tick), fill="black", font=f_small, anchor="rm")
+        d.text((x0 - 9 * s, y), axis.label(tick), fill="black", font=f_small, anchor="rm")
     for tick in linear_ticks(0, xmax):
-        x = px(tick)
+        x = px(tick)  # steps: whole numbers unless the run is a few steps long
         d.line([(x, y0), (x, y1)], fill=grid, width=s)
         d.line([(x, y1), (x, y1 + 6 * s)], fill=axis_colour, width=s)
         d.text((x, y1 + 9 * s), tick_label(tick), fill="black", font=f_small, anchor="mt")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -113,8 +113,9 @@ def _run_one(state: SweepState, record: RunRecord, control: TrainingControl) -> 
 
     status, message = "failed", "the training loop ended without a result"
     t0 = time.perf_counter()
-    events = train(combo.config, control, run_dir=run_dir, resume=resume)
+    events: Generator[ev.Event, None, None] | None = None
     try:
+        events = train(combo.config, control, run_dir=run_dir, resume=resume)
         for event in events:
             if isinstance(event, ev.Finished):
                 status = "completed" if event.reason == "completed" else "stopped"
@@ -128,13 +129,13 @@ def _run_one(state: SweepState, record: RunRecord, control: TrainingControl) -> 
         _log(out_dir, f"[{record.index}] {message}\n{traceback.format_exc()}")
     except BaseException:
         # Ctrl-C twice, or the consumer stopped iterating: keep the run resumable from its last checkpoint
-        events.close()
         record.status, record.message = "stopped", "interrupted"
         record.seconds += time.perf_counter() - t0
         state.save()
         raise
     finally:
-        events.close()
+        if events is not None:
+            events.close()
     record.status, record.message = status, message
     record.seconds += time.perf_counter() - t0
     state.save()
@@ -172,7 +173,7 @@ def _outputs(state: SweepState) -> Iterator[ev.Event]:
         label = run_label(record) + (" (failed)" if record.status == "failed" else "")
         series.append(Series(label, c.train, c.val))
     try:
-        draw_overlay(series, state.out_dir / OVERLAY_PNG, f"sweep {state.plan.name}: loss per step")
+        draw_overlay(series, state.out_dir / OVERLAY_PNG, f"sweep {state.plan.name}: training and validation loss")
     except Exception as exc:  # noqa: BLE001
         _log(state.out_dir, f"could not draw {OVERLAY_PNG}: {exc}\n{traceback.format_exc()}")
         yield ev.Warning(f"could not draw {state.out_dir / OVERLAY_PNG} ({exc}); the summary is written")

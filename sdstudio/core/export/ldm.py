@@ -192,7 +192,7 @@ def vae_to_ldm(state_dict: Mapping[str, torch.Tensor]) -> Tensors:
 
 def _with_text_model(key: str) -> str:
     """transformers >= 5 flattened CLIPTextModel (no ``text_model.`` level in its keys); put it back."""
-    if key.startswith("text_model.") or key.startswith("text_projection."):
+    if key.startswith(("text_model.", "text_projection.")):
         return key
     return "text_model." + key
 

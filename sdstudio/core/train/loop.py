@@ -146,6 +146,9 @@ def _run(s: TrainingSession, control: TrainingControl) -> Iterator[ev.Event]:
         yield ev.Status("caching", "caching text embeddings")
         for done, total in s.cache_text():
             yield ev.Progress(done, total, "caching text embeddings")
+    memory_warning = s.check_memory()
+    if memory_warning:
+        yield ev.Warning(memory_warning)
     if s.resume:
         yield ev.Status("loading", "loading the newest valid checkpoint")
         for warning in s.load_latest():
@@ -161,7 +164,10 @@ def _run(s: TrainingSession, control: TrainingControl) -> Iterator[ev.Event]:
                  len(s.data.val), s.steps_per_epoch)
         if metrics and not s.resume:
             metrics.write(metrics_row("event", 0, 0, event="started", total_steps=s.total_steps))
-        yield ev.Status("training", "training")
+        if cfg.train.compile:
+            yield ev.Status("compiling", "compiling the model with torch.compile: the first steps take minutes")
+        else:
+            yield ev.Status("training", "training")
         yield from _epochs(s, control, metrics)
     finally:
         if metrics:

@@ -31,6 +31,10 @@ log = logging.getLogger("sdstudio")
 VAL_BUCKETS = 10
 
 
+def _concat(a: Any, b: Any) -> Any:
+    return torch.cat([a, b]) if isinstance(a, torch.Tensor) else list(a) + list(b)
+
+
 class _KeySource:
     """The batch sampler the DataLoader iterates: this rank's slice of each global batch."""
 
@@ -102,6 +106,18 @@ class TrainingSession:
         t = cfg.train
         self.total_steps = t.max_steps if t.max_steps > 0 else t.epochs * self.steps_per_epoch
         self.dataset = ImageCaptionDataset(self.data.train, cfg, train=True)
+        self.reg_dataset: ImageCaptionDataset | None = None
+        if cfg.data.reg_path:
+            from ..data.scan import scan_dataset
+
+            reg = scan_dataset(Path(cfg.data.reg_path).expanduser(), resolution=cfg.data.resolution,
+                               instance_prompt=cfg.data.class_prompt or None)
+            if not reg.records:
+                raise DatasetError(f"data.reg_path {cfg.data.reg_path}: no usable class image; fix the folder or "
+                                   "leave data.reg_path empty")
+            self.reg_dataset = ImageCaptionDataset(reg.records, cfg, train=True)
+            log.info("DreamBooth: %d class images, prior loss weight %g", len(reg.records),
+                     cfg.loss.prior_loss_weight)
         self.val_dataset = ImageCaptionDataset(self.data.val, cfg, train=False)
         self.keys = _KeySource(self.order, cfg.train.batch_size, self.rank)
         workers = cfg.data.num_workers
@@ -141,6 +157,8 @@ class TrainingSession:
         self.param_names = [n for n, p in self.bundle.trainable.named_parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self._groups(), cfg.train, device=self.device)
         self.schedule = LRSchedule(cfg.train, self.total_steps)
+        if self.device.type == "cuda":
+            self.bundle.trainable.to(memory_format=torch.channels_last)  # faster convolutions (cuDNN NHWC)
         self.model, self.optimizer = self.accelerator.prepare(self.bundle.trainable, self.optimizer)
         if cfg.train.compile:
             self.model = torch.compile(self.model)
@@ -224,6 +242,17 @@ class TrainingSession:
     def _encode_latents(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"latents": self.bundle.to_model_space(pixels.to(self.device)).to("cpu")}
 
+    def check_memory(self) -> str | None:
+        """On a GPU: the estimated need against the free memory; advice when it will not fit."""
+        from .memory import estimate_memory, memory_advice
+
+        if self.device.type != "cuda":
+            return None
+        estimate = estimate_memory(self.bundle, self.config)
+        free, _total = torch.cuda.mem_get_info(self.device)
+        log.info("GPU memory: %s; %.1f GiB free", estimate.describe(), free / 2**30)
+        return memory_advice(estimate, free, self.config)
+
     def _groups(self) -> list[dict[str, Any]]:
         cfg = self.config.train
         te_lr = cfg.text_encoder_lr or cfg.learning_rate
@@ -298,16 +327,47 @@ class TrainingSession:
             clean = resolve_features(batch, self._encode_latents, self.feature_cache)["latents"].to(self.device)
         else:
             clean = self.bundle.to_model_space(batch["pixels"].to(self.device, non_blocking=True))
-        cond = self._condition(batch)
         gen = self._noise_generator(micro)
+        noisy, target, t = self._noised(clean, gen)
+        reg = self._reg_batch(micro, len(batch["captions"])) if self.reg_dataset is not None else None
+        if reg is None:
+            with self.accelerator.autocast():
+                pred = self.model(noisy, t, self._condition(batch))
+            return diffusion_loss(pred, target, t, self.sched, self.config.loss)
+        # DreamBooth prior preservation: instance and class images in one forward, losses weighted apart
+        reg_clean = self.bundle.to_model_space(reg["pixels"].to(self.device))
+        reg_noisy, reg_target, reg_t = self._noised(reg_clean, gen)
+        both = {k: _concat(batch[k], reg[k]) for k in ("captions", "original_size", "crop_top_left", "target_size")
+                if k in batch and k in reg}
+        n = clean.shape[0]
+        with self.accelerator.autocast():
+            if reg_clean.shape[2:] == clean.shape[2:]:
+                pred = self.model(torch.cat([noisy, reg_noisy]), torch.cat([t, reg_t]), self._condition(both))
+                pred, reg_pred = pred[:n], pred[n:]
+            else:  # a non-square bucket: class images are square, so two forwards
+                pred = self.model(noisy, t, self._condition(batch))
+                reg_pred = self.model(reg_noisy, reg_t, self._condition(reg))
+        loss = diffusion_loss(pred, target, t, self.sched, self.config.loss)
+        prior = diffusion_loss(reg_pred, reg_target, reg_t, self.sched, self.config.loss)
+        return loss + self.config.loss.prior_loss_weight * prior
+
+    def _noised(self, clean: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(noisy input, target, timesteps) for clean samples, drawn from ``gen`` in a fixed order."""
         tmin, tmax = self.config.resolved_timestep_range()
         t = torch.randint(tmin, tmax, (clean.shape[0],), generator=gen, device=self.device)
         noise, model_noise = sample_noise(clean, self.config.loss, gen)
-        noisy = self.sched.add_noise(clean, model_noise, t)
-        target = target_for(self.sched, clean, noise, t)
-        with self.accelerator.autocast():
-            pred = self.model(noisy, t, cond)
-        return diffusion_loss(pred, target, t, self.sched, self.config.loss)
+        return self.sched.add_noise(clean, model_noise, t), target_for(self.sched, clean, noise, t), t
+
+    def _reg_batch(self, micro: int, size: int) -> dict[str, Any]:
+        """Class images for this micro-batch: a seeded walk through the class set (exact after resume)."""
+        n = len(self.reg_dataset)
+        first = ((self.step * self.accum + micro) * self.world + self.rank) * size
+        keys = []
+        for g in range(first, first + size):
+            cycle, pos = divmod(g, n)
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.train.seed * 7 + cycle))
+            keys.append(SampleKey(int(perm[pos]), cycle, g))
+        return collate([self.reg_dataset[k] for k in keys])
 
     def optimizer_step(self, group: list[dict[str, Any]]) -> tuple[float, float, float]:
         """One optimizer step over a group of micro-batches: (loss, grad norm, lr)."""

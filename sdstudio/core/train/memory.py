@@ -1,0 +1,92 @@
+"""Before a GPU run: will it fit? An estimate of weights, gradients, optimizer states and activations
+against the free memory, with concrete advice when it will not fit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import RunConfig
+from ..models.bundle import ModelBundle
+
+GIB = 1024 ** 3
+# Activation memory per image per latent pixel, measured with plain diffusers blocks at bf16 on an H200
+# (reference/performance.md): SD1.5 512 px ~1.07 GiB per image (64x64 latents), SDXL 1024 px ~7.3 GiB
+# per image (128x128 latents). Gradient checkpointing keeps roughly a quarter.
+ACTIVATION_BYTES_PER_LATENT_PIXEL = {"sd1": 0.26e6, "sd2": 0.28e6, "sdxl": 0.45e6, "pixel": 0.02e6}
+CHECKPOINTING_FACTOR = 0.25
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "adam": 8, "adamw8bit": 2, "rmsprop": 4, "sgd": 4, "adafactor": 1}
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+    def describe(self) -> str:
+        return (f"about {self.total / GIB:.1f} GiB (weights {self.weights / GIB:.1f}, gradients "
+                f"{self.gradients / GIB:.1f}, optimizer {self.optimizer / GIB:.1f}, activations "
+                f"{self.activations / GIB:.1f})")
+
+
+def _bytes(module: torch.nn.Module, trainable: bool) -> float:
+    return float(sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad == trainable))
+
+
+def estimate_memory(bundle: ModelBundle, config: RunConfig) -> MemoryEstimate:
+    modules = [bundle.trainable, *bundle.frozen.values()]
+    components = getattr(bundle, "components", None)
+    if components is not None:
+        modules += [m for m in (components.vae, components.text_encoder, components.text_encoder_2) if m is not None]
+    seen: set[int] = set()
+    trainable_numel = 0.0
+    weights = 0.0
+    for module in modules:
+        for p in module.parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            weights += p.numel() * p.element_size()
+            if p.requires_grad:
+                trainable_numel += p.numel()
+    gradients = trainable_numel * 4
+    optimizer = trainable_numel * OPTIMIZER_STATE_BYTES.get(config.train.optimizer, 8)
+    side = bundle.sample_size
+    per_image = ACTIVATION_BYTES_PER_LATENT_PIXEL.get(bundle.family, 0.3e6) * side * side
+    if config.train.mixed_precision == "no":
+        per_image *= 2
+    if config.train.gradient_checkpointing:
+        per_image *= CHECKPOINTING_FACTOR
+    activations = per_image * config.train.batch_size
+    return MemoryEstimate(weights, gradients, optimizer, activations)
+
+
+def memory_advice(estimate: MemoryEstimate, free: float, config: RunConfig) -> str | None:
+    """None when the run should fit in ``free`` bytes (with 10 % headroom), else what to change."""
+    if estimate.total <= 0.9 * free:
+        return None
+    tips = []
+    if config.train.batch_size > 1:
+        tips.append(f"lower train.batch_size (now {config.train.batch_size}; use gradient_accumulation to keep "
+                    "the effective batch)")
+    if not config.train.gradient_checkpointing:
+        tips.append("set train.gradient_checkpointing = true")
+    if not config.data.cache_latents and config.model.family != "pixel":
+        tips.append("set data.cache_latents = true (the VAE then runs once, before training)")
+    if config.train.optimizer in ("adamw", "adam") and estimate.optimizer > 0.15 * estimate.total:
+        tips.append("use train.optimizer = 'adamw8bit' (needs bitsandbytes)")
+    if config.lora.enabled and config.lora.rank > 8:
+        tips.append(f"lower lora.rank (now {config.lora.rank})")
+    if config.data.resolution > 512:
+        tips.append(f"lower data.resolution (now {config.data.resolution})")
+    if config.train.mixed_precision == "no":
+        tips.append("use train.mixed_precision = 'bf16'")
+    return (f"this run needs {estimate.describe()} but the GPU has {free / GIB:.1f} GiB free; it will probably run "
+            f"out of memory. Try: " + "; ".join(tips or ["a smaller model or a larger GPU"]))
