@@ -101,3 +101,37 @@ def test_export_refuses_overwrite_and_foreign_input(tiny_sd1: Path, four_images:
     assert main(["export", str(run), "--format", "kohya", "--out", str(tmp_path / "z.safetensors"), "--ema"]) == 2
     assert "without EMA" in capsys.readouterr().err
     assert not list(tmp_path.glob(".*.tmp")), "no temp files left behind"
+
+
+def test_full_finetune_single_file_equals_diffusers_folder(tiny_sd1: Path, four_images: Path, tmp_path: Path) -> None:
+    from sdstudio.core.models.sd_files import load_sd_components
+    from sdstudio.core.train import state
+
+    cfg = sd_config("sd15-full", tiny_sd1, four_images, **{"train.max_steps": 2, "train.learning_rate": 1e-2,
+                                                            "train.ema": False, "train.gradient_checkpointing": False})
+    run = tmp_path / "run"
+    assert isinstance(list(train(cfg, run_dir=run))[-1], ev.Finished)
+    single = export(run, "single-file", tmp_path / "model.safetensors", dtype=torch.float32)
+    folder = export(run, "diffusers-folder", tmp_path / "folder", dtype=torch.float32)
+    from_file = load_sd_components(single, family="sd1", config_folder=tiny_sd1)
+    from_folder = load_sd_components(folder, family="sd1")
+    trained = {k[len("unet."):]: v for k, v in state.load_weights(run / "checkpoints" / "step-00000002").items()}
+    for name, tensor in from_file.unet.state_dict().items():
+        assert torch.equal(tensor, from_folder.unet.state_dict()[name]), name
+        assert torch.equal(tensor, trained[name]), name
+    for a, b in zip(from_file.vae.state_dict().values(), from_folder.vae.state_dict().values()):
+        assert torch.equal(a, b)
+    with safe_open(str(single), "pt") as fh:
+        meta = fh.metadata()
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1" and "sdstudio_config" in meta
+
+
+def test_lora_run_merged_into_a_single_file(tiny_sd1: Path, four_images: Path, tmp_path: Path) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    run = trained_lora_run(tiny_sd1, four_images, tmp_path / "run", "sd15-lora")
+    trained = unet_output(load_trained(run).bundle.components.unet, sdxl=False)
+    single = export(run, "single-file", tmp_path / "merged.safetensors", dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_single_file(str(single), config=str(tiny_sd1), local_files_only=True,
+                                                    safety_checker=None, requires_safety_checker=False)
+    assert torch.allclose(unet_output(pipe.unet, sdxl=False), trained, atol=1e-5, rtol=1e-4)

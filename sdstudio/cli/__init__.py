@@ -20,13 +20,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import dataset, export, presets, sample, train
+    from . import dataset, export, presets, sample, sweep, train
 
     parser = _Parser(prog="sdstudio", description="Train diffusion models on your own computer. "
                      "Without a command, the desktop app opens.")
     parser.add_argument("--version", action="version", version=f"sdstudio {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for module in (train, sample, presets, dataset, export):
+    for module in (train, sample, presets, dataset, export, sweep):
         module.register(sub)
     gui = sub.add_parser("gui", help="open the desktop app (the default without a command)")
     gui.set_defaults(func=_run_gui)

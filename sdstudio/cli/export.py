@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from ..core.export.api import export
 
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    if args.format != "diffusers-folder" and args.out.suffix != ".safetensors":
+    if args.format != "diffusers-folder" and args.out.suffix.lower() != ".safetensors":
         raise UserError(f"--out {args.out}: a {args.format} export is a .safetensors file; name it *.safetensors")
     path = export(args.source, args.format, args.out, dtype=dtype, use_ema=args.ema, force=args.force)
     print(f"exported {args.format} to {path}")

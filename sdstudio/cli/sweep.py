@@ -92,10 +92,10 @@ def run(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.close()
         signal.signal(signal.SIGINT, previous)
-    return _report(out_dir, finished)
+    return _report(args.file, out_dir, finished)
 
 
-def _report(out_dir: Path, finished: Any) -> int:
+def _report(sweep_file: Path, out_dir: Path, finished: Any) -> int:
     import json
 
     from ..core.sweep_summary import SUMMARY_CSV, SUMMARY_JSON
@@ -111,8 +111,7 @@ def _report(out_dir: Path, finished: Any) -> int:
         print(f"best: {out_dir / best['run_dir']} (best validation loss {best['best_val_loss']:.5f})",
               file=sys.stderr)
     if finished is None or finished.reason == "stopped":
-        print(f"stopped; resume with: sdstudio sweep {out_dir / 'sweep.json'!s}".replace("sweep.json", "")
-              if False else "stopped; run the same command again to resume", file=sys.stderr)
+        print(f"stopped; resume with: sdstudio sweep {sweep_file} --out {out_dir}", file=sys.stderr)
         return 130
     if counts.get("failed") and not counts.get("completed"):
         return 1  # every combination failed: almost always a problem shared by all of them

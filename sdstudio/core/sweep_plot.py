@@ -52,12 +52,17 @@ def _mix(colour: Colour, other: Colour, t: float) -> Colour:
 
 
 def smooth(values: Sequence[float]) -> list[float]:
-    """Debiased exponential moving average; stronger for longer curves (about 1/10 of the points)."""
-    weight = min(0.98, max(0.0, 1.0 - 10.0 / max(1, len(values))))
-    out, avg = [], 0.0
-    for i, value in enumerate(values, start=1):
-        avg = weight * avg + (1 - weight) * value
-        out.append(avg / (1 - weight ** i) if weight > 0 else value)
+    """Centred moving average over about 1/20 of the points: no lag, so curves keep their shape in step."""
+    half = round(len(values) / 40)
+    if half == 0:
+        return list(values)
+    prefix = [0.0]
+    for value in values:
+        prefix.append(prefix[-1] + value)
+    out = []
+    for i in range(len(values)):
+        lo, hi = max(0, i - half), min(len(values), i + half + 1)
+        out.append((prefix[hi] - prefix[lo]) / (hi - lo))
     return out
 
 
@@ -77,7 +82,7 @@ def linear_ticks(low: float, high: float, target: int = 6) -> list[float]:
 
 
 def log_ticks(low: float, high: float) -> list[float]:
-    """Decades (every other one over many decades); with fewer than 3 decades in view also 2x and 5x."""
+    """Decades (every other one over many decades); with fewer than 4 decades in view also 2x and 5x."""
     lo, hi = math.floor(math.log10(low)), math.ceil(math.log10(high))
     stride = 1 if hi - lo <= 8 else 2
 
@@ -86,7 +91,7 @@ def log_ticks(low: float, high: float) -> list[float]:
         return [t for t in ticks if low <= t * (1 + 1e-9) and t <= high * (1 + 1e-9)]
 
     decades = inside((1,))
-    return decades if len(decades) >= 3 else inside((1, 2, 5))
+    return decades if len(decades) >= 4 else inside((1, 2, 5))
 
 
 def tick_label(value: float, step: float | None = None) -> str:
@@ -148,9 +153,9 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
-def draw_overlay(series: Sequence[Series], path: Path, title: str) -> None:
-    """Write the overlay chart to ``path`` (atomically)."""
-    image = render_overlay(series, title)
+def draw_overlay(series: Sequence[Series], path: Path, title: str, notes: Sequence[str] = ()) -> None:
+    """Write the overlay chart to ``path`` (atomically); ``notes`` are extra legend lines (abbreviations)."""
+    image = render_overlay(series, title, notes)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
     os.close(fd)
     try:
@@ -161,7 +166,7 @@ def draw_overlay(series: Sequence[Series], path: Path, title: str) -> None:
         raise
 
 
-def render_overlay(series: Sequence[Series], title: str) -> Image.Image:
+def render_overlay(series: Sequence[Series], title: str, notes: Sequence[str] = ()) -> Image.Image:
     s = SCALE
     img = Image.new("RGB", (WIDTH * s, HEIGHT * s), "white")
     d = ImageDraw.Draw(img)
@@ -211,7 +216,7 @@ def render_overlay(series: Sequence[Series], title: str) -> Image.Image:
     if not all_values:
         d.text(((x0 + x1) // 2, (y0 + y1) // 2), "no metrics yet", fill=(120, 120, 120), font=f_text,
                anchor="mm")
-    _legend(d, series, cols, (x1 + 24 * s, y0), f_text, f_small)
+    _legend(d, series, cols, notes, (x1 + 24 * s, y0), f_text, f_small)
     return img.resize((WIDTH, HEIGHT), Image.Resampling.LANCZOS)
 
 
@@ -228,7 +233,8 @@ def _vertical_text(img: Image.Image, text: str, font: ImageFont.ImageFont | Imag
     img.paste(label, (centre[0] - label.width // 2, centre[1] - label.height // 2), label)
 
 
-def _legend(d: ImageDraw.ImageDraw, series: Sequence[Series], cols: list[Colour], origin: tuple[int, int],
+def _legend(d: ImageDraw.ImageDraw, series: Sequence[Series], cols: list[Colour], notes: Sequence[str],
+            origin: tuple[int, int],
             font: ImageFont.ImageFont | ImageFont.FreeTypeFont,
             small: ImageFont.ImageFont | ImageFont.FreeTypeFont) -> None:
     s = SCALE
@@ -241,7 +247,11 @@ def _legend(d: ImageDraw.ImageDraw, series: Sequence[Series], cols: list[Colour]
     y += 18 * s
     _dot(d, x + 13 * s, y + 8 * s, (150, 150, 150), 4.5 * s)
     d.text((x + 34 * s, y + 8 * s), "validation loss", fill=grey, font=small, anchor="lm")
-    y += 28 * s
+    y += 18 * s
+    for note in notes:
+        d.text((x, y + 8 * s), _fit(note, small, width), fill=grey, font=small, anchor="lm")
+        y += 16 * s
+    y += 10 * s
     bottom = (HEIGHT - 20) * s
     fit = max(1, (bottom - y) // row)
     shown = list(zip(series, cols))

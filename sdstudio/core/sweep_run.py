@@ -22,7 +22,7 @@ from .runs import RunLock, is_run_dir
 from .sweep import SweepPlan
 from .sweep_plot import Series, draw_overlay
 from .sweep_state import RunRecord, SweepState, open_state
-from .sweep_summary import OVERLAY_PNG, run_label, write_summary
+from .sweep_summary import OVERLAY_PNG, run_labels, write_summary
 from .train.checkpoint import newest_valid_checkpoint
 from .train.loop import train
 
@@ -138,6 +138,10 @@ def _run_one(state: SweepState, record: RunRecord, control: TrainingControl) -> 
             events.close()
     record.status, record.message = status, message
     record.seconds += time.perf_counter() - t0
+    if not run_dir.exists():  # bad input found before training began: the loop left no folder behind
+        if record.run_dir in record.folders:
+            record.folders.remove(record.run_dir)
+        record.run_dir = ""
     state.save()
     _log(out_dir, f"[{record.index}] {status}{': ' + message if message else ''}")
     yield SweepRunEnded(record.index, status, message, run_dir, record.seconds)
@@ -165,15 +169,13 @@ def _fresh_folder(out_dir: Path, name: str) -> str:
 def _outputs(state: SweepState) -> Iterator[ev.Event]:
     """Rewrite summary.csv/.json and overlay.png; a plot problem is a warning, never the end of the sweep."""
     _, curves = write_summary(state)
-    series = []
-    for record in state.records:
-        c = curves.get(record.index)
-        if c is None or not (c.train or c.val):
-            continue
-        label = run_label(record) + (" (failed)" if record.status == "failed" else "")
-        series.append(Series(label, c.train, c.val))
+    shown = [r for r in state.records if (c := curves.get(r.index)) is not None and (c.train or c.val)]
+    labels, notes = run_labels(shown, state.plan.keys)
+    series = [Series(labels[r.index] + (" (failed)" if r.status == "failed" else ""), curves[r.index].train,
+                     curves[r.index].val) for r in shown]
     try:
-        draw_overlay(series, state.out_dir / OVERLAY_PNG, f"sweep {state.plan.name}: training and validation loss")
+        draw_overlay(series, state.out_dir / OVERLAY_PNG, f"sweep {state.plan.name}: training and validation loss",
+                     notes)
     except Exception as exc:  # noqa: BLE001
         _log(state.out_dir, f"could not draw {OVERLAY_PNG}: {exc}\n{traceback.format_exc()}")
         yield ev.Warning(f"could not draw {state.out_dir / OVERLAY_PNG} ({exc}); the summary is written")

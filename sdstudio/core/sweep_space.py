@@ -16,7 +16,9 @@ RANGE_KEYS = ("min", "max", "log")
 
 
 def is_range(value: Any) -> bool:
-    return isinstance(value, dict) and bool(value) and set(value) <= set(RANGE_KEYS)
+    """A [random] table like ``{min = 1, max = 9}``; no config field is called min, max or log, so a table
+    naming any of them is a (maybe misspelt) range, never a config section."""
+    return isinstance(value, dict) and bool(set(value) & set(RANGE_KEYS))
 
 
 def flatten(table: dict[str, Any], where: str, prefix: str = "") -> dict[str, Any]:

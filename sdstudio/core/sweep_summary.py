@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .runs import read_metrics, write_text_atomic
-from .sweep import format_value
+from .sweep import format_value, short_key
 from .sweep_state import RunRecord, SweepState
 
 SUMMARY_CSV = "summary.csv"
@@ -124,7 +124,19 @@ def write_summary(state: SweepState) -> tuple[list[dict[str, Any]], dict[int, Ru
     return rows, curves
 
 
-def run_label(record: RunRecord) -> str:
-    """``3: lr=3e-4 bs=16``: the legend text of a run."""
-    values = " ".join(f"{k.split('.')[-1]}={format_value(v)}" for k, v in record.overrides.items())
-    return f"{record.index}: {values}" if values else str(record.index)
+LEGEND_CHARS = 40  # what fits the overlay's legend; longer labels switch to abbreviated keys
+
+
+def run_labels(records: list[RunRecord], keys: list[str]) -> tuple[dict[int, str], list[str]]:
+    """Legend text per run (``3: learning_rate=3e-4 batch_size=16``) and notes explaining abbreviations,
+    used when the full names do not fit (``3: lr=3e-4 bs=16`` with ``lr = train.learning_rate``)."""
+
+    def label(record: RunRecord, name: Any) -> str:
+        values = " ".join(f"{name(k)}={format_value(v)}" for k, v in record.overrides.items())
+        return f"{record.index}: {values}" if values else str(record.index)
+
+    full = {r.index: label(r, lambda k: k.split(".")[-1]) for r in records}
+    if all(len(text) <= LEGEND_CHARS for text in full.values()):
+        return full, []
+    short = {r.index: label(r, short_key) for r in records}
+    return short, [f"{short_key(k)} = {k}" for k in keys]

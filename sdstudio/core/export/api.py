@@ -21,11 +21,9 @@ def export(source_path: Path, fmt: str, out: Path, *, dtype: torch.dtype = torch
 
         writer = export_kohya_lora if fmt == "kohya" else export_diffusers_lora
         return writer(source, out, dtype=dtype, force=force)
-    if fmt == "single-file":
-        try:
-            from .single_file_export import export_single_file
-        except ImportError:
-            raise UserError("single-file export is not available in this build yet; use kohya or diffusers "
-                            "for LoRAs") from None
-        return export_single_file(source, out, dtype=dtype, force=force)
-    raise UserError(f"--format {fmt}: not available in this build yet; use kohya or diffusers for LoRA runs")
+    if fmt in ("single-file", "diffusers-folder"):
+        from .full_model import export_diffusers_folder, export_single_file
+
+        writer = export_single_file if fmt == "single-file" else export_diffusers_folder
+        return writer(source, out, dtype=dtype, force=force)
+    raise UserError(f"--format {fmt}: unknown; use kohya, diffusers, single-file or diffusers-folder")

@@ -100,7 +100,8 @@ def inspect_model_folder(path: Path) -> ModelFileInfo:
             te = json.loads((path / "text_encoder" / "config.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             te = {}
-        kind = "sd2" if int(te.get("hidden_size", 768)) == 1024 else "sd1"
+        # SD2's text encoder is OpenCLIP-H (1024 wide, gelu); SD1's is CLIP-L (quick_gelu)
+        kind = "sd2" if int(te.get("hidden_size", 768)) == 1024 or te.get("hidden_act") == "gelu" else "sd1"
     pred = None
     try:
         sched = json.loads((path / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))

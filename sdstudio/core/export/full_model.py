@@ -1,0 +1,91 @@
+"""Full-model exports of a Stable Diffusion run: a single file in the original (LDM) layout for A1111 /
+ComfyUI / `from_single_file`, or a diffusers pipeline folder. A LoRA run is merged into its base model."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+from .metadata import training_metadata
+from .source import ExportSource
+
+
+def _merge_lora(unet: torch.nn.Module) -> None:
+    """Fold every peft LoRA layer into its base weight and put the base layer back in its place."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(unet.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            parent = unet.get_submodule(parent_name) if parent_name else unet
+            setattr(parent, child, module.get_base_layer())
+
+
+def trained_components(source: ExportSource) -> Any:
+    """The base model with the run's trained weights (LoRA merged), on the CPU in fp32."""
+    if source.family == "pixel":
+        raise UserError(f"{source.checkpoint}: a from-scratch (pixel) model has no Stable Diffusion layout; "
+                        "single-file and diffusers-folder exports of pixel models are not available yet")
+    from ..models.sd import build_sd_model
+
+    config = source.config.with_overrides({"train.mixed_precision": "no"})
+    bundle = build_sd_model(config, torch.device("cpu"))
+    bundle.load_trainable_state(source.weights, source.checkpoint)
+    comps = bundle.components
+    if bundle.lora:
+        _merge_lora(comps.unet)
+    for module in (comps.unet, comps.vae, comps.text_encoder, comps.text_encoder_2):
+        if module is not None:
+            module.to(torch.float32).eval()
+    return comps
+
+
+def export_single_file(source: ExportSource, path: Path, *, dtype: torch.dtype = torch.float16,
+                       force: bool = False) -> Path:
+    from .single_file import write_single_file
+
+    if path.exists() and not force:
+        raise UserError(f"{path}: exists already; choose another --out or pass --force to overwrite it")
+    comps = trained_components(source)
+    meta = training_metadata(source, title=path.stem, lora=False)
+    pred = source.architecture.get("prediction_type", "epsilon")
+    return write_single_file(comps, path, family=source.family, dtype=dtype, metadata=meta, force=force,
+                             v_prediction=pred == "v_prediction")
+
+
+def export_diffusers_folder(source: ExportSource, folder: Path, *, dtype: torch.dtype = torch.float16,
+                            force: bool = False) -> Path:
+    """A complete pipeline folder (`from_pretrained`), written next to its final place and renamed."""
+    from diffusers import (DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline)
+
+    if folder.exists() and any(folder.iterdir()) and not force:
+        raise UserError(f"{folder}: exists and is not empty; choose another --out or pass --force")
+    comps = trained_components(source)
+    sched = DDPMScheduler.from_config(comps.scheduler_config)
+    parts: dict[str, Any] = {"unet": comps.unet.to(dtype), "vae": comps.vae.to(dtype),
+                             "text_encoder": comps.text_encoder.to(dtype), "tokenizer": comps.tokenizer,
+                             "scheduler": sched}
+    if source.family == "sdxl":
+        pipe = StableDiffusionXLPipeline(**parts, text_encoder_2=comps.text_encoder_2.to(dtype),
+                                         tokenizer_2=comps.tokenizer_2)
+    else:
+        pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"{folder}: could not write the export ({exc.strerror or exc}); nothing was written") from None
+    return folder
