@@ -11,6 +11,7 @@ import torch
 
 from sdstudio.core import paths
 from sdstudio.core.data.cache import (
+    CacheWriteError,
     ContentHashes,
     FeatureCache,
     ImageItem,
@@ -126,7 +127,7 @@ def test_writes_are_atomic(folder: Path, monkeypatch: pytest.MonkeyPatch) -> Non
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CacheWriteError, match="disk full.*turn the cache off"):
         cache.put(item, {"latents": torch.ones(2, 2)})
     monkeypatch.undo()
     assert not cache.path_for(cache.key(item)).exists()

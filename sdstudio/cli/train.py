@@ -20,7 +20,8 @@ from .common import add_config_args, parse_sets, resolve_config
 # Keys --resume may change: they alter neither the model nor the data order.
 RESUME_SAFE_PREFIXES = ("sample.", "checkpoint.")
 RESUME_SAFE_KEYS = {"train.max_steps", "train.epochs", "train.log_every", "train.val_every_steps",
-                    "train.nan_skip_steps", "train.threads", "data.num_workers", "train.device"}
+                    "train.nan_skip_steps", "train.oom_skip_batches", "train.threads", "data.num_workers",
+                    "train.device"}
 
 
 def register(sub: Any) -> None:

@@ -168,6 +168,8 @@ class TrainConfig(Section):
     log_every: int = Field(10, ge=1, description="Steps between logged metrics.")
     val_every_steps: int = Field(0, ge=0, description="Steps between validations (0 = each epoch).")
     nan_skip_steps: int = Field(0, ge=0, description="Bad (NaN/inf) steps skipped before stopping.")
+    oom_skip_batches: int = Field(0, ge=0, le=100, description="CUDA out-of-memory batches skipped before "
+                                  "stopping (the run then stops with a checkpoint and advice).")
     threads: int = Field(0, ge=0, description="CPU threads for torch (0 = torch's default).")
 
 

@@ -31,6 +31,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from .. import paths
+from ..errors import UserError
 from .filememo import FileMemo, write_atomic
 from .images import load_with_info
 from .transforms import AugmentSettings, center_crop_position, fit_to_size, to_tensor_array
@@ -75,6 +76,14 @@ class ContentHashes:
             out = list(pool.map(self.sha256, files))
         self.memo.save()
         return out
+
+
+class CacheWriteError(UserError):
+    """A cache entry could not be written (disk full, not writable): the message says where and how much."""
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
 
 
 @dataclass(frozen=True)
@@ -239,7 +248,14 @@ class FeatureCache:
         key = self.key(item)
         meta = {"format": CACHE_FORMAT, "key": key, "sha256": tensors_digest(tensors), "namespace": self.namespace}
         path = self.path_for(key)
-        write_atomic(path, save_safetensors(tensors, metadata=meta))
+        blob = save_safetensors(tensors, metadata=meta)
+        try:
+            write_atomic(path, blob)
+        except OSError as exc:
+            raise CacheWriteError(f"{path}: cannot write a cache entry ({exc.strerror or exc}); free space in "
+                                  f"{self.folder} (each entry needs about {len(blob) / 1e3:.1f} kB) or make it "
+                                  "writable, or turn the cache off (data.cache_latents / "
+                                  "data.cache_text_embeddings)", exc.errno) from exc
         return path
 
     def __contains__(self, item: CacheItem) -> bool:

@@ -5,6 +5,7 @@ processes); only the main process writes files and yields UI events."""
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import time
 import traceback
@@ -194,9 +195,10 @@ def _epochs(s: TrainingSession, control: TrainingControl, metrics: MetricsWriter
             loss, grad_norm, lr = s.optimizer_step(group)
             s.step += 1
             s.step_in_epoch += 1
-            window.loss_sum += loss
-            window.grad_sum += grad_norm
-            window.steps += 1
+            if math.isfinite(loss):  # a skipped (NaN / out-of-memory) step is not averaged in
+                window.loss_sum += loss
+                window.grad_sum += grad_norm
+                window.steps += 1
             window.images += s.global_batch
             step_times.append(time.perf_counter() - t_step)
             if len(step_times) > 50:
@@ -241,8 +243,8 @@ def _should_stop(s: TrainingSession, control: TrainingControl) -> bool:
 def _log_window(s: TrainingSession, w: _Window, lr: float, step_times: list[float],
                 metrics: MetricsWriter | None) -> ev.StepMetrics:
     elapsed = max(time.perf_counter() - w.t0, 1e-9)
-    loss = w.loss_sum / max(1, w.steps)
-    grad = w.grad_sum / max(1, w.steps)
+    loss = w.loss_sum / w.steps if w.steps else float("nan")
+    grad = w.grad_sum / w.steps if w.steps else float("nan")
     ips = w.images / elapsed
     sorted_times = sorted(step_times)
     median = sorted_times[len(sorted_times) // 2] if sorted_times else 0.0

@@ -76,6 +76,7 @@ class TrainingSession:
         self.step = self.epoch = self.step_in_epoch = 0
         self.last_val_step = self.last_sample_step = self.last_checkpoint_step = -1
         self.bad_steps = 0
+        self.oom_skips = 0
         self.ready = False
         self.started = False
         self._checkpoint: CheckpointInfo | None = None
@@ -370,10 +371,24 @@ class TrainingSession:
         return collate([self.reg_dataset[k] for k in keys])
 
     def optimizer_step(self, group: list[dict[str, Any]]) -> tuple[float, float, float]:
-        """One optimizer step over a group of micro-batches: (loss, grad norm, lr)."""
+        """One optimizer step over a group of micro-batches: (loss, grad norm, lr); NaN loss = skipped."""
+        lr = self.schedule.apply(self.optimizer, self.step)
+        try:
+            return self._accumulate_and_step(group, lr)
+        except torch.cuda.OutOfMemoryError:
+            if self.oom_skips >= self.config.train.oom_skip_batches:
+                raise
+            self.oom_skips += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            log.warning("CUDA out of memory at step %d: batch skipped (%d of %d allowed by train.oom_skip_batches)",
+                        self.step + 1, self.oom_skips, self.config.train.oom_skip_batches)
+            return float("nan"), float("nan"), lr
+
+    def _accumulate_and_step(self, group: list[dict[str, Any]], lr: float) -> tuple[float, float, float]:
         from .loop import NonFiniteLoss
 
-        lr = self.schedule.apply(self.optimizer, self.step)
         total = torch.zeros((), device=self.device)
         for i, batch in enumerate(group):
             last = i == len(group) - 1
