@@ -184,3 +184,25 @@ def test_a_locked_run_folder_is_refused(tiny_config, tmp_path: Path) -> None:
     (run_dir / "lock").write_text("999999999")  # stale: no such process
     events = run_all(tiny_config.with_overrides({"train.max_steps": 7}), run_dir, resume=True)
     assert isinstance(events[-1], ev.Finished)
+
+
+def test_early_stopping_on_a_plateau_keeps_the_best_checkpoint(tiny_config, tmp_path: Path, monkeypatch) -> None:
+    """A synthetic plateau: the validation loss improves twice, then stays flat; patience 2 stops the run
+    two validations later and the best checkpoint survives pruning (keep_last = 1)."""
+    curve = iter([1.0, 0.8, 0.8, 0.81, 0.8, 0.8, 0.8, 0.8])
+
+    monkeypatch.setattr(TrainingSession, "validate", lambda self: (next(curve), [0.0] * 10))
+    cfg = tiny_config.with_overrides({"train.max_steps": 40, "train.val_every_steps": 2, "checkpoint.every_steps": 0,
+                                      "checkpoint.keep_last": 1, "train.early_stopping_patience": 2,
+                                      "train.early_stopping_min_delta": 0.01})
+    run = tmp_path / "run"
+    events = run_all(cfg, run)
+    assert isinstance(events[-1], ev.Finished) and events[-1].reason == "early_stopped", events[-1]
+    assert events[-1].step == 8, "validations at steps 2, 4 (best), 6, 8 -> stop"
+    assert any(isinstance(e, ev.Warning) and "early stopping" in e.text for e in events)
+    best = json.loads((run / "checkpoints" / "best.json").read_text())
+    assert best["step"] == 4 and best["val_loss"] == 0.8
+    assert (run / "checkpoints" / "step-00000004").is_dir() and (run / "checkpoints" / "step-00000008").is_dir()
+    from sdstudio.core.inference import resolve_checkpoint
+
+    assert resolve_checkpoint(run, best=True).name == "step-00000004"

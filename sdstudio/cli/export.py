@@ -22,6 +22,7 @@ def register(sub: Any) -> None:
     p.add_argument("--out", type=Path, required=True, help="output file (a folder for diffusers-folder)")
     p.add_argument("--dtype", choices=DTYPES, default="fp16", help="tensor dtype of the export (default fp16)")
     p.add_argument("--ema", action="store_true", help="export the EMA weights (the run must have used EMA)")
+    p.add_argument("--best", action="store_true", help="export the checkpoint with the best validation loss")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.set_defaults(func=run)
 
@@ -34,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     if args.format != "diffusers-folder" and args.out.suffix.lower() != ".safetensors":
         raise UserError(f"--out {args.out}: a {args.format} export is a .safetensors file; name it *.safetensors")
-    path = export(args.source, args.format, args.out, dtype=dtype, use_ema=args.ema, force=args.force)
+    path = export(args.source, args.format, args.out, dtype=dtype, use_ema=args.ema, force=args.force,
+                  best=args.best)
     print(f"exported {args.format} to {path}")
     return 0

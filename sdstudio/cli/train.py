@@ -122,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
                           file=sys.stderr)
                     code = 130
                 else:
-                    print(f"finished: {event.run_dir}", file=sys.stderr)
+                    early = " (early stopping)" if event.reason == "early_stopped" else ""
+                    print(f"finished{early}: {event.run_dir}", file=sys.stderr)
                     code = 0
             elif isinstance(event, ev.Failed):
                 if bar is not None:

@@ -167,6 +167,10 @@ class TrainConfig(Section):
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="Where to train.")
     log_every: int = Field(10, ge=1, description="Steps between logged metrics.")
     val_every_steps: int = Field(0, ge=0, description="Steps between validations (0 = each epoch).")
+    early_stopping_patience: int = Field(0, ge=0, description="Stop after this many validations without an "
+                                         "improvement of the validation loss (0 = off).")
+    early_stopping_min_delta: float = Field(0.0, ge=0.0, description="Smallest decrease of the validation loss "
+                                            "that counts as an improvement.")
     nan_skip_steps: int = Field(0, ge=0, description="Bad (NaN/inf) steps skipped before stopping.")
     oom_skip_batches: int = Field(0, ge=0, le=100, description="CUDA out-of-memory batches skipped before "
                                   "stopping (the run then stops with a checkpoint and advice).")
@@ -192,6 +196,9 @@ class CheckpointConfig(Section):
     every_epochs: int = Field(0, ge=0, description="Save every N epochs (0 = off).")
     keep_last: int = Field(3, ge=1, description="Checkpoints kept (the newest valid one is never "
                            "deleted).")
+    keep_best: bool = Field(False, description="Save a checkpoint whenever the validation loss improves and keep "
+                            "it (marked in checkpoints/best.json) whatever keep_last says; on whenever early "
+                            "stopping is.")
     save_optimizer: bool = Field(True, description="Save optimizer state (needed for exact resume).")
 
 

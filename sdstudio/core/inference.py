@@ -42,10 +42,18 @@ class LoadedModel:
                         device=self.device)
 
 
-def resolve_checkpoint(run_or_checkpoint: Path, checkpoint: Path | None = None) -> Path:
-    """A checkpoint folder: the one given, or the newest valid one of a run folder."""
+def resolve_checkpoint(run_or_checkpoint: Path, checkpoint: Path | None = None, *, best: bool = False) -> Path:
+    """A checkpoint folder: the one given, the best by validation loss, or the newest valid one of a run."""
     if checkpoint is not None:
         return verify_checkpoint(checkpoint).path
+    if best:
+        from .train.session import best_checkpoint_path
+
+        found = best_checkpoint_path(run_or_checkpoint) if is_run_dir(run_or_checkpoint) else None
+        if found is None:
+            raise CheckpointError(f"{run_or_checkpoint}: no checkpoint marked best (the run needs validation "
+                                  "and checkpoint.keep_best or early stopping)")
+        return verify_checkpoint(found).path
     if is_run_dir(run_or_checkpoint):
         return newest_valid_checkpoint(run_or_checkpoint / "checkpoints").path
     if (run_or_checkpoint / "manifest.json").is_file():

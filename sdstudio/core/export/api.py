@@ -11,8 +11,8 @@ from .source import load_export_source
 
 
 def export(source_path: Path, fmt: str, out: Path, *, dtype: torch.dtype = torch.float16, use_ema: bool = False,
-           force: bool = False) -> Path:
-    source = load_export_source(source_path, use_ema=use_ema)
+           force: bool = False, best: bool = False) -> Path:
+    source = load_export_source(source_path, use_ema=use_ema, best=best)
     if fmt in ("kohya", "diffusers"):
         if source.family == "pixel":
             raise UserError(f"{source.checkpoint}: a from-scratch (pixel) model has no LoRA; export it as "

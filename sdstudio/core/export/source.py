@@ -55,9 +55,9 @@ def _ema_as_weights(ema: dict[str, torch.Tensor], weights: dict[str, torch.Tenso
     return out
 
 
-def load_export_source(path: Path, *, use_ema: bool = False) -> ExportSource:
-    """A run folder (its newest valid checkpoint) or a checkpoint folder; refuses anything else clearly."""
-    folder = resolve_checkpoint(path)
+def load_export_source(path: Path, *, use_ema: bool = False, best: bool = False) -> ExportSource:
+    """A run folder (its newest valid checkpoint, or the best with ``best``) or a checkpoint folder."""
+    folder = resolve_checkpoint(path, best=best)
     from ..train.checkpoint import verify_checkpoint
 
     info = verify_checkpoint(folder)

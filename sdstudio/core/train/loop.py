@@ -208,6 +208,9 @@ def _epochs(s: TrainingSession, control: TrainingControl, metrics: MetricsWriter
                 window = _Window()
             if cfg.train.val_every_steps and s.step % cfg.train.val_every_steps == 0:
                 yield from _validate(s, metrics)
+                if s.early_stop:
+                    reason = "early_stopped"
+                    break
             if (cfg.sample.every_steps and s.step % cfg.sample.every_steps == 0) or control.take_sample_request():
                 yield from _sample(s, metrics)
             if (cfg.checkpoint.every_steps and s.step % cfg.checkpoint.every_steps == 0) or control.take_save_request():
@@ -220,9 +223,12 @@ def _epochs(s: TrainingSession, control: TrainingControl, metrics: MetricsWriter
                 s.epoch += 1
                 s.step_in_epoch = 0
                 yield from _epoch_end(s, epoch, metrics)
+                if s.early_stop:
+                    reason = "early_stopped"
+                    break
             continue
         break
-    if reason == "completed":
+    if reason in ("completed", "early_stopped"):
         if not cfg.train.val_every_steps or s.step % cfg.train.val_every_steps:
             if s.last_val_step != s.step:
                 yield from _validate(s, metrics)
@@ -275,9 +281,22 @@ def _validate(s: TrainingSession, metrics: MetricsWriter | None) -> Iterator[ev.
         return
     val_loss, per_bucket = result
     s.schedule.observe(val_loss)
+    improved = s.observe_validation(val_loss)
     if metrics:
-        metrics.write(metrics_row("val", s.step, s.epoch, val_loss=val_loss, val_buckets=per_bucket))
+        metrics.write(metrics_row("val", s.step, s.epoch, val_loss=val_loss, val_buckets=per_bucket,
+                                  best=improved))
     yield ev.ValidationResult(s.step, s.epoch, val_loss, {f"t{i}": v for i, v in enumerate(per_bucket)})
+    keep_best = s.config.checkpoint.keep_best or s.config.train.early_stopping_patience > 0
+    if improved and keep_best and s.is_main and s.run_dir is not None:
+        if s.last_checkpoint_step != s.step:
+            yield from _checkpoint(s, metrics)
+        s.mark_best(val_loss)
+    if s.early_stop:
+        log.info("early stopping: no improvement of the validation loss in %d validations (best %.6f at step %d)",
+                 s.config.train.early_stopping_patience, s.best_val, s.best_step)
+        yield ev.Warning(f"early stopping at step {s.step}: the validation loss has not improved for "
+                         f"{s.config.train.early_stopping_patience} validations (best {s.best_val:.5f} at step "
+                         f"{s.best_step})")
     yield ev.Status("training", "training")
 
 

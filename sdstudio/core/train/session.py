@@ -29,6 +29,17 @@ from .setup import PreparedData, build_model, data_root, pick_device, prepare_da
 
 log = logging.getLogger("sdstudio")
 VAL_BUCKETS = 10
+BEST_FILE = "best.json"
+
+
+def best_checkpoint_path(run_dir: Path) -> Path | None:
+    """The checkpoint marked best by validation loss (checkpoints/best.json), if it still exists."""
+    try:
+        data = json.loads((run_dir / "checkpoints" / BEST_FILE).read_text(encoding="utf-8"))
+        path = run_dir / "checkpoints" / str(data["checkpoint"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return path if path.is_dir() else None
 
 
 def _concat(a: Any, b: Any) -> Any:
@@ -76,6 +87,10 @@ class TrainingSession:
         self.step = self.epoch = self.step_in_epoch = 0
         self.last_val_step = self.last_sample_step = self.last_checkpoint_step = -1
         self.bad_steps = 0
+        self.best_val = float("inf")
+        self.best_step = -1
+        self.bad_vals = 0
+        self.early_stop = False
         self.oom_skips = 0
         self.ready = False
         self.started = False
@@ -243,6 +258,29 @@ class TrainingSession:
     def _encode_latents(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"latents": self.bundle.to_model_space(pixels.to(self.device)).to("cpu")}
 
+    def observe_validation(self, val_loss: float) -> bool:
+        """Track the best validation loss; True when this one improved on it (early stopping counts the rest)."""
+        t = self.config.train
+        if val_loss < self.best_val - t.early_stopping_min_delta:
+            self.best_val, self.best_step, self.bad_vals = val_loss, self.step, 0
+            return True
+        self.bad_vals += 1
+        if t.early_stopping_patience and self.bad_vals >= t.early_stopping_patience:
+            self.early_stop = True
+        return False
+
+    def mark_best(self, val_loss: float) -> None:
+        from ..runs import write_text_atomic
+
+        assert self.run_dir is not None
+        write_text_atomic(self.run_dir / "checkpoints" / BEST_FILE, json.dumps(
+            {"step": self.step, "checkpoint": f"step-{self.step:08d}", "val_loss": val_loss}))
+
+    def best_checkpoint(self) -> Path | None:
+        if self.run_dir is None:
+            return None
+        return best_checkpoint_path(self.run_dir)
+
     def check_memory(self) -> str | None:
         """On a GPU: the estimated need against the free memory; advice when it will not fit."""
         from .memory import estimate_memory, memory_advice
@@ -291,6 +329,10 @@ class TrainingSession:
                 s_param.data.copy_(shadow[name].to(s_param.device))
             meta = info.manifest.get("ema_optimization_step")
             self.ema.optimization_step = int(meta) if meta is not None else info.step
+        early = state.get("extra") or {}
+        self.best_val = float(early.get("best_val", float("inf")))
+        self.best_step = int(early.get("best_step", -1))
+        self.bad_vals = int(early.get("bad_vals", 0))
         pos = state["position"]
         self.step, self.epoch, self.step_in_epoch = int(pos["step"]), int(pos["epoch"]), int(pos["step_in_epoch"])
         self.last_checkpoint_step = self.step
@@ -517,13 +559,16 @@ class TrainingSession:
             ckpt_state.save_training_files(folder, self.bundle, optimizer=self.optimizer, schedule=self.schedule,
                                            scaler=self.accelerator.scaler, ema=self.ema, ema_names=self.param_names,
                                            position=pos, config_toml=toml,
+                                           extra_state={"best_val": self.best_val, "best_step": self.best_step,
+                                                        "bad_vals": self.bad_vals},
                                            save_optimizer=self.config.checkpoint.save_optimizer)
 
         extra = {"family": self.bundle.family, "step_in_epoch": self.step_in_epoch,
                  "ema_optimization_step": self.ema.optimization_step if self.ema is not None else None}
         path = write_checkpoint(root, self.step, self.epoch, fill, extra)
         self.last_checkpoint_step = self.step
-        prune_checkpoints(root, self.config.checkpoint.keep_last, protect={path})
+        best = self.best_checkpoint()
+        prune_checkpoints(root, self.config.checkpoint.keep_last, protect={path} | ({best} if best else set()))
         log.info("checkpoint saved: %s", path)
         return path
 

@@ -54,7 +54,7 @@ class Position:
 
 def save_training_files(folder: Path, bundle: ModelBundle, *, optimizer: Any, schedule: Any, scaler: Any,
                         ema: Any, ema_names: list[str], position: Position, config_toml: str,
-                        save_optimizer: bool) -> None:
+                        save_optimizer: bool, extra_state: dict[str, Any] | None = None) -> None:
     """Write every file of a checkpoint into ``folder`` (the caller handles atomicity)."""
     save_file(model_state(bundle), str(folder / WEIGHTS), metadata={"format": "pt", "sdstudio": "weights"})
     if ema is not None:
@@ -62,6 +62,7 @@ def save_training_files(folder: Path, bundle: ModelBundle, *, optimizer: Any, sc
         save_file(shadow, str(folder / EMA_WEIGHTS), metadata={"format": "pt", "sdstudio": "ema",
                                                                "optimization_step": str(ema.optimization_step)})
     state = {"position": position.__dict__, "schedule": schedule.state_dict(), "rng": rng_state(),
+             "extra": extra_state or {},
              "optimizer": optimizer.state_dict() if save_optimizer else None,
              "scaler": scaler.state_dict() if scaler is not None else None}
     torch.save(state, folder / TRAINING_STATE)
