@@ -67,3 +67,48 @@ def tiny_config(tiny_dataset: Path):
     from sdstudio.core.config import RunConfig
 
     return RunConfig().with_overrides({**TINY_OVERRIDES, "data.path": str(tiny_dataset)})
+
+
+# -- tiny Stable Diffusion models in the real topologies (saved once per session) -------------------------
+@pytest.fixture(scope="session")
+def tiny_sd1(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from sdstudio.core.models.tiny import save_tiny_sd1
+
+    return save_tiny_sd1(tmp_path_factory.mktemp("tiny-sd1") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1_v(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from sdstudio.core.models.tiny import save_tiny_sd1
+
+    return save_tiny_sd1(tmp_path_factory.mktemp("tiny-sd1-v") / "model", prediction_type="v_prediction")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from sdstudio.core.models.tiny import save_tiny_sdxl
+
+    return save_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl") / "model")
+
+
+@pytest.fixture(scope="session")
+def four_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from sdstudio.core.demo_shapes import generate_demo_dataset
+
+    folder = tmp_path_factory.mktemp("four")
+    generate_demo_dataset(folder, per_class=1, size=32, seed=5)
+    for extra in sorted(folder.glob("*.png"))[4:]:
+        extra.unlink()
+        extra.with_suffix(".txt").unlink()
+    return folder
+
+
+@pytest.fixture(scope="session")
+def class_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from sdstudio.core.demo_shapes import generate_demo_dataset
+
+    folder = tmp_path_factory.mktemp("class")
+    generate_demo_dataset(folder, per_class=1, size=32, seed=9)
+    for caption in folder.glob("*.txt"):
+        caption.unlink()  # class images without captions take data.class_prompt
+    return folder

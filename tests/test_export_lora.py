@@ -16,7 +16,7 @@ from sdstudio.core import events as ev
 from sdstudio.core.export.api import export
 from sdstudio.core.inference import load_trained
 from sdstudio.core.train.loop import train
-from tests.test_sd_training import four_images, sd_config, tiny_sd1, tiny_sdxl  # noqa: F401 (fixtures)
+from tests.sd_helpers import sd_config
 
 
 def trained_lora_run(model: Path, data: Path, run: Path, preset: str) -> Path:

@@ -9,7 +9,7 @@ import torch
 
 from sdstudio.core.models.sd import build_sd_model
 from sdstudio.core.train.memory import GIB, estimate_memory, memory_advice
-from tests.test_sd_training import four_images, sd_config, tiny_sd1  # noqa: F401 (fixtures)
+from tests.sd_helpers import sd_config
 
 
 def test_estimate_scales_and_advises(tiny_sd1: Path, four_images: Path) -> None:

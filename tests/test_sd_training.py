@@ -12,54 +12,9 @@ import torch
 from safetensors.torch import save_file
 
 from sdstudio.core import events as ev
-from sdstudio.core.config import RunConfig
 from sdstudio.core.models.sd_files import ModelFileError, inspect_model, load_sd_components
-from sdstudio.core.models.tiny import save_tiny_sd1, save_tiny_sdxl
-from sdstudio.core.presets import load_preset
 from sdstudio.core.train.loop import train
-
-
-@pytest.fixture(scope="session")
-def tiny_sd1(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_sd1(tmp_path_factory.mktemp("tiny-sd1") / "model")
-
-
-@pytest.fixture(scope="session")
-def tiny_sd1_v(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_sd1(tmp_path_factory.mktemp("tiny-sd1-v") / "model", prediction_type="v_prediction")
-
-
-@pytest.fixture(scope="session")
-def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl") / "model")
-
-
-@pytest.fixture(scope="session")
-def four_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from sdstudio.core.demo_shapes import generate_demo_dataset
-
-    folder = tmp_path_factory.mktemp("four")
-    generate_demo_dataset(folder, per_class=1, size=32, seed=5)
-    for extra in sorted(folder.glob("*.png"))[4:]:
-        extra.unlink()
-        extra.with_suffix(".txt").unlink()
-    return folder
-
-
-def sd_config(preset: str, model: Path, data: Path, **overrides) -> RunConfig:
-    base = {"model.path": str(model), "data.path": str(data), "data.resolution": 64, "data.val_split": 0.0,
-            "data.caption_dropout": 0.0, "train.batch_size": 4, "train.max_steps": 30, "train.log_every": 1,
-            "train.warmup_steps": 0, "train.lr_scheduler": "constant", "train.device": "cpu",
-            "train.mixed_precision": "no", "sample.every_steps": 0, "sample.every_epochs": 0, "sample.at_end": False,
-            "sample.steps": 2, "sample.seeds": [0], "checkpoint.every_steps": 0, "loss.min_snr_gamma": 0.0,
-            "loss.timestep_min": 300, "loss.timestep_max": 700}
-    return load_preset(preset).with_overrides({**base, **overrides})
-
-
-def losses(config: RunConfig, run_dir: Path) -> list[float]:
-    events = list(train(config, run_dir=run_dir))
-    assert isinstance(events[-1], ev.Finished), events[-1]
-    return [e.loss for e in events if isinstance(e, ev.StepMetrics)]
+from tests.sd_helpers import losses, sd_config
 
 
 def test_detects_families_and_refuses_foreign_files(tiny_sd1: Path, tiny_sdxl: Path, tmp_path: Path) -> None:
@@ -175,17 +130,6 @@ def test_text_embedding_cache_gives_the_same_loss(model_fixture: str, request, f
     text_progress = [e for e in events if isinstance(e, ev.Progress) and e.what == "caching text embeddings"]
     assert text_progress and text_progress[-1].total == 5, "4 captions + the empty caption of dropout"
     assert [e.loss for e in events if isinstance(e, ev.StepMetrics)] == pytest.approx(without, rel=1e-4, abs=1e-5)
-
-
-@pytest.fixture(scope="session")
-def class_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from sdstudio.core.demo_shapes import generate_demo_dataset
-
-    folder = tmp_path_factory.mktemp("class")
-    generate_demo_dataset(folder, per_class=1, size=32, seed=9)
-    for caption in folder.glob("*.txt"):
-        caption.unlink()  # class images without captions take data.class_prompt
-    return folder
 
 
 def test_dreambooth_prior_loss(tiny_sd1: Path, four_images: Path, class_images: Path, tmp_path: Path) -> None:

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 try:
@@ -12,6 +17,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 from ..core.config import RunConfig
+from ..core.control import TrainingControl
 from ..core.errors import UserError
 from ..core.presets import DEFAULT_PRESET, load_config_file, load_preset
 
@@ -59,3 +65,29 @@ def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, str]:
     if overrides:
         config = config.with_overrides(overrides)
     return config, label
+
+
+def say(text: str) -> None:
+    """A message line on stderr that does not break a tqdm bar."""
+    from tqdm import tqdm
+
+    tqdm.write(text, file=sys.stderr)
+
+
+@contextmanager
+def stop_on_sigint(control: TrainingControl, what: str) -> Iterator[None]:
+    """First Ctrl-C: ask the loop to save a resumable checkpoint and stop; second: abort at once."""
+    count = {"n": 0}
+
+    def on_sigint(signum: int, frame: FrameType | None) -> None:
+        count["n"] += 1
+        if count["n"] > 1:
+            raise KeyboardInterrupt
+        say(f"stopping: saving a resumable checkpoint{what} (Ctrl-C again to abort without saving)")
+        control.request_stop()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

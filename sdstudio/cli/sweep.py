@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from tqdm import tqdm
@@ -14,6 +12,7 @@ from tqdm import tqdm
 from ..core import events as ev
 from ..core.control import TrainingControl
 from ..core.sweep import SweepPlan, default_sweep_dir, load_sweep
+from .common import say, stop_on_sigint
 
 
 def register(sub: Any) -> None:
@@ -27,10 +26,6 @@ def register(sub: Any) -> None:
     p.add_argument("--dry-run", action="store_true", help="validate the file and list the combinations; run nothing")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
-
-
-def _say(text: str) -> None:
-    tqdm.write(text, file=sys.stderr)
 
 
 def _list(plan: SweepPlan, out_dir: Path) -> None:
@@ -48,51 +43,41 @@ def run(args: argparse.Namespace) -> int:
     from ..core.sweep_run import SweepFinished, SweepRunEnded, SweepRunStarted, SweepStarted, run_sweep
 
     control = TrainingControl()
-    interrupted = {"count": 0}
-
-    def on_sigint(signum: int, frame: FrameType | None) -> None:
-        interrupted["count"] += 1
-        if interrupted["count"] > 1:
-            raise KeyboardInterrupt
-        _say("stopping: saving a resumable checkpoint of the current run (Ctrl-C again to abort without saving)")
-        control.request_stop()
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
     bar: tqdm | None = None
     finished: SweepFinished | None = None
-    try:
-        for event in run_sweep(plan, out_dir, control, retry_failed=args.retry_failed):
-            if isinstance(event, SweepStarted):
-                done = event.total - event.to_run
-                _say(f"sweep {plan.name}: {event.total} combinations, {event.to_run} to run"
-                     + (f" ({done} done or failed already)" if done else "") + f"; folder {event.out_dir}")
-            elif isinstance(event, SweepRunStarted):
-                verb = "resuming" if event.resumed else "starting"
-                _say(f"[{event.index + 1}/{event.total}] {verb} {event.run_dir.name}: "
-                     f"{plan.combinations[event.index].describe()}")
-            elif isinstance(event, ev.Started) and not args.quiet:
-                bar = tqdm(total=event.total_steps, initial=event.resumed_from_step, unit="step",
-                           dynamic_ncols=True, file=sys.stderr, leave=False)
-            elif isinstance(event, ev.StepMetrics) and bar is not None:
-                bar.update(event.step - bar.n)
-                bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}")
-            elif isinstance(event, ev.ValidationResult) and bar is None:
-                _say(f"  step {event.step}: validation loss {event.val_loss:.5f}")
-            elif isinstance(event, ev.Warning):
-                _say(f"  warning: {event.text}")
-            elif isinstance(event, SweepRunEnded):
-                if bar is not None:
-                    bar.close()
-                    bar = None
-                detail = f": {event.message}" if event.message else ""
-                _say(f"  {event.status}{detail} ({event.seconds:.0f} s)")
-            elif isinstance(event, SweepFinished):
-                finished = event
-    finally:
-        if bar is not None:
-            bar.close()
-        signal.signal(signal.SIGINT, previous)
-    return _report(args.file, out_dir, finished)
+    with stop_on_sigint(control, " of the current run"):
+        try:
+            for event in run_sweep(plan, out_dir, control, retry_failed=args.retry_failed):
+                if isinstance(event, SweepStarted):
+                    done = event.total - event.to_run
+                    say(f"sweep {plan.name}: {event.total} combinations, {event.to_run} to run"
+                         + (f" ({done} done or failed already)" if done else "") + f"; folder {event.out_dir}")
+                elif isinstance(event, SweepRunStarted):
+                    verb = "resuming" if event.resumed else "starting"
+                    say(f"[{event.index + 1}/{event.total}] {verb} {event.run_dir.name}: "
+                         f"{plan.combinations[event.index].describe()}")
+                elif isinstance(event, ev.Started) and not args.quiet:
+                    bar = tqdm(total=event.total_steps, initial=event.resumed_from_step, unit="step",
+                               dynamic_ncols=True, file=sys.stderr, leave=False)
+                elif isinstance(event, ev.StepMetrics) and bar is not None:
+                    bar.update(event.step - bar.n)
+                    bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}")
+                elif isinstance(event, ev.ValidationResult) and bar is None:
+                    say(f"  step {event.step}: validation loss {event.val_loss:.5f}")
+                elif isinstance(event, ev.Warning):
+                    say(f"  warning: {event.text}")
+                elif isinstance(event, SweepRunEnded):
+                    if bar is not None:
+                        bar.close()
+                        bar = None
+                    detail = f": {event.message}" if event.message else ""
+                    say(f"  {event.status}{detail} ({event.seconds:.0f} s)")
+                elif isinstance(event, SweepFinished):
+                    finished = event
+        finally:
+            if bar is not None:
+                bar.close()
+        return _report(args.file, out_dir, finished)
 
 
 def _report(sweep_file: Path, out_dir: Path, finished: Any) -> int:

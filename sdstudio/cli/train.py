@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from tqdm import tqdm
@@ -15,7 +13,7 @@ from ..core import events as ev
 from ..core.control import TrainingControl
 from ..core.errors import UserError
 from ..core.runs import default_run_dir, is_run_dir, load_run_config
-from .common import add_config_args, parse_sets, resolve_config
+from .common import add_config_args, parse_sets, resolve_config, say, stop_on_sigint
 
 # Keys --resume may change: they alter neither the model nor the data order.
 RESUME_SAFE_PREFIXES = ("sample.", "checkpoint.")
@@ -55,10 +53,6 @@ def _resume_config(args: argparse.Namespace) -> tuple[Any, Path]:
     return config, run_dir
 
 
-def _say(text: str) -> None:
-    tqdm.write(text, file=sys.stderr)
-
-
 def run(args: argparse.Namespace) -> int:
     if args.resume is not None:
         config, run_dir = _resume_config(args)
@@ -70,73 +64,63 @@ def run(args: argparse.Namespace) -> int:
     from ..core.train.loop import train  # torch/diffusers import only when training
 
     control = TrainingControl()
-    interrupted = {"count": 0}
-
-    def on_sigint(signum: int, frame: FrameType | None) -> None:
-        interrupted["count"] += 1
-        if interrupted["count"] > 1:
-            raise KeyboardInterrupt
-        _say("stopping: saving a resumable checkpoint (Ctrl-C again to abort without saving)")
-        control.request_stop()
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
     bar = None
     phase_bar = None  # caching progress before training starts
     code = 1
-    try:
-        for event in train(config, control, run_dir=run_dir, resume=resume):
-            if isinstance(event, ev.Started):
-                if not args.quiet:
-                    bar = tqdm(total=event.total_steps, initial=event.resumed_from_step, unit="step",
-                               dynamic_ncols=True, file=sys.stderr)
-                _say(f"run folder: {event.run_dir}")
-            elif isinstance(event, ev.StepMetrics):
-                if bar is not None:
-                    bar.update(event.step - bar.n)
-                    bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}", img_s=f"{event.img_per_s:.1f}")
-            elif isinstance(event, ev.Progress) and not args.quiet:
-                if phase_bar is None or phase_bar.desc != event.what:
-                    if phase_bar is not None:
+    with stop_on_sigint(control, ""):
+        try:
+            for event in train(config, control, run_dir=run_dir, resume=resume):
+                if isinstance(event, ev.Started):
+                    if not args.quiet:
+                        bar = tqdm(total=event.total_steps, initial=event.resumed_from_step, unit="step",
+                                   dynamic_ncols=True, file=sys.stderr)
+                    say(f"run folder: {event.run_dir}")
+                elif isinstance(event, ev.StepMetrics):
+                    if bar is not None:
+                        bar.update(event.step - bar.n)
+                        bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}", img_s=f"{event.img_per_s:.1f}")
+                elif isinstance(event, ev.Progress) and not args.quiet:
+                    if phase_bar is None or phase_bar.desc != event.what:
+                        if phase_bar is not None:
+                            phase_bar.close()
+                        phase_bar = tqdm(total=event.total, desc=event.what, unit="item", file=sys.stderr,
+                                         dynamic_ncols=True)
+                    phase_bar.update(event.done - phase_bar.n)
+                    if event.done >= event.total:
                         phase_bar.close()
-                    phase_bar = tqdm(total=event.total, desc=event.what, unit="item", file=sys.stderr,
-                                     dynamic_ncols=True)
-                phase_bar.update(event.done - phase_bar.n)
-                if event.done >= event.total:
-                    phase_bar.close()
-                    phase_bar = None
-            elif isinstance(event, ev.Warning):
-                _say(f"warning: {event.text}")
-            elif isinstance(event, ev.ValidationResult):
-                _say(f"step {event.step}: validation loss {event.val_loss:.5f}")
-            elif isinstance(event, ev.SampleGrid) and event.path is not None:
-                _say(f"step {event.step}: samples {event.path}")
-            elif isinstance(event, ev.CheckpointSaved):
-                _say(f"step {event.step}: checkpoint {event.path}")
-            elif isinstance(event, ev.Finished):
-                if bar is not None:
-                    bar.update(event.step - bar.n)
-                    bar.close()
-                    bar = None
-                if event.reason == "stopped":
-                    print(f"stopped at step {event.step}; resume with: sdstudio train --resume {event.run_dir}",
-                          file=sys.stderr)
-                    code = 130
-                else:
-                    early = " (early stopping)" if event.reason == "early_stopped" else ""
-                    print(f"finished{early}: {event.run_dir}", file=sys.stderr)
-                    code = 0
-            elif isinstance(event, ev.Failed):
-                if bar is not None:
-                    bar.close()
-                    bar = None
-                where = f" (resumable: sdstudio train --resume {event.run_dir})" if event.resumable_from else ""
-                print(f"sdstudio: {event.message}{where}", file=sys.stderr)
-                if event.kind == "error" and event.run_dir is not None:
-                    print(f"sdstudio: details in {event.run_dir / 'run.log'}", file=sys.stderr)
-                code = 2 if event.kind == "input" else 1
-    finally:
-        for open_bar in (bar, phase_bar):
-            if open_bar is not None:
-                open_bar.close()
-        signal.signal(signal.SIGINT, previous)
-    return code
+                        phase_bar = None
+                elif isinstance(event, ev.Warning):
+                    say(f"warning: {event.text}")
+                elif isinstance(event, ev.ValidationResult):
+                    say(f"step {event.step}: validation loss {event.val_loss:.5f}")
+                elif isinstance(event, ev.SampleGrid) and event.path is not None:
+                    say(f"step {event.step}: samples {event.path}")
+                elif isinstance(event, ev.CheckpointSaved):
+                    say(f"step {event.step}: checkpoint {event.path}")
+                elif isinstance(event, ev.Finished):
+                    if bar is not None:
+                        bar.update(event.step - bar.n)
+                        bar.close()
+                        bar = None
+                    if event.reason == "stopped":
+                        print(f"stopped at step {event.step}; resume with: sdstudio train --resume {event.run_dir}",
+                              file=sys.stderr)
+                        code = 130
+                    else:
+                        early = " (early stopping)" if event.reason == "early_stopped" else ""
+                        print(f"finished{early}: {event.run_dir}", file=sys.stderr)
+                        code = 0
+                elif isinstance(event, ev.Failed):
+                    if bar is not None:
+                        bar.close()
+                        bar = None
+                    where = f" (resumable: sdstudio train --resume {event.run_dir})" if event.resumable_from else ""
+                    print(f"sdstudio: {event.message}{where}", file=sys.stderr)
+                    if event.kind == "error" and event.run_dir is not None:
+                        print(f"sdstudio: details in {event.run_dir / 'run.log'}", file=sys.stderr)
+                    code = 2 if event.kind == "input" else 1
+        finally:
+            for open_bar in (bar, phase_bar):
+                if open_bar is not None:
+                    open_bar.close()
+        return code

@@ -4,9 +4,7 @@ in the platformdirs config folder. Old files are migrated by schema version befo
 from __future__ import annotations
 
 import copy
-import os
 import re
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 from . import paths
+from .atomic import write_text_atomic
 from .config import SCHEMA_VERSION, RunConfig
 from .errors import ConfigError, UserError
 
@@ -50,17 +49,7 @@ def read_toml(path: Path) -> dict[str, Any]:
 
 
 def write_toml_atomic(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            tomli_w.dump(_drop_none(data), fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, tomli_w.dumps(_drop_none(data)))
 
 
 def _drop_none(data: Any) -> Any:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
 from . import paths
+from .atomic import write_text_atomic
 from .config import RunConfig
 from .errors import RunDirError
 from .presets import config_to_toml, load_config_file
@@ -47,19 +47,6 @@ def prepare_new_run_dir(path: Path) -> Path:
     except OSError as exc:
         raise RunDirError(f"{path}: cannot create the run folder ({exc.strerror}); choose another --out") from None
     return path
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_run_config(run_dir: Path, config: RunConfig) -> None:

@@ -8,23 +8,16 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
+
+from ..atomic import write_bytes_atomic
 
 MAX_ENTRIES = 200_000  # beyond this the oldest facts are dropped (a fact costs ~150 bytes)
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename: readers see all of it or nothing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Readers see all of it or nothing (cache entries and memos: no fsync, a lost entry is recomputed)."""
+    write_bytes_atomic(path, data, fsync=False)
 
 
 def file_stamp(path: Path | str) -> str:

@@ -62,7 +62,7 @@ def export_single_file(source: ExportSource, path: Path, *, dtype: torch.dtype =
 def export_diffusers_folder(source: ExportSource, folder: Path, *, dtype: torch.dtype = torch.float16,
                             force: bool = False) -> Path:
     """A complete pipeline folder (`from_pretrained`), written next to its final place and renamed."""
-    from diffusers import (DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline)
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     if folder.exists() and any(folder.iterdir()) and not force:
         raise UserError(f"{folder}: exists and is not empty; choose another --out or pass --force")

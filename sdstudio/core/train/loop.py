@@ -19,8 +19,16 @@ from .. import events as ev
 from ..config import RunConfig
 from ..control import TrainingControl
 from ..errors import CheckpointError, UserError
-from ..runs import (MetricsWriter, RunLock, close_run_log, metrics_row, open_run_log, prepare_new_run_dir,
-                    save_run_config, truncate_metrics_after)
+from ..runs import (
+    MetricsWriter,
+    RunLock,
+    close_run_log,
+    metrics_row,
+    open_run_log,
+    prepare_new_run_dir,
+    save_run_config,
+    truncate_metrics_after,
+)
 from .checkpoint import newest_valid_checkpoint
 from .session import TrainingSession
 
