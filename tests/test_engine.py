@@ -205,3 +205,17 @@ def test_early_stopping_on_a_plateau_keeps_the_best_checkpoint(tiny_config, tmp_
     from sdstudio.core.inference import resolve_checkpoint
 
     assert resolve_checkpoint(run, best=True).name == "step-00000004"
+
+
+def test_prompt_adherence_is_logged_on_the_demo_data(tmp_path: Path) -> None:
+    from sdstudio.core.presets import load_preset
+    from tests.conftest import TINY_OVERRIDES
+
+    overrides = {k: v for k, v in TINY_OVERRIDES.items() if not k.startswith("data.")}
+    cfg = load_preset("demo").with_overrides({**overrides, "train.max_steps": 1, "data.resolution": 16,
+                                              "data.val_split": 0.0})
+    events = run_all(cfg, tmp_path / "run")
+    grid = next(e for e in events if isinstance(e, ev.SampleGrid))
+    assert set(grid.scores) == {"colour_acc", "shape_acc", "both_acc"}
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "sample"]
+    assert "both_acc" in rows[-1]

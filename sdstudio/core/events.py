@@ -65,6 +65,8 @@ class SampleGrid(Event):
     prompts: tuple[str, ...]
     seeds: tuple[int, ...]
     path: Path | None = None
+    # On the bundled demo data: colour_acc / shape_acc / both_acc of this grid (the demo's classifier).
+    scores: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

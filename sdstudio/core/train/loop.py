@@ -317,9 +317,13 @@ def _sample(s: TrainingSession, metrics: MetricsWriter | None) -> Iterator[ev.Ev
     s.last_sample_step = s.step
     if path is None:
         yield ev.Warning(f"could not save the sample grid of step {s.step} (see run.log); training goes on")
+    scores = s.prompt_adherence()
+    if scores:
+        log.info("prompt adherence at step %d: %s", s.step, ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
     if metrics and path is not None:
-        metrics.write(metrics_row("sample", s.step, s.epoch, path=str(path.name)))
-    yield ev.SampleGrid(s.step, s.epoch, grid, tuple(s.sample_prompts), tuple(s.config.sample.seeds), path)
+        metrics.write(metrics_row("sample", s.step, s.epoch, path=str(path.name), **scores))
+    yield ev.SampleGrid(s.step, s.epoch, grid, tuple(s.sample_prompts), tuple(s.config.sample.seeds), path,
+                        scores)
     yield ev.Status("training", "training")
 
 

@@ -507,6 +507,19 @@ class TrainingSession:
         per_bucket = [s / len(self.val_dataset) for s in sums]
         return float(np.mean(per_bucket)), per_bucket
 
+    def prompt_adherence(self) -> dict[str, float]:
+        """On the bundled demo data: how often the last grid shows each prompt's colour and shape."""
+        from .. import paths
+        from ..demo_shapes import parse_prompt, prompt_adherence
+
+        images = getattr(self, "last_sample_images", None)
+        if images is None or self.data_root.resolve() != paths.demo_dataset_dir().resolve():
+            return {}
+        if not all(None not in parse_prompt(p) for p in self.sample_prompts):
+            return {}
+        labels = [p for p in self.sample_prompts for _ in self.config.sample.seeds]
+        return prompt_adherence(list(images), labels)
+
     def sample_images(self, prompts: list[str], seeds: list[int]) -> np.ndarray:
         cfg = self.config.sample
         model = self.accelerator.unwrap_model(self.model)
@@ -526,6 +539,7 @@ class TrainingSession:
     def sample_grid(self) -> tuple[np.ndarray, Path | None]:
         seeds = list(self.config.sample.seeds)
         images = self.sample_images(self.sample_prompts, seeds)
+        self.last_sample_images = images
         grid = make_grid(images, rows=len(self.sample_prompts))
         if self.run_dir is None:
             return grid, None
