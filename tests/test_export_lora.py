@@ -135,3 +135,22 @@ def test_lora_run_merged_into_a_single_file(tiny_sd1: Path, four_images: Path, t
     pipe = StableDiffusionPipeline.from_single_file(str(single), config=str(tiny_sd1), local_files_only=True,
                                                     safety_checker=None, requires_safety_checker=False)
     assert torch.allclose(unet_output(pipe.unet, sdxl=False), trained, atol=1e-5, rtol=1e-4)
+
+
+def test_runs_export_automatically_at_the_end(tiny_sd1: Path, four_images: Path, tmp_path: Path) -> None:
+    cfg = sd_config("sd15-lora", tiny_sd1, four_images, **{"train.max_steps": 2, "export.formats": ["kohya", "diffusers"],
+                                                            "name": "mine"})
+    events = list(train(cfg, run_dir=tmp_path / "run"))
+    assert isinstance(events[-1], ev.Finished)
+    names = sorted(p.name for p in (tmp_path / "run" / "exports").iterdir())
+    assert names == ["mine-step00000002-diffusers.safetensors", "mine-step00000002-kohya.safetensors"]
+
+
+def test_export_config_is_checked_against_the_run() -> None:
+    from sdstudio.core.config import RunConfig
+    from sdstudio.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="export a LoRA but this run trains none"):
+        RunConfig().with_overrides({"export.formats": ["kohya"]})
+    with pytest.raises(ConfigError, match="needs train.ema"):
+        RunConfig().with_overrides({"export.ema": True})

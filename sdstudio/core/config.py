@@ -212,6 +212,15 @@ class LoraConfig(Section):
     text_encoder: bool = Field(False, description="Also train a text-encoder LoRA.")
 
 
+class ExportConfig(Section):
+    formats: list[Literal["kohya", "diffusers", "single-file", "diffusers-folder"]] = Field(
+        default_factory=list, description="Export automatically at the end of the run (into the run's exports/ "
+        "folder) in these formats; empty = no automatic export.")
+    every_epochs: int = Field(0, ge=0, description="Also export every N epochs (0 = only at the end).")
+    dtype: Literal["fp32", "fp16", "bf16"] = Field("fp16", description="Tensor dtype of automatic exports.")
+    ema: bool = Field(False, description="Export the EMA weights (needs train.ema).")
+
+
 class RunConfig(BaseModel):
     """Everything a run needs. TOML sections map one-to-one to these fields."""
 
@@ -227,6 +236,7 @@ class RunConfig(BaseModel):
     sample: SampleConfig = Field(default_factory=SampleConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
 
     @model_validator(mode="after")
     def _cross_field(self) -> RunConfig:
@@ -270,6 +280,15 @@ class RunConfig(BaseModel):
         if self.diffusion.schedule != "cosine" and self.diffusion.beta_end <= self.diffusion.beta_start:
             problems.append(f"diffusion.beta_end: {self.diffusion.beta_end} must be above "
                             f"diffusion.beta_start={self.diffusion.beta_start}")
+        lora_formats = {"kohya", "diffusers"} & set(self.export.formats)
+        if lora_formats and not (self.lora.enabled and m.family != "pixel"):
+            problems.append(f"export.formats: {sorted(lora_formats)} export a LoRA but this run trains none "
+                            "(lora.enabled = false or model.family = 'pixel'); use single-file / diffusers-folder")
+        if m.family == "pixel" and set(self.export.formats) & {"single-file", "diffusers-folder"}:
+            problems.append("export.formats: from-scratch (pixel) models cannot be exported as single-file or "
+                            "diffusers-folder yet; leave export.formats empty")
+        if self.export.ema and not t.ema:
+            problems.append("export.ema: true needs train.ema = true")
         if problems:
             raise ValueError("\n".join(problems))
         return self

@@ -54,10 +54,10 @@ def resolve_checkpoint(run_or_checkpoint: Path, checkpoint: Path | None = None, 
             raise CheckpointError(f"{run_or_checkpoint}: no checkpoint marked best (the run needs validation "
                                   "and checkpoint.keep_best or early stopping)")
         return verify_checkpoint(found).path
+    if (run_or_checkpoint / "manifest.json").is_file():  # a checkpoint folder (it has a config.toml too)
+        return verify_checkpoint(run_or_checkpoint).path
     if is_run_dir(run_or_checkpoint):
         return newest_valid_checkpoint(run_or_checkpoint / "checkpoints").path
-    if (run_or_checkpoint / "manifest.json").is_file():
-        return verify_checkpoint(run_or_checkpoint).path
     raise CheckpointError(f"{run_or_checkpoint}: neither a run folder nor an sdstudio checkpoint folder")
 
 

@@ -244,6 +244,8 @@ def _epochs(s: TrainingSession, control: TrainingControl, metrics: MetricsWriter
             yield from _sample(s, metrics)
     if s.last_checkpoint_step != s.step:
         yield from _checkpoint(s, metrics)
+    if reason in ("completed", "early_stopped"):
+        yield from _auto_export(s, metrics)
     if metrics:
         metrics.write(metrics_row("event", s.step, s.epoch, event=reason))
     log.info("run %s at step %d", reason, s.step)
@@ -277,6 +279,10 @@ def _epoch_end(s: TrainingSession, epoch: int, metrics: MetricsWriter | None) ->
         yield from _sample(s, metrics)
     if cfg.checkpoint.every_epochs and n % cfg.checkpoint.every_epochs == 0 and s.last_checkpoint_step != s.step:
         yield from _checkpoint(s, metrics)
+    if cfg.export.every_epochs and n % cfg.export.every_epochs == 0 and s.step < s.total_steps:
+        if s.last_checkpoint_step != s.step:
+            yield from _checkpoint(s, metrics)
+        yield from _auto_export(s, metrics)
 
 
 def _validate(s: TrainingSession, metrics: MetricsWriter | None) -> Iterator[ev.Event]:
@@ -325,6 +331,37 @@ def _sample(s: TrainingSession, metrics: MetricsWriter | None) -> Iterator[ev.Ev
     yield ev.SampleGrid(s.step, s.epoch, grid, tuple(s.sample_prompts), tuple(s.config.sample.seeds), path,
                         scores)
     yield ev.Status("training", "training")
+
+
+def _auto_export(s: TrainingSession, metrics: MetricsWriter | None) -> Iterator[ev.Event]:
+    """export.formats: written from the checkpoint of this step into RUN_DIR/exports; a failure is a
+    warning (the run and its checkpoints are fine, the export can be redone with `sdstudio export`)."""
+    cfg = s.config.export
+    if not cfg.formats or not s.is_main or s.run_dir is None:
+        return
+    import torch
+
+    from ..errors import UserError
+    from ..export.api import export
+
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.dtype]
+    checkpoint = s.run_dir / "checkpoints" / f"step-{s.step:08d}"
+    name = s.config.name or s.run_dir.name
+    for fmt in cfg.formats:
+        suffix = "" if fmt == "diffusers-folder" else ".safetensors"
+        out = s.run_dir / "exports" / f"{name}-step{s.step:08d}-{fmt}{suffix}"
+        yield ev.Status("exporting", f"exporting {fmt}")
+        try:
+            path = export(checkpoint, fmt, out, dtype=dtype, use_ema=cfg.ema, force=True)
+        except UserError as exc:
+            log.warning("automatic %s export failed: %s", fmt, exc)
+            yield ev.Warning(f"automatic {fmt} export failed: {exc}; retry with `sdstudio export {s.run_dir} "
+                             f"--format {fmt} --out ...`")
+            continue
+        log.info("exported %s: %s", fmt, path)
+        if metrics:
+            metrics.write(metrics_row("event", s.step, s.epoch, event="exported", format=fmt, path=path.name))
+        yield ev.Status("exported", f"exported {fmt}: {path}")
 
 
 def _checkpoint(s: TrainingSession, metrics: MetricsWriter | None) -> Iterator[ev.Event]:
