@@ -20,6 +20,7 @@ MIN_BOTH = 0.4
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # ~5 minutes alone on 2 cores; far more when the machine is shared
 def test_demo_preset_learns_colours_and_shapes(tmp_path: Path, capsys) -> None:
     run = tmp_path / "demo-run"
     t0 = time.perf_counter()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
@@ -78,6 +79,10 @@ class TrainingSession:
             precision = "no"
         self.accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=precision)
         self.device = self.accelerator.device
+        if self.device.type == "cuda":
+            # TF32 matmuls/convolutions: what the fp32 parts of a step use on Ampere and newer
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         self.is_main = self.accelerator.is_main_process
         self.world = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
@@ -173,8 +178,6 @@ class TrainingSession:
         self.param_names = [n for n, p in self.bundle.trainable.named_parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self._groups(), cfg.train, device=self.device)
         self.schedule = LRSchedule(cfg.train, self.total_steps)
-        if self.device.type == "cuda":
-            self.bundle.trainable.to(memory_format=torch.channels_last)  # faster convolutions (cuDNN NHWC)
         self.model, self.optimizer = self.accelerator.prepare(self.bundle.trainable, self.optimizer)
         if cfg.train.compile:
             self.model = torch.compile(self.model)
@@ -437,18 +440,21 @@ class TrainingSession:
             ctx = nullcontext() if last or self.world == 1 else self.accelerator.no_sync(self.model)
             with ctx:
                 loss = self.compute_loss(batch, i)
-                if self.agree(not bool(torch.isfinite(loss.detach()))):  # some rank saw NaN/inf
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.bad_steps += 1
-                    if self.bad_steps > self.config.train.nan_skip_steps:
-                        raise NonFiniteLoss(self._nan_message())
-                    log.warning("non-finite loss at step %d skipped (%d of %d allowed)", self.step + 1,
-                                self.bad_steps, self.config.train.nan_skip_steps)
-                    return float("nan"), float("nan"), lr
                 self.accelerator.backward(loss / len(group))
             total += loss.detach()
         max_norm = self.config.train.max_grad_norm or float("inf")
         grad_norm = self.accelerator.clip_grad_norm_(self.trainable_params, max_norm)
+        # One host sync per step: the loss and gradient norm are read together, and checked before the
+        # optimizer touches the weights (a NaN/inf batch leaves them as they were).
+        loss_value, norm_value = (float(v) for v in torch.stack([total / len(group), grad_norm.float()]).tolist())
+        if self.agree(not math.isfinite(loss_value)):  # some rank saw NaN/inf
+            self.optimizer.zero_grad(set_to_none=True)
+            self.bad_steps += 1
+            if self.bad_steps > self.config.train.nan_skip_steps:
+                raise NonFiniteLoss(self._nan_message())
+            log.warning("non-finite loss at step %d skipped (%d of %d allowed)", self.step + 1,
+                        self.bad_steps, self.config.train.nan_skip_steps)
+            return float("nan"), float("nan"), lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
@@ -456,7 +462,7 @@ class TrainingSession:
                 self.ema.step(self.trainable_params)
             else:
                 self.ema.step([p.detach().to("cpu").requires_grad_(True) for p in self.trainable_params])
-        return float(total) / len(group), float(grad_norm), lr
+        return loss_value, norm_value, lr
 
     def _nan_message(self) -> str:
         t = self.config.train
