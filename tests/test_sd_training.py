@@ -141,3 +141,19 @@ def test_dreambooth_prior_loss(tiny_sd1: Path, four_images: Path, class_images: 
     assert zero == pytest.approx(base, rel=1e-4, abs=1e-6)
     weighted = losses(with_reg, tmp_path / "weighted")
     assert weighted[0] > base[0], "the first step's loss includes the prior term"
+
+
+def test_zero_terminal_snr_marker_is_applied(tiny_sd1: Path, four_images: Path, tmp_path: Path) -> None:
+    """A single file with ComfyUI's `ztsnr` marker key trains and samples with a rescaled schedule."""
+    from sdstudio.core.export.single_file import write_single_file
+    from sdstudio.core.inference import load_trained
+    from sdstudio.core.models.tiny import tiny_sd1_components
+
+    single = write_single_file(tiny_sd1_components(), tmp_path / "ztsnr.safetensors", family="sd1",
+                               dtype=torch.float32, zero_terminal_snr=True, v_prediction=True)
+    assert inspect_model(single).zero_terminal_snr and inspect_model(single).prediction_type == "v_prediction"
+    cfg = sd_config("sd15-lora", single, four_images, **{"train.max_steps": 1, "model.config_folder": str(tiny_sd1)})
+    assert isinstance(list(train(cfg, run_dir=tmp_path / "run"))[-1], ev.Finished)
+    loaded = load_trained(tmp_path / "run")
+    assert loaded.scheduler.config.rescale_betas_zero_snr and float(loaded.scheduler.alphas_cumprod[-1]) < 1e-6
+    assert loaded.scheduler.config.prediction_type == "v_prediction"

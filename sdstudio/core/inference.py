@@ -79,8 +79,5 @@ def load_trained(run_or_checkpoint: Path, checkpoint: Path | None = None, *, use
                     params[name].copy_(tensor)
         ema_used = True
     bundle.trainable.to(dev).eval()
-    diffusion = config.diffusion
-    if bundle.family != "pixel":
-        diffusion = diffusion.model_copy(update={"prediction_type": bundle.prediction_type})
-    sched = training_scheduler(diffusion, pixel_space=bundle.family == "pixel")
+    sched = training_scheduler(bundle.diffusion_for(config.diffusion), pixel_space=bundle.family == "pixel")
     return LoadedModel(config, bundle, sched, dev, folder, ema_used)

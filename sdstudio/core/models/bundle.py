@@ -38,6 +38,14 @@ class ModelBundle:
         """Conditioning for a training batch (SDXL also reads each image's size and crop from it)."""
         return self.encode_captions(batch["captions"], device)
 
+    def diffusion_for(self, diffusion: Any) -> Any:
+        """The run's diffusion settings as this model needs them: a base model decides what it predicts
+        (override: model.prediction_type) and whether its schedule has zero terminal SNR."""
+        if self.family == "pixel":
+            return diffusion
+        ztsnr = bool(diffusion.zero_terminal_snr or self.architecture.get("zero_terminal_snr"))
+        return diffusion.model_copy(update={"prediction_type": self.prediction_type, "zero_terminal_snr": ztsnr})
+
     def encoder_identity(self) -> str:
         """Names the pixel -> model-space encoder (the latent cache's namespace)."""
         return f"{self.family}-identity"

@@ -213,7 +213,8 @@ def build_sd_model(config: RunConfig, device: torch.device) -> SDBundle:
     unet.train()
     arch = {"family": comps.family, "base": str(Path(m.path).expanduser().resolve()),
             "vae": str(Path(m.vae_path).expanduser().resolve()) if m.vae_path else "", "lora": config.lora.model_dump() if lora else None,
-            "prediction_type": comps.prediction_type, "layers_per_block": int(unet.config.layers_per_block)}
+            "prediction_type": comps.prediction_type, "zero_terminal_snr": comps.zero_terminal_snr,
+            "layers_per_block": int(unet.config.layers_per_block)}
     bundle = SDBundle(family=comps.family, trainable=SDDenoiser(unet), save_modules={"unet": unet},
                       prediction_type=comps.prediction_type, in_channels=int(unet.config.in_channels),
                       sample_size=config.data.resolution // 8, architecture=arch, tokenizer=comps.tokenizer)

@@ -133,6 +133,7 @@ class SDComponents:
     prediction_type: str
     text_encoder_2: Any = None
     tokenizer_2: Any = None
+    zero_terminal_snr: bool = False  # the file says so (a `ztsnr` marker key or its scheduler config)
 
 
 def load_sd_components(path: Path, *, family: str, config_folder: Path | None = None,
@@ -179,7 +180,8 @@ def load_sd_components(path: Path, *, family: str, config_folder: Path | None = 
     return SDComponents(family=family, unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder,
                         tokenizer=pipe.tokenizer, scheduler_config=sched_cfg, prediction_type=prediction,
                         text_encoder_2=getattr(pipe, "text_encoder_2", None),
-                        tokenizer_2=getattr(pipe, "tokenizer_2", None))
+                        tokenizer_2=getattr(pipe, "tokenizer_2", None),
+                        zero_terminal_snr=info.zero_terminal_snr or bool(sched_cfg.get("rescale_betas_zero_snr")))
 
 
 def _vae_config(pipe: Any) -> Path:

@@ -169,9 +169,9 @@ class TrainingSession:
                     if hasattr(module, fn):
                         getattr(module, fn)()
                         break
-        diffusion = cfg.diffusion
-        if self.bundle.family != "pixel":  # the base model decides what it predicts (override: model.prediction_type)
-            diffusion = diffusion.model_copy(update={"prediction_type": self.bundle.prediction_type})
+        diffusion = self.bundle.diffusion_for(cfg.diffusion)
+        if diffusion.zero_terminal_snr and not cfg.diffusion.zero_terminal_snr:
+            log.info("the base model is a zero-terminal-SNR model: training with a rescaled schedule")
         self.sched = training_scheduler(diffusion, pixel_space=self.bundle.family == "pixel")
         self.sched.alphas_cumprod = self.sched.alphas_cumprod.to(self.device)
         self.trainable_params = [p for p in self.bundle.trainable.parameters() if p.requires_grad]
