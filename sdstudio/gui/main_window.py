@@ -1,0 +1,370 @@
+"""The main window: settings on the left (preset + generated form), the train bar on top, and tabs for
+the dataset, live curves, samples, the noise schedule, past runs and the log. It wires panels together and
+turns the worker's events into what they show; the training itself runs on the worker's thread."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PySide6.QtCore import QSettings, Qt, QTimer
+from PySide6.QtGui import QAction, QCloseEvent, QKeySequence
+from PySide6.QtWidgets import QMainWindow, QMessageBox, QSplitter, QTabWidget, QVBoxLayout, QWidget
+
+from sdstudio.core import events as ev
+from sdstudio.core import paths, presets
+from sdstudio.core.config import RunConfig
+from sdstudio.core.errors import UserError
+from sdstudio.core.runs import METRICS_FILE, default_run_dir, load_run_config, read_metrics
+
+from . import qt_compat  # noqa: F401 - first: guards PySide6 6.12.0 on Python < 3.12
+from .app_settings import app_settings
+from .icon import app_icon
+from .panels.datasets import DatasetsPanel, same_folder
+from .panels.log_view import LogView
+from .panels.plots import PlotsPanel
+from .panels.presets import PresetsPanel
+from .panels.runs import EXPORT_LATER, RunsPanel
+from .panels.samples import SamplesPanel, read_run_samples
+from .panels.schedule import SchedulePanel
+from .panels.settings_form import SettingsForm
+from .panels.train_bar import TrainBar
+from .widgets.failure_dialog import show_error
+from .widgets.image_view import ImageView
+from .worker import TrainingRunner, freeze_heap
+
+STOP_TIMEOUT_MS = 120_000  # a stop request not answered by then: say so and offer to quit anyway
+CLOSE_STOP, CLOSE_LATER, CLOSE_KEEP = "stop", "later", "keep"
+
+
+class MainWindow(QMainWindow):
+    def __init__(self, settings: QSettings | None = None) -> None:
+        super().__init__()
+        self.settings = settings or app_settings()
+        self.setWindowTitle("sdstudio")
+        self.setWindowIcon(app_icon())
+        self.runner = TrainingRunner(self)
+        self.runner.event.connect(self.on_event)
+        self.runner.running_changed.connect(self._running_changed)
+        self.run_dir: Path | None = None
+        self.failure_box: QMessageBox | None = None
+        self._quit_when_idle = False
+        self.force_quit = False
+
+        self.form = SettingsForm()
+        self.presets = PresetsPanel(self.form)
+        self.train_bar = TrainBar()
+        self.datasets = DatasetsPanel()
+        self.plots = PlotsPanel()
+        self.latest_sample = ImageView(placeholder="The newest sample grid shows here.")
+        self.latest_sample.clicked.connect(lambda: self.tabs.setCurrentWidget(self.samples))
+        self.samples = SamplesPanel()
+        self.schedule = SchedulePanel()
+        self.runs = RunsPanel()
+        self.log = LogView()
+        self._build_layout()
+        self._build_menus()
+        self._connect()
+        self._stop_watchdog = QTimer(self)
+        self._stop_watchdog.setSingleShot(True)
+        self._stop_watchdog.timeout.connect(self._stop_not_answered)
+        freeze_heap()  # start-up objects leave the garbage collector's scans (see worker.freeze_heap)
+
+    # -- construction ----------------------------------------------------------------------------------------
+    def _build_layout(self) -> None:
+        left = QWidget()
+        left_layout = QVBoxLayout(left)
+        left_layout.setContentsMargins(0, 0, 0, 0)
+        left_layout.addWidget(self.presets)
+        left_layout.addWidget(self.form, 1)
+        training = QSplitter(Qt.Orientation.Horizontal)
+        training.addWidget(self.plots)
+        training.addWidget(self.latest_sample)
+        training.setSizes([700, 300])
+        self.tabs = QTabWidget()
+        for widget, title in ((self.datasets, "Dataset"), (training, "Training"), (self.samples, "Samples"),
+                              (self.schedule, "Noise schedule"), (self.runs, "Runs"), (self.log, "Log")):
+            self.tabs.addTab(widget, title)
+        self.training_tab = training
+        self.splitter = QSplitter(Qt.Orientation.Horizontal)
+        self.splitter.addWidget(left)
+        self.splitter.addWidget(self.tabs)
+        self.splitter.setStretchFactor(1, 1)
+        self.splitter.setSizes([400, 1000])
+        central = QWidget()
+        layout = QVBoxLayout(central)
+        layout.setContentsMargins(4, 4, 4, 4)
+        layout.addWidget(self.train_bar)
+        layout.addWidget(self.splitter, 1)
+        self.setCentralWidget(central)
+        self.statusBar().showMessage("Ready")
+        self.resize(1440, 900)
+
+    def _build_menus(self) -> None:
+        file_menu = self.menuBar().addMenu("&File")
+        file_menu.setToolTipsVisible(True)
+        file_menu.addAction("Add dataset folder…", self.datasets.pick_folder)
+        file_menu.addAction("Import settings…", self.presets.ask_import)
+        file_menu.addAction("Export settings…", self.presets.ask_export)
+        self.export_action = QAction("Export model…", self)
+        self.export_action.setEnabled(False)
+        self.export_action.setToolTip(EXPORT_LATER)
+        self.export_action.setStatusTip(EXPORT_LATER)
+        file_menu.addAction(self.export_action)
+        file_menu.addSeparator()
+        file_menu.addAction("Quit", QKeySequence.StandardKey.Quit, self.close)
+        run_menu = self.menuBar().addMenu("&Run")
+        bar = self.train_bar
+        for text, shortcut, button in (("Train", "Ctrl+Return", bar.train_button),
+                                       ("Pause", "", bar.pause_button), ("Resume", "", bar.resume_button),
+                                       ("Stop", "", bar.stop_button), ("Sample now", "", bar.sample_button),
+                                       ("Save now", "", bar.save_button)):
+            action = run_menu.addAction(text, button.click)
+            if shortcut:
+                action.setShortcut(QKeySequence(shortcut))
+        view_menu = self.menuBar().addMenu("&View")
+        log_action = view_menu.addAction("Log-scale loss")
+        log_action.setCheckable(True)
+        log_action.toggled.connect(self.plots.set_log_scale)
+        self.plots.log_scale.toggled.connect(log_action.setChecked)
+
+    def _connect(self) -> None:
+        bar = self.train_bar
+        bar.train_clicked.connect(self.start_training)
+        bar.pause_clicked.connect(self._pause)
+        bar.resume_clicked.connect(self._resume)
+        bar.stop_clicked.connect(self.stop_training)
+        bar.sample_clicked.connect(self.runner.sample_now)
+        bar.save_clicked.connect(self.runner.save_now)
+        self.form.changed.connect(self._settings_changed)
+        self.form.editors["data.path"].input.editingFinished.connect(self._data_path_edited)
+        self.presets.preset_loaded.connect(self._preset_loaded)
+        self.datasets.dataset_opened.connect(self._dataset_opened)
+        self.datasets.report_ready.connect(lambda _report: self._update_can_train())
+        self.runs.resume_requested.connect(self.resume_run)
+        self.runs.samples_requested.connect(self._show_run_samples)
+
+    # -- session --------------------------------------------------------------------------------------------
+    def restore_session(self) -> None:
+        """Geometry, last preset and dataset; the first start opens the demo dataset with the demo preset."""
+        s = self.settings
+        geometry = s.value("window/geometry")
+        if geometry is not None:
+            self.restoreGeometry(geometry)
+        splitter = s.value("window/splitter")
+        if splitter is not None:
+            self.splitter.restoreState(splitter)
+        names = [p.name for p in presets.list_presets()]
+        preset = str(s.value("last/preset", "") or "")
+        if preset not in names:
+            preset = presets.DEFAULT_PRESET if presets.DEFAULT_PRESET in names else ""
+        if not preset or not self.presets.load(preset, keep_dataset=False):
+            self.presets.apply_config(RunConfig(), "defaults")
+            self.log.note(f"The {presets.DEFAULT_PRESET!r} preset was not found; using the default settings.")
+        dataset = str(s.value("last/dataset", "") or "")
+        folder = Path(dataset) if dataset and Path(dataset).is_dir() else self._config_dataset()
+        self.datasets.open_folder(folder, remember=False)
+        self.tabs.setCurrentIndex(int(s.value("window/tab", 0) or 0))
+        self.runs.refresh()
+
+    def save_session(self) -> None:
+        s = self.settings
+        s.setValue("window/geometry", self.saveGeometry())
+        s.setValue("window/splitter", self.splitter.saveState())
+        s.setValue("window/tab", self.tabs.currentIndex())
+        s.setValue("last/preset", self.presets.current_name)
+        current = self.datasets.current_path()
+        s.setValue("last/dataset", str(current) if current else "")
+        s.sync()
+
+    # -- settings, dataset and preset wiring -----------------------------------------------------------------
+    def _config_dataset(self) -> Path:
+        text = str(self.form.values()["data"]["path"]).strip()
+        return Path(text).expanduser() if text else paths.demo_dataset_dir()
+
+    def _dataset_opened(self, folder: str) -> None:
+        if same_folder(folder, self._config_dataset()):
+            return
+        self.form.set_value("data.path", "" if same_folder(folder, paths.demo_dataset_dir()) else folder)
+
+    def _data_path_edited(self) -> None:
+        folder = self._config_dataset()
+        current = self.datasets.current_path()
+        if folder.is_dir() and (current is None or not same_folder(folder, current)):
+            self.datasets.open_folder(folder, remember=False)
+
+    def _preset_loaded(self, name: str) -> None:
+        self.log.note(f"settings loaded from {name!r}")
+        self._data_path_edited()
+
+    def _settings_changed(self) -> None:
+        config = self.form.config()
+        if config is not None:
+            self.datasets.set_resolution(config.data.resolution)
+            self.schedule.set_inputs(config.diffusion, resolution=config.data.resolution,
+                                     image=self.datasets.first_image())
+        self._update_can_train()
+
+    def _update_can_train(self) -> None:
+        problems = self.form.problems()
+        report = self.datasets.report
+        if report is not None and same_folder(report["root"], self._config_dataset()) and not report["usable"]:
+            problems.append(f"dataset: {report['summary']} Pick another folder or fix the problems listed in "
+                            "the health report.")
+        if report is not None and same_folder(report["root"], self._config_dataset()):
+            self.schedule.set_inputs(image=self.datasets.first_image())
+        self.train_bar.set_can_train(problems)
+
+    # -- training ---------------------------------------------------------------------------------------------
+    def start_training(self) -> None:
+        config = self.form.config()
+        if config is None or self.runner.is_running() or self.form.problems():
+            return
+        label = config.name or self.presets.current_name or "custom"
+        run_dir = default_run_dir(label)
+        self.plots.clear()
+        self.samples.set_entries([])
+        self.latest_sample.set_image(None)
+        self.log.note(f"starting a run in {run_dir}")
+        self.settings.setValue("last/preset", self.presets.current_name)
+        self.runner.start(config, run_dir)
+        self.tabs.setCurrentWidget(self.training_tab)
+
+    def resume_run(self, run_dir: Path) -> None:
+        if self.runner.is_running():
+            show_error(self, "A run is in progress", "Stop the current run before resuming another one.")
+            return
+        try:
+            config = load_run_config(run_dir)
+        except UserError as exc:
+            show_error(self, "Run not resumed", str(exc), hint="Choose a run folder made by sdstudio.")
+            return
+        self.presets.apply_config(config, f"run {run_dir.name}")
+        self.plots.load_rows(read_metrics(run_dir / METRICS_FILE))
+        self.samples.set_entries(read_run_samples(run_dir))
+        self.log.note(f"resuming {run_dir}")
+        self.runner.start(config, run_dir, resume=True)
+        self.tabs.setCurrentWidget(self.training_tab)
+
+    def stop_training(self) -> None:
+        if self.runner.is_running():
+            self.runner.stop()
+            self.train_bar.stop_requested()
+            self.log.note("stop requested: the run saves a checkpoint after the current step")
+
+    def _pause(self) -> None:
+        self.runner.pause()
+        self.train_bar.set_paused(True)
+
+    def _resume(self) -> None:
+        self.runner.resume()
+        self.train_bar.set_paused(False)
+
+    def _running_changed(self, running: bool) -> None:
+        self.train_bar.set_running(running)
+        self.form.setEnabled(not running)
+        self.presets.setEnabled(not running)
+        self._update_can_train()
+        if not running:
+            self._stop_watchdog.stop()
+            self.runs.refresh()
+            if self._quit_when_idle:
+                self.close()
+
+    def on_event(self, event: ev.Event) -> None:
+        """Every event from the worker, on the GUI thread, in order."""
+        self.train_bar.add_event(event)
+        self.plots.add_event(event)
+        if isinstance(event, ev.Started):
+            self.run_dir = event.run_dir
+            self.statusBar().showMessage(f"Run folder: {event.run_dir}")
+            if event.resumed_from_step:
+                self.plots.truncate_after(event.resumed_from_step)
+                self.samples.truncate_after(event.resumed_from_step)
+            self.log.note(f"training {event.total_steps} steps"
+                          + (f" from step {event.resumed_from_step}" if event.resumed_from_step else ""))
+        elif isinstance(event, ev.Status):
+            if event.phase != "training":
+                self.log.note(f"{event.phase}: {event.text}")
+        elif isinstance(event, ev.SampleGrid):
+            self.samples.add_grid(event)
+            self.latest_sample.set_image(event.image)
+        elif isinstance(event, ev.CheckpointSaved):
+            self.log.note(f"checkpoint saved at step {event.step}: {event.path}")
+        elif isinstance(event, ev.Warning):
+            self.log.note(f"warning: {event.text}")
+            self.statusBar().showMessage(event.text, 10_000)
+        elif isinstance(event, ev.Finished):
+            self.log.note(f"run {event.reason} at step {event.step}: {event.run_dir}")
+            self.statusBar().showMessage(f"Run {event.reason} at step {event.step}: {event.run_dir}")
+        elif isinstance(event, ev.Failed):
+            self._show_failure(event)
+
+    def _show_failure(self, event: ev.Failed) -> None:
+        self.log.note(f"run failed: {event.message}")
+        if event.resumable_from is not None:
+            hint = (f"The run can be resumed from its checkpoint {event.resumable_from.name}: select it in the "
+                    "Runs tab and click Resume.")
+        elif event.kind == "input":
+            hint = "Fix the setting or file named above, then click Train again."
+        else:
+            hint = "The details below and the run's run.log say more."
+        self.failure_box = show_error(self, "Training failed", event.message, details=event.details, hint=hint)
+
+    def _show_run_samples(self, run_dir: Path) -> None:
+        self.samples.set_entries(read_run_samples(run_dir))
+        self.tabs.setCurrentWidget(self.samples)
+
+    # -- closing ----------------------------------------------------------------------------------------------
+    def ask_close_choice(self) -> str:
+        box = QMessageBox(self)
+        box.setIcon(QMessageBox.Icon.Question)
+        box.setWindowTitle("Training is running")
+        box.setText("A training run is in progress.")
+        box.setInformativeText("Stop it (a resumable checkpoint is saved first) and quit, quit when it ends, or "
+                               "keep training?")
+        stop = box.addButton("Stop, save and quit", QMessageBox.ButtonRole.AcceptRole)
+        later = box.addButton("Quit when it ends", QMessageBox.ButtonRole.ActionRole)
+        keep = box.addButton("Keep training", QMessageBox.ButtonRole.RejectRole)
+        box.setDefaultButton(keep)
+        box.exec()
+        clicked = box.clickedButton()
+        return CLOSE_STOP if clicked is stop else CLOSE_LATER if clicked is later else CLOSE_KEEP
+
+    def closeEvent(self, event: QCloseEvent) -> None:
+        if self.runner.is_running() and not self.force_quit:
+            choice = self.ask_close_choice()
+            if choice == CLOSE_STOP:
+                self._quit_when_idle = True
+                self.stop_training()
+                self._stop_watchdog.start(STOP_TIMEOUT_MS)
+            elif choice == CLOSE_LATER:
+                self._quit_when_idle = True
+                self.statusBar().showMessage("sdstudio quits when the run ends")
+            else:
+                self._quit_when_idle = False
+            event.ignore()
+            return
+        self.save_session()
+        self.datasets.shutdown()
+        self.runs.shutdown()
+        self.log.detach()
+        event.accept()
+
+    def shutdown_for_quit(self) -> None:
+        """On application quit: a run still going is stopped (it saves a checkpoint) and its thread joined."""
+        if not self.force_quit and not self.runner.shutdown(STOP_TIMEOUT_MS):
+            self.force_quit = True
+
+    def _stop_not_answered(self) -> None:
+        if not self.runner.is_running():
+            return
+        answer = QMessageBox.warning(
+            self, "The run does not stop",
+            f"The training thread has not answered the stop request for {STOP_TIMEOUT_MS // 1000} s (a long step, "
+            "or it hangs). Quit anyway? The newest checkpoint on disk stays resumable.",
+            QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No)
+        if answer == QMessageBox.StandardButton.Yes:
+            self.force_quit = True
+            self.close()
+        else:
+            self._stop_watchdog.start(STOP_TIMEOUT_MS)

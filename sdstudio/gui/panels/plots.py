@@ -1,0 +1,193 @@
+"""Live training curves. Event slots only append to numpy buffers; a ~10 Hz timer pushes the buffers to
+pyqtgraph once per tick (peak downsampling, clip to view), so 100,000+ points stay smooth."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtCore import QTimer
+from PySide6.QtWidgets import QCheckBox, QHBoxLayout, QLabel, QVBoxLayout, QWidget
+
+from sdstudio.core import events as ev
+
+from ..widgets.range_follow import RangeFollower
+from ..widgets.series import Series, SmoothedSeries
+
+pg.setConfigOptions(background="w", foreground="#333", antialias=False)
+REDRAW_MS = 100
+SMOOTHING = 0.8  # EMA weight of the smoothed loss (debiased); higher lags more
+COLORS = {"raw": (150, 180, 230), "smooth": (25, 85, 190), "val": (220, 90, 20), "lr": (40, 140, 60),
+          "grad": (140, 60, 160), "speed": (90, 90, 90)}
+
+
+def live_curve(plot: pg.PlotItem, color: tuple[int, int, int], *, width: float = 1, name: str | None = None,
+               symbol: str | None = None) -> pg.PlotDataItem:
+    """A curve set up for large, growing data: peak downsampling, clipped to the view, thin pen."""
+    curve = plot.plot(pen=pg.mkPen(color=color, width=width), name=name, symbol=symbol, symbolSize=5,
+                      symbolBrush=color if symbol else None, symbolPen=None)
+    curve.setDownsampling(auto=True, method="peak")
+    curve.setClipToView(True)
+    return curve
+
+
+class PlotsPanel(QWidget):
+    """Loss (raw, smoothed, validation), learning rate, gradient norm and throughput against steps."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.loss = Series()
+        self.loss_smooth = SmoothedSeries(SMOOTHING)
+        self.val_loss = Series()
+        self.lr = Series()
+        self.grad_norm = Series()
+        self.speed = Series()
+        self._dirty = False
+        self.redraws = 0
+
+        self.view = pg.GraphicsLayoutWidget()
+        # Not x-linked: pyqtgraph links plots of different widths by pixel, which shifts their ranges.
+        # No legend and no grid: both overlap the curves, so pyqtgraph would repaint them (tick text, grid
+        # lines) on every redraw; the title names the curves in their colours instead.
+        self.loss_plot = self._plot(
+            "Loss: " + " · ".join(f"<span style='color:{_hex(COLORS[key])}'>{name}</span>" for key, name in
+                                  (("raw", "per log step"), ("smooth", "smoothed"), ("val", "validation"))),
+            0, 0, rowspan=3)
+        self.lr_plot = self._plot("Learning rate", 0, 1)
+        self.grad_plot = self._plot("Gradient norm", 1, 1)
+        self.speed_plot = self._plot("Throughput (images/s)", 2, 1)
+        self.view.ci.layout.setColumnStretchFactor(0, 3)
+        self.view.ci.layout.setColumnStretchFactor(1, 2)
+        self.curves: dict[str, tuple[pg.PlotDataItem, Series]] = {
+            "loss": (live_curve(self.loss_plot, COLORS["raw"], name="loss"), self.loss),
+            "loss_smooth": (live_curve(self.loss_plot, COLORS["smooth"], width=2, name="smoothed"),
+                            self.loss_smooth),
+            "val_loss": (live_curve(self.loss_plot, COLORS["val"], width=2, name="validation", symbol="o"),
+                         self.val_loss),
+            "lr": (live_curve(self.lr_plot, COLORS["lr"]), self.lr),
+            "grad_norm": (live_curve(self.grad_plot, COLORS["grad"]), self.grad_norm),
+            "speed": (live_curve(self.speed_plot, COLORS["speed"]), self.speed),
+        }
+        self.followers = {plot: RangeFollower(plot) for plot in (self.loss_plot, self.lr_plot, self.grad_plot,
+                                                                 self.speed_plot)}
+        self._plot_series: dict[pg.PlotItem, list[Series]] = {
+            self.loss_plot: [self.loss, self.loss_smooth, self.val_loss], self.lr_plot: [self.lr],
+            self.grad_plot: [self.grad_norm], self.speed_plot: [self.speed]}
+        self.log_scale = QCheckBox("Log scale (loss, gradient norm)")
+        self.log_scale.toggled.connect(self.set_log_scale)
+        self.follow = QCheckBox("Follow the data")
+        self.follow.setToolTip("Fit the views to the curves as they grow (zooming or panning a plot turns "
+                               "this off)")
+        self.follow.setChecked(True)
+        self.follow.toggled.connect(self.set_following)
+        for follower in self.followers.values():
+            follower.plot.getViewBox().sigRangeChangedManually.connect(self._zoomed)
+        self.points = QLabel("")
+        bar = QHBoxLayout()
+        bar.addWidget(self.log_scale)
+        bar.addWidget(self.follow)
+        bar.addStretch(1)
+        bar.addWidget(self.points)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(4, 4, 4, 4)
+        layout.addLayout(bar)
+        layout.addWidget(self.view, 1)
+        self.timer = QTimer(self)
+        self.timer.setInterval(REDRAW_MS)
+        self.timer.timeout.connect(self.redraw)
+        self.timer.start()
+
+    def _plot(self, title: str, row: int, col: int, rowspan: int = 1) -> pg.PlotItem:
+        plot = self.view.addPlot(row=row, col=col, rowspan=rowspan, title=title)
+        plot.setLabel("bottom", "step")
+        plot.setDownsampling(auto=True, mode="peak")
+        plot.setClipToView(True)
+        return plot
+
+    # -- data in (GUI thread, cheap) -------------------------------------------------------------------------
+    def add_event(self, event: ev.Event) -> None:
+        if isinstance(event, ev.StepMetrics):
+            step = float(event.step)
+            self.loss.append(step, event.loss)
+            self.loss_smooth.add(step, event.loss)
+            self.lr.append(step, event.lr)
+            self.grad_norm.append(step, event.grad_norm)
+            self.speed.append(step, event.img_per_s)
+            self._dirty = True
+        elif isinstance(event, ev.ValidationResult):
+            self.val_loss.append(float(event.step), event.val_loss)
+            self._dirty = True
+
+    def load_rows(self, rows: Iterable[dict[str, Any]]) -> None:
+        """Replace the curves with a run's metrics.jsonl rows (history of a resumed run)."""
+        self.clear()
+        train = [r for r in rows if r.get("kind") == "train" and _finite(r.get("loss"))]
+        vals = [r for r in rows if r.get("kind") == "val" and _finite(r.get("val_loss"))]
+        if train:
+            steps = np.array([r["step"] for r in train], dtype=np.float64)
+            self.loss.extend(steps, np.array([r["loss"] for r in train]))
+            self.loss_smooth.rebuild(steps, np.array([r["loss"] for r in train]))
+            for series, key in ((self.lr, "lr"), (self.grad_norm, "grad_norm"), (self.speed, "img_per_s")):
+                series.extend(steps, np.array([float(r.get(key, np.nan)) for r in train]))
+        if vals:
+            self.val_loss.extend(np.array([r["step"] for r in vals], dtype=np.float64),
+                                 np.array([r["val_loss"] for r in vals]))
+        self._dirty = True
+        self.redraw()
+
+    def truncate_after(self, step: int) -> None:
+        for _curve, series in self.curves.values():
+            series.truncate_after(float(step))
+        self.loss_smooth.rebuild(self.loss.x.copy(), self.loss.y.copy())
+        self._dirty = True
+
+    def clear(self) -> None:
+        for _curve, series in self.curves.values():
+            series.clear()
+        for follower in self.followers.values():
+            follower.follow(self.follow.isChecked())
+        self._dirty = True
+
+    def point_count(self) -> int:
+        return len(self.loss)
+
+    # -- drawing (timer) ------------------------------------------------------------------------------------
+    def redraw(self) -> None:
+        if not self._dirty:
+            return
+        self._dirty = False
+        for curve, series in self.curves.values():
+            curve.setData(series.x, series.y)
+        for plot, follower in self.followers.items():
+            follower.update([(series.x, series.y) for series in self._plot_series[plot]])
+        self.redraws += 1
+        self.points.setText(f"{len(self.loss):,} points")
+
+    def set_log_scale(self, on: bool) -> None:
+        self.log_scale.setChecked(on)
+        for plot in (self.loss_plot, self.grad_plot):
+            plot.setLogMode(x=False, y=on)
+            self.followers[plot].follow(self.follow.isChecked())
+        self._dirty = True
+        self.redraw()
+
+    def set_following(self, on: bool) -> None:
+        for follower in self.followers.values():
+            follower.follow(on)
+        self._dirty = True
+        self.redraw()
+
+    def _zoomed(self, *_: object) -> None:
+        self.follow.blockSignals(True)
+        self.follow.setChecked(False)
+        self.follow.blockSignals(False)
+
+
+def _hex(color: tuple[int, int, int]) -> str:
+    return "#{:02x}{:02x}{:02x}".format(*color)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and bool(np.isfinite(value))
