@@ -224,3 +224,24 @@ def test_out_of_memory_stops_cleanly_with_advice_or_skips(tiny_config, tmp_path:
     assert failed.resumable_from == run / "checkpoints" / "step-00000004", "a checkpoint of the last good step"
     skipping = list(train(tiny_config.with_overrides({"train.oom_skip_batches": 1}), run_dir=tmp_path / "run2"))
     assert isinstance(skipping[-1], ev.Finished)
+
+
+def test_metrics_write_failure_stops_with_the_path(tiny_config, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from sdstudio.core.runs import MetricsWriter
+
+    original = MetricsWriter.write
+
+    def full_after_step_4(self, row):  # type: ignore[no-untyped-def]
+        if row.get("step", 0) >= 5:
+            raise_full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self._fh.write = lambda *_a: (_ for _ in ()).throw(raise_full)  # the next write fails
+        return original(self, row)
+
+    monkeypatch.setattr(MetricsWriter, "write", full_after_step_4)
+    run = tmp_path / "run"
+    events = list(train(tiny_config, run_dir=run))
+    failed = events[-1]
+    assert isinstance(failed, ev.Failed) and failed.kind == "input", failed
+    assert "metrics.jsonl" in failed.message and "No space left" in failed.message
+    assert failed.resumable_from == run / "checkpoints" / "step-00000003"

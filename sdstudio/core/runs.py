@@ -118,8 +118,19 @@ class MetricsWriter:
     def write(self, row: dict[str, Any]) -> None:
         if self._fh is None:
             return
-        self._fh.write(json.dumps(row, separators=(",", ":")) + "\n")
-        self._fh.flush()
+        try:
+            self._fh.write(json.dumps(row, separators=(",", ":")) + "\n")
+            self._fh.flush()
+        except OSError as exc:
+            self.close_quietly()
+            raise RunDirError(f"{self.path}: cannot append metrics ({exc.strerror or exc}); free disk space or make "
+                              "the run folder writable, then resume the run (its last checkpoint is intact)") from exc
+
+    def close_quietly(self) -> None:
+        try:
+            self.close()
+        except OSError:
+            self._fh = None
 
     def close(self) -> None:
         if self._fh is not None:
