@@ -60,18 +60,11 @@ def load_run_config(run_dir: Path) -> RunConfig:
 
 
 # -- lock -------------------------------------------------------------------------------------------------
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OSError:
-        return False
-    return True
+def pid_alive(pid: int) -> bool:
+    """Is a process with this pid running? (psutil: os.kill(pid, 0) would terminate it on Windows.)"""
+    import psutil
+
+    return pid > 0 and psutil.pid_exists(pid)
 
 
 class RunLock:
@@ -90,7 +83,7 @@ class RunLock:
                     pid = int(self.path.read_text().strip() or "0")
                 except (OSError, ValueError):
                     pid = 0
-                if pid != os.getpid() and _pid_alive(pid):
+                if pid != os.getpid() and pid_alive(pid):
                     raise RunDirError(f"{self.path.parent}: another sdstudio process (pid {pid}) is writing "
                                       "this run; stop it first or use another folder") from None
                 self.path.unlink(missing_ok=True)  # stale: its process is gone

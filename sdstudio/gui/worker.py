@@ -9,7 +9,7 @@ import logging
 import traceback
 from pathlib import Path
 
-from PySide6.QtCore import QObject, QThread, Signal, Slot
+from PySide6.QtCore import QObject, Qt, QThread, Signal, Slot
 
 from sdstudio.core import events as ev
 from sdstudio.core.config import RunConfig
@@ -104,7 +104,9 @@ class TrainingRunner(QObject):
         worker.moveToThread(thread)
         thread.started.connect(worker.run)
         worker.event.connect(self.event)  # queued: the worker lives on the other thread
-        worker.done.connect(thread.quit)
+        # direct: QThread.quit is thread-safe, and a queued call would wait for the GUI thread, which may be
+        # blocked in shutdown() waiting for this very thread
+        worker.done.connect(thread.quit, Qt.ConnectionType.DirectConnection)
         thread.finished.connect(self._joined)
         self.thread, self.worker = thread, worker
         thread.start()

@@ -164,3 +164,17 @@ def test_quit_when_the_run_ends(window, qtbot, tiny_dataset, choice: str) -> Non
     assert window.isVisible()
     qtbot.waitUntil(lambda: not window.isVisible(), timeout=60_000)
     assert not window.runner.is_running()
+
+
+def test_quitting_stops_the_run_and_joins_the_thread_promptly(window, qtbot, tiny_dataset) -> None:
+    """What the app does on quit (aboutToQuit): stop, wait for the thread, join; no waiting on the GUI thread."""
+    use_tiny_settings(window, tiny_dataset, **{"train.max_steps": 400, "checkpoint.every_steps": 0})
+    seen = _record(window)
+    qtbot.mouseClick(window.train_bar.train_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: any(isinstance(e, ev.StepMetrics) for e in seen), timeout=60_000)
+    run_dir = window.runner.run_dir
+    t0 = time.perf_counter()
+    assert window.runner.shutdown(30_000)
+    assert time.perf_counter() - t0 < 20
+    assert not window.runner.is_running() and window.runner.thread is None
+    assert _checkpoints(run_dir)

@@ -593,4 +593,5 @@ class TrainingSession:
         return path
 
     def close(self) -> None:
-        self.accelerator.free_memory()
+        if self.device.type == "cuda":  # free_memory runs a full gc.collect(): seconds of GIL in the app
+            self.accelerator.free_memory()

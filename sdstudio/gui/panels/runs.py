@@ -23,7 +23,7 @@ from PySide6.QtWidgets import (
 )
 
 from sdstudio.core import paths
-from sdstudio.core.runs import LOCK_FILE, METRICS_FILE, _pid_alive, list_runs, read_metrics
+from sdstudio.core.runs import LOCK_FILE, METRICS_FILE, list_runs, pid_alive, read_metrics
 
 from ..background import run_in_background
 from ..widgets.failure_dialog import show_error
@@ -84,8 +84,7 @@ def _locked_by_live_process(run_dir: Path) -> bool:
         pid = int(lock.read_text().strip() or "0")
     except (OSError, ValueError):
         return False
-    # the core's own liveness check (private; a public runs.lock_is_live() is requested from the core)
-    return pid == os.getpid() or _pid_alive(pid)
+    return pid == os.getpid() or pid_alive(pid)
 
 
 def smooth(values: np.ndarray, weight: float = SMOOTHING) -> np.ndarray:
