@@ -33,7 +33,7 @@ def _panel(qtbot, folder: Path):
 
 def test_caption_edit_writes_the_sidecar_atomically_and_never_touches_the_image(qtbot, tiny_copy: Path,
                                                                                 monkeypatch) -> None:
-    from sdstudio.gui.widgets import caption_editor
+    from sdstudio.core import atomic
 
     panel = _panel(qtbot, tiny_copy)
     image = panel.model.record(0).path
@@ -47,7 +47,7 @@ def test_caption_edit_writes_the_sidecar_atomically_and_never_touches_the_image(
             replaced.append((str(src), str(dst)))
         real_replace(src, dst)
 
-    monkeypatch.setattr(caption_editor.os, "replace", spy)
+    monkeypatch.setattr(atomic.os, "replace", spy)
     panel.select_file(image)
     editor = panel.caption
     assert editor.record().path == image

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,6 +9,7 @@ from PySide6.QtCore import Signal
 from PySide6.QtGui import QKeySequence, QShortcut
 from PySide6.QtWidgets import QHBoxLayout, QLabel, QPlainTextEdit, QPushButton, QVBoxLayout, QWidget
 
+from sdstudio.core.atomic import write_text_atomic
 from sdstudio.core.data.scan import ImageRecord
 
 
@@ -24,16 +23,7 @@ def write_caption_atomic(image: Path, text: str, extension: str = ".txt") -> Pat
     A reader sees the old caption or the new one, never half of one; the image itself is never opened.
     """
     target = sidecar_path(image, extension)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text.strip() + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(target, text.strip() + "\n")
     return target
 
 
