@@ -175,6 +175,10 @@ class TrainConfig(Section):
     oom_skip_batches: int = Field(0, ge=0, le=100, description="CUDA out-of-memory batches skipped before "
                                   "stopping (the run then stops with a checkpoint and advice).")
     threads: int = Field(0, ge=0, description="CPU threads for torch (0 = torch's default).")
+    train_text_encoder: bool = Field(False, description="Full fine-tune (SD families): also train the text "
+                                     "encoder(s), at train.text_encoder_lr. For a LoRA run use lora.text_encoder.")
+    tensorboard: bool = Field(False, description="Also write TensorBoard event files into RUN_DIR/tensorboard "
+                              "(needs the tensorboard package: pip install 'sdstudio[tensorboard]').")
 
 
 class SampleConfig(Section):
@@ -209,7 +213,22 @@ class LoraConfig(Section):
     dropout: float = Field(0.0, ge=0.0, le=0.9, description="LoRA dropout.")
     targets: Literal["attention", "attention_ff", "all"] = Field("attention", description="Which "
                                                                  "layers get adapters.")
-    text_encoder: bool = Field(False, description="Also train a text-encoder LoRA.")
+    text_encoder: bool = Field(False, description="Also train a LoRA on the text encoder(s) (both for SDXL), at "
+                               "train.text_encoder_lr; exported as lora_te_ / lora_te1_ / lora_te2_ keys.")
+
+
+class EvalConfig(Section):
+    inception_weights: str = Field("", description="The FID Inception-v3 weights file "
+                                   "(pt_inception-2015-12-05-6726825d.pth, see docs/metrics.md). Empty = FID and "
+                                   "KID are off; they are never estimated without it.")
+    fid_every_epochs: int = Field(0, ge=0, description="Compute FID/KID every N epochs (0 = not per epoch).")
+    fid_every_steps: int = Field(0, ge=0, description="Compute FID/KID every N steps (0 = not by steps).")
+    fid_at_end: bool = Field(True, description="Compute FID/KID when the run ends (when inception_weights is set).")
+    num_samples: int = Field(64, ge=2, le=50000, description="Images generated for FID/KID, from the validation "
+                             "captions with fixed seeds; the validation images are the reference set.")
+    sampler_steps: int = Field(0, ge=0, le=1000, description="Sampler steps of the FID/KID images (0 = "
+                               "sample.steps).")
+    batch_size: int = Field(16, ge=1, le=512, description="Images generated (and fed to Inception) per batch.")
 
 
 class ExportConfig(Section):
@@ -236,6 +255,7 @@ class RunConfig(BaseModel):
     sample: SampleConfig = Field(default_factory=SampleConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
 
     @model_validator(mode="after")
@@ -287,6 +307,11 @@ class RunConfig(BaseModel):
         if m.family == "pixel" and set(self.export.formats) & {"single-file", "diffusers-folder"}:
             problems.append("export.formats: from-scratch (pixel) models cannot be exported as single-file or "
                             "diffusers-folder yet; leave export.formats empty")
+        trains_text = (self.lora.text_encoder if self.lora.enabled else t.train_text_encoder)
+        if trains_text and m.family != "pixel" and self.data.cache_text_embeddings:
+            key = "lora.text_encoder" if self.lora.enabled else "train.train_text_encoder"
+            problems.append(f"data.cache_text_embeddings: true, but {key} = true trains the text encoder, so its "
+                            "embeddings change every step; turn one of them off")
         if self.export.ema and not t.ema:
             problems.append("export.ema: true needs train.ema = true")
         if problems:
