@@ -226,8 +226,8 @@ class TrainingSession(FeatureCachingMixin):
     def _groups(self) -> list[dict[str, Any]]:
         cfg = self.config.train
         te_lr = cfg.text_encoder_lr or cfg.learning_rate
-        te = getattr(self.bundle.trainable, "text_encoder", None)
-        te_ids = {id(p) for p in te.parameters()} if te is not None else set()
+        te_ids = {id(p) for name in ("text_encoder", "text_encoder_2")
+                  if (te := getattr(self.bundle.trainable, name, None)) is not None for p in te.parameters()}
         main = [p for p in self.trainable_params if id(p) not in te_ids]
         text = [p for p in self.trainable_params if id(p) in te_ids]
         return param_groups([("model", main, cfg.learning_rate), ("text_encoder", text, te_lr)])
