@@ -58,6 +58,25 @@ class ValidationResult(Event):
 
 
 @dataclass(frozen=True)
+class EvalResult(Event):
+    """FID / KID of generated images against the validation images (eval section of the config).
+
+    ``fid``/``kid_mean``/``kid_std`` are None when not computed; ``note`` says why (no weights file,
+    too few images) or how to read the numbers (FID below 2048 images is not meaningful: read KID).
+    The metrics.jsonl row has kind "eval" and the same keys."""
+
+    step: int
+    epoch: int
+    fid: float | None
+    kid_mean: float | None
+    kid_std: float | None
+    n_generated: int
+    n_real: int
+    fid_meaningful: bool = False
+    note: str = ""
+
+
+@dataclass(frozen=True)
 class SampleGrid(Event):
     step: int
     epoch: int
