@@ -63,7 +63,7 @@ class EvalResult(Event):
 
     ``fid``/``kid_mean``/``kid_std`` are None when not computed; ``note`` says why (no weights file,
     too few images) or how to read the numbers (FID below 2048 images is not meaningful: read KID).
-    The metrics.jsonl row has kind "eval" and the same keys."""
+    The metrics.jsonl row has kind "val" (the contract's kinds) with these keys and no ``val_loss``."""
 
     step: int
     epoch: int
