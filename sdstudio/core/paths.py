@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from importlib import resources as _resources
 from pathlib import Path
 
@@ -48,6 +49,9 @@ def resources_dir() -> Path:
     Shipped as the package ``sdstudio.resources`` (top-level ``resources/`` in the source tree), so it is
     found in an editable install, a wheel and a PyInstaller bundle alike.
     """
+    frozen_root = getattr(sys, "_MEIPASS", None)
+    if getattr(sys, "frozen", False) and frozen_root:
+        return Path(frozen_root) / "sdstudio" / "resources"  # the PyInstaller bundle (packaging/sdstudio.spec)
     try:
         return Path(str(_resources.files("sdstudio.resources")))
     except ModuleNotFoundError:
