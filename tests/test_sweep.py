@@ -94,11 +94,13 @@ def test_grid_2x2_runs_four_runs_and_writes_the_summaries(tmp_path: Path, base_t
         rows = list(csv.DictReader(fh))
     assert len(rows) == 4
     assert list(rows[0]) == ["index", "run_dir", "status", "message", "train.learning_rate", "train.batch_size",
-                             "best_val_loss", "final_val_loss", "final_loss", "steps", "seconds", "fid"]
+                             "best_val_loss", "final_val_loss", "final_loss", "steps", "seconds", "best_fid",
+                             "final_fid", "best_kid", "final_kid", "final_kid_std"]
     assert [(r["train.learning_rate"], r["train.batch_size"]) for r in rows] == [
         ("0.001", "2"), ("0.001", "4"), ("0.003", "2"), ("0.003", "4")]
     for row in rows:
-        assert row["status"] == "completed" and row["steps"] == "4" and row["fid"] == ""
+        assert row["status"] == "completed" and row["steps"] == "4"
+        assert row["final_fid"] == row["best_kid"] == "", "FID/KID off: empty cells"
         assert float(row["best_val_loss"]) <= float(row["final_val_loss"]) and float(row["final_loss"]) > 0
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["rows"]) == 4 and summary["counts"]["completed"] == 4
@@ -284,17 +286,27 @@ def test_a_truncated_metrics_line_does_not_break_the_summary(tmp_path: Path, bas
     losses = [1.0, 0.3, 0.1, 0.03, 0.02, 0.01, 0.005]
     lines = [json.dumps({"step": i + 1, "epoch": 0, "time": 0.0, "kind": "train", "loss": v})
              for i, v in enumerate(losses)]
-    lines += [json.dumps({"step": 3, "epoch": 0, "time": 0.0, "kind": "val", "val_loss": 0.2, "fid": 90.5}),
+    lines += [json.dumps({"step": 3, "epoch": 0, "time": 0.0, "kind": "val", "val_loss": 0.2}),
+              json.dumps({"step": 3, "epoch": 0, "time": 0.0, "kind": "val", "fid": 90.5, "kid_mean": 0.04,
+                          "kid_std": 0.01, "n_generated": 64, "n_real": 12, "fid_meaningful": False, "note": ""}),
               json.dumps({"step": 6, "epoch": 0, "time": 0.0, "kind": "val", "val_loss": 0.05}),
-              json.dumps({"step": 7, "epoch": 0, "time": 0.0, "kind": "val", "val_loss": 0.07})]
+              json.dumps({"step": 6, "epoch": 0, "time": 0.0, "kind": "val", "fid": 80.25, "kid_mean": 0.05,
+                          "kid_std": None, "note": "one subset"}),
+              json.dumps({"step": 7, "epoch": 0, "time": 0.0, "kind": "val", "val_loss": 0.07}),
+              json.dumps({"step": 7, "epoch": 0, "time": 0.0, "kind": "sample", "fid": 1.0})]  # not a val row
     (run / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 8, "epoch": 0, "kind": "tr')
     rows, curves = write_summary(state)
     assert rows[0]["best_val_loss"] == 0.05 and rows[0]["final_val_loss"] == 0.07
     assert rows[0]["final_loss"] == pytest.approx(sum(losses[-5:]) / 5)
-    assert rows[0]["steps"] == 7 and rows[0]["fid"] == 90.5 and rows[0]["seconds"] == 12.3
-    assert rows[1]["status"] == "pending" and rows[1]["best_val_loss"] is None
+    assert rows[0]["steps"] == 7 and rows[0]["seconds"] == 12.3
+    assert (rows[0]["best_fid"], rows[0]["final_fid"]) == (80.25, 80.25)
+    assert (rows[0]["best_kid"], rows[0]["final_kid"], rows[0]["final_kid_std"]) == (0.04, 0.05, None)
+    assert [v for _, v in curves[0].val] == [0.2, 0.05, 0.07], "FID/KID rows (no val_loss) are not loss points"
+    assert rows[1]["status"] == "pending" and rows[1]["best_val_loss"] is None and rows[1]["best_fid"] is None
     with open(out / "summary.csv", newline="") as fh:
-        assert [r["fid"] for r in csv.DictReader(fh)] == ["90.5", ""]
+        csv_rows = list(csv.DictReader(fh))
+    assert [(r["best_fid"], r["best_kid"], r["final_kid_std"]) for r in csv_rows] == [("80.25", "0.04", ""),
+                                                                                        ("", "", "")]
     # values over more than a decade get a log axis; the chart renders with one run or none
     assert y_axis([v for _, v in curves[0].train]).log and not y_axis([0.5, 0.9]).log
     img = render_overlay([Series("0: learning_rate=1e-3", curves[0].train, curves[0].val)], "t")
@@ -309,3 +321,29 @@ def test_folder_names_are_short_and_sorted(tmp_path: Path) -> None:
     assert run_folder_name(120, 200, {}) == "120"
     with pytest.raises(UserError, match="base_config"):
         parse_sweep({"base_config": "missing.toml", "grid": {"train.seed": [1]}}, path=tmp_path / "s.toml")
+
+
+def test_runs_that_compute_fid_and_kid_have_them_in_the_summary(tmp_path: Path, base_toml: Path) -> None:
+    """A real sweep with FID/KID on (random Inception weights in the published layout): the columns are filled
+    from the runs' metrics.jsonl and agree with the EvalResult events."""
+    import torch
+
+    from tests.test_eval_run import random_fid_state_dict
+
+    weights = tmp_path / "inception.pth"
+    torch.save(random_fid_state_dict(), weights)
+    body = (f'[set]\n"eval.inception_weights" = "{weights.as_posix()}"\n"eval.fid_every_steps" = 2\n'
+            '"eval.num_samples" = 4\n"eval.sampler_steps" = 2\n[grid]\n"train.learning_rate" = [1e-3]\n')
+    plan = load_sweep(sweep_file(tmp_path, body))
+    out = tmp_path / "out"
+    events = drain(run_sweep(plan, out))
+    fids = [e for e in events if isinstance(e, ev.EvalResult)]
+    assert [e.step for e in fids] == [2, 4]
+    with open(out / "summary.csv", newline="") as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert row["status"] == "completed" and row["best_val_loss"] != ""
+    assert float(row["final_fid"]) == fids[-1].fid and float(row["best_fid"]) == min(e.fid for e in fids)
+    assert float(row["final_kid"]) == fids[-1].kid_mean
+    assert float(row["best_kid"]) == min(e.kid_mean for e in fids)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rows"][0]["final_fid"] == fids[-1].fid and summary["best"]["index"] == 0

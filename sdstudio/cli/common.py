@@ -91,3 +91,16 @@ def stop_on_sigint(control: TrainingControl, what: str) -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def describe_eval(event: Any) -> str:
+    """One line for an EvalResult: KID first (it is the one to read for small sets), then FID."""
+    if event.fid is None and event.kid_mean is None:
+        return f"FID/KID not computed ({event.note})"
+    parts = []
+    if event.kid_mean is not None:
+        kid = f"KID {event.kid_mean:.5f}"
+        parts.append(kid + (f" ± {event.kid_std:.5f}" if event.kid_std is not None else ""))
+    if event.fid is not None:
+        parts.append(f"FID {event.fid:.2f}" + ("" if event.fid_meaningful else " (not meaningful below 2048 images)"))
+    return ", ".join(parts) + f" [{event.n_generated} generated vs {event.n_real} validation images]"

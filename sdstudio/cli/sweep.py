@@ -12,7 +12,7 @@ from tqdm import tqdm
 from ..core import events as ev
 from ..core.control import TrainingControl
 from ..core.sweep import SweepPlan, default_sweep_dir, load_sweep
-from .common import say, stop_on_sigint
+from .common import describe_eval, say, stop_on_sigint
 
 
 def register(sub: Any) -> None:
@@ -64,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
                     bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}")
                 elif isinstance(event, ev.ValidationResult) and bar is None:
                     say(f"  step {event.step}: validation loss {event.val_loss:.5f}")
+                elif isinstance(event, ev.EvalResult) and bar is None:
+                    say(f"  step {event.step}: {describe_eval(event)}")
                 elif isinstance(event, ev.Warning):
                     say(f"  warning: {event.text}")
                 elif isinstance(event, SweepRunEnded):

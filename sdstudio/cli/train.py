@@ -13,13 +13,13 @@ from ..core import events as ev
 from ..core.control import TrainingControl
 from ..core.errors import UserError
 from ..core.runs import default_run_dir, is_run_dir, load_run_config
-from .common import add_config_args, parse_sets, resolve_config, say, stop_on_sigint
+from .common import add_config_args, describe_eval, parse_sets, resolve_config, say, stop_on_sigint
 
 # Keys --resume may change: they alter neither the model nor the data order.
-RESUME_SAFE_PREFIXES = ("sample.", "checkpoint.")
+RESUME_SAFE_PREFIXES = ("sample.", "checkpoint.", "eval.")
 RESUME_SAFE_KEYS = {"train.max_steps", "train.epochs", "train.log_every", "train.val_every_steps",
                     "train.nan_skip_steps", "train.oom_skip_batches", "train.threads", "data.num_workers",
-                    "train.device"}
+                    "train.device", "train.tensorboard"}
 
 
 def register(sub: Any) -> None:
@@ -93,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
                     say(f"warning: {event.text}")
                 elif isinstance(event, ev.ValidationResult):
                     say(f"step {event.step}: validation loss {event.val_loss:.5f}")
+                elif isinstance(event, ev.EvalResult):
+                    say(f"step {event.step}: {describe_eval(event)}")
                 elif isinstance(event, ev.SampleGrid) and event.path is not None:
                     say(f"step {event.step}: samples {event.path}")
                 elif isinstance(event, ev.CheckpointSaved):

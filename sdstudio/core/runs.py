@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
@@ -102,10 +103,13 @@ class RunLock:
 
 # -- metrics ----------------------------------------------------------------------------------------------
 class MetricsWriter:
-    """Appends one JSON object per line and flushes, so a crash loses at most the line being written."""
+    """Appends one JSON object per line and flushes, so a crash loses at most the line being written.
 
-    def __init__(self, path: Path) -> None:
+    ``mirror`` also receives every row written (the run's TensorBoard log)."""
+
+    def __init__(self, path: Path, mirror: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.path = path
+        self.mirror = mirror
         self._fh: TextIO | None = open(path, "a", encoding="utf-8")
 
     def write(self, row: dict[str, Any]) -> None:
@@ -118,6 +122,8 @@ class MetricsWriter:
             self.close_quietly()
             raise RunDirError(f"{self.path}: cannot append metrics ({exc.strerror or exc}); free disk space or make "
                               "the run folder writable, then resume the run (its last checkpoint is intact)") from exc
+        if self.mirror is not None:
+            self.mirror(row)
 
     def close_quietly(self) -> None:
         try:

@@ -7,7 +7,7 @@ import csv
 import io
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,8 @@ from .sweep_state import RunRecord, SweepState
 SUMMARY_CSV = "summary.csv"
 SUMMARY_JSON = "summary.json"
 OVERLAY_PNG = "overlay.png"
-METRIC_COLUMNS = ("best_val_loss", "final_val_loss", "final_loss", "steps", "seconds", "fid")
+METRIC_COLUMNS = ("best_val_loss", "final_val_loss", "final_loss", "steps", "seconds",
+                  "best_fid", "final_fid", "best_kid", "final_kid", "final_kid_std")
 FINAL_LOSS_ROWS = 5  # final_loss averages the last few logged training losses: one row is noise
 
 
@@ -27,9 +28,10 @@ class RunCurves:
     """What a run logged, for the summary and the overlay plot."""
 
     train: list[tuple[int, float]]  # (step, loss) of the train rows
-    val: list[tuple[int, float]]  # (step, val_loss) of the val rows
-    fid: float | None
+    val: list[tuple[int, float]]  # (step, val_loss) of the val rows that have one
     last_step: int
+    fid: list[tuple[int, float]] = field(default_factory=list)  # (step, fid) of the FID/KID rows
+    kid: list[tuple[int, float, float | None]] = field(default_factory=list)  # (step, kid_mean, kid_std)
 
 
 def _number(value: Any) -> float | None:
@@ -39,10 +41,14 @@ def _number(value: Any) -> float | None:
 
 
 def read_curves(run_dir: Path) -> RunCurves:
-    """The curves of a run's metrics.jsonl (a truncated last line is skipped by ``read_metrics``)."""
+    """The curves of a run's metrics.jsonl (a truncated last line is skipped by ``read_metrics``).
+
+    Rows of kind "val" carry either a validation loss (``val_loss``) or FID/KID (``fid``, ``kid_mean``,
+    ``kid_std``, no ``val_loss``); each list takes the rows that have its value."""
     train: list[tuple[int, float]] = []
     val: list[tuple[int, float]] = []
-    fid: float | None = None
+    fid: list[tuple[int, float]] = []
+    kid: list[tuple[int, float, float | None]] = []
     last_step = 0
     for row in read_metrics(run_dir / "metrics.jsonl"):
         step = row.get("step")
@@ -52,11 +58,14 @@ def read_curves(run_dir: Path) -> RunCurves:
         kind = row.get("kind")
         if kind == "train" and (loss := _number(row.get("loss"))) is not None:
             train.append((step, loss))
-        elif kind == "val" and (val_loss := _number(row.get("val_loss"))) is not None:
-            val.append((step, val_loss))
-        if (value := _number(row.get("fid"))) is not None:
-            fid = value
-    return RunCurves(train, val, fid, last_step)
+        elif kind == "val":
+            if (val_loss := _number(row.get("val_loss"))) is not None:
+                val.append((step, val_loss))
+            if (value := _number(row.get("fid"))) is not None:
+                fid.append((step, value))
+            if (kid_mean := _number(row.get("kid_mean"))) is not None:
+                kid.append((step, kid_mean, _number(row.get("kid_std"))))
+    return RunCurves(train, val, last_step, fid, kid)
 
 
 def summary_row(record: RunRecord, keys: list[str], curves: RunCurves | None) -> dict[str, Any]:
@@ -64,14 +73,18 @@ def summary_row(record: RunRecord, keys: list[str], curves: RunCurves | None) ->
                            "message": record.message}
     for key in keys:
         row[key] = record.overrides.get(key)
-    c = curves or RunCurves([], [], None, 0)
+    c = curves or RunCurves([], [], 0)
     tail = [loss for _, loss in c.train[-FINAL_LOSS_ROWS:]]
     row["best_val_loss"] = min(v for _, v in c.val) if c.val else None
     row["final_val_loss"] = c.val[-1][1] if c.val else None
     row["final_loss"] = sum(tail) / len(tail) if tail else None
     row["steps"] = max(c.last_step, record.steps)
     row["seconds"] = round(record.seconds, 1)
-    row["fid"] = c.fid
+    row["best_fid"] = min(v for _, v in c.fid) if c.fid else None
+    row["final_fid"] = c.fid[-1][1] if c.fid else None
+    row["best_kid"] = min(m for _, m, _ in c.kid) if c.kid else None
+    row["final_kid"] = c.kid[-1][1] if c.kid else None
+    row["final_kid_std"] = c.kid[-1][2] if c.kid else None
     return row
 
 

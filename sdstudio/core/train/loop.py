@@ -30,7 +30,9 @@ from ..runs import (
     truncate_metrics_after,
 )
 from .checkpoint import newest_valid_checkpoint
+from .evaluation import evaluate
 from .session import TrainingSession
+from .tensorboard_log import open_tensorboard
 
 log = logging.getLogger("sdstudio")
 
@@ -141,7 +143,7 @@ def _run(s: TrainingSession, control: TrainingControl) -> Iterator[ev.Event]:
     for warning in s.init_warnings:
         yield ev.Warning(warning)
     yield ev.Status("scanning", f"scanning {s.data_root}")
-    for warning in s.prepare_data():
+    for warning in s.prepare_data() + s.evaluation.data_warnings(len(s.data.val)):
         yield ev.Warning(warning)
     yield ev.Status("building", f"building the {cfg.model.family} model")
     s.build()
@@ -164,7 +166,12 @@ def _run(s: TrainingSession, control: TrainingControl) -> Iterator[ev.Event]:
             yield ev.Warning(warning)
         if s.is_main and s.run_dir is not None:
             truncate_metrics_after(s.run_dir / "metrics.jsonl", s.step)
-    metrics = MetricsWriter(s.run_dir / "metrics.jsonl") if s.is_main and s.run_dir is not None else None
+    s.tensorboard = open_tensorboard(cfg.train.tensorboard, s.run_dir, is_main=s.is_main,
+                                     resumed_step=s.step if s.resume else None)
+    mirror = s.tensorboard.row if s.tensorboard is not None else None
+    metrics = None
+    if s.is_main and s.run_dir is not None:
+        metrics = MetricsWriter(s.run_dir / "metrics.jsonl", mirror)
     try:
         s.started = True
         yield ev.Started(s.run_dir or Path("."), cfg.to_dict(), s.total_steps, s.step if s.resume else 0)
@@ -181,6 +188,8 @@ def _run(s: TrainingSession, control: TrainingControl) -> Iterator[ev.Event]:
     finally:
         if metrics:
             metrics.close()
+        if s.tensorboard is not None:
+            s.tensorboard.close()
 
 
 def _epochs(s: TrainingSession, control: TrainingControl, metrics: MetricsWriter | None) -> Iterator[ev.Event]:
@@ -219,6 +228,8 @@ def _epochs(s: TrainingSession, control: TrainingControl, metrics: MetricsWriter
                 if s.early_stop:
                     reason = "early_stopped"
                     break
+            if s.evaluation.due_at_step(s.step):
+                yield from evaluate(s, metrics)
             if (cfg.sample.every_steps and s.step % cfg.sample.every_steps == 0) or control.take_sample_request():
                 yield from _sample(s, metrics)
             if (cfg.checkpoint.every_steps and s.step % cfg.checkpoint.every_steps == 0) or control.take_save_request():
@@ -242,6 +253,8 @@ def _epochs(s: TrainingSession, control: TrainingControl, metrics: MetricsWriter
                 yield from _validate(s, metrics)
         if cfg.sample.at_end and s.last_sample_step != s.step:
             yield from _sample(s, metrics)
+        if s.evaluation.due_at_end(s.step):
+            yield from evaluate(s, metrics)
     if s.last_checkpoint_step != s.step:
         yield from _checkpoint(s, metrics)
     if reason in ("completed", "early_stopped"):
@@ -277,6 +290,8 @@ def _epoch_end(s: TrainingSession, epoch: int, metrics: MetricsWriter | None) ->
         yield from _validate(s, metrics)
     if cfg.sample.every_epochs and n % cfg.sample.every_epochs == 0 and s.last_sample_step != s.step:
         yield from _sample(s, metrics)
+    if s.evaluation.due_at_epoch(n, s.step):
+        yield from evaluate(s, metrics)
     if cfg.checkpoint.every_epochs and n % cfg.checkpoint.every_epochs == 0 and s.last_checkpoint_step != s.step:
         yield from _checkpoint(s, metrics)
     if cfg.export.every_epochs and n % cfg.export.every_epochs == 0 and s.step < s.total_steps:
@@ -328,6 +343,8 @@ def _sample(s: TrainingSession, metrics: MetricsWriter | None) -> Iterator[ev.Ev
         log.info("prompt adherence at step %d: %s", s.step, ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
     if metrics and path is not None:
         metrics.write(metrics_row("sample", s.step, s.epoch, path=str(path.name), **scores))
+    if s.tensorboard is not None:
+        s.tensorboard.image("samples", s.step, grid)
     yield ev.SampleGrid(s.step, s.epoch, grid, tuple(s.sample_prompts), tuple(s.config.sample.seeds), path,
                         scores)
     yield ev.Status("training", "training")

@@ -7,7 +7,7 @@ import json
 import logging
 import math
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from ..sampling import generate, make_grid, preserved_rng_state
 from . import state as ckpt_state
 from .caches import FeatureCachingMixin
 from .checkpoint import CheckpointInfo, newest_valid_checkpoint, prune_checkpoints, write_checkpoint
+from .evaluation import RunEvaluation
 from .optim import LRSchedule, build_optimizer, param_groups
 from .setup import PreparedData, build_model, data_root, pick_device, prepare_data
 
@@ -107,6 +108,15 @@ class TrainingSession(FeatureCachingMixin):
         self.feature_cache: Any = None
         self.text_cache: Any = None
         self._text_memo: dict[str, dict[str, torch.Tensor]] = {}
+        # Checked before anything is built or written: a bad eval.inception_weights or a missing tensorboard
+        # package is an input error at the start, not a failure at the first evaluation / log line.
+        self.evaluation = RunEvaluation(config, is_main=self.is_main)
+        self.init_warnings += self.evaluation.warnings
+        if cfg.tensorboard and run_dir is not None:
+            from .tensorboard_log import require_tensorboard
+
+            require_tensorboard()
+        self.tensorboard: Any = None  # a TensorBoardLog while the loop runs (main process, train.tensorboard)
 
     # -- building ---------------------------------------------------------------------------------------
     def prepare_data(self) -> list[str]:
@@ -454,21 +464,44 @@ class TrainingSession(FeatureCachingMixin):
         labels = [p for p in self.sample_prompts for _ in self.config.sample.seeds]
         return prompt_adherence(list(images), labels)
 
-    def sample_images(self, prompts: list[str], seeds: list[int]) -> np.ndarray:
-        cfg = self.config.sample
+    @contextmanager
+    def sampling_model(self) -> Iterator[torch.nn.Module]:
+        """The unwrapped model in eval mode with the EMA weights swapped in (when EMA is on); every global RNG
+        and the raw weights are restored afterwards, so sampling never changes the training run."""
         model = self.accelerator.unwrap_model(self.model)
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision)
+        was_training = model.training
         with preserved_rng_state():
             if self.ema is not None:
                 self.ema.store(self.trainable_params)
                 self.ema.copy_to(self.trainable_params)
+            model.eval()
             try:
-                return generate(self.bundle, model, self.sched, prompts, seeds, steps=cfg.steps,
-                                guidance=cfg.guidance, sampler=cfg.sampler, negative_prompt=cfg.negative_prompt,
-                                device=self.device, autocast_dtype=dtype)
+                yield model
             finally:
+                model.train(was_training)
                 if self.ema is not None:
                     self.ema.restore(self.trainable_params)
+
+    def _autocast_dtype(self) -> torch.dtype | None:
+        return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision)
+
+    def sample_images(self, prompts: list[str], seeds: list[int]) -> np.ndarray:
+        cfg = self.config.sample
+        with self.sampling_model() as model:
+            return generate(self.bundle, model, self.sched, prompts, seeds, steps=cfg.steps,
+                            guidance=cfg.guidance, sampler=cfg.sampler, negative_prompt=cfg.negative_prompt,
+                            device=self.device, autocast_dtype=self._autocast_dtype())
+
+    @torch.no_grad()
+    def generate_pairs(self, model: torch.nn.Module, pairs: list[tuple[str, int]], *,
+                       steps: int) -> np.ndarray:
+        """One batch of images, one per (caption, seed) pair, with the sampler, guidance and negative prompt
+        of ``sample.*`` (call inside ``sampling_model``): uint8 (N, H, W, 3)."""
+        from ..sampling import _generate_batch  # the pairs form of ``generate`` (FID/KID images)
+
+        cfg = self.config.sample
+        return _generate_batch(self.bundle, model, self.sched, pairs, steps, cfg.guidance, cfg.sampler,
+                               cfg.negative_prompt, self.device, self._autocast_dtype())
 
     def sample_grid(self) -> tuple[np.ndarray, Path | None]:
         seeds = list(self.config.sample.seeds)
