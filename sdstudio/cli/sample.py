@@ -1,4 +1,5 @@
-"""`sdstudio sample`: images from a trained run or checkpoint with fixed seeds, plus a grid."""
+"""`sdstudio sample`: images from a trained run or checkpoint, or from a model file / diffusers folder (plus a
+LoRA), with fixed seeds, plus a grid."""
 
 from __future__ import annotations
 
@@ -10,12 +11,15 @@ from ..core.errors import UserError
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("sample", help="generate images from a run or checkpoint")
+    p = sub.add_parser("sample", help="generate images from a run, a checkpoint or a model file / folder")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", type=Path, help="run folder (uses its newest valid checkpoint)")
-    src.add_argument("--model", type=Path, help="a model file or diffusers folder")
+    src.add_argument("--model", type=Path, help="a Stable Diffusion .safetensors/.ckpt file or diffusers folder, or "
+                     "a folder made by `sdstudio export --format diffusers-folder`")
     p.add_argument("--checkpoint", type=Path, help="a checkpoint folder of the run")
-    p.add_argument("--lora", type=Path, help="a LoRA file applied to --model")
+    p.add_argument("--lora", type=Path, help="a LoRA file (kohya or diffusers format) applied to --model")
+    p.add_argument("--config-folder", type=Path, default=None, help="with --model FILE: the diffusers config "
+                   "folder of the single-file model (default: the one sdstudio ships for the detected family)")
     p.add_argument("--prompt", action="append", required=True, help="prompt (repeatable: one grid row each)")
     p.add_argument("--negative", default=None, help="negative prompt")
     p.add_argument("--n", type=int, default=4, help="images per prompt (default 4)")
@@ -29,19 +33,33 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.model is not None:
-        raise UserError("--model: sampling from a base model file is not available in this build yet; "
-                        "use --run RUN_DIR")
+    if args.lora is not None and args.model is None:
+        raise UserError(f"--lora {args.lora}: a LoRA is applied to a base model; give it with --model BASE_MODEL "
+                        "(a run's LoRA is sampled with --run RUN_DIR alone)")
+    if args.model is not None and args.checkpoint is not None:
+        raise UserError(f"--checkpoint {args.checkpoint}: belongs with --run RUN_DIR, not with --model")
+    if args.model is not None and args.raw:
+        raise UserError("--raw: belongs with --run RUN_DIR (a checkpoint's raw vs EMA weights), not with --model")
+    if args.model is None and args.config_folder is not None:
+        raise UserError(f"--config-folder {args.config_folder}: only for --model with a single-file model")
     if args.n < 1:
         raise UserError(f"--n {args.n}: give at least 1 image per prompt")
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps {args.steps}: must be at least 1")
     from PIL import Image
 
-    from ..core.inference import load_trained
     from ..core.sampling import make_grid
 
-    loaded = load_trained(args.run, args.checkpoint, use_ema=not args.raw)
+    if args.model is not None:
+        from ..core.model_sampling import load_model
+
+        loaded: Any = load_model(args.model, lora=args.lora, config_folder=args.config_folder)
+        what = loaded.describe()
+    else:
+        from ..core.inference import load_trained
+
+        loaded = load_trained(args.run, args.checkpoint, use_ema=not args.raw)
+        what = f"checkpoint {loaded.checkpoint.name}{', EMA weights' if loaded.ema_used else ''}"
     seeds = [args.seed + k for k in range(args.n)]
     images = loaded.generate(args.prompt, seeds, steps=args.steps, guidance=args.guidance, sampler=args.sampler,
                              negative_prompt=args.negative)
@@ -53,8 +71,7 @@ def run(args: argparse.Namespace) -> int:
         _save(Image.fromarray(make_grid(images, rows=len(args.prompt))), args.out / "grid.png")
     except OSError as exc:
         raise UserError(f"--out {args.out}: cannot write images ({exc.strerror or exc})") from None
-    print(f"{len(images)} images and grid.png written to {args.out} (checkpoint {loaded.checkpoint.name}"
-          f"{', EMA weights' if loaded.ema_used else ''})")
+    print(f"{len(images)} images and grid.png written to {args.out} ({what})")
     return 0
 
 

@@ -304,9 +304,9 @@ class RunConfig(BaseModel):
         if lora_formats and not (self.lora.enabled and m.family != "pixel"):
             problems.append(f"export.formats: {sorted(lora_formats)} export a LoRA but this run trains none "
                             "(lora.enabled = false or model.family = 'pixel'); use single-file / diffusers-folder")
-        if m.family == "pixel" and set(self.export.formats) & {"single-file", "diffusers-folder"}:
-            problems.append("export.formats: from-scratch (pixel) models cannot be exported as single-file or "
-                            "diffusers-folder yet; leave export.formats empty")
+        if m.family == "pixel" and "single-file" in self.export.formats:
+            problems.append("export.formats: from-scratch (pixel) models cannot be exported as single-file; "
+                            "use diffusers-folder")
         trains_text = (self.lora.text_encoder if self.lora.enabled else t.train_text_encoder)
         if trains_text and m.family != "pixel" and self.data.cache_text_embeddings:
             key = "lora.text_encoder" if self.lora.enabled else "train.train_text_encoder"

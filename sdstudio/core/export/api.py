@@ -21,6 +21,13 @@ def export(source_path: Path, fmt: str, out: Path, *, dtype: torch.dtype = torch
 
         writer = export_kohya_lora if fmt == "kohya" else export_diffusers_lora
         return writer(source, out, dtype=dtype, force=force)
+    if fmt in ("single-file", "diffusers-folder") and source.family == "pixel":
+        if fmt == "single-file":
+            raise UserError(f"{source.checkpoint}: a from-scratch (pixel) model has no single-file layout that "
+                            "A1111 / ComfyUI could load; export it as diffusers-folder")
+        from .pixel_folder import export_pixel_folder
+
+        return export_pixel_folder(source, out, dtype=dtype, force=force)
     if fmt in ("single-file", "diffusers-folder"):
         from .full_model import export_diffusers_folder, export_single_file
 

@@ -1,0 +1,350 @@
+"""Sampling from a model that is not an sdstudio run (`sdstudio sample --model PATH [--lora FILE]`).
+
+PATH is a Stable Diffusion 1.x / 2.x / XL base model (a diffusers folder, including sdstudio's own SD
+``diffusers-folder`` exports, or a single .safetensors/.ckpt file, loaded offline through
+``models/sd_files.py``), or a from-scratch model exported with ``sdstudio export --format diffusers-folder``
+(``export/pixel_folder.py``). The model becomes an ordinary ``ModelBundle`` and the images come from
+``core/sampling.py``, so every sampler behaves exactly as in a run's previews and in ``sdstudio sample --run``.
+A LoRA (kohya or diffusers format) is applied to the pipeline's UNet (and text encoders, when the file has
+text-encoder modules) with diffusers' own ``load_lora_weights``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import UserError
+from .models.bundle import ModelBundle
+from .models.sd_files import SINGLE_FILE_SUFFIXES, ModelFileError
+
+# What a base model samples with when the command line does not say (the SD presets' [sample] values).
+SD_DEFAULTS = {"sd1": {"sampler": "dpmpp_2m", "steps": 25, "guidance": 7.0, "negative_prompt": ""},
+               "sd2": {"sampler": "dpmpp_2m", "steps": 25, "guidance": 7.0, "negative_prompt": ""},
+               "sdxl": {"sampler": "dpmpp_2m", "steps": 25, "guidance": 6.0, "negative_prompt": ""}}
+PIXEL_DEFAULTS = {"sampler": "ddim", "steps": 25, "guidance": 3.0, "negative_prompt": ""}
+SAMPLERS = ("ddpm", "ddim", "euler", "dpmpp_2m")
+
+
+class LoraFileError(UserError):
+    """A LoRA file that is missing, not a LoRA, or does not fit the model."""
+
+
+@dataclass
+class LoadedBaseModel:
+    """A model loaded for sampling only (no run, no checkpoint)."""
+
+    bundle: ModelBundle
+    scheduler: Any  # the training schedule (a DDPMScheduler); samplers derive from it as in a run
+    device: torch.device
+    source: Path
+    kind: str  # "sd1" | "sd2" | "sdxl" | "pixel"
+    defaults: dict[str, Any] = field(default_factory=dict)
+    lora: Path | None = None
+    lora_modules: int = 0  # modules the LoRA patched
+    autocast_dtype: torch.dtype | None = None
+
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int], *, steps: int | None = None,
+                 guidance: float | None = None, sampler: str | None = None,
+                 negative_prompt: str | None = None) -> np.ndarray:
+        from .sampling import generate
+
+        d = self.defaults
+        return generate(self.bundle, self.bundle.trainable, self.scheduler, list(prompts), list(seeds),
+                        steps=steps or int(d["steps"]), guidance=float(d["guidance"]) if guidance is None else guidance,
+                        sampler=sampler or str(d["sampler"]),
+                        negative_prompt=str(d["negative_prompt"]) if negative_prompt is None else negative_prompt,
+                        device=self.device, autocast_dtype=self.autocast_dtype)
+
+    def describe(self) -> str:
+        what = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "pixel": "from-scratch pixel"}[self.kind]
+        lora = f" + LoRA {self.lora.name} ({self.lora_modules} modules)" if self.lora else ""
+        return f"{what} model {self.source.name}{lora}"
+
+
+# -- entry point ------------------------------------------------------------------------------------------
+def load_model(path: Path, *, lora: Path | None = None, device: str = "auto",
+               config_folder: Path | None = None) -> LoadedBaseModel:
+    """Load PATH for sampling. ``config_folder``: the diffusers config folder of a single-file model (default:
+    the one sdstudio ships for the detected family)."""
+    from .train.setup import pick_device
+
+    path = Path(path).expanduser()
+    lora = Path(lora).expanduser() if lora is not None else None
+    kind = detect_model(path)
+    dev = pick_device(device)
+    _quiet_loading()
+    if kind == "pixel":
+        if lora is not None:
+            raise LoraFileError(f"--lora {lora}: LoRAs apply to Stable Diffusion models; {path} is a from-scratch "
+                                "(pixel) model. Drop --lora")
+        return _load_pixel_folder(path, dev)
+    return _load_sd(path, kind, dev, lora=lora, config_folder=config_folder)
+
+
+def cast_module(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """Move and cast floating-point weights (nn.Module's own casts: diffusers' ``to(dtype)`` warns each time)."""
+    torch.nn.Module.to(module, device)
+    return {torch.float16: module.half, torch.bfloat16: module.bfloat16}.get(dtype, module.float)()
+
+
+def _quiet_loading() -> None:
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
+def detect_model(path: Path) -> str:
+    """"sd1" / "sd2" / "sdxl" / "pixel", or a UserError naming the path and what to pass instead."""
+    from .export.pixel_folder import is_pixel_folder
+    from .models.sd_files import inspect_model_file, inspect_model_folder
+
+    if not path.exists():
+        raise ModelFileError(f"--model {path}: no such file or folder; give a Stable Diffusion .safetensors/.ckpt "
+                             "file, a diffusers model folder, or a folder made by `sdstudio export --format "
+                             "diffusers-folder`")
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            if (path / "config.toml").is_file():
+                raise ModelFileError(f"--model {path}: this is an sdstudio run or checkpoint folder; sample it with "
+                                     f"`sdstudio sample --run {path}` (or export it with `sdstudio export`)")
+            raise ModelFileError(f"--model {path}: not a diffusers model folder (no model_index.json); give the "
+                                 "folder that holds model_index.json, or a .safetensors/.ckpt file")
+        if is_pixel_folder(path):
+            return "pixel"
+        try:
+            index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ModelFileError(f"--model {path}: model_index.json cannot be read ({exc})") from None
+        cls = str(index.get("_class_name", ""))
+        if not cls.startswith("StableDiffusion") or "unet" not in index:
+            raise ModelFileError(f"--model {path}: a {cls or 'unknown'} folder; sdstudio samples Stable Diffusion "
+                                 "1.x / 2.x / XL models and its own diffusers-folder exports")
+        return inspect_model_folder(path).kind
+    if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+        raise ModelFileError(f"--model {path}: expected a .safetensors/.ckpt model file or a diffusers folder")
+    info = inspect_model_file(path)
+    if info.kind == "lora":
+        raise ModelFileError(f"--model {path}: this is a LoRA; pass it as --lora together with --model BASE_MODEL")
+    if info.kind not in ("sd1", "sd2", "sdxl"):
+        raise ModelFileError(f"--model {path}: this is {info.detail}, not a Stable Diffusion checkpoint")
+    return info.kind
+
+
+# -- Stable Diffusion -------------------------------------------------------------------------------------
+def sd_schedule(scheduler_config: dict[str, Any], prediction_type: str, zero_terminal_snr: bool) -> Any:
+    """The base model's noise schedule as a DDPMScheduler, set up as sdstudio's training schedule is."""
+    from diffusers import DDPMScheduler
+
+    c = scheduler_config
+    return DDPMScheduler(num_train_timesteps=int(c.get("num_train_timesteps", 1000)),
+                         beta_start=float(c.get("beta_start", 0.00085)), beta_end=float(c.get("beta_end", 0.012)),
+                         beta_schedule=str(c.get("beta_schedule", "scaled_linear")),
+                         trained_betas=c.get("trained_betas"), prediction_type=prediction_type,
+                         rescale_betas_zero_snr=zero_terminal_snr, clip_sample=False, timestep_spacing="trailing")
+
+
+def _load_sd(path: Path, family: str, device: torch.device, *, lora: Path | None,
+             config_folder: Path | None) -> LoadedBaseModel:
+    from .config import RunConfig
+    from .errors import ConfigError
+    from .models.sd import build_sd_model
+
+    overrides: dict[str, Any] = {"model.family": family, "model.path": str(path), "train.device": "cpu",
+                                 "train.mixed_precision": "no", "lora.enabled": False, "data.resolution": 512}
+    if config_folder is not None:
+        overrides["model.config_folder"] = str(Path(config_folder).expanduser())
+    try:
+        config = RunConfig().with_overrides(overrides)
+    except ConfigError as exc:
+        raise ModelFileError(f"--model {path}: {exc}") from None
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # diffusers warns on every to(dtype) of a model
+    try:
+        bundle = build_sd_model(config, torch.device("cpu"))  # fp32 on the CPU; moved below
+    except ModelFileError as exc:
+        raise ModelFileError(str(exc).replace("model.path ", "--model ", 1)) from None
+    finally:
+        diffusers_logging.set_verbosity(level)
+    comps = bundle.components
+    unet = comps.unet
+    unet.requires_grad_(False)
+    sched = sd_schedule(comps.scheduler_config, comps.prediction_type, comps.zero_terminal_snr)
+    lora_modules = apply_lora(bundle, lora, family=family, model=path, sched=sched) if lora is not None else 0
+    wdtype = torch.float16 if device.type == "cuda" else torch.float32
+    for module in (unet, comps.text_encoder, comps.text_encoder_2):
+        if module is not None:
+            cast_module(module, device, wdtype).eval()
+    # SDXL's VAE overflows in fp16 (NaN latents): it stays fp32
+    cast_module(comps.vae, device, torch.float32 if family == "sdxl" else wdtype).eval()
+    bundle.weight_dtype = wdtype
+    if hasattr(bundle.trainable, "weight_dtype"):
+        bundle.trainable.weight_dtype = wdtype
+    bundle.trainable.eval()
+    bundle.sample_size = int(unet.config.sample_size)  # the model's native size (latent side)
+    return LoadedBaseModel(bundle, sched, device, path, family, dict(SD_DEFAULTS[family]), lora, lora_modules,
+                           autocast_dtype=wdtype if wdtype != torch.float32 else None)
+
+
+def _lora_family(meta: dict[str, str]) -> str | None:
+    """The family a LoRA file says it was trained for (kohya / modelspec metadata), None when it does not say."""
+    base = meta.get("ss_base_model_version", "").lower()
+    arch = meta.get("modelspec.architecture", "").lower()
+    if base.startswith("sdxl") or "stable-diffusion-xl" in arch:
+        return "sdxl"
+    if base.startswith("sd_v2") or "stable-diffusion-v2" in arch:
+        return "sd2"
+    if base.startswith("sd_v1") or "stable-diffusion-v1" in arch:
+        return "sd1"
+    return None
+
+
+def _lora_modules_in_file(keys: list[str]) -> int:
+    return sum(1 for k in keys if k.endswith((".lora_down.weight", ".lora_A.weight")))
+
+
+def _first_reason(exc: BaseException) -> str:
+    """One line out of a long loader error: the first size mismatch if there is one."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    line = next((ln for ln in lines if "size mismatch" in ln), lines[0] if lines else type(exc).__name__)
+    return line if len(line) <= 240 else line[:240] + "..."
+
+
+def apply_lora(bundle: Any, lora: Path, *, family: str, model: Path, sched: Any) -> int:
+    """Load a kohya or diffusers LoRA file onto the bundle's UNet (and text encoders) with diffusers'
+    ``load_lora_weights``; returns the number of patched modules. Anything that does not fit is a UserError."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from .models.sd_files import classify_keys
+
+    if not lora.is_file():
+        raise LoraFileError(f"--lora {lora}: no such file")
+    if lora.suffix.lower() != ".safetensors":
+        raise LoraFileError(f"--lora {lora}: expected a .safetensors LoRA file (kohya or diffusers format)")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(lora), framework="pt") as fh:
+            keys = list(fh.keys())
+            meta = dict(fh.metadata() or {})
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for bad files
+        raise LoraFileError(f"--lora {lora}: not a readable safetensors file ({exc}); download it again") from None
+    kind, detail = classify_keys(keys)
+    if kind != "lora":
+        raise LoraFileError(f"--lora {lora}: this is {detail}, not a LoRA")
+    trained_for = _lora_family(meta)
+    if trained_for is not None and trained_for != family:
+        raise LoraFileError(f"--lora {lora}: a LoRA for {trained_for} models, but --model {model} is {family}; "
+                            f"use a {family} LoRA or the base model it was trained on")
+    import logging
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # SD pipelines warn about scheduler configs they were not made with
+        pipe = _pipeline(bundle.components, sched)
+    level = diffusers_logging.get_verbosity()
+    # diffusers logs the whole failing state dict as an error, and a warning for each text encoder a UNet-only
+    # LoRA leaves alone; the outcome is reported below in one line instead
+    diffusers_logging.set_verbosity(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="sdstudio")
+    except Exception as exc:  # noqa: BLE001 - size mismatches, unknown keys, peft errors: all "does not fit"
+        raise LoraFileError(f"--lora {lora}: does not fit the {family} model {model} ({_first_reason(exc)})") from None
+    finally:
+        diffusers_logging.set_verbosity(level)
+    modules = [pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)]
+    patched = sum(1 for m in modules if m is not None for sub in m.modules() if isinstance(sub, BaseTunerLayer))
+    expected = _lora_modules_in_file(keys)
+    if patched == 0:
+        raise LoraFileError(f"--lora {lora}: none of its {expected} modules matches a layer of the {family} model "
+                            f"{model}; is it a LoRA for another model family?")
+    if expected and patched < expected:
+        raise LoraFileError(f"--lora {lora}: only {patched} of its {expected} modules match layers of the {family} "
+                            f"model {model}; is it a LoRA for another model?")
+    return patched
+
+
+def _pipeline(comps: Any, sched: Any) -> Any:
+    """A diffusers pipeline around the loaded modules (shared, not copied), for ``load_lora_weights``."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if comps.family == "sdxl":
+        return StableDiffusionXLPipeline(vae=comps.vae, text_encoder=comps.text_encoder,
+                                         text_encoder_2=comps.text_encoder_2, tokenizer=comps.tokenizer,
+                                         tokenizer_2=comps.tokenizer_2, unet=comps.unet, scheduler=sched,
+                                         add_watermarker=False)
+    return StableDiffusionPipeline(vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer,
+                                   unet=comps.unet, scheduler=sched, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+# -- sdstudio's from-scratch exports ----------------------------------------------------------------------
+def _load_pixel_folder(path: Path, device: torch.device) -> LoadedBaseModel:
+    import diffusers
+    from diffusers import DDPMScheduler
+    from transformers import CLIPTextModel, PreTrainedTokenizerFast
+
+    from .config import DiffusionConfig
+    from .diffusion import training_scheduler
+    from .export.pixel_folder import SDSTUDIO_FILE
+    from .models.pixel import PixelBundle, PixelDenoiser  # also registers LeakyReLU for the UNet config
+
+    try:
+        index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+        facts_file = path / SDSTUDIO_FILE
+        facts = json.loads(facts_file.read_text(encoding="utf-8")) if facts_file.is_file() else {}
+    except (OSError, ValueError) as exc:
+        raise ModelFileError(f"--model {path}: cannot read the folder's model_index.json / {SDSTUDIO_FILE} "
+                             f"({exc}); export it again") from None
+    unet_cls_name = (index.get("unet") or [None, ""])[1]
+    unet_cls = getattr(diffusers, unet_cls_name, None) if unet_cls_name in ("UNet2DModel",
+                                                                            "UNet2DConditionModel") else None
+    if unet_cls is None:
+        raise ModelFileError(f"--model {path}: unet is {unet_cls_name!r}; expected a UNet2DModel or "
+                             "UNet2DConditionModel")
+    conditional = unet_cls_name == "UNet2DConditionModel"
+    try:
+        unet = unet_cls.from_pretrained(str(path), subfolder="unet", local_files_only=True)
+        text_encoder = tokenizer = None
+        if conditional:
+            text_encoder = CLIPTextModel.from_pretrained(str(path / "text_encoder"), local_files_only=True)
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path / "tokenizer"), local_files_only=True)
+        sched_cfg = dict(DDPMScheduler.load_config(str(path), subfolder="scheduler", local_files_only=True))
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ModelFileError(f"--model {path}: could not be loaded ({str(exc).splitlines()[0]}); export it "
+                             "again") from None
+    if "diffusion" in facts:
+        # the run's own schedule: exactly what its previews and `sdstudio sample --run` sample with
+        train_sched = training_scheduler(DiffusionConfig(**facts["diffusion"]), pixel_space=True)
+    else:
+        train_sched = DDPMScheduler.from_config(sched_cfg)
+    defaults = dict(PIXEL_DEFAULTS)
+    defaults.update({k: v for k, v in facts.get("sample", {}).items() if k in PIXEL_DEFAULTS})
+    if defaults["sampler"] not in SAMPLERS:
+        defaults["sampler"] = "ddim"
+    if not conditional:
+        defaults["guidance"] = 1.0
+    unet = cast_module(unet, device, torch.float32).eval()
+    if text_encoder is not None:
+        text_encoder = cast_module(text_encoder, device, torch.float32).eval()
+    size = unet.config.sample_size
+    side = int(size if isinstance(size, int) else size[0])
+    bundle = PixelBundle(family="pixel", trainable=PixelDenoiser(unet, text_encoder).eval(), save_modules={},
+                         prediction_type=str(train_sched.config.prediction_type),
+                         in_channels=int(unet.config.in_channels), sample_size=side,
+                         architecture={"family": "pixel"}, tokenizer=tokenizer)
+    return LoadedBaseModel(bundle, train_sched, device, path, "pixel", defaults)
