@@ -6,10 +6,12 @@ import json
 import threading
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from sdstudio.core import events as ev
+from sdstudio.core.config import RunConfig
 from sdstudio.core.control import TrainingControl
 from sdstudio.core.runs import read_metrics
 from sdstudio.core.train.checkpoint import verify_checkpoint
@@ -219,3 +221,20 @@ def test_prompt_adherence_is_logged_on_the_demo_data(tmp_path: Path) -> None:
     assert set(grid.scores) == {"colour_acc", "shape_acc", "both_acc"}
     rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "sample"]
     assert "both_acc" in rows[-1]
+
+
+@pytest.mark.parametrize("ztsnr", [False, True])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "euler", "dpmpp_2m"])
+def test_sampler_steps_up_to_the_schedule_length_stay_in_range(sampler: str, ztsnr: bool) -> None:
+    """sample.steps may equal diffusion.num_timesteps: "leading" spacing would then start at t = T (out of
+    range) or repeat timesteps (DPM++); fewer steps are taken instead of crashing or sampling garbage."""
+    from sdstudio.core.diffusion import sampling_scheduler, set_sampling_timesteps, training_scheduler
+
+    cfg = RunConfig().diffusion.model_copy(update={"num_timesteps": 50, "zero_terminal_snr": ztsnr})
+    train_sched = training_scheduler(cfg, pixel_space=True)
+    for steps in (50, 49, 10):
+        sched = sampling_scheduler(train_sched, sampler)
+        used = set_sampling_timesteps(sched, train_sched, steps)
+        t = sched.timesteps.tolist()
+        assert max(t) < 50 and min(t) >= 0 and len(set(t)) == len(t) == len(sched.timesteps)
+        assert used >= steps - 2 and (used == steps or not ztsnr)

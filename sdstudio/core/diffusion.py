@@ -41,6 +41,22 @@ def sampling_scheduler(train_sched: DDPMScheduler, sampler: str) -> Any:
     return cls.from_config(train_sched.config, **extra)
 
 
+def set_sampling_timesteps(sched: Any, train_sched: DDPMScheduler, steps: int, device: Any = None) -> int:
+    """``sched.set_timesteps`` with as many of ``steps`` as the schedule has room for; returns the count used.
+
+    With "leading" spacing and offset 1, asking for (nearly) as many steps as the schedule has training
+    timesteps would put the first one at T or beyond (out of range), or repeat timesteps (DPM++): fewer
+    steps are taken there."""
+    total = int(train_sched.config.num_train_timesteps)
+    n = max(1, min(int(steps), total))
+    while True:
+        sched.set_timesteps(n, device=device)
+        t = sched.timesteps
+        if (int(t.max()) < total and len(set(t.tolist())) == len(t)) or n == 1:
+            return n
+        n -= 1
+
+
 def alphas_cumprod(sched: DDPMScheduler) -> torch.Tensor:
     return sched.alphas_cumprod.clone()
 

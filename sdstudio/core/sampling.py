@@ -10,7 +10,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from .diffusion import sampling_scheduler
+from .diffusion import sampling_scheduler, set_sampling_timesteps
 from .models.bundle import ModelBundle
 
 
@@ -54,7 +54,7 @@ def _generate_batch(bundle: ModelBundle, model: torch.nn.Module, train_sched: An
                     steps: int, guidance: float, sampler: str, negative: str, device: torch.device,
                     autocast_dtype: torch.dtype | None) -> np.ndarray:
     sched = sampling_scheduler(train_sched, sampler)
-    sched.set_timesteps(steps, device=device)
+    set_sampling_timesteps(sched, train_sched, steps, device)
     c, side = bundle.in_channels, bundle.sample_size
     noise = torch.cat([torch.randn((1, c, side, side), generator=torch.Generator().manual_seed(int(s)))
                        for _, s in pairs]).to(device)

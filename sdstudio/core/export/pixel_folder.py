@@ -131,7 +131,14 @@ class SDStudioPixelPipeline(DiffusionPipeline):
         states, mask = self.encode_prompt(texts, device)
         states = states.to(self.unet.dtype)
 
-        sched.set_timesteps(num_inference_steps, device=device)
+        total = int(sched.config.num_train_timesteps)
+        steps = max(1, min(int(num_inference_steps), total))
+        while True:  # as sdstudio does: fewer steps where "leading" spacing would leave the schedule
+            sched.set_timesteps(steps, device=device)
+            ts = sched.timesteps
+            if (int(ts.max()) < total and len(set(ts.tolist())) == len(ts)) or steps == 1:
+                break
+            steps -= 1
         x = noise.to(device) * sched.init_noise_sigma
         for t in self.progress_bar(sched.timesteps):
             inp = sched.scale_model_input(x, t)
