@@ -303,8 +303,8 @@ class RunConfig(BaseModel):
         lora_formats = {"kohya", "diffusers"} & set(self.export.formats)
         if lora_formats and not (self.lora.enabled and m.family != "pixel"):
             problems.append(f"export.formats: {sorted(lora_formats)} export a LoRA but this run trains none "
-                            "(lora.enabled = false or model.family = 'pixel'); use diffusers-folder (or single-file for an SD "
-                            "model)")
+                            "(lora.enabled = false or model.family = 'pixel'); use diffusers-folder "
+                            "(or single-file for an SD model)")
         if m.family == "pixel" and "single-file" in self.export.formats:
             problems.append("export.formats: from-scratch (pixel) models cannot be exported as single-file; "
                             "use diffusers-folder")
