@@ -216,3 +216,25 @@ def test_out_of_memory_during_an_evaluation_skips_it_and_training_goes_on(tiny_c
     warnings = [e.text for e in events if isinstance(e, ev.Warning) and "FID" in e.text]
     assert len(warnings) == 1 and "step 3" in warnings[0] and "eval.batch_size" in warnings[0]
     assert [e.step for e in events if isinstance(e, ev.EvalResult)] == [6]
+
+
+def test_a_stop_request_abandons_a_running_evaluation(tiny_config, fid_weights: Path, tmp_path: Path) -> None:
+    """A large eval.num_samples must not hold a stop up: the evaluation stops after the batch in progress, no
+    FID/KID row is written, and the run ends "stopped" with its checkpoint."""
+    from sdstudio.core.control import TrainingControl
+
+    cfg = eval_config(tiny_config, fid_weights, **{"eval.fid_every_steps": 2, "eval.num_samples": 8,
+                                                   "eval.batch_size": 1})
+    control = TrainingControl()
+    run_dir = tmp_path / "run"
+    events = []
+    for event in train(cfg, control, run_dir=run_dir):
+        events.append(event)
+        if isinstance(event, ev.Status) and event.phase == "evaluating" and "1 of 8" in event.text:
+            control.request_stop()
+    assert isinstance(events[-1], ev.Finished) and events[-1].reason == "stopped", events[-1]
+    assert events[-1].step == 2
+    assert not [e for e in events if isinstance(e, ev.EvalResult)]
+    assert any(isinstance(e, ev.Warning) and "abandoned after 1 of 8" in e.text for e in events)
+    assert not [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "val" and "fid" in r]
+    assert (run_dir / "checkpoints" / "step-00000002").is_dir()

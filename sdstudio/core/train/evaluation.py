@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -155,8 +155,12 @@ def _fmt(value: float | None, digits: int) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
-def evaluate(s: TrainingSession, metrics: MetricsWriter | None) -> Iterator[ev.Event]:
-    """One FID/KID evaluation at the current step (main process; the others only note the step)."""
+def evaluate(s: TrainingSession, metrics: MetricsWriter | None,
+             stop: Callable[[], bool] | None = None) -> Iterator[ev.Event]:
+    """One FID/KID evaluation at the current step (main process; the others only note the step).
+
+    ``stop``: asked after each generated batch; a stop request abandons the evaluation (no row is written)
+    so a large eval.num_samples never holds a stop up for long."""
     e = s.evaluation
     e.last_step = s.step
     if not e.enabled or not s.is_main or not len(s.val_dataset):
@@ -170,11 +174,20 @@ def evaluate(s: TrainingSession, metrics: MetricsWriter | None) -> Iterator[ev.E
     generated: np.ndarray | None = None
     try:
         real = e.real_features(s)
-        for done, feats in e.generated_features(s):
-            if feats is None:
-                yield ev.Status("evaluating", f"FID/KID: {done} of {n} images generated")
-            else:
-                generated = feats
+        batches = e.generated_features(s)
+        try:
+            for done, feats in batches:
+                if feats is None:
+                    yield ev.Status("evaluating", f"FID/KID: {done} of {n} images generated")
+                else:
+                    generated = feats
+                if stop is not None and stop() and done < n:
+                    text = f"FID/KID at step {s.step} abandoned after {done} of {n} images: stop requested"
+                    log.info("%s", text)
+                    yield ev.Warning(text)
+                    return
+        finally:
+            batches.close()  # leaves the sampling context: weights (EMA) and RNG states restored now
     except torch.cuda.OutOfMemoryError as exc:
         # the weights and RNG states are already restored (sampling_model); training can go on
         torch.cuda.empty_cache()

@@ -229,7 +229,7 @@ def _epochs(s: TrainingSession, control: TrainingControl, metrics: MetricsWriter
                     reason = "early_stopped"
                     break
             if s.evaluation.due_at_step(s.step):
-                yield from evaluate(s, metrics)
+                yield from evaluate(s, metrics, lambda: control.stop_requested)
             if (cfg.sample.every_steps and s.step % cfg.sample.every_steps == 0) or control.take_sample_request():
                 yield from _sample(s, metrics)
             if (cfg.checkpoint.every_steps and s.step % cfg.checkpoint.every_steps == 0) or control.take_save_request():
@@ -241,7 +241,7 @@ def _epochs(s: TrainingSession, control: TrainingControl, metrics: MetricsWriter
             if s.step_in_epoch >= s.steps_per_epoch:
                 s.epoch += 1
                 s.step_in_epoch = 0
-                yield from _epoch_end(s, epoch, metrics)
+                yield from _epoch_end(s, epoch, metrics, control)
                 if s.early_stop:
                     reason = "early_stopped"
                     break
@@ -254,7 +254,7 @@ def _epochs(s: TrainingSession, control: TrainingControl, metrics: MetricsWriter
         if cfg.sample.at_end and s.last_sample_step != s.step:
             yield from _sample(s, metrics)
         if s.evaluation.due_at_end(s.step):
-            yield from evaluate(s, metrics)
+            yield from evaluate(s, metrics, lambda: control.stop_requested)
     if s.last_checkpoint_step != s.step:
         yield from _checkpoint(s, metrics)
     if reason in ("completed", "early_stopped"):
@@ -283,7 +283,8 @@ def _log_window(s: TrainingSession, w: _Window, lr: float, step_times: list[floa
     return ev.StepMetrics(s.step, s.epoch, loss, lr, grad, ips, s.total_steps, eta)
 
 
-def _epoch_end(s: TrainingSession, epoch: int, metrics: MetricsWriter | None) -> Iterator[ev.Event]:
+def _epoch_end(s: TrainingSession, epoch: int, metrics: MetricsWriter | None,
+               control: TrainingControl) -> Iterator[ev.Event]:
     cfg = s.config
     n = epoch + 1
     if not cfg.train.val_every_steps:
@@ -291,7 +292,7 @@ def _epoch_end(s: TrainingSession, epoch: int, metrics: MetricsWriter | None) ->
     if cfg.sample.every_epochs and n % cfg.sample.every_epochs == 0 and s.last_sample_step != s.step:
         yield from _sample(s, metrics)
     if s.evaluation.due_at_epoch(n, s.step):
-        yield from evaluate(s, metrics)
+        yield from evaluate(s, metrics, lambda: control.stop_requested)
     if cfg.checkpoint.every_epochs and n % cfg.checkpoint.every_epochs == 0 and s.last_checkpoint_step != s.step:
         yield from _checkpoint(s, metrics)
     if cfg.export.every_epochs and n % cfg.export.every_epochs == 0 and s.step < s.total_steps:
