@@ -81,6 +81,8 @@ def test_kohya_and_diffusers_files_load_with_the_trained_strength(family: str, t
         assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
         assert meta["ss_base_model_version"] == "sd_v1"
     assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "2.0"
+    # a UNet-only LoRA (lora.text_encoder = false): kohya's flag says so and no lora_te* key is written
+    assert meta["ss_network_train_unet_only"] == "True" and not any(k.startswith("lora_te") for k in keys)
     assert meta["modelspec.architecture"].endswith("/lora") and meta["modelspec.sai_model_spec"] == "1.0.0"
     assert json.loads(meta["sdstudio_config"])["lora"]["rank"] == 4
     assert json.loads(meta["ss_tag_frequency"]), "tag frequencies of the training captions"

@@ -1,5 +1,6 @@
 """Full-model exports of a Stable Diffusion run: a single file in the original (LDM) layout for A1111 /
-ComfyUI / `from_single_file`, or a diffusers pipeline folder. A LoRA run is merged into its base model."""
+ComfyUI / `from_single_file`, or a diffusers pipeline folder. A LoRA run is merged into its base model (a
+text-encoder LoRA into the text encoder(s)); a full fine-tune that trained the text encoder(s) carries them."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def _merge_lora(unet: torch.nn.Module) -> None:
 
 
 def trained_components(source: ExportSource) -> Any:
-    """The base model with the run's trained weights (LoRA merged), on the CPU in fp32."""
+    """The base model with the run's trained weights (LoRAs merged, text encoders' too), on the CPU, fp32."""
     if source.family == "pixel":
         raise UserError(f"{source.checkpoint}: a from-scratch (pixel) model has no Stable Diffusion layout; "
                         "single-file and diffusers-folder exports of pixel models are not available yet")
@@ -40,6 +41,10 @@ def trained_components(source: ExportSource) -> Any:
     comps = bundle.components
     if bundle.lora:
         _merge_lora(comps.unet)
+        if bundle.train_text:  # a text-encoder LoRA is folded into its encoder(s) the same way
+            for module in bundle.text_encoders().values():
+                _merge_lora(module)
+    # a full fine-tune with train.train_text_encoder loaded the trained encoder weights into these modules
     for module in (comps.unet, comps.vae, comps.text_encoder, comps.text_encoder_2):
         if module is not None:
             module.to(torch.float32).eval()

@@ -96,11 +96,18 @@ def training_metadata(source: ExportSource, *, title: str, lora: bool) -> dict[s
     }
     if cfg.data.instance_prompt:
         meta["modelspec.trigger_phrase"] = cfg.data.instance_prompt
+    text_trained = bool(source.text_encoders_trained)
+    if not text_trained:
+        meta["ss_text_encoder_lr"] = 0.0  # the text encoder(s) did not train: no LR applied to them
     if lora and source.lora is not None:
         meta.update({"ss_network_module": "networks.lora", "ss_network_dim": source.lora["rank"],
                      "ss_network_alpha": source.lora["alpha"],
+                     # kohya's flag: False = the file also holds text-encoder modules (lora_te*_)
+                     "ss_network_train_unet_only": not text_trained,
                      "ss_network_args": json.dumps({"targets": source.lora["targets"],
-                                                    "dropout": source.lora["dropout"]})})
+                                                    "dropout": source.lora["dropout"],
+                                                    "text_encoder": text_trained})})
+    meta["sdstudio_text_encoder_trained"] = text_trained
     return {k: str(v) for k, v in meta.items()}
 
 

@@ -17,6 +17,8 @@ from ..presets import load_config_file
 from ..runs import METRICS_FILE, read_metrics
 from ..train import state as ckpt_state
 
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+
 
 @dataclass
 class ExportSource:
@@ -24,7 +26,9 @@ class ExportSource:
     run_dir: Path | None
     config: RunConfig
     architecture: dict[str, Any]
-    weights: dict[str, torch.Tensor]  # what the checkpoint stores: "unet.<key>" (adapters for a LoRA run)
+    # what the checkpoint stores: "unet.<key>" (+ "text_encoder.<key>", "text_encoder_2.<key>" when the text
+    # encoders trained); peft adapter tensors for a LoRA run, whole state dicts for a full fine-tune
+    weights: dict[str, torch.Tensor]
     ema: bool
     step: int
     epoch: int
@@ -40,13 +44,20 @@ class ExportSource:
     def lora(self) -> dict[str, Any] | None:
         return self.architecture.get("lora")
 
+    @property
+    def text_encoders_trained(self) -> list[str]:
+        """The text encoders whose trained weights the checkpoint holds ("text_encoder", "text_encoder_2")."""
+        return [name for name in TEXT_ENCODERS if any(k.startswith(f"{name}.") for k in self.weights)]
+
 
 _ADAPTER = re.compile(r"\.(lora_[AB]|lora_embedding_[AB]|lora_magnitude_vector)\.default(\.|$)")
 
 
 def _ema_as_weights(ema: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """EMA tensors are named like trainable parameters ("unet.x.lora_A.default.weight"); map them onto the
-    checkpoint's weight names ("unet.x.lora_A.weight")."""
+    """EMA tensors are named like trainable parameters ("unet.x.lora_A.default.weight",
+    "text_encoder.x.lora_A.default.weight"); map them onto the checkpoint's weight names
+    ("unet.x.lora_A.weight").
+    Parameters the EMA does not track (frozen ones) keep the checkpoint's tensors."""
     out = dict(weights)
     for name, tensor in ema.items():
         key = _ADAPTER.sub(r".\1\2", name)
@@ -78,7 +89,8 @@ def load_export_source(path: Path, *, use_ema: bool = False, best: bool = False)
 
 
 def lora_peft_state(source: ExportSource, prefix: str = "unet.") -> dict[str, torch.Tensor]:
-    """The PEFT-named adapter tensors of one module ("down_blocks.0....to_q.lora_A.weight")."""
+    """The PEFT-named adapter tensors of one module ("down_blocks.0....to_q.lora_A.weight"); prefix
+    "text_encoder." / "text_encoder_2." for a text-encoder LoRA ("encoder.layers.0.self_attn.q_proj.lora_A...")."""
     if source.lora is None:
         raise CheckpointError(f"{source.checkpoint}: a full fine-tune, not a LoRA run; export it as "
                               "single-file or diffusers-folder")

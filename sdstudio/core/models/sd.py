@@ -1,5 +1,6 @@
 """The Stable Diffusion families (SD1.x, SD2.x, SDXL): a latent UNet fine-tuned fully or through a peft
-LoRA, with the frozen VAE and text encoders kept out of the optimizer, in the dtypes sd-training.md asks."""
+LoRA, optionally with the text encoder(s) trained too (fully, or through their own peft LoRA), and everything
+frozen kept out of the optimizer, in the dtypes sd-training.md asks."""
 
 from __future__ import annotations
 
@@ -20,16 +21,90 @@ LORA_TARGETS = {
     "all": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out", "conv1", "conv2",
             "conv_shortcut", "time_emb_proj", "conv"],
 }
+# Text-encoder LoRA targets (CLIP layers): the attention projections, all four (A1111 applies a LoRA on
+# OpenCLIP's fused attention only when q/k/v/out are all present); with "attention_ff" / "all" also the MLP,
+# which is what kohya's networks.lora trains by default (CLIPAttention + CLIPMLP).
+TEXT_LORA_TARGETS = {
+    "attention": ["q_proj", "k_proj", "v_proj", "out_proj"],
+    "attention_ff": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "all": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+}
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+
+Sizes = list[tuple[tuple[int, int], tuple[int, int], tuple[int, int]]]
+
+
+def _clip_text_model(text_encoder: nn.Module) -> nn.Module:
+    """The module holding embeddings / encoder / final_layer_norm (transformers 5's CLIPTextModel is flat,
+    CLIPTextModelWithProjection keeps a ``text_model`` level)."""
+    return getattr(text_encoder, "text_model", text_encoder)
+
+
+def text_lora_targets(targets: str, layers: int | None = None) -> list[str] | str:
+    """peft ``target_modules`` of a text-encoder LoRA; ``layers``: only the first N encoder layers (a regex)."""
+    names = TEXT_LORA_TARGETS[targets]
+    if layers is None:
+        return list(names)
+    index = "|".join(str(i) for i in range(layers))
+    return rf".*encoder\.layers\.({index})\.(self_attn|mlp)\.({'|'.join(names)})"
+
+
+def text_lora_config(lora: dict[str, Any], target_modules: list[str] | str) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(r=int(lora["rank"]), lora_alpha=float(lora["alpha"]), lora_dropout=float(lora["dropout"]),
+                      init_lora_weights="gaussian", target_modules=target_modules)
+
+
+def run_text_encoders(family: str, text_encoder: nn.Module, text_encoder_2: nn.Module | None, ids: torch.Tensor,
+                      ids_2: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Per-token states (+ SDXL's pooled embedding) from token ids: SD1/SD2 the last hidden state; SDXL the
+    penultimate hidden states of both encoders concatenated, pooled (projected) from the second."""
+    if family != "sdxl":
+        return {"states": text_encoder(ids)[0]}
+    assert text_encoder_2 is not None and ids_2 is not None
+    out1 = text_encoder(ids, output_hidden_states=True)
+    out2 = text_encoder_2(ids_2, output_hidden_states=True)
+    return {"states": torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1), "pooled": out2[0]}
+
+
+def _time_ids(sizes: Sizes | None, n: int, side: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """SDXL micro-conditioning: original size + crop top-left + target size, one row per image."""
+    sizes = sizes or [((side, side), (0, 0), (side, side))] * n
+    time_ids = torch.tensor([[*o, *crop, *t] for o, crop, t in sizes], dtype=torch.float32, device=device)
+    return time_ids.to(dtype)
 
 
 class SDDenoiser(nn.Module):
-    """The UNet as forward(noisy, t, cond) with cond = encoder states (+ SDXL's pooled text and time ids)."""
+    """The UNet as forward(noisy, t, cond) with cond = encoder states (+ SDXL's pooled text and time ids).
 
-    def __init__(self, unet: nn.Module) -> None:
+    When the text encoder(s) train they are attributes of this module (one module for accelerate / DDP, and the
+    optimizer's text-encoder group finds them here); a training batch's cond then holds token ids
+    (``input_ids`` (+ ``input_ids_2``, ``time_ids``)) and the encoders run inside forward, with gradients.
+    Prompts for sampling arrive already encoded (``encoder_hidden_states``), as without text-encoder training.
+    """
+
+    def __init__(self, unet: nn.Module, text_encoders: dict[str, nn.Module] | None = None, *, family: str = "sd1",
+                 weight_dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.unet = unet
+        for name, module in (text_encoders or {}).items():
+            setattr(self, name, module)
+        self.family = family
+        self.weight_dtype = weight_dtype
+
+    def encode_tokens(self, cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Token ids -> UNet conditioning, through the trained text encoder(s) (with gradients)."""
+        feats = run_text_encoders(self.family, self.text_encoder, getattr(self, "text_encoder_2", None),
+                                  cond["input_ids"], cond.get("input_ids_2"))
+        out = {"encoder_hidden_states": feats["states"].to(self.weight_dtype)}
+        if self.family == "sdxl":
+            out.update(text_embeds=feats["pooled"].to(self.weight_dtype), time_ids=cond["time_ids"])
+        return out
 
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "input_ids" in cond:
+            cond = self.encode_tokens(cond)
         added = None
         if "text_embeds" in cond:
             added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
@@ -41,49 +116,61 @@ class SDBundle(ModelBundle):
     components: SDComponents
     weight_dtype: torch.dtype
     lora: bool
+    train_text: bool = False  # the text encoder(s) train (lora.text_encoder or train.train_text_encoder)
+
+    def text_encoders(self) -> dict[str, nn.Module]:
+        """name -> text encoder module (text_encoder, and text_encoder_2 for SDXL)."""
+        return _text_encoders(self.components)
 
     # -- conditioning -----------------------------------------------------------------------------------
+    def token_ids(self, captions: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        c = self.components
+        out = {"input_ids": _tokenize(c.tokenizer, captions).to(device)}
+        if c.family == "sdxl":
+            out["input_ids_2"] = _tokenize(c.tokenizer_2, captions).to(device)
+        return out
+
     @torch.no_grad()
     def text_features(self, captions: list[str], device: torch.device) -> dict[str, torch.Tensor]:
-        """What the frozen text encoder(s) make of captions: per-token states (+ SDXL's pooled embedding).
-        This is the part a text-embedding cache stores."""
+        """What the text encoder(s) make of captions: per-token states (+ SDXL's pooled embedding).
+        This is the part a text-embedding cache stores; with text-encoder training these are the trained
+        encoders (a LoRA is injected in place, a full fine-tune trains these very modules)."""
         c = self.components
-        ids = _tokenize(c.tokenizer, captions).to(device)
-        if c.family != "sdxl":
-            return {"states": c.text_encoder(ids)[0]}
-        ids2 = _tokenize(c.tokenizer_2, captions).to(device)
-        out1 = c.text_encoder(ids, output_hidden_states=True)
-        out2 = c.text_encoder_2(ids2, output_hidden_states=True)
-        return {"states": torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1), "pooled": out2[0]}
+        ids = self.token_ids(captions, device)
+        return run_text_encoders(c.family, c.text_encoder, c.text_encoder_2, ids["input_ids"],
+                                 ids.get("input_ids_2"))
 
-    def assemble(self, features: dict[str, torch.Tensor], device: torch.device,
-                 sizes: list[tuple[tuple[int, int], tuple[int, int], tuple[int, int]]] | None = None
+    def assemble(self, features: dict[str, torch.Tensor], device: torch.device, sizes: Sizes | None = None
                  ) -> dict[str, torch.Tensor]:
         """UNet conditioning from text features (+ SDXL's time ids: original size, crop, target size)."""
         states = features["states"].to(device, self.weight_dtype)
         if self.components.family != "sdxl":
             return {"encoder_hidden_states": states}
-        side = self.sample_size * 8
-        sizes = sizes or [((side, side), (0, 0), (side, side))] * states.shape[0]
-        time_ids = torch.tensor([[*o, *crop, *t] for o, crop, t in sizes], dtype=torch.float32, device=device)
         return {"encoder_hidden_states": states, "text_embeds": features["pooled"].to(device, self.weight_dtype),
-                "time_ids": time_ids.to(self.weight_dtype)}
+                "time_ids": _time_ids(sizes, states.shape[0], self.sample_size * 8, device, self.weight_dtype)}
 
-    def encode_captions(self, captions: list[str], device: torch.device,
-                        sizes: list[tuple[tuple[int, int], tuple[int, int], tuple[int, int]]] | None = None
+    def encode_captions(self, captions: list[str], device: torch.device, sizes: Sizes | None = None
                         ) -> dict[str, torch.Tensor]:
         return self.assemble(self.text_features(captions, device), device, sizes)
 
     @staticmethod
-    def batch_sizes(batch: dict[str, Any]) -> list[tuple[tuple[int, int], tuple[int, int], tuple[int, int]]] | None:
+    def batch_sizes(batch: dict[str, Any]) -> Sizes | None:
         if "original_size" not in batch:
             return None
         return [(tuple(int(v) for v in o), tuple(int(v) for v in c), tuple(int(v) for v in t))  # type: ignore[misc]
                 for o, c, t in zip(batch["original_size"], batch["crop_top_left"], batch["target_size"])]
 
     def encode_batch(self, batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+        """Conditioning of a training batch; token ids (+ SDXL's time ids) when the text encoders train, so
+        SDDenoiser.forward runs them with gradients."""
         sizes = self.batch_sizes(batch) if self.components.family == "sdxl" else None
-        return self.encode_captions(batch["captions"], device, sizes)
+        if not self.train_text:
+            return self.encode_captions(batch["captions"], device, sizes)
+        cond = self.token_ids(batch["captions"], device)
+        if self.components.family == "sdxl":
+            cond["time_ids"] = _time_ids(sizes, len(batch["captions"]), self.sample_size * 8, device,
+                                         self.weight_dtype)
+        return cond
 
     def text_encoder_identity(self) -> str:
         """The text encoder(s): base model files, configs and dtype (the text cache's namespace)."""
@@ -123,34 +210,56 @@ class SDBundle(ModelBundle):
         return vae.decode((x / vae.config.scaling_factor).to(vae.dtype)).sample.float()
 
     # -- checkpoints ------------------------------------------------------------------------------------
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        unet = self.components.unet
-        if self.lora:
-            from peft.utils import get_peft_model_state_dict
+    def _trained_modules(self) -> dict[str, nn.Module]:
+        """prefix -> module whose trained weights a checkpoint stores."""
+        modules: dict[str, nn.Module] = {"unet": self.components.unet}
+        if self.train_text:
+            modules.update(self.text_encoders())
+        return modules
 
-            state = get_peft_model_state_dict(unet)
-        else:
-            state = unet.state_dict()
-        return {f"unet.{k}": v.detach().to("cpu").contiguous() for k, v in state.items()}
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """"unet.<key>" (+ "text_encoder.<key>", "text_encoder_2.<key>"): the peft adapter tensors of a LoRA
+        run, the whole state dicts of a full fine-tune."""
+        out: dict[str, torch.Tensor] = {}
+        for prefix, module in self._trained_modules().items():
+            if self.lora:
+                from peft.utils import get_peft_model_state_dict
+
+                state = get_peft_model_state_dict(module)
+            else:
+                state = module.state_dict()
+            out.update({f"{prefix}.{k}": v.detach().to("cpu").contiguous() for k, v in state.items()})
+        return out
 
     def load_trainable_state(self, weights: dict[str, torch.Tensor], source: Path) -> None:
         from ..errors import CheckpointError
 
-        sub = {k[len("unet."):]: v for k, v in weights.items() if k.startswith("unet.")}
-        unet = self.components.unet
-        if self.lora:
-            from peft.utils import set_peft_model_state_dict
+        modules = self._trained_modules()
+        # a checkpoint with text-encoder weights for a run that does not train them (or the other way round)
+        stray = sorted({k.split(".", 1)[0] for k in weights} - set(modules))
+        if stray:
+            raise CheckpointError(f"{source}: the checkpoint holds weights for {', '.join(stray)} that this run "
+                                  "does not train; were lora.text_encoder / train.train_text_encoder changed?")
+        for prefix, module in modules.items():
+            sub = {k[len(prefix) + 1:]: v for k, v in weights.items() if k.startswith(f"{prefix}.")}
+            if prefix != "unet" and not sub:
+                raise CheckpointError(f"{source}: no {prefix} weights in the checkpoint, but this run trains the "
+                                      "text encoder; was lora.text_encoder / train.train_text_encoder changed?")
+            if self.lora:
+                from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
-            result = set_peft_model_state_dict(unet, sub)
-            unexpected = getattr(result, "unexpected_keys", [])
-            if unexpected:
-                raise CheckpointError(f"{source}: LoRA weights do not fit this model ({unexpected[:3]}); were "
-                                      "lora.rank/targets changed?")
-        else:
-            try:
-                unet.load_state_dict(sub, strict=True)
-            except RuntimeError as exc:
-                raise CheckpointError(f"{source}: weights do not fit this UNet ({str(exc).splitlines()[0]})") from None
+                expected = set(get_peft_model_state_dict(module)) if prefix != "unet" else set(sub)
+                result = set_peft_model_state_dict(module, sub)
+                unexpected = list(getattr(result, "unexpected_keys", [])) + sorted(expected - set(sub))
+                if unexpected:
+                    raise CheckpointError(f"{source}: LoRA weights do not fit this model's {prefix} "
+                                          f"({unexpected[:3]}); were lora.rank/targets changed?")
+            else:
+                try:
+                    module.load_state_dict(sub, strict=True)
+                except RuntimeError as exc:
+                    raise CheckpointError(f"{source}: weights do not fit this model's {prefix} "
+                                          f"({str(exc).splitlines()[0]})") from None
 
     def save_extra(self, folder: Path) -> None:
         (folder / "model.json").write_text(json.dumps(self.architecture, indent=1), encoding="utf-8")
@@ -176,6 +285,50 @@ def _weight_dtype(config: RunConfig, device: torch.device) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.train.mixed_precision, torch.float32)
 
 
+def _text_encoders(comps: SDComponents) -> dict[str, nn.Module]:
+    return {name: module for name in TEXT_ENCODERS if (module := getattr(comps, name)) is not None}
+
+
+def _freeze_unused_clip_tail(text_encoder: nn.Module) -> None:
+    """SDXL's first encoder contributes its penultimate hidden states only: its last layer and final norm never
+    reach the loss. Freeze them (as kohya's sdxl_train does), so no parameter goes without a gradient (DDP)."""
+    inner = _clip_text_model(text_encoder)
+    inner.encoder.layers[-1].requires_grad_(False)
+    inner.final_layer_norm.requires_grad_(False)
+
+
+def _train_text_encoders(comps: SDComponents, config: RunConfig, device: torch.device, wdtype: torch.dtype,
+                         lora: bool) -> dict[str, Any]:
+    """Make the text encoder(s) trainable: a peft LoRA injected in place (adapter "default", seeded, fp32
+    adapters on base weights in the weight dtype), or the whole encoder in fp32. Returns what model.json
+    records: the LoRA target modules per encoder."""
+    from peft import inject_adapter_in_model
+
+    targets: dict[str, Any] = {}
+    for index, (name, te) in enumerate(_text_encoders(comps).items()):
+        # SDXL's first encoder: its last layer feeds nothing the UNet sees (penultimate states, no pooling)
+        skip_last = comps.family == "sdxl" and name == "text_encoder"
+        if lora:
+            layers = len(_clip_text_model(te).encoder.layers)
+            target = text_lora_targets(config.lora.targets, layers - 1 if skip_last else None)
+            te.requires_grad_(False)
+            te.to(device, dtype=wdtype)
+            torch.manual_seed(config.train.seed + 1 + index)  # seeded, one stream per encoder
+            lora_config = text_lora_config(config.lora.model_dump(), target)
+            inject_adapter_in_model(lora_config, te, adapter_name="default")
+            for p in te.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()  # trainable parameters are always fp32
+            targets[name] = target
+        else:
+            te.to(device, dtype=torch.float32)
+            te.requires_grad_(True)
+            if skip_last:
+                _freeze_unused_clip_tail(te)
+        te.train()
+    return targets
+
+
 def build_sd_model(config: RunConfig, device: torch.device) -> SDBundle:
     m = config.model
     comps = load_sd_components(Path(m.path).expanduser(), family=m.family,
@@ -195,6 +348,7 @@ def build_sd_model(config: RunConfig, device: torch.device) -> SDBundle:
     comps.vae.to(device, dtype=vae_dtype)
     unet = comps.unet
     lora = config.lora.enabled
+    train_text = config.lora.text_encoder if lora else config.train.train_text_encoder
     if lora:
         from peft import LoraConfig
 
@@ -211,14 +365,23 @@ def build_sd_model(config: RunConfig, device: torch.device) -> SDBundle:
         unet.requires_grad_(True)
         unet.to(device, dtype=torch.float32)
     unet.train()
+    text_targets = _train_text_encoders(comps, config, device, wdtype, lora) if train_text else {}
     arch = {"family": comps.family, "base": str(Path(m.path).expanduser().resolve()),
             "vae": str(Path(m.vae_path).expanduser().resolve()) if m.vae_path else "", "lora": config.lora.model_dump() if lora else None,
             "prediction_type": comps.prediction_type, "zero_terminal_snr": comps.zero_terminal_snr,
             "layers_per_block": int(unet.config.layers_per_block)}
-    bundle = SDBundle(family=comps.family, trainable=SDDenoiser(unet), save_modules={"unet": unet},
+    if train_text:
+        arch["train_text_encoder"] = True
+        if lora:
+            arch["text_encoder_lora_targets"] = text_targets
+    text_encoders = _text_encoders(comps) if train_text else {}
+    bundle = SDBundle(family=comps.family,
+                      trainable=SDDenoiser(unet, text_encoders, family=comps.family, weight_dtype=wdtype),
+                      save_modules={"unet": unet, **text_encoders},
                       prediction_type=comps.prediction_type, in_channels=int(unet.config.in_channels),
                       sample_size=config.data.resolution // 8, architecture=arch, tokenizer=comps.tokenizer)
     bundle.components = comps
     bundle.weight_dtype = wdtype
     bundle.lora = lora
+    bundle.train_text = train_text
     return bundle

@@ -17,6 +17,11 @@ GIB = 1024 ** 3
 ACTIVATION_BYTES_PER_LATENT_PIXEL = {"sd1": 0.26e6, "sd2": 0.28e6, "sdxl": 0.45e6, "pixel": 0.02e6}
 CHECKPOINTING_FACTOR = 0.25
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adam": 8, "adamw8bit": 2, "rmsprop": 4, "sgd": 4, "adafactor": 1}
+# A trained text encoder keeps its activations for the backward pass too. Per transformer layer and caption,
+# at 16 bit: s*h*(34 + 5*a*s/h) bytes (s tokens, h width, a heads; Korthikanti et al. 2022, "Reducing
+# activation recomputation in large transformer models"). 77 tokens: CLIP-L ~28 MB per caption, bigG ~0.13 GB.
+TEXT_ACTIVATION_BYTES_PER_TOKEN_WIDTH = 34
+TEXT_ACTIVATION_BYTES_PER_ATTENTION_SCORE = 5
 
 
 @dataclass(frozen=True)
@@ -40,7 +45,27 @@ def _bytes(module: torch.nn.Module, trainable: bool) -> float:
     return float(sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad == trainable))
 
 
+def trained_text_encoders(bundle: ModelBundle) -> list[torch.nn.Module]:
+    """The SD text encoders that train with the UNet (attributes of the trainable module; see models/sd.py)."""
+    if bundle.family == "pixel":  # its small text encoder is part of the measured per-pixel activations
+        return []
+    found = [getattr(bundle.trainable, name, None) for name in ("text_encoder", "text_encoder_2")]
+    return [m for m in found if m is not None and any(p.requires_grad for p in m.parameters())]
+
+
+def text_activation_bytes(text_encoder: torch.nn.Module) -> float:
+    """Activations one caption leaves for the backward pass of a trained CLIP text encoder (16 bit)."""
+    cfg = text_encoder.config
+    s, h, a = cfg.max_position_embeddings, cfg.hidden_size, cfg.num_attention_heads
+    per_layer = s * h * (TEXT_ACTIVATION_BYTES_PER_TOKEN_WIDTH
+                         + TEXT_ACTIVATION_BYTES_PER_ATTENTION_SCORE * a * s / h)
+    return float(per_layer * cfg.num_hidden_layers)
+
+
 def estimate_memory(bundle: ModelBundle, config: RunConfig) -> MemoryEstimate:
+    """Weights of every module (trainable in fp32, frozen in their dtype), gradients and optimizer states of the
+    trainable parameters (a trained text encoder's, LoRA or full, included: they are parameters of
+    ``bundle.trainable``), and activations per image: the UNet's, plus a trained text encoder's."""
     modules = [bundle.trainable, *bundle.frozen.values()]
     components = getattr(bundle, "components", None)
     if components is not None:
@@ -60,6 +85,7 @@ def estimate_memory(bundle: ModelBundle, config: RunConfig) -> MemoryEstimate:
     optimizer = trainable_numel * OPTIMIZER_STATE_BYTES.get(config.train.optimizer, 8)
     side = bundle.sample_size
     per_image = ACTIVATION_BYTES_PER_LATENT_PIXEL.get(bundle.family, 0.3e6) * side * side
+    per_image += sum(text_activation_bytes(te) for te in trained_text_encoders(bundle))
     if config.train.mixed_precision == "no":
         per_image *= 2
     if config.train.gradient_checkpointing:
