@@ -176,7 +176,9 @@ class TrainingSession(FeatureCachingMixin):
         self.bundle = build_model(cfg, captions, tokenizer_file=tokenizer_file, device=self.device)
         if cfg.train.gradient_checkpointing:
             for module in self.bundle.save_modules.values():
-                for fn in ("enable_gradient_checkpointing", "gradient_checkpointing_enable"):
+                # diffusers; transformers 5 (older transformers: the deprecated gradient_checkpointing_enable)
+                for fn in ("enable_gradient_checkpointing", "activation_checkpointing_enable",
+                           "gradient_checkpointing_enable"):
                     if hasattr(module, fn):
                         getattr(module, fn)()
                         break
