@@ -43,16 +43,17 @@ def generate(bundle: ModelBundle, model: torch.nn.Module, train_sched: Any, prom
         pairs = [(p, s) for p in prompts for s in seeds]
         out = []
         for i in range(0, len(pairs), max_batch):
-            out.append(_generate_batch(bundle, model, train_sched, pairs[i:i + max_batch], steps, guidance,
+            out.append(generate_pairs(bundle, model, train_sched, pairs[i:i + max_batch], steps, guidance,
                                        sampler, negative_prompt, device, autocast_dtype))
         return np.concatenate(out, axis=0)
     finally:
         model.train(was_training)
 
 
-def _generate_batch(bundle: ModelBundle, model: torch.nn.Module, train_sched: Any, pairs: list[tuple[str, int]],
-                    steps: int, guidance: float, sampler: str, negative: str, device: torch.device,
-                    autocast_dtype: torch.dtype | None) -> np.ndarray:
+def generate_pairs(bundle: ModelBundle, model: torch.nn.Module, train_sched: Any, pairs: list[tuple[str, int]],
+                   steps: int, guidance: float, sampler: str, negative: str, device: torch.device,
+                   autocast_dtype: torch.dtype | None) -> np.ndarray:
+    """One batch: an image per (prompt, seed) pair, in order (the model in eval mode, under no_grad)."""
     sched = sampling_scheduler(train_sched, sampler)
     set_sampling_timesteps(sched, train_sched, steps, device)
     c, side = bundle.in_channels, bundle.sample_size

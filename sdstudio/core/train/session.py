@@ -499,10 +499,10 @@ class TrainingSession(FeatureCachingMixin):
                        steps: int) -> np.ndarray:
         """One batch of images, one per (caption, seed) pair, with the sampler, guidance and negative prompt
         of ``sample.*`` (call inside ``sampling_model``): uint8 (N, H, W, 3)."""
-        from ..sampling import _generate_batch  # the pairs form of ``generate`` (FID/KID images)
+        from ..sampling import generate_pairs  # the pairs form of ``generate`` (FID/KID images)
 
         cfg = self.config.sample
-        return _generate_batch(self.bundle, model, self.sched, pairs, steps, cfg.guidance, cfg.sampler,
+        return generate_pairs(self.bundle, model, self.sched, pairs, steps, cfg.guidance, cfg.sampler,
                                cfg.negative_prompt, self.device, self._autocast_dtype())
 
     def sample_grid(self) -> tuple[np.ndarray, Path | None]:
