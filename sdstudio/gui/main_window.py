@@ -1,6 +1,7 @@
 """The main window: settings on the left (preset + generated form), the train bar on top, and tabs for
-the dataset, live curves, samples, the noise schedule, past runs and the log. It wires panels together and
-turns the worker's events into what they show; the training itself runs on the worker's thread."""
+the dataset, live curves, samples, the noise schedule, past runs, the run queue, run comparison and the log.
+It wires panels together and turns the worker's events into what they show; the training itself runs on the
+worker's thread, one run at a time (the Train button's run, or the queue's runs one after another)."""
 
 from __future__ import annotations
 
@@ -15,18 +16,23 @@ from sdstudio.core import paths, presets
 from sdstudio.core.config import RunConfig
 from sdstudio.core.errors import UserError
 from sdstudio.core.runs import METRICS_FILE, default_run_dir, load_run_config, read_metrics
+from sdstudio.core.sweep import SweepPlan
 
 from . import qt_compat  # noqa: F401 - first: guards PySide6 6.12.0 on Python < 3.12
 from .app_settings import app_settings
 from .icon import app_icon
+from .panels.compare import ComparePanel
 from .panels.datasets import DatasetsPanel, same_folder
+from .panels.export_dialog import ExportDialog, open_export_dialog, run_checkpoints
 from .panels.log_view import LogView
 from .panels.plots import PlotsPanel
 from .panels.presets import PresetsPanel
-from .panels.runs import EXPORT_LATER, RunsPanel
+from .panels.queue import QueueItem, QueuePanel
+from .panels.runs import RunsPanel
 from .panels.samples import SamplesPanel, read_run_samples
 from .panels.schedule import SchedulePanel
 from .panels.settings_form import SettingsForm
+from .panels.sweep_dialog import SweepDialog
 from .panels.train_bar import TrainBar
 from .widgets.failure_dialog import show_error
 from .widgets.image_view import ImageView
@@ -47,6 +53,10 @@ class MainWindow(QMainWindow):
         self.runner.running_changed.connect(self._running_changed)
         self.run_dir: Path | None = None
         self.failure_box: QMessageBox | None = None
+        self.stop_box: QMessageBox | None = None  # "the run does not stop" (the stop watchdog)
+        self._stop_quit_button: object = None
+        self.export_dialog: ExportDialog | None = None
+        self.sweep_dialog: SweepDialog | None = None
         self._quit_when_idle = False
         self.force_quit = False
 
@@ -60,6 +70,8 @@ class MainWindow(QMainWindow):
         self.samples = SamplesPanel()
         self.schedule = SchedulePanel()
         self.runs = RunsPanel()
+        self.queue = QueuePanel()
+        self.compare = ComparePanel()
         self.log = LogView()
         self._build_layout()
         self._build_menus()
@@ -82,7 +94,8 @@ class MainWindow(QMainWindow):
         training.setSizes([700, 300])
         self.tabs = QTabWidget()
         for widget, title in ((self.datasets, "Dataset"), (training, "Training"), (self.samples, "Samples"),
-                              (self.schedule, "Noise schedule"), (self.runs, "Runs"), (self.log, "Log")):
+                              (self.schedule, "Noise schedule"), (self.runs, "Runs"), (self.queue, "Queue"),
+                              (self.compare, "Compare"), (self.log, "Log")):
             self.tabs.addTab(widget, title)
         self.training_tab = training
         self.splitter = QSplitter(Qt.Orientation.Horizontal)
@@ -106,9 +119,9 @@ class MainWindow(QMainWindow):
         file_menu.addAction("Import settings…", self.presets.ask_import)
         file_menu.addAction("Export settings…", self.presets.ask_export)
         self.export_action = QAction("Export model…", self)
-        self.export_action.setEnabled(False)
-        self.export_action.setToolTip(EXPORT_LATER)
-        self.export_action.setStatusTip(EXPORT_LATER)
+        self.export_action.setToolTip("Export a run: the run selected in the Runs tab, else the newest run")
+        self.export_action.setStatusTip(self.export_action.toolTip())
+        self.export_action.triggered.connect(self.export_current_run)
         file_menu.addAction(self.export_action)
         file_menu.addSeparator()
         file_menu.addAction("Quit", QKeySequence.StandardKey.Quit, self.close)
@@ -121,6 +134,10 @@ class MainWindow(QMainWindow):
             action = run_menu.addAction(text, button.click)
             if shortcut:
                 action.setShortcut(QKeySequence(shortcut))
+        run_menu.addSeparator()
+        run_menu.addAction("Add settings to queue", self.add_current_to_queue)
+        run_menu.addAction("Sweep…", self.open_sweep_dialog)
+        run_menu.addAction("Run queue", self.run_queue)
         view_menu = self.menuBar().addMenu("&View")
         log_action = view_menu.addAction("Log-scale loss")
         log_action.setCheckable(True)
@@ -142,6 +159,15 @@ class MainWindow(QMainWindow):
         self.datasets.report_ready.connect(lambda _report: self._update_can_train())
         self.runs.resume_requested.connect(self.resume_run)
         self.runs.samples_requested.connect(self._show_run_samples)
+        self.runs.export_requested.connect(self.open_export)
+        self.runs.compare_requested.connect(self.compare_runs)
+        bar.queue_clicked.connect(self.add_current_to_queue)
+        self.queue.add_requested.connect(self.add_current_to_queue)
+        self.queue.sweep_requested.connect(self.open_sweep_dialog)
+        self.queue.run_requested.connect(self.run_queue)
+        self.queue.stop_requested.connect(self.stop_training)
+        self.queue.compare_requested.connect(lambda runs: self.compare_runs(runs, "The queue's runs"))
+        self.tabs.currentChanged.connect(self._tab_changed)
 
     # -- session --------------------------------------------------------------------------------------------
     def restore_session(self) -> None:
@@ -219,14 +245,23 @@ class MainWindow(QMainWindow):
         config = self.form.config()
         if config is None or self.runner.is_running() or self.form.problems():
             return
-        label = config.name or self.presets.current_name or "custom"
-        run_dir = default_run_dir(label)
-        self.plots.clear()
-        self.samples.set_entries([])
-        self.latest_sample.set_image(None)
-        self.log.note(f"starting a run in {run_dir}")
         self.settings.setValue("last/preset", self.presets.current_name)
-        self.runner.start(config, run_dir)
+        self._start_run(config, default_run_dir(self._run_label(config)))
+
+    def _run_label(self, config: RunConfig) -> str:
+        return config.name or self.presets.current_name or "custom"
+
+    def _start_run(self, config: RunConfig, run_dir: Path, *, resume: bool = False) -> None:
+        """Start the worker on a run (a fresh folder, or a run to resume) and show its history."""
+        if resume:
+            self.plots.load_rows(read_metrics(run_dir / METRICS_FILE))
+            self.samples.set_entries(read_run_samples(run_dir))
+        else:
+            self.plots.clear()
+            self.samples.set_entries([])
+        self.latest_sample.set_image(None)
+        self.log.note(f"{'resuming' if resume else 'starting'} a run in {run_dir}")
+        self.runner.start(config, run_dir, resume=resume)
         self.tabs.setCurrentWidget(self.training_tab)
 
     def resume_run(self, run_dir: Path) -> None:
@@ -239,17 +274,17 @@ class MainWindow(QMainWindow):
             show_error(self, "Run not resumed", str(exc), hint="Choose a run folder made by sdstudio.")
             return
         self.presets.apply_config(config, f"run {run_dir.name}")
-        self.plots.load_rows(read_metrics(run_dir / METRICS_FILE))
-        self.samples.set_entries(read_run_samples(run_dir))
-        self.log.note(f"resuming {run_dir}")
-        self.runner.start(config, run_dir, resume=True)
-        self.tabs.setCurrentWidget(self.training_tab)
+        self._start_run(config, run_dir, resume=True)
 
     def stop_training(self) -> None:
+        if self.queue.active:
+            self.queue.halt = True  # the queue ends with this run, whichever way it ends
         if self.runner.is_running():
             self.runner.stop()
             self.train_bar.stop_requested()
             self.log.note("stop requested: the run saves a checkpoint after the current step")
+            if not self._stop_watchdog.isActive():
+                self._stop_watchdog.start(STOP_TIMEOUT_MS)
 
     def _pause(self) -> None:
         self.runner.pause()
@@ -263,10 +298,14 @@ class MainWindow(QMainWindow):
         self.train_bar.set_running(running)
         self.form.setEnabled(not running)
         self.presets.setEnabled(not running)
+        self.queue.set_runner_busy(running)
         self._update_can_train()
         if not running:
             self._stop_watchdog.stop()
+            self._close_stop_box()
             self.runs.refresh()
+            if self.queue.active:
+                self._queued_run_ended()
             if self._quit_when_idle:
                 self.close()
 
@@ -274,6 +313,8 @@ class MainWindow(QMainWindow):
         """Every event from the worker, on the GUI thread, in order."""
         self.train_bar.add_event(event)
         self.plots.add_event(event)
+        if self.queue.active:
+            self.queue.observe(event)
         if isinstance(event, ev.Started):
             self.run_dir = event.run_dir
             self.statusBar().showMessage(f"Run folder: {event.run_dir}")
@@ -296,11 +337,16 @@ class MainWindow(QMainWindow):
         elif isinstance(event, ev.Finished):
             self.log.note(f"run {event.reason} at step {event.step}: {event.run_dir}")
             self.statusBar().showMessage(f"Run {event.reason} at step {event.step}: {event.run_dir}")
+        elif isinstance(event, ev.EvalResult):
+            self.log.note(f"evaluation at step {event.step}: {self.plots.eval_label.text()}")
         elif isinstance(event, ev.Failed):
             self._show_failure(event)
 
     def _show_failure(self, event: ev.Failed) -> None:
         self.log.note(f"run failed: {event.message}")
+        if self.queue.active:  # marked in the queue; the queue goes on without a dialog per failure
+            self.statusBar().showMessage(f"A queued run failed: {event.message}", 10_000)
+            return
         if event.resumable_from is not None:
             hint = (f"The run can be resumed from its checkpoint {event.resumable_from.name}: select it in the "
                     "Runs tab and click Resume.")
@@ -313,6 +359,113 @@ class MainWindow(QMainWindow):
     def _show_run_samples(self, run_dir: Path) -> None:
         self.samples.set_entries(read_run_samples(run_dir))
         self.tabs.setCurrentWidget(self.samples)
+
+    # -- export ---------------------------------------------------------------------------------------------
+    def open_export(self, run_dir: Path) -> ExportDialog | None:
+        """The export dialog for a run (window-modal, not blocking: training events keep arriving)."""
+        self.export_dialog = open_export_dialog(run_dir, self)
+        if self.export_dialog is not None:
+            self.export_dialog.exported.connect(self._exported)
+        return self.export_dialog
+
+    def export_current_run(self) -> ExportDialog | None:
+        """File → Export model…: the run selected in the Runs tab, else the newest run with a checkpoint."""
+        run_dir = self.runs.selected_path()
+        if run_dir is None:
+            candidates = [p for p in (self.run_dir,) if p is not None and run_checkpoints(p)]
+            candidates += [s.path for s in self.runs.summaries.values() if s.has_checkpoint]
+            run_dir = candidates[0] if candidates else None
+        if run_dir is None:
+            show_error(self, "Nothing to export", "No run with a checkpoint was found.",
+                       hint="Train a run first (or select one in the Runs tab), then export it.")
+            return None
+        return self.open_export(run_dir)
+
+    def _exported(self, path: Path) -> None:
+        self.log.note(f"exported: {path}")
+        self.statusBar().showMessage(f"Exported to {path}", 10_000)
+
+    # -- queue and sweeps -----------------------------------------------------------------------------------
+    def add_current_to_queue(self) -> QueueItem | None:
+        """Queue a run with the current settings and dataset (refused, with the reasons, when they cannot train)."""
+        config = self.form.config()
+        problems = self.form.problems()
+        report = self.datasets.report
+        if report is not None and same_folder(report["root"], self._config_dataset()) and not report["usable"]:
+            problems.append(f"dataset: {report['summary']}")
+        if config is None or problems:
+            show_error(self, "Not added to the queue", "The current settings cannot train:\n" + "\n".join(problems),
+                       hint="Fix the settings marked in red (or pick another dataset), then add them again.")
+            return None
+        changes = self.presets.changes()
+        description = self.presets.current_name or "custom"
+        if changes:
+            description += ": " + ", ".join(f"{k}={v!r}" for k, (_old, v) in changes.items() if k != "data.path")
+        item = self.queue.add(config, self._run_label(config), description)
+        self.log.note(f"queued {item.label} ({item.description})")
+        self.statusBar().showMessage(f"Added to the queue ({self.queue.pending_count()} to run)", 5_000)
+        return item
+
+    def open_sweep_dialog(self) -> SweepDialog | None:
+        config = self.form.config()
+        if config is None or self.form.problems():
+            show_error(self, "No sweep", "The current settings cannot train:\n" + "\n".join(self.form.problems()),
+                       hint="A sweep starts from the current settings: fix the settings marked in red first.")
+            return None
+        dialog = SweepDialog(config, self.presets.current_name or "custom", self)
+        dialog.queue_requested.connect(self._queue_sweep)
+        dialog.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        self.sweep_dialog = dialog
+        dialog.open()
+        return dialog
+
+    def _queue_sweep(self, name: str, plan: SweepPlan) -> None:
+        for combo in plan.combinations:
+            self.queue.add(combo.config, f"{name}-{combo.folder}", combo.describe())
+        self.log.note(f"sweep {name}: {len(plan.combinations)} runs added to the queue")
+        self.tabs.setCurrentWidget(self.queue)
+
+    def run_queue(self) -> None:
+        if self.runner.is_running():
+            show_error(self, "A run is in progress", "The queue starts when no run is training.",
+                       hint="Wait for the current run to end, or stop it, then click Run queue.")
+            return
+        if self.queue.next_item() is None:
+            self.statusBar().showMessage("The queue has nothing to run", 5_000)
+            return
+        self.queue.start()
+        self.log.note(f"running the queue: {self.queue.pending_count()} runs")
+        self._start_next_queued()
+
+    def _start_next_queued(self) -> None:
+        item = self.queue.next_item()
+        if item is None or self.queue.halt or self.runner.is_running():
+            done = self.queue.pending_count() == 0
+            self.queue.finish("Queue finished." if done else "Queue stopped; Run queue continues it.")
+            self.log.note("queue finished" if done else "queue stopped")
+            return
+        resume = item.status == "stopped" and item.run_dir is not None and bool(run_checkpoints(item.run_dir))
+        run_dir = item.run_dir if resume and item.run_dir is not None else default_run_dir(item.label)
+        self.queue.mark_running(item, run_dir)
+        self._start_run(item.config, run_dir, resume=resume)
+
+    def _queued_run_ended(self) -> None:
+        item = self.queue.run_ended()
+        if item is not None and item.status == "stopped":
+            self.queue.halt = True
+        if self._quit_when_idle:
+            self.queue.halt = True
+        # the next run starts from the event loop, after every slot of this run's end has run
+        QTimer.singleShot(0, self._start_next_queued)
+
+    # -- comparison -----------------------------------------------------------------------------------------
+    def _tab_changed(self, _index: int) -> None:
+        if self.tabs.currentWidget() is self.compare:
+            self.compare.refresh_sweeps()  # a sweep run from the command line meanwhile shows up
+
+    def compare_runs(self, run_dirs: list[Path], title: str = "") -> None:
+        self.compare.set_runs(list(run_dirs), title)
+        self.tabs.setCurrentWidget(self.compare)
 
     # -- closing ----------------------------------------------------------------------------------------------
     def ask_close_choice(self) -> str:
@@ -347,6 +500,7 @@ class MainWindow(QMainWindow):
         self.save_session()
         self.datasets.shutdown()
         self.runs.shutdown()
+        self.compare.shutdown()
         self.log.detach()
         event.accept()
 
@@ -356,15 +510,43 @@ class MainWindow(QMainWindow):
             self.force_quit = True
 
     def _stop_not_answered(self) -> None:
+        """The watchdog: a stop request not answered in time. Says so and offers to quit (not blocking: the
+        window stays usable, and the box closes itself when the run does stop)."""
+        if not self.runner.is_running() or (self.stop_box is not None and self.stop_box.isVisible()):
+            return
+        waited = STOP_TIMEOUT_MS / 1000
+        box = QMessageBox(self)
+        box.setObjectName("stopNotAnswered")
+        box.setIcon(QMessageBox.Icon.Warning)
+        box.setWindowTitle("The run does not stop")
+        box.setText(f"The training thread has not answered the stop request for {waited:g} s (a long step, or "
+                    "it hangs).")
+        box.setInformativeText("Quit anyway? The newest checkpoint on disk stays resumable. Or keep waiting: this "
+                               "message closes itself when the run stops.")
+        self._stop_quit_button = box.addButton("Quit anyway", QMessageBox.ButtonRole.DestructiveRole)
+        wait = box.addButton("Keep waiting", QMessageBox.ButtonRole.RejectRole)
+        box.setDefaultButton(wait)
+        box.finished.connect(self._stop_box_answered)
+        self.stop_box = box
+        self.log.note(f"the run has not answered the stop request for {waited:g} s")
+        box.open()
+
+    def _stop_box_answered(self, _result: int) -> None:
+        box, self.stop_box = self.stop_box, None
+        if box is None:
+            return
+        box.deleteLater()
         if not self.runner.is_running():
             return
-        answer = QMessageBox.warning(
-            self, "The run does not stop",
-            f"The training thread has not answered the stop request for {STOP_TIMEOUT_MS // 1000} s (a long step, "
-            "or it hangs). Quit anyway? The newest checkpoint on disk stays resumable.",
-            QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No)
-        if answer == QMessageBox.StandardButton.Yes:
+        if box.clickedButton() is self._stop_quit_button:
+            self.log.note("quitting without waiting for the run to stop")
             self.force_quit = True
             self.close()
         else:
             self._stop_watchdog.start(STOP_TIMEOUT_MS)
+
+    def _close_stop_box(self) -> None:
+        box, self.stop_box = self.stop_box, None  # cleared first: closing it is not an answer
+        if box is not None:
+            box.done(0)
+            box.deleteLater()

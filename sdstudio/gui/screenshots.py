@@ -3,9 +3,11 @@
     python -m sdstudio.gui.screenshots OUT_DIR [--steps N]
 
 Writes 01-datasets.png (thumbnails, caption, health report), 02-settings.png (the generated form with an
-invalid value highlighted), 03-live-plots.png (mid-training), 04-samples.png, 05-schedule.png and
-06-runs.png (two runs overlaid), each 1440 px wide. Uses a throw-away SDSTUDIO_HOME unless one is set,
-so the real home folder is never touched.
+invalid value highlighted), 03-live-plots.png (mid-training), 04-samples.png, 05-schedule.png,
+06-runs.png (two runs overlaid), 07-export.png (the export dialog over the window), 08-sweep.png (the sweep
+dialog), 09-queue.png (the sweep's runs queued, one running) and 10-compare.png (the queue's runs compared),
+each 1440 px wide. Uses a throw-away SDSTUDIO_HOME unless one is set, so the real home folder is never
+touched.
 """
 
 from __future__ import annotations
@@ -50,6 +52,39 @@ def _save(window: object, out: Path, name: str) -> Path:
     _settle()
     path = out / name
     if not window.grab().save(str(path)):
+        raise OSError(f"screenshots: could not write {path}")
+    print(path)
+    return path
+
+
+def _save_with_dialog(window: object, dialog: object, out: Path, name: str) -> Path:
+    """The window with a dialog drawn over it (offscreen Qt has no window manager to compose them), dimmed
+    behind the dialog, with a plain title bar."""
+    from PySide6.QtCore import QRect, Qt
+    from PySide6.QtGui import QColor, QFont, QPainter
+    from PySide6.QtWidgets import QMainWindow, QWidget
+
+    assert isinstance(window, QMainWindow) and isinstance(dialog, QWidget)
+    _settle()
+    base = window.grab()
+    shot = dialog.grab()
+    title_h = 28
+    x = (base.width() - shot.width()) // 2
+    y = max(60, (base.height() - shot.height() - title_h) // 3)
+    painter = QPainter(base)
+    painter.fillRect(base.rect(), QColor(0, 0, 0, 70))
+    painter.fillRect(QRect(x - 1, y - 1, shot.width() + 2, shot.height() + title_h + 2), QColor(110, 110, 110))
+    painter.fillRect(QRect(x, y, shot.width(), title_h), QColor(232, 232, 236))
+    font = QFont(painter.font())
+    font.setBold(True)
+    painter.setFont(font)
+    painter.setPen(QColor(40, 40, 40))
+    painter.drawText(QRect(x + 10, y, shot.width() - 20, title_h), Qt.AlignmentFlag.AlignVCenter,
+                     dialog.windowTitle())
+    painter.drawPixmap(x, y + title_h, shot)
+    painter.end()
+    path = out / name
+    if not base.save(str(path)):
         raise OSError(f"screenshots: could not write {path}")
     print(path)
     return path
@@ -135,6 +170,39 @@ def main(argv: list[str]) -> int:
     window.runs.tree.setCurrentItem(window.runs.tree.topLevelItem(0))
     window.tabs.setCurrentWidget(window.runs)
     _save(window, out, "06-runs.png")
+
+    # 7. the export dialog of the first run (a from-scratch model: the formats it cannot use say why)
+    export = window.open_export(first_run) if first_run is not None else None
+    if export is None:
+        raise RuntimeError("screenshots: the export dialog did not open")
+    _save_with_dialog(window, export, out, "07-export.png")
+    export.reject()
+
+    # 8-10. a sweep over the learning rate, queued and run; its runs compared
+    window.presets.apply_config(presets.load_preset("demo").with_overrides(demo_overrides(args.steps // 2, 1e-3)),
+                                "demo")
+    sweep = window.open_sweep_dialog()
+    if sweep is None:
+        raise RuntimeError("screenshots: the sweep dialog did not open")
+    sweep.name.setText("demo-lr")
+    sweep.set_row(0, "train.learning_rate", "5e-4, 1e-3, 2e-3")
+    sweep.validate_now()
+    _save_with_dialog(window, sweep, out, "08-sweep.png")
+    sweep.queue_button.click()
+    window.run_queue()
+    queue = window.queue
+    plots = window.plots  # cleared when each run starts: its points are the running run's
+    _wait(lambda: queue.items[1].status == "running" and len(plots.loss) > 0
+          and plots.loss.x[-1] >= args.steps // 4, 1800, "the second queued run")
+    queue.select(1)
+    window.tabs.setCurrentWidget(queue)
+    _save(window, out, "09-queue.png")
+    _wait(lambda: not queue.active, 3600, "the queue to end")
+    window.compare_runs(queue.finished_runs(), "The queue's runs")
+    _wait(lambda: window.compare.comparison is not None and len(window.compare.comparison.rows) == 3, 60,
+          "the comparison")
+    window.compare.table.selectRow(2)
+    _save(window, out, "10-compare.png")
 
     window.close()
     app.processEvents()

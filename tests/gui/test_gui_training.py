@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -142,7 +143,7 @@ def test_resume_a_stopped_run_from_the_runs_panel(window, qtbot, tiny_dataset) -
     item = window.runs.tree.topLevelItem(0)
     window.runs.tree.setCurrentItem(item)
     assert window.runs.resume_button.isEnabled()
-    assert not window.runs.export_button.isEnabled() and "later version" in window.runs.export_button.toolTip()
+    assert window.runs.export_button.isEnabled() and "Export" in window.runs.export_button.toolTip()
     seen = _record(window)
     qtbot.mouseClick(window.runs.resume_button, Qt.MouseButton.LeftButton)
     qtbot.waitUntil(lambda: not window.runner.is_running(), timeout=60_000)
@@ -178,3 +179,128 @@ def test_quitting_stops_the_run_and_joins_the_thread_promptly(window, qtbot, tin
     assert time.perf_counter() - t0 < 20
     assert not window.runner.is_running() and window.runner.thread is None
     assert _checkpoints(run_dir)
+
+
+def _hanging_after_stop(monkeypatch) -> tuple[threading.Event, threading.Event]:
+    """Replace the worker's train(): once a stop was requested, the run hangs (a step that does not return)
+    until the gate opens. Returns (gate, hanging)."""
+    from sdstudio.gui import worker
+
+    gate, hanging = threading.Event(), threading.Event()
+    real_train = worker.train
+
+    def hanging_train(config, control, *, run_dir=None, resume=False):
+        for event in real_train(config, control, run_dir=run_dir, resume=resume):
+            yield event
+            if control.stop_requested and not gate.is_set():
+                hanging.set()
+                gate.wait(120)
+
+    monkeypatch.setattr(worker, "train", hanging_train)
+    return gate, hanging
+
+
+def test_a_stop_not_answered_in_time_says_so_and_the_run_stops_once_it_answers(window, qtbot, tiny_dataset,
+                                                                               monkeypatch) -> None:
+    from sdstudio.gui import main_window
+    from sdstudio.gui.panels.runs import summarize_run
+
+    monkeypatch.setattr(main_window, "STOP_TIMEOUT_MS", 300)
+    gate, hanging = _hanging_after_stop(monkeypatch)
+    use_tiny_settings(window, tiny_dataset, **{"train.max_steps": 400, "checkpoint.every_steps": 0})
+    seen = _record(window)
+    qtbot.mouseClick(window.train_bar.train_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: any(isinstance(e, ev.StepMetrics) for e in seen), timeout=60_000)
+    run_dir = window.runner.run_dir
+    try:
+        qtbot.mouseClick(window.train_bar.stop_button, Qt.MouseButton.LeftButton)
+        qtbot.waitUntil(hanging.is_set, timeout=30_000)
+        qtbot.waitUntil(lambda: window.stop_box is not None and window.stop_box.isVisible(), timeout=10_000)
+        assert window.runner.is_running()
+        box: QMessageBox = window.stop_box
+        assert "has not answered the stop request" in box.text() and "Quit anyway" in box.informativeText()
+        assert any("has not answered" in line for line in window.log.lines())
+
+        # the window stays responsive: timers fire, tabs switch, the box does not block the event loop
+        ticks: list[float] = []
+        timer = QTimer()
+        timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+        timer.start(20)
+        qtbot.waitUntil(lambda: len(ticks) >= 5, timeout=5_000)
+        timer.stop()
+        window.tabs.setCurrentWidget(window.log)
+        assert window.tabs.currentWidget() is window.log
+
+        # "Keep waiting": the watchdog asks again later
+        keep = next(b for b in box.buttons() if b.text() == "Keep waiting")
+        keep.click()
+        qtbot.waitUntil(lambda: window.stop_box is None or not window.stop_box.isVisible(), timeout=5_000)
+        qtbot.waitUntil(lambda: window.stop_box is not None and window.stop_box.isVisible(), timeout=10_000)
+    finally:
+        gate.set()  # the step returns: the loop sees the stop request, saves a checkpoint and finishes
+    qtbot.waitUntil(lambda: not window.runner.is_running(), timeout=60_000)
+    assert window.runner.thread is None and window.runner.worker is None, "thread joined"
+    assert window.stop_box is None, "the question closes itself when the run stops"
+    assert window.isVisible() and not window.force_quit
+    finished = [e for e in seen if isinstance(e, ev.Finished)]
+    assert finished and finished[-1].reason == "stopped"
+    assert _checkpoints(run_dir) and summarize_run(run_dir).resumable
+
+
+def test_quit_anyway_when_the_stop_is_not_answered(window, qtbot, tiny_dataset, monkeypatch) -> None:
+    from sdstudio.gui import main_window
+
+    monkeypatch.setattr(main_window, "STOP_TIMEOUT_MS", 300)
+    gate, hanging = _hanging_after_stop(monkeypatch)
+    use_tiny_settings(window, tiny_dataset, **{"train.max_steps": 400, "checkpoint.every_steps": 0})
+    seen = _record(window)
+    qtbot.mouseClick(window.train_bar.train_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: any(isinstance(e, ev.StepMetrics) for e in seen), timeout=60_000)
+    try:
+        window.close()  # the fixture answers "Stop, save and quit"
+        assert window.isVisible()
+        qtbot.waitUntil(lambda: window.stop_box is not None and window.stop_box.isVisible(), timeout=10_000)
+        quit_button = next(b for b in window.stop_box.buttons() if b.text() == "Quit anyway")
+        quit_button.click()
+        qtbot.waitUntil(lambda: not window.isVisible(), timeout=5_000)
+        assert window.force_quit and window.runner.is_running(), "the window went; the hung thread is left"
+    finally:
+        gate.set()
+    qtbot.waitUntil(lambda: not window.runner.is_running(), timeout=60_000)
+    finished = [e for e in seen if isinstance(e, ev.Finished)]
+    assert finished and finished[-1].reason == "stopped" and _checkpoints(finished[-1].run_dir)
+
+
+def test_a_worker_exception_after_a_checkpoint_shows_the_failure_and_the_run_is_resumable(
+        window, qtbot, tiny_dataset, monkeypatch) -> None:
+    from sdstudio.gui import worker
+
+    real_train = worker.train
+
+    def crashing_train(config, control, *, run_dir=None, resume=False):
+        run = real_train(config, control, run_dir=run_dir, resume=resume)
+        for event in run:
+            yield event
+            if isinstance(event, ev.CheckpointSaved):
+                run.close()  # the engine's own cleanup (lock, log) runs; then the thread's code breaks
+                raise RuntimeError("boom after a checkpoint")
+
+    monkeypatch.setattr(worker, "train", crashing_train)
+    use_tiny_settings(window, tiny_dataset, **{"train.max_steps": 12, "checkpoint.every_steps": 3})
+    seen = _record(window)
+    qtbot.mouseClick(window.train_bar.train_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: window.failure_box is not None and window.failure_box.isVisible(), timeout=60_000)
+    box: QMessageBox = window.failure_box
+    failed = [e for e in seen if isinstance(e, ev.Failed)]
+    assert failed and failed[-1].resumable_from is not None and failed[-1].resumable_from.name == "step-00000003"
+    assert "boom after a checkpoint" in box.text() and "RuntimeError" in box.detailedText()
+    assert "step-00000003" in box.informativeText() and "Resume" in box.informativeText()
+    assert "(resumable)" in window.train_bar.phase.text()
+    qtbot.waitUntil(lambda: not window.runner.is_running(), timeout=10_000)
+    box.close()
+    run_dir = failed[-1].run_dir
+    qtbot.waitUntil(lambda: str(run_dir) in window.runs.summaries, timeout=20_000)
+    summary = window.runs.summaries[str(run_dir)]
+    assert summary.state == "interrupted" and summary.resumable
+    window.runs.tree.setCurrentItem(window.runs.tree.topLevelItem(0))
+    assert window.runs.resume_button.isEnabled()

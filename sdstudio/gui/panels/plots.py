@@ -85,10 +85,14 @@ class PlotsPanel(QWidget):
         for follower in self.followers.values():
             follower.plot.getViewBox().sigRangeChangedManually.connect(self._zoomed)
         self.points = QLabel("")
+        self.eval_label = QLabel("")  # FID / KID of the newest evaluation (EvalResult), when the run has any
+        self.eval_label.setObjectName("evalLabel")
+        self.eval_label.setVisible(False)
         bar = QHBoxLayout()
         bar.addWidget(self.log_scale)
         bar.addWidget(self.follow)
         bar.addStretch(1)
+        bar.addWidget(self.eval_label)
         bar.addWidget(self.points)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
@@ -117,12 +121,33 @@ class PlotsPanel(QWidget):
             self.speed.append(step, event.img_per_s)
             self._dirty = True
         elif isinstance(event, ev.ValidationResult):
-            self.val_loss.append(float(event.step), event.val_loss)
-            self._dirty = True
+            if _finite(event.val_loss):
+                self.val_loss.append(float(event.step), event.val_loss)
+                self._dirty = True
+        elif isinstance(event, ev.EvalResult):
+            self.show_eval(event.step, event.fid, event.kid_mean, event.kid_std, event.n_generated, event.n_real,
+                           event.fid_meaningful, event.note)
+
+    def show_eval(self, step: int, fid: float | None, kid_mean: float | None, kid_std: float | None,
+                  n_generated: int = 0, n_real: int = 0, fid_meaningful: bool = False, note: str = "") -> None:
+        """The newest FID / KID as a line of text above the plots (the tooltip says how to read it)."""
+        parts = []
+        if _finite(fid):
+            parts.append(f"FID {fid:.2f}" + ("" if fid_meaningful else " (indicative)"))
+        if _finite(kid_mean):
+            parts.append(f"KID {kid_mean:.4f}" + (f" ± {kid_std:.4f}" if _finite(kid_std) else ""))
+        text = " · ".join(parts) if parts else "FID/KID not computed"
+        self.eval_label.setText(f"step {step}: {text}")
+        tip = [f"{n_generated} generated vs {n_real} validation images"] if n_generated or n_real else []
+        if note:
+            tip.append(note)
+        self.eval_label.setToolTip("\n".join(tip))
+        self.eval_label.setVisible(True)
 
     def load_rows(self, rows: Iterable[dict[str, Any]]) -> None:
         """Replace the curves with a run's metrics.jsonl rows (history of a resumed run)."""
         self.clear()
+        rows = list(rows)
         train = [r for r in rows if r.get("kind") == "train" and _finite(r.get("loss"))]
         vals = [r for r in rows if r.get("kind") == "val" and _finite(r.get("val_loss"))]
         if train:
@@ -134,6 +159,12 @@ class PlotsPanel(QWidget):
         if vals:
             self.val_loss.extend(np.array([r["step"] for r in vals], dtype=np.float64),
                                  np.array([r["val_loss"] for r in vals]))
+        evals = [r for r in rows if r.get("kind") == "val" and ("fid" in r or "kid_mean" in r)]
+        if evals:  # FID / KID rows are "val" rows without val_loss
+            last = evals[-1]
+            self.show_eval(int(last.get("step", 0)), last.get("fid"), last.get("kid_mean"), last.get("kid_std"),
+                           int(last.get("n_generated") or 0), int(last.get("n_real") or 0),
+                           bool(last.get("fid_meaningful")), str(last.get("note") or ""))
         self._dirty = True
         self.redraw()
 
@@ -146,6 +177,8 @@ class PlotsPanel(QWidget):
     def clear(self) -> None:
         for _curve, series in self.curves.values():
             series.clear()
+        self.eval_label.setText("")
+        self.eval_label.setVisible(False)
         for follower in self.followers.values():
             follower.follow(self.follow.isChecked())
         self._dirty = True

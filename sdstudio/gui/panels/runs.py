@@ -1,5 +1,5 @@
 """Past runs: found in the runs folder, curves reloaded from metrics.jsonl, two runs overlaid, resume a
-stopped run, open its folder. Metric files are read in the background."""
+stopped run, open its folder, export it, compare several. Metric files are read in the background."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pyqtgraph as pg
 from PySide6.QtCore import Qt, QThreadPool, QUrl, Signal
 from PySide6.QtGui import QDesktopServices
 from PySide6.QtWidgets import (
+    QAbstractItemView,
     QHBoxLayout,
     QLabel,
     QPushButton,
@@ -29,7 +30,6 @@ from ..background import run_in_background
 from ..widgets.failure_dialog import show_error
 from .plots import SMOOTHING, live_curve
 
-EXPORT_LATER = "Export arrives in a later version of sdstudio; the run's weights are in its checkpoints folder."
 PALETTE = [(25, 85, 190), (220, 90, 20), (40, 140, 60), (140, 60, 160)]
 MAX_COMPARED = 2
 
@@ -99,6 +99,8 @@ def smooth(values: np.ndarray, weight: float = SMOOTHING) -> np.ndarray:
 class RunsPanel(QWidget):
     resume_requested = Signal(Path)
     samples_requested = Signal(Path)
+    export_requested = Signal(Path)
+    compare_requested = Signal(list)  # list[Path]
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -110,6 +112,8 @@ class RunsPanel(QWidget):
         self.tree.setHeaderLabels(["Run (tick two to compare)", "State", "Steps", "Last loss", "Best val loss"])
         self.tree.setRootIsDecorated(False)
         self.tree.setColumnWidth(0, 260)
+        self.tree.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
+        self.tree.itemSelectionChanged.connect(self._selection_changed)
         self.tree.itemChanged.connect(self._checked)
         self.tree.currentItemChanged.connect(lambda *_: self._selection_changed())
         self._check_order: list[str] = []
@@ -122,10 +126,12 @@ class RunsPanel(QWidget):
         self.samples_button = QPushButton("Show samples")
         self.samples_button.clicked.connect(self._samples)
         self.export_button = QPushButton("Export…")
-        self.export_button.setEnabled(False)
-        self.export_button.setToolTip(EXPORT_LATER)
+        self.export_button.clicked.connect(self._export)
+        self.compare_button = QPushButton("Compare…")
+        self.compare_button.clicked.connect(self._compare)
         buttons = QHBoxLayout()
-        for button in (refresh, self.resume_button, self.open_button, self.samples_button, self.export_button):
+        for button in (refresh, self.resume_button, self.open_button, self.samples_button, self.export_button,
+                       self.compare_button):
             buttons.addWidget(button)
         buttons.addStretch(1)
         self.status = QLabel("")
@@ -218,8 +224,26 @@ class RunsPanel(QWidget):
             self._check_order = [k for k in self._check_order if k != key]
         self._draw()
 
+    def selected_paths(self) -> list[Path]:
+        """Every selected run (Ctrl/Shift-click selects several), in list order."""
+        rows = sorted(self.tree.indexOfTopLevelItem(item) for item in self.tree.selectedItems())
+        return [Path(self.tree.topLevelItem(row).data(0, Qt.ItemDataRole.UserRole)) for row in rows]
+
+    def compare_candidates(self) -> list[Path]:
+        """What Compare shows: the selected runs when several are selected, else the ticked ones."""
+        selected = self.selected_paths()
+        return selected if len(selected) >= 2 else (self.compared() or selected)
+
     def _selection_changed(self) -> None:
         summary = self.summaries.get(str(self.selected_path()))
+        self.export_button.setEnabled(summary is not None and summary.has_checkpoint)
+        if summary is None:
+            self.export_button.setToolTip("Select a run")
+        elif summary.has_checkpoint:
+            self.export_button.setToolTip(f"Export {summary.path.name} (LoRA file, single file or diffusers "
+                                          "folder, as the run allows)")
+        else:
+            self.export_button.setToolTip(f"{summary.path.name} has no checkpoint yet: nothing to export")
         self.open_button.setEnabled(summary is not None)
         self.samples_button.setEnabled(summary is not None)
         self.resume_button.setEnabled(summary is not None and summary.resumable)
@@ -234,6 +258,9 @@ class RunsPanel(QWidget):
         self._draw()
 
     def _draw(self) -> None:
+        self.compare_button.setEnabled(bool(self.compare_candidates()))
+        self.compare_button.setToolTip("Compare the selected runs (Ctrl-click to select several) or the ticked "
+                                       "ones: a table and their curves overlaid")
         self.plot.clear()
         keys = self._check_order or ([str(self.selected_path())] if self.selected_path() else [])
         for i, key in enumerate(keys):
@@ -254,6 +281,16 @@ class RunsPanel(QWidget):
         path = self.selected_path()
         if path is not None:
             self.resume_requested.emit(path)
+
+    def _export(self) -> None:
+        path = self.selected_path()
+        if path is not None:
+            self.export_requested.emit(path)
+
+    def _compare(self) -> None:
+        candidates = self.compare_candidates()
+        if candidates:
+            self.compare_requested.emit(candidates)
 
     def _samples(self) -> None:
         path = self.selected_path()

@@ -1,4 +1,5 @@
-"""Train / Pause / Resume / Stop / Sample now / Save now, with step progress, epoch, it/s, ETA and phase."""
+"""Train / Pause / Resume / Stop / Sample now / Save now / Add to queue, with step progress, epoch, it/s, ETA
+and phase."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ class TrainBar(QWidget):
     stop_clicked = Signal()
     sample_clicked = Signal()
     save_clicked = Signal()
+    queue_clicked = Signal()
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -46,9 +48,12 @@ class TrainBar(QWidget):
         self.sample_button.setToolTip("Make a sample grid after the current step")
         self.save_button = QPushButton("Save now")
         self.save_button.setToolTip("Save a checkpoint after the current step")
+        self.queue_button = QPushButton("Add to queue")
+        self.queue_button.setToolTip("Queue a run with these settings (the Queue tab runs them one after another)")
         for button, signal in ((self.train_button, self.train_clicked), (self.pause_button, self.pause_clicked),
                                (self.resume_button, self.resume_clicked), (self.stop_button, self.stop_clicked),
-                               (self.sample_button, self.sample_clicked), (self.save_button, self.save_clicked)):
+                               (self.sample_button, self.sample_clicked), (self.save_button, self.save_clicked),
+                               (self.queue_button, self.queue_clicked)):
             button.clicked.connect(signal)
         self.reason = QLabel("")
         self.reason.setObjectName("trainReason")
@@ -67,6 +72,8 @@ class TrainBar(QWidget):
         for button in (self.train_button, self.pause_button, self.resume_button, self.stop_button,
                        self.sample_button, self.save_button):
             buttons.addWidget(button)
+        buttons.addSpacing(12)
+        buttons.addWidget(self.queue_button)
         buttons.addWidget(self.reason, 1)
         status = QHBoxLayout()
         status.setContentsMargins(0, 0, 0, 0)
@@ -112,6 +119,7 @@ class TrainBar(QWidget):
     def _update_buttons(self) -> None:
         running = self._running
         self.train_button.setEnabled(not running and self._can_train)
+        self.queue_button.setEnabled(self._can_train)
         self.pause_button.setEnabled(running and not self._paused)
         self.resume_button.setEnabled(running and self._paused)
         for button in (self.stop_button, self.sample_button, self.save_button):
