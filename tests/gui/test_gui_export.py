@@ -157,3 +157,24 @@ def test_export_a_lora_run_from_the_runs_panel(window, qtbot, tiny_sd1: Path, fo
     window.export_action.trigger()
     assert window.export_dialog is not None and window.export_dialog.run_dir == run
     window.export_dialog.reject()
+
+
+def test_export_a_pixel_run_as_a_diffusers_folder(qtbot, tiny_dataset: Path, tmp_path: Path) -> None:
+    """A from-scratch run through the dialog: the folder is written and loads with diffusers' from_pretrained."""
+    from sdstudio.core.train.loop import train
+    from sdstudio.gui.panels.export_dialog import ExportDialog
+
+    run = tmp_path / "pixel-run"
+    events = list(train(tiny_run_config(tiny_dataset, **{"train.max_steps": 2, "train.threads": 1}), run_dir=run))
+    assert isinstance(events[-1], ev.Finished), events[-1]
+    dialog = ExportDialog(run)
+    qtbot.addWidget(dialog)
+    dialog.show()
+    assert dialog.selected_format() == "diffusers-folder"
+    target = dialog.destination_path()
+    assert dialog.start_export()
+    qtbot.waitUntil(lambda: not dialog.busy, timeout=60_000)
+    assert dialog.result_path == target and (target / "model_index.json").is_file()
+    index = json.loads((target / "model_index.json").read_text())
+    assert "unet" in index and "scheduler" in index
+    dialog.reject()
