@@ -13,30 +13,14 @@ import pytest
 import torch
 
 from sdstudio.core import events as ev
-from sdstudio.core.metrics import FidEvaluator, FidInceptionV3
-from sdstudio.core.metrics.inception import ConvUnit
+from sdstudio.core.metrics import FidEvaluator
 from sdstudio.core.runs import read_metrics
 from sdstudio.core.train import evaluation
 from sdstudio.core.train.loop import train
 from sdstudio.core.train.session import TrainingSession
+from tests.fid_helpers import random_fid_state_dict
 
 EVAL_KEYS = {"fid", "kid_mean", "kid_std", "n_generated", "n_real", "fid_meaningful", "note"}
-
-
-def random_fid_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
-    """He-initialised weights with random batch-norm statistics (features neither vanish nor explode)."""
-    gen = torch.Generator().manual_seed(seed)
-    model = FidInceptionV3()
-    for unit in model.modules():
-        if isinstance(unit, ConvUnit):
-            w = unit.conv.weight
-            w.data = torch.randn(w.shape, generator=gen) * math.sqrt(2.0 / w[0].numel())
-            n = unit.bn.num_features
-            unit.bn.weight.data = 1 + 0.1 * torch.randn(n, generator=gen)
-            unit.bn.bias.data = 0.1 * torch.randn(n, generator=gen)
-            unit.bn.running_mean.data = 0.1 * torch.randn(n, generator=gen)
-            unit.bn.running_var.data = 0.5 + torch.rand(n, generator=gen)
-    return {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
 
 
 @pytest.fixture(scope="module")

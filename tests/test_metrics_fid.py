@@ -28,7 +28,7 @@ from sdstudio.core.metrics import (
     load_fid_inception,
 )
 from sdstudio.core.metrics import fid as fid_module
-from sdstudio.core.metrics.inception import ConvUnit
+from tests.fid_helpers import random_fid_state_dict
 
 
 def _random_spd(rng: np.random.Generator, d: int) -> np.ndarray:
@@ -198,28 +198,10 @@ def test_mixed_block_average_pool_ignores_padding() -> None:
     assert torch.allclose(pool_out, pool_out[0, 0, 2, 2].expand_as(pool_out))
 
 
-def _random_state_dict(seed: int) -> dict[str, torch.Tensor]:
-    """He-initialised weights with random batch-norm statistics, so activations neither vanish nor explode."""
-    gen = torch.Generator().manual_seed(seed)
-    model = FidInceptionV3()
-    for unit in model.modules():
-        if isinstance(unit, ConvUnit):
-            w = unit.conv.weight
-            fan_in = w[0].numel()
-            w.data = torch.randn(w.shape, generator=gen) * math.sqrt(2.0 / fan_in)
-            n = unit.bn.num_features
-            unit.bn.weight.data = 1 + 0.1 * torch.randn(n, generator=gen)
-            unit.bn.bias.data = 0.1 * torch.randn(n, generator=gen)
-            unit.bn.running_mean.data = 0.1 * torch.randn(n, generator=gen)
-            unit.bn.running_var.data = 0.5 + torch.rand(n, generator=gen)
-    # Like the published file (saved by an old torch): no num_batches_tracked entries.
-    return {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
-
-
 @pytest.fixture(scope="module")
 def weights_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("inception") / "pt_inception-random.pth"
-    torch.save(_random_state_dict(seed=0), path)
+    torch.save(random_fid_state_dict(seed=0), path)
     return path
 
 

@@ -328,7 +328,7 @@ def test_runs_that_compute_fid_and_kid_have_them_in_the_summary(tmp_path: Path, 
     from the runs' metrics.jsonl and agree with the EvalResult events."""
     import torch
 
-    from tests.test_eval_run import random_fid_state_dict
+    from tests.fid_helpers import random_fid_state_dict
 
     weights = tmp_path / "inception.pth"
     torch.save(random_fid_state_dict(), weights)

@@ -47,7 +47,7 @@ def values(acc: EventAccumulator, tag: str) -> list[float]:
 
 
 def test_event_files_hold_losses_validation_fid_and_sample_grids(tiny_config, tmp_path: Path) -> None:
-    from tests.test_eval_run import random_fid_state_dict
+    from tests.fid_helpers import random_fid_state_dict
 
     weights = tmp_path / "inception.pth"
     torch.save(random_fid_state_dict(), weights)

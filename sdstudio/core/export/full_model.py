@@ -4,13 +4,12 @@ text-encoder LoRA into the text encoder(s)); a full fine-tune that trained the t
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..atomic import write_folder_atomic
 from ..errors import UserError
 from .metadata import training_metadata
 from .source import ExportSource
@@ -82,15 +81,7 @@ def export_diffusers_folder(source: ExportSource, folder: Path, *, dtype: torch.
     else:
         pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        pipe.save_pretrained(str(tmp), safe_serialization=True)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        return write_folder_atomic(folder, lambda tmp: pipe.save_pretrained(str(tmp), safe_serialization=True))
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"{folder}: could not write the export ({exc.strerror or exc}); nothing was written") from None
-    return folder

@@ -17,13 +17,12 @@ Both carry ``sdstudio.json`` (the run's diffusion and sampling settings and its 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..atomic import write_folder_atomic
 from ..errors import UserError
 from .source import ExportSource
 
@@ -347,21 +346,10 @@ def export_pixel_folder(source: ExportSource, folder: Path, *, dtype: torch.dtyp
         raise UserError(f"{folder}: is a file; a diffusers-folder export needs a folder as --out")
     if folder.exists() and any(folder.iterdir()) and not force:
         raise UserError(f"{folder}: exists and is not empty; choose another --out or pass --force")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        _write_folder(tmp, source, dtype)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        return write_folder_atomic(folder, lambda tmp: _write_folder(tmp, source, dtype))
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"{folder}: could not write the export ({exc.strerror or exc}); nothing was written") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
 
 
 def is_pixel_folder(folder: Path) -> bool:
