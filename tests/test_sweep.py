@@ -347,3 +347,19 @@ def test_runs_that_compute_fid_and_kid_have_them_in_the_summary(tmp_path: Path, 
     assert float(row["best_kid"]) == min(e.kid_mean for e in fids)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rows"][0]["final_fid"] == fids[-1].fid and summary["best"]["index"] == 0
+
+
+def test_an_early_stopped_combination_counts_as_completed_and_the_sweep_goes_on(tmp_path: Path,
+                                                                                 base_toml: Path) -> None:
+    """Early stopping ends a run as planned: the combination is "completed" (its best checkpoint counts for the
+    summary's best row), and the next combination runs."""
+    body = ('[set]\n"train.early_stopping_patience" = 1\n"train.early_stopping_min_delta" = 10.0\n'
+            '[grid]\n"train.learning_rate" = [1e-3, 2e-3]\n')
+    out = tmp_path / "out"
+    events = drain(run_sweep(load_sweep(sweep_file(tmp_path, body)), out_dir=out))
+    finished = [e for e in events if isinstance(e, ev.Finished)]
+    assert [e.reason for e in finished] == ["early_stopped", "early_stopped"], "validation at 2, stop at 4"
+    assert statuses(out) == ["completed", "completed"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["message"] for r in summary["rows"]] == ["early-stopped at step 4"] * 2
+    assert summary["best"] is not None

@@ -118,8 +118,10 @@ def _run_one(state: SweepState, record: RunRecord, control: TrainingControl) -> 
         events = train(combo.config, control, run_dir=run_dir, resume=resume)
         for event in events:
             if isinstance(event, ev.Finished):
-                status = "completed" if event.reason == "completed" else "stopped"
-                message = "" if status == "completed" else f"stopped at step {event.step}"
+                # early stopping ends a combination as planned: completed, and the sweep goes on
+                status = "completed" if event.reason in ("completed", "early_stopped") else "stopped"
+                message = {"completed": "", "early_stopped": f"early-stopped at step {event.step}"}.get(
+                    event.reason, f"stopped at step {event.step}")
                 record.steps = event.step
             elif isinstance(event, ev.Failed):
                 status, message = "failed", event.message

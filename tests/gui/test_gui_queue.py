@@ -285,3 +285,29 @@ def test_val_rows_without_val_loss_and_eval_results_are_shown(qtbot, tmp_path) -
     assert len(panel.val_loss) == 1
     panel.clear()
     assert not panel.eval_label.isVisibleTo(panel)
+
+
+def test_an_early_stopped_run_is_completed_in_the_queue_and_the_runs_panel(qtbot, tiny_dataset, tmp_path) -> None:
+    """Early stopping ends a run as planned: the queue goes on (not "stopped", not resumed again), and the Runs
+    panel shows the run as completed, not resumable."""
+    from sdstudio.core.runs import METRICS_FILE, MetricsWriter, metrics_row
+    from sdstudio.gui.panels.queue import QueuePanel
+    from sdstudio.gui.panels.runs import summarize_run
+
+    panel = QueuePanel()
+    qtbot.addWidget(panel)
+    item = panel.add(tiny_run_config(tiny_dataset), "early")
+    run = tmp_path / "run"
+    panel.start()
+    panel.mark_running(item, run)
+    panel.observe(ev.Finished(run, "early_stopped", 4))
+    assert item.status == "completed" and not item.resumable and "early-stopped at step 4" in item.message
+
+    (run / "checkpoints" / "step-00000004").mkdir(parents=True)
+    (run / "checkpoints" / "step-00000004" / "manifest.json").write_text("{}")
+    writer = MetricsWriter(run / METRICS_FILE)
+    writer.write(metrics_row("event", 0, 0, event="started", total_steps=10))
+    writer.write(metrics_row("event", 4, 1, event="early_stopped"))
+    writer.close()
+    summary = summarize_run(run)
+    assert summary.state == "completed" and not summary.resumable

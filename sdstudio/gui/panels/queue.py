@@ -211,9 +211,10 @@ class QueuePanel(QWidget):
         if isinstance(event, ev.Started):
             item.run_dir = event.run_dir
         elif isinstance(event, ev.Finished):
-            item.status = "completed" if event.reason == "completed" else "stopped"
-            item.message = f"at step {event.step}"
-            item.resumable = event.reason != "completed"
+            done = event.reason in ("completed", "early_stopped")  # early stopping ends a run as planned
+            item.status = "completed" if done else "stopped"
+            item.message = f"{'early-stopped ' if event.reason == 'early_stopped' else ''}at step {event.step}"
+            item.resumable = not done
             self._refresh()
         elif isinstance(event, ev.Failed):
             item.status = "failed"

@@ -58,8 +58,8 @@ def summarize_run(run_dir: Path) -> RunSummary:
     has_checkpoint = any((p / "manifest.json").is_file() for p in (run_dir / "checkpoints").glob("step-*"))
     if _locked_by_live_process(run_dir):
         state = "running"
-    elif events and events[-1] in ("completed", "stopped"):
-        state = str(events[-1])
+    elif events and events[-1] in ("completed", "stopped", "early_stopped"):
+        state = "stopped" if events[-1] == "stopped" else "completed"  # early stopping ends a run as planned
     else:
         state = "interrupted" if has_checkpoint else "empty"
     train = [r for r in rows if r.get("kind") == "train" and isinstance(r.get("loss"), (int, float))]
