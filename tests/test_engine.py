@@ -227,14 +227,49 @@ def test_prompt_adherence_is_logged_on_the_demo_data(tmp_path: Path) -> None:
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "euler", "dpmpp_2m"])
 def test_sampler_steps_up_to_the_schedule_length_stay_in_range(sampler: str, ztsnr: bool) -> None:
     """sample.steps may equal diffusion.num_timesteps: "leading" spacing would then start at t = T (out of
-    range) or repeat timesteps (DPM++); fewer steps are taken instead of crashing or sampling garbage."""
+    range) or repeat timesteps (DPM++), and a count that does not divide T starts far below it; fewer steps
+    are taken instead of crashing or sampling garbage."""
     from sdstudio.core.diffusion import sampling_scheduler, set_sampling_timesteps, training_scheduler
 
     cfg = RunConfig().diffusion.model_copy(update={"num_timesteps": 50, "zero_terminal_snr": ztsnr})
     train_sched = training_scheduler(cfg, pixel_space=True)
-    for steps in (50, 49, 10):
+    for steps in (50, 49, 30, 10):
         sched = sampling_scheduler(train_sched, sampler)
         used = set_sampling_timesteps(sched, train_sched, steps)
         t = sched.timesteps.tolist()
         assert max(t) < 50 and min(t) >= 0 and len(set(t)) == len(t) == len(sched.timesteps)
-        assert used >= steps - 2 and (used == steps or not ztsnr)
+        # sampling starts from (nearly) pure noise: 30 of 50 with leading spacing would start at t = 30
+        assert max(t) >= 50 - 1.5 * 50 / used - 1, (steps, used, t)
+        assert used >= steps * 0.8 and (used == steps or not ztsnr)
+
+
+def test_resume_from_the_last_step_neither_repeats_rows_nor_reopens_a_finished_run(tiny_config,
+                                                                                   tmp_path: Path) -> None:
+    """A kill after the final checkpoint but before the run said it ended: resume finishes the run without
+    writing the last step's validation or samples again. Resuming a run that had ended does nothing, says so and
+    what to do instead, and writes nothing (resume is idempotent)."""
+    from sdstudio.core.atomic import write_text_atomic
+
+    cfg = tiny_config.with_overrides({"sample.at_end": True})
+    run_dir = tmp_path / "run"
+    events = run_all(cfg, run_dir)
+    assert isinstance(events[-1], ev.Finished) and events[-1].reason == "completed"
+
+    before = (run_dir / "metrics.jsonl").read_text()
+    again = run_all(cfg, run_dir, resume=True)
+    assert isinstance(again[-1], ev.Finished) and again[-1].reason == "completed" and again[-1].step == 6
+    said = " ".join(e.text for e in again if isinstance(e, ev.Warning))
+    assert "already completed at step 6 of 6" in said and "train.max_steps" in said
+    assert not [e for e in again if isinstance(e, (ev.ValidationResult, ev.SampleGrid, ev.CheckpointSaved))]
+    assert (run_dir / "metrics.jsonl").read_text() == before
+
+    metrics = run_dir / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    kept = [line for line in lines if json.loads(line).get("event") != "completed"]
+    write_text_atomic(metrics, "\n".join(kept) + "\n")  # as if killed just before the final row
+    resumed = run_all(cfg, run_dir, resume=True)
+    assert isinstance(resumed[-1], ev.Finished) and resumed[-1].reason == "completed", resumed[-1]
+    assert not [e for e in resumed if isinstance(e, (ev.ValidationResult, ev.SampleGrid))]
+    last = [r for r in read_metrics(metrics) if r["step"] == 6]
+    assert sum(r["kind"] == "val" for r in last) == 1 and sum(r["kind"] == "sample" for r in last) == 1
+    assert sum(r.get("event") == "completed" for r in last) == 1

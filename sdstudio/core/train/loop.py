@@ -26,6 +26,7 @@ from ..runs import (
     metrics_row,
     open_run_log,
     prepare_new_run_dir,
+    read_metrics,
     save_run_config,
     truncate_metrics_after,
 )
@@ -166,6 +167,16 @@ def _run(s: TrainingSession, control: TrainingControl) -> Iterator[ev.Event]:
             yield ev.Warning(warning)
         if s.is_main and s.run_dir is not None:
             truncate_metrics_after(s.run_dir / "metrics.jsonl", s.step)
+        if s.step >= s.total_steps:
+            ended = _resume_at_the_end(s)
+            if ended is not None:  # nothing left to do: said once, nothing written (resume is idempotent)
+                text = (f"this run already {ended.replace('_', ' ')} at step {s.step} of {s.total_steps}; nothing "
+                        f"to do (to train further resume with a larger train.max_steps, e.g. --set "
+                        f"train.max_steps={s.total_steps * 2}, or train.epochs)")
+                log.info("%s", text)
+                yield ev.Warning(text)
+                yield ev.Finished(s.run_dir or Path("."), ended, s.step)
+                return
     s.tensorboard = open_tensorboard(cfg.train.tensorboard, s.run_dir, is_main=s.is_main,
                                      resumed_step=s.step if s.resume else None)
     mirror = s.tensorboard.row if s.tensorboard is not None else None
@@ -190,6 +201,25 @@ def _run(s: TrainingSession, control: TrainingControl) -> Iterator[ev.Event]:
             metrics.close()
         if s.tensorboard is not None:
             s.tensorboard.close()
+
+
+def _resume_at_the_end(s: TrainingSession) -> str | None:
+    """A resume from a checkpoint of the run's last step (e.g. a kill during the end-of-run samples or exports):
+    what was already logged at that step is not done again (the rows before the checkpoint are kept, so
+    steps never repeat). Returns how the run ended when it had ended already (then there is nothing to do)."""
+    rows = [r for r in read_metrics(s.run_dir / "metrics.jsonl") if r.get("step") == s.step] if s.run_dir else []
+    ended = [str(r["event"]) for r in rows if r.get("kind") == "event" and r.get("event") in
+             ("completed", "early_stopped")]
+    if ended:
+        return ended[-1]
+    for r in rows:
+        if r.get("kind") == "val" and "val_loss" in r:
+            s.last_val_step = s.step
+        if r.get("kind") == "val" and "fid" in r:
+            s.evaluation.last_step = s.step
+        if r.get("kind") == "sample":
+            s.last_sample_step = s.step
+    return None
 
 
 def _epochs(s: TrainingSession, control: TrainingControl, metrics: MetricsWriter | None) -> Iterator[ev.Event]:
