@@ -217,6 +217,13 @@ def test_export_refuses_an_existing_folder_and_single_file(pixel_run: Path, tmp_
     assert main(["export", str(pixel_run), "--format", "diffusers-folder", "--out", str(empty)]) == 0
     assert (empty / "model_index.json").is_file()
     assert not list(tmp_path.glob(".*.tmp")), "no temp folders left behind"
+    # --force replaces an earlier export, never a folder of other files
+    mine = tmp_path / "my-models"
+    mine.mkdir()
+    (mine / "precious.safetensors").write_bytes(b"user data")
+    assert main(["export", str(pixel_run), "--format", "diffusers-folder", "--out", str(mine), "--force"]) == 2
+    assert "not a diffusers pipeline folder" in capsys.readouterr().err
+    assert [p.name for p in mine.iterdir()] == ["precious.safetensors"]
 
     assert main(["export", str(pixel_run), "--format", "single-file", "--out", str(tmp_path / "m.safetensors")]) == 2
     err = capsys.readouterr().err

@@ -45,14 +45,16 @@ def set_sampling_timesteps(sched: Any, train_sched: DDPMScheduler, steps: int, d
     """``sched.set_timesteps`` with as many of ``steps`` as the schedule has room for; returns the count used.
 
     With "leading" spacing and offset 1, asking for (nearly) as many steps as the schedule has training
-    timesteps would put the first one at T or beyond (out of range), or repeat timesteps (DPM++): fewer
-    steps are taken there."""
+    timesteps would put the first one at T or beyond (out of range), or repeat timesteps (DPM++), and counts
+    that do not divide T start far below it (600 of 1000 steps: from t = 600, i.e. not from noise): the
+    nearest smaller count whose timesteps start near T is taken there."""
     total = int(train_sched.config.num_train_timesteps)
     n = max(1, min(int(steps), total))
     while True:
         sched.set_timesteps(n, device=device)
         t = sched.timesteps
-        if (int(t.max()) < total and len(set(t.tolist())) == len(t)) or n == 1:
+        starts_high = int(t.max()) >= total - 1.5 * total / n - 1  # leading spacing: 600 of 1000 would start at 600
+        if (int(t.max()) < total and len(set(t.tolist())) == len(t) and starts_high) or n == 1:
             return n
         n -= 1
 

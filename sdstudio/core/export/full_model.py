@@ -63,13 +63,26 @@ def export_single_file(source: ExportSource, path: Path, *, dtype: torch.dtype =
                              v_prediction=pred == "v_prediction")
 
 
+def check_folder_target(folder: Path, force: bool) -> None:
+    """Where a diffusers-folder export may go: a new or empty folder, or (with --force) an earlier export.
+    --force never replaces a folder that is not a pipeline folder (it may hold the user's other files)."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder}: is a file; a diffusers-folder export needs a folder as --out")
+    if not folder.exists() or not any(folder.iterdir()):
+        return
+    if not force:
+        raise UserError(f"{folder}: exists and is not empty; choose another --out or pass --force")
+    if not (folder / "model_index.json").is_file():
+        raise UserError(f"{folder}: not replaced even with --force: it is not a diffusers pipeline folder (no "
+                        "model_index.json) and may hold other files; choose a new or empty folder as --out")
+
+
 def export_diffusers_folder(source: ExportSource, folder: Path, *, dtype: torch.dtype = torch.float16,
                             force: bool = False) -> Path:
     """A complete pipeline folder (`from_pretrained`), written next to its final place and renamed."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    if folder.exists() and any(folder.iterdir()) and not force:
-        raise UserError(f"{folder}: exists and is not empty; choose another --out or pass --force")
+    check_folder_target(folder, force)
     comps = trained_components(source)
     sched = DDPMScheduler.from_config(comps.scheduler_config)
     parts: dict[str, Any] = {"unet": comps.unet.to(dtype), "vae": comps.vae.to(dtype),

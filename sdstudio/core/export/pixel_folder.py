@@ -135,7 +135,8 @@ class SDStudioPixelPipeline(DiffusionPipeline):
         while True:  # as sdstudio does: fewer steps where "leading" spacing would leave the schedule
             sched.set_timesteps(steps, device=device)
             ts = sched.timesteps
-            if (int(ts.max()) < total and len(set(ts.tolist())) == len(ts)) or steps == 1:
+            starts_high = int(ts.max()) >= total - 1.5 * total / steps - 1
+            if (int(ts.max()) < total and len(set(ts.tolist())) == len(ts) and starts_high) or steps == 1:
                 break
             steps -= 1
         x = noise.to(device) * sched.init_noise_sigma
@@ -342,10 +343,9 @@ def export_pixel_folder(source: ExportSource, folder: Path, *, dtype: torch.dtyp
     """A complete diffusers pipeline folder of a pixel run, written next to its final place and renamed."""
     if source.family != "pixel":
         raise UserError(f"{source.checkpoint}: not a from-scratch (pixel) run")
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"{folder}: is a file; a diffusers-folder export needs a folder as --out")
-    if folder.exists() and any(folder.iterdir()) and not force:
-        raise UserError(f"{folder}: exists and is not empty; choose another --out or pass --force")
+    from .full_model import check_folder_target
+
+    check_folder_target(folder, force)
     try:
         return write_folder_atomic(folder, lambda tmp: _write_folder(tmp, source, dtype))
     except OSError as exc:
