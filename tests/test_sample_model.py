@@ -176,3 +176,23 @@ def test_lora_on_a_pixel_model_is_refused(tiny_config, lora_run: Path, tmp_path:
                  "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert str(lora) in err and "from-scratch" in err
+
+
+def test_sample_run_of_a_mixed_precision_run_uses_autocast(tiny_sd1: Path, four_images: Path, tmp_path: Path,
+                                                           monkeypatch) -> None:
+    """A GPU run in bf16 keeps its frozen weights in bf16; `sample --run` must sample under autocast as the run's
+    previews do (fp32 latents against bf16 weights failed). Imitated on the CPU by loading in bf16."""
+    from sdstudio.core.inference import load_trained
+    from sdstudio.core.models import sd as sd_module
+    from sdstudio.core.train.loop import train
+    from tests.sd_helpers import sd_config
+
+    config = sd_config("sd15-lora", tiny_sd1, four_images, **{"train.max_steps": 1, "lora.rank": 4,
+                                                              "train.threads": 1})
+    run = tmp_path / "run"
+    assert type(list(train(config, run_dir=run))[-1]).__name__ == "Finished"
+    monkeypatch.setattr(sd_module, "_weight_dtype", lambda config, device: torch.bfloat16)
+    loaded = load_trained(run)
+    assert loaded.autocast_dtype == torch.bfloat16
+    images = loaded.generate(["a photo"], [0], steps=2)
+    assert images.shape[0] == 1 and images.dtype == np.uint8

@@ -374,6 +374,32 @@ def test_dtypes_under_mixed_precision(family: str, tiny_sd1: Path, tiny_sdxl: Pa
     assert all(p.grad.abs().sum() > 0 for n, p in adapters if ".lora_B." in n)
 
 
+def test_a_fully_trained_text_encoder_starts_from_the_files_exact_weights(tiny_sd1: Path, four_images: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under a 16-bit weight dtype the frozen modules are cast down, but a fully trained encoder must reach fp32
+    straight from the file (a round trip through bf16 would change every tensor it checkpoints and exports)."""
+    from sdstudio.core.models import sd
+    from sdstudio.core.models.sd_files import load_sd_components
+
+    base = load_sd_components(tiny_sd1, family="sd1").text_encoder.state_dict()
+    monkeypatch.setattr(sd, "_weight_dtype", lambda config, device: torch.bfloat16)
+    cfg = sd_config("sd15-full", tiny_sd1, four_images, **{"train.train_text_encoder": True})
+    trained = build_sd_model(cfg, CPU).text_encoders()["text_encoder"].state_dict()
+    assert all(torch.equal(trained[k].float(), base[k].float()) and trained[k].dtype == torch.float32
+               for k in base if base[k].is_floating_point())
+
+
+def test_text_encoder_settings_of_the_other_mode_are_refused() -> None:
+    from sdstudio.core.config import RunConfig
+    from sdstudio.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.train_text_encoder.*lora.text_encoder"):
+        RunConfig.from_dict({"model": {"family": "sd1"}, "lora": {"enabled": True},
+                             "train": {"train_text_encoder": True}})
+    with pytest.raises(ConfigError, match="lora.text_encoder.*train.train_text_encoder"):
+        RunConfig.from_dict({"model": {"family": "sd1"}, "lora": {"text_encoder": True}})
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["lora", "full"])
 def test_sdxl_text_encoder_training_runs_under_ddp(mode: str, tiny_sdxl: Path, four_images: Path,

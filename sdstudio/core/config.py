@@ -308,6 +308,12 @@ class RunConfig(BaseModel):
         if m.family == "pixel" and "single-file" in self.export.formats:
             problems.append("export.formats: from-scratch (pixel) models cannot be exported as single-file; "
                             "use diffusers-folder")
+        if t.train_text_encoder and self.lora.enabled:
+            problems.append("train.train_text_encoder: true trains the whole text encoder, but this is a LoRA run "
+                            "(lora.enabled = true); use lora.text_encoder for a text-encoder LoRA")
+        if self.lora.text_encoder and not self.lora.enabled:
+            problems.append("lora.text_encoder: true, but lora.enabled = false (a full fine-tune); use "
+                            "train.train_text_encoder to train the whole text encoder")
         trains_text = (self.lora.text_encoder if self.lora.enabled else t.train_text_encoder)
         if trains_text and m.family != "pixel" and self.data.cache_text_embeddings:
             key = "lora.text_encoder" if self.lora.enabled else "train.train_text_encoder"

@@ -39,7 +39,14 @@ class LoadedModel:
                         steps=steps or s.steps, guidance=s.guidance if guidance is None else guidance,
                         sampler=sampler or s.sampler,
                         negative_prompt=s.negative_prompt if negative_prompt is None else negative_prompt,
-                        device=self.device)
+                        device=self.device, autocast_dtype=self.autocast_dtype)
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """A run trained in fp16/bf16 keeps its frozen weights in that dtype: sample under autocast, as the run's
+        previews did (fp32 latents against bf16 weights fail otherwise)."""
+        dtype = getattr(self.bundle, "weight_dtype", torch.float32)
+        return dtype if dtype != torch.float32 else None
 
 
 def resolve_checkpoint(run_or_checkpoint: Path, checkpoint: Path | None = None, *, best: bool = False) -> Path:

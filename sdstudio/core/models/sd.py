@@ -340,15 +340,17 @@ def build_sd_model(config: RunConfig, device: torch.device) -> SDBundle:
         if module is not None:
             module.requires_grad_(False)
             module.eval()
-    comps.text_encoder.to(device, dtype=wdtype)
+    lora = config.lora.enabled
+    train_text = config.lora.text_encoder if lora else config.train.train_text_encoder
+    # a fully trained encoder goes to fp32 from the file's weights, never through the weight dtype (rounding)
+    te_dtype = torch.float32 if (train_text and not lora) else wdtype
+    comps.text_encoder.to(device, dtype=te_dtype)
     if comps.text_encoder_2 is not None:
-        comps.text_encoder_2.to(device, dtype=wdtype)
+        comps.text_encoder_2.to(device, dtype=te_dtype)
     # SDXL's VAE overflows in fp16 (NaN latents): fp32 there unless bf16 was asked for.
     vae_dtype = torch.float32 if (comps.family == "sdxl" and wdtype == torch.float16) else wdtype
     comps.vae.to(device, dtype=vae_dtype)
     unet = comps.unet
-    lora = config.lora.enabled
-    train_text = config.lora.text_encoder if lora else config.train.train_text_encoder
     if lora:
         from peft import LoraConfig
 
