@@ -7,6 +7,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +88,10 @@ def parse_sweep(data: dict[str, Any], *, path: Path) -> SweepPlan:
         grid = flatten(_table(data, "grid", src), "grid")
         _check_keys(grid, "grid", src)
         values = grid_values(grid, src)
+        count = math.prod(len(v) for v in values.values())
+        if count > MAX_COMBINATIONS:  # before building them: a typo can ask for millions
+            raise UserError(f"{src}: [grid] gives {count} combinations (at most {MAX_COMBINATIONS}); "
+                            "split the sweep into several files")
         combos = grid_combinations(values)
     else:
         settings, ranges = random_specs(_table(data, "random", src), src)

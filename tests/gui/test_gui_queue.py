@@ -197,10 +197,10 @@ def _fake_sweep(folder: Path, dataset: Path) -> Path:
         rows.append({"index": index, "run_dir": name, "status": "completed", "message": "",
                      "train.learning_rate": lr, "best_val_loss": min(v for _, v in vals),
                      "final_val_loss": vals[-1][1], "final_loss": sum(losses[-5:]) / len(losses[-5:]),
-                     "steps": 4, "seconds": 40.0, "fid": fid_kid[0] if fid_kid else None})
+                     "steps": 4, "seconds": 40.0, "final_fid": fid_kid[0] if fid_kid else None})
     rows.append({"index": 2, "run_dir": "", "status": "failed", "message": "loss became NaN",
                  "train.learning_rate": 1.0, "best_val_loss": None, "final_val_loss": None, "final_loss": None,
-                 "steps": 0, "seconds": 0.0, "fid": None})
+                 "steps": 0, "seconds": 0.0, "final_fid": None})
     (folder / "summary.json").write_text(json.dumps({"name": "lr", "keys": ["train.learning_rate"], "rows": rows}))
     return folder
 

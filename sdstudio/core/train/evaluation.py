@@ -165,6 +165,8 @@ def evaluate(s: TrainingSession, metrics: MetricsWriter | None,
     e.last_step = s.step
     if not e.enabled or not s.is_main or not len(s.val_dataset):
         return
+    if stop is not None and stop():  # a stop asked for already: not worth the validation features
+        return
     n = e.cfg.num_samples
     t0 = time.perf_counter()
     if e.cached_real is None:

@@ -79,7 +79,17 @@ class TrainingSession(FeatureCachingMixin):
             # sd-training.md: fp32 throughout on a CPU (bf16 autocast there is slow and changes numerics)
             self.init_warnings.append(f"train.mixed_precision = {precision!r} ignored on the CPU: training in fp32")
             precision = "no"
-        self.accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=precision)
+        handlers = []
+        if config.eval.inception_weights:
+            # FID/KID images are made on the main process only; the other ranks wait for it at the next
+            # collective. torch's default (10 min NCCL) would end a long evaluation of thousands of images.
+            from datetime import timedelta
+
+            from accelerate.utils import InitProcessGroupKwargs
+
+            handlers.append(InitProcessGroupKwargs(timeout=timedelta(hours=6)))
+        self.accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=precision,
+                                       kwargs_handlers=handlers)
         self.device = self.accelerator.device
         if self.device.type == "cuda":
             # TF32 matmuls/convolutions: what the fp32 parts of a step use on Ampere and newer

@@ -162,7 +162,7 @@ def load_sweep_folder(folder: Path) -> Comparison:
         row.message = str(raw.get("message") or "")
         row.overrides = {k: raw.get(k) for k in keys}
         for attr, key in (("best_val", "best_val_loss"), ("final_val", "final_val_loss"),
-                          ("final_loss", "final_loss"), ("fid", "fid"), ("seconds", "seconds")):
+                          ("final_loss", "final_loss"), ("fid", "final_fid"), ("seconds", "seconds")):
             value = _number(raw.get(key))
             if value is not None:
                 setattr(row, attr, value)
