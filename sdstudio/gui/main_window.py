@@ -484,6 +484,12 @@ class MainWindow(QMainWindow):
         return CLOSE_STOP if clicked is stop else CLOSE_LATER if clicked is later else CLOSE_KEEP
 
     def closeEvent(self, event: QCloseEvent) -> None:
+        if self.export_dialog is not None and self.export_dialog.busy and not self.force_quit:
+            # quitting would end the export half-way (nothing corrupt: it is written atomically, but lost)
+            self.statusBar().showMessage("An export is being written: sdstudio can close when it is done")
+            self.export_dialog.raise_()
+            event.ignore()
+            return
         if self.runner.is_running() and not self.force_quit:
             choice = self.ask_close_choice()
             if choice == CLOSE_STOP:

@@ -117,6 +117,8 @@ def test_export_a_lora_run_from_the_runs_panel(window, qtbot, tiny_sd1: Path, fo
     assert dialog.busy and dialog.busy_bar.isVisible() and not dialog.export_button.isEnabled()
     dialog.reject()
     assert dialog.isVisible(), "closing waits for the export"
+    assert not window.close() and window.isVisible(), "quitting waits for the export too"
+    assert "export" in window.statusBar().currentMessage()
     gate.set()
     qtbot.waitUntil(lambda: dialog.result_path is not None, timeout=60_000)
     assert dialog.result_path == target and target.is_file()
