@@ -196,3 +196,23 @@ def test_sample_run_of_a_mixed_precision_run_uses_autocast(tiny_sd1: Path, four_
     assert loaded.autocast_dtype == torch.bfloat16
     images = loaded.generate(["a photo"], [0], steps=2)
     assert images.shape[0] == 1 and images.dtype == np.uint8
+
+
+def test_prediction_type_override_for_a_model_file(tiny_sd1: Path, tmp_path: Path, capsys) -> None:
+    """A v-prediction file without the marker keys: --prediction-type says what the file does not."""
+    from sdstudio.core.model_sampling import load_model
+
+    plain = load_model(tiny_sd1)
+    forced = load_model(tiny_sd1, prediction_type="v_prediction")
+    assert plain.scheduler.config.prediction_type == "epsilon"
+    assert forced.scheduler.config.prediction_type == "v_prediction"
+    a = plain.generate(["a photo"], [0], steps=2, guidance=1.0)
+    b = forced.generate(["a photo"], [0], steps=2, guidance=1.0)
+    assert not np.array_equal(a, b)
+    out = tmp_path / "out"
+    assert main(["sample", "--model", str(tiny_sd1), "--prediction-type", "v_prediction", "--prompt", "x",
+                 "--n", "1", "--steps", "2", "--out", str(out)]) == 0
+    assert (out / "grid.png").is_file()
+    assert main(["sample", "--run", str(tmp_path), "--prediction-type", "v_prediction", "--prompt", "x",
+                 "--out", str(out)]) == 2
+    assert "only for --model" in capsys.readouterr().err

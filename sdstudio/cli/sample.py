@@ -20,6 +20,9 @@ def register(sub: Any) -> None:
     p.add_argument("--lora", type=Path, help="a LoRA file (kohya or diffusers format) applied to --model")
     p.add_argument("--config-folder", type=Path, default=None, help="with --model FILE: the diffusers config "
                    "folder of the single-file model (default: the one sdstudio ships for the detected family)")
+    p.add_argument("--prediction-type", choices=["auto", "epsilon", "v_prediction", "sample"], default="auto",
+                   help="with --model: override what the model file says (e.g. a v-prediction SD2/SDXL file "
+                   "without the marker keys); default: detect")
     p.add_argument("--prompt", action="append", required=True, help="prompt (repeatable: one grid row each)")
     p.add_argument("--negative", default=None, help="negative prompt")
     p.add_argument("--n", type=int, default=4, help="images per prompt (default 4)")
@@ -40,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--checkpoint {args.checkpoint}: belongs with --run RUN_DIR, not with --model")
     if args.model is not None and args.raw:
         raise UserError("--raw: belongs with --run RUN_DIR (a checkpoint's raw vs EMA weights), not with --model")
+    if args.model is None and args.prediction_type != "auto":
+        raise UserError(f"--prediction-type {args.prediction_type}: only for --model (a run knows what it predicts)")
     if args.model is None and args.config_folder is not None:
         raise UserError(f"--config-folder {args.config_folder}: only for --model with a single-file model")
     if args.n < 1:
@@ -53,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     if args.model is not None:
         from ..core.model_sampling import load_model
 
-        loaded: Any = load_model(args.model, lora=args.lora, config_folder=args.config_folder)
+        loaded: Any = load_model(args.model, lora=args.lora, config_folder=args.config_folder,
+                                 prediction_type=args.prediction_type)
         what = loaded.describe()
     else:
         from ..core.inference import load_trained

@@ -70,9 +70,10 @@ class LoadedBaseModel:
 
 # -- entry point ------------------------------------------------------------------------------------------
 def load_model(path: Path, *, lora: Path | None = None, device: str = "auto",
-               config_folder: Path | None = None) -> LoadedBaseModel:
+               config_folder: Path | None = None, prediction_type: str = "auto") -> LoadedBaseModel:
     """Load PATH for sampling. ``config_folder``: the diffusers config folder of a single-file model (default:
-    the one sdstudio ships for the detected family)."""
+    the one sdstudio ships for the detected family). ``prediction_type``: override what the SD file says
+    (a v-prediction model without the marker keys); "auto" = detect."""
     from .train.setup import pick_device
 
     path = Path(path).expanduser()
@@ -84,8 +85,11 @@ def load_model(path: Path, *, lora: Path | None = None, device: str = "auto",
         if lora is not None:
             raise LoraFileError(f"--lora {lora}: LoRAs apply to Stable Diffusion models; {path} is a from-scratch "
                                 "(pixel) model. Drop --lora")
+        if prediction_type != "auto":
+            raise ModelFileError(f"--prediction-type {prediction_type}: a from-scratch (pixel) export carries its own "
+                                 "settings (sdstudio.json); drop --prediction-type")
         return _load_pixel_folder(path, dev)
-    return _load_sd(path, kind, dev, lora=lora, config_folder=config_folder)
+    return _load_sd(path, kind, dev, lora=lora, config_folder=config_folder, prediction_type=prediction_type)
 
 
 def cast_module(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -153,13 +157,14 @@ def sd_schedule(scheduler_config: dict[str, Any], prediction_type: str, zero_ter
 
 
 def _load_sd(path: Path, family: str, device: torch.device, *, lora: Path | None,
-             config_folder: Path | None) -> LoadedBaseModel:
+             config_folder: Path | None, prediction_type: str = "auto") -> LoadedBaseModel:
     from .config import RunConfig
     from .errors import ConfigError
     from .models.sd import build_sd_model
 
     overrides: dict[str, Any] = {"model.family": family, "model.path": str(path), "train.device": "cpu",
-                                 "train.mixed_precision": "no", "lora.enabled": False, "data.resolution": 512}
+                                 "train.mixed_precision": "no", "lora.enabled": False, "data.resolution": 512,
+                                 "model.prediction_type": prediction_type}
     if config_folder is not None:
         overrides["model.config_folder"] = str(Path(config_folder).expanduser())
     try:
