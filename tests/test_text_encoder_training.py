@@ -433,3 +433,32 @@ def test_sdxl_text_encoder_training_runs_under_ddp(mode: str, tiny_sdxl: Path, f
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     r0, r1 = (json.loads((reports / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["world"] == 2 and r0["step"] == r1["step"] == 3 and r0["digest"] == r1["digest"]
+
+
+def test_sd2_text_encoder_lora_exports_kohya_keys_and_merges_into_the_openclip_layout(four_images: Path,
+                                                                                       tmp_path: Path) -> None:
+    """SD2's OpenCLIP text encoder (fused qkv in the original layout): its LoRA gets kohya's SD2 names and merges
+    into the single file, which reads back with the trained encoder's outputs."""
+    from safetensors import safe_open
+
+    from sdstudio.core.models.sd_files import load_sd_components
+    from tests.test_export_single_file import _save_sd2, tiny_sd2_components
+
+    model = _save_sd2(tiny_sd2_components(), tmp_path / "sd2")
+    run = tmp_path / "run"
+    run_to_end(te_lora_config(model, four_images, **{"model.family": "sd2"}), run)
+    loaded = load_trained(run)
+    assert loaded.bundle.prediction_type == "v_prediction"
+    ids = loaded.bundle.token_ids(PROMPTS, CPU)
+    trained = text_outputs(loaded.bundle.components, ids)
+
+    kohya = export(run, "kohya", tmp_path / "lora.safetensors", dtype=torch.float32)
+    with safe_open(str(kohya), "pt") as fh:
+        keys = set(fh.keys())
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in keys
+    assert "lora_te_text_model_encoder_layers_0_mlp_fc1.alpha" in keys
+    single = export(run, "single-file", tmp_path / "merged.safetensors", dtype=torch.float32)
+    merged = load_sd_components(single, family="sd2", config_folder=model)
+    assert torch.allclose(text_outputs(merged, ids)[0], trained[0], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(text_outputs(load_sd_components(model, family="sd2"), ids)[0], trained[0],
+                              atol=1e-5, rtol=1e-4), "the LoRA changed the encoder"
