@@ -7,7 +7,7 @@ import json
 import logging
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +22,12 @@ from ..data.dataset import EpochOrder, ImageCaptionDataset, SampleKey, collate
 from ..diffusion import diffusion_loss, sample_noise, target_for, training_scheduler
 from ..errors import DatasetError
 from ..presets import config_to_toml
-from ..sampling import generate, make_grid, preserved_rng_state
 from . import state as ckpt_state
 from .caches import FeatureCachingMixin
 from .checkpoint import CheckpointInfo, newest_valid_checkpoint, prune_checkpoints, write_checkpoint
 from .evaluation import RunEvaluation
 from .optim import LRSchedule, build_optimizer, param_groups
+from .previews import SamplingMixin
 from .setup import PreparedData, build_model, data_root, pick_device, prepare_data
 
 log = logging.getLogger("sdstudio")
@@ -64,7 +64,7 @@ class _KeySource:
         return self.order.batches_per_epoch - self.start
 
 
-class TrainingSession(FeatureCachingMixin):
+class TrainingSession(FeatureCachingMixin, SamplingMixin):
     def __init__(self, config: RunConfig, *, run_dir: Path | None, resume: bool) -> None:
         self.config = config
         self.run_dir = run_dir
@@ -253,12 +253,6 @@ class TrainingSession(FeatureCachingMixin):
         main = [p for p in self.trainable_params if id(p) not in te_ids]
         text = [p for p in self.trainable_params if id(p) in te_ids]
         return param_groups([("model", main, cfg.learning_rate), ("text_encoder", text, te_lr)])
-
-    def _default_prompts(self) -> list[str]:
-        if self.bundle.tokenizer is None:
-            return [""]
-        seen = sorted({r.captions[0] for r in self.data.train if r.captions})
-        return seen[:4] or [""]
 
     def _warn_later(self, text: str) -> None:
         log.warning("%s", text)
@@ -462,85 +456,6 @@ class TrainingSession(FeatureCachingMixin):
             model.train(was_training)
         per_bucket = [s / len(self.val_dataset) for s in sums]
         return float(np.mean(per_bucket)), per_bucket
-
-    def prompt_adherence(self) -> dict[str, float]:
-        """On the bundled demo data: how often the last grid shows each prompt's colour and shape."""
-        from .. import paths
-        from ..demo_shapes import parse_prompt, prompt_adherence
-
-        images = getattr(self, "last_sample_images", None)
-        if images is None or self.data_root.resolve() != paths.demo_dataset_dir().resolve():
-            return {}
-        if not all(None not in parse_prompt(p) for p in self.sample_prompts):
-            return {}
-        labels = [p for p in self.sample_prompts for _ in self.config.sample.seeds]
-        return prompt_adherence(list(images), labels)
-
-    @contextmanager
-    def sampling_model(self) -> Iterator[torch.nn.Module]:
-        """The unwrapped model in eval mode with the EMA weights swapped in (when EMA is on); every global RNG
-        and the raw weights are restored afterwards, so sampling never changes the training run."""
-        model = self.accelerator.unwrap_model(self.model)
-        was_training = model.training
-        with preserved_rng_state():
-            if self.ema is not None:
-                self.ema.store(self.trainable_params)
-                self.ema.copy_to(self.trainable_params)
-            model.eval()
-            try:
-                yield model
-            finally:
-                model.train(was_training)
-                if self.ema is not None:
-                    self.ema.restore(self.trainable_params)
-
-    def _autocast_dtype(self) -> torch.dtype | None:
-        return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision)
-
-    def sample_images(self, prompts: list[str], seeds: list[int]) -> np.ndarray:
-        cfg = self.config.sample
-        with self.sampling_model() as model:
-            return generate(self.bundle, model, self.sched, prompts, seeds, steps=cfg.steps,
-                            guidance=cfg.guidance, sampler=cfg.sampler, negative_prompt=cfg.negative_prompt,
-                            device=self.device, autocast_dtype=self._autocast_dtype())
-
-    @torch.no_grad()
-    def generate_pairs(self, model: torch.nn.Module, pairs: list[tuple[str, int]], *,
-                       steps: int) -> np.ndarray:
-        """One batch of images, one per (caption, seed) pair, with the sampler, guidance and negative prompt
-        of ``sample.*`` (call inside ``sampling_model``): uint8 (N, H, W, 3)."""
-        from ..sampling import generate_pairs  # the pairs form of ``generate`` (FID/KID images)
-
-        cfg = self.config.sample
-        return generate_pairs(self.bundle, model, self.sched, pairs, steps, cfg.guidance, cfg.sampler,
-                               cfg.negative_prompt, self.device, self._autocast_dtype())
-
-    def sample_grid(self) -> tuple[np.ndarray, Path | None]:
-        seeds = list(self.config.sample.seeds)
-        images = self.sample_images(self.sample_prompts, seeds)
-        self.last_sample_images = images
-        grid = make_grid(images, rows=len(self.sample_prompts))
-        if self.run_dir is None:
-            return grid, None
-        from PIL import Image
-
-        from ..runs import write_text_atomic
-
-        path = self.run_dir / "samples" / f"step-{self.step:08d}.png"
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(grid).save(tmp, format="PNG")
-            tmp.replace(path)
-            write_text_atomic(path.with_suffix(".json"), json.dumps(
-                {"step": self.step, "epoch": self.epoch, "prompts": self.sample_prompts, "seeds": seeds,
-                 "sampler": self.config.sample.sampler, "steps": self.config.sample.steps,
-                 "guidance": self.config.sample.guidance, "ema": self.ema is not None}, indent=1))
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            log.warning("could not save the sample grid %s: %s (training goes on)", path, exc)
-            return grid, None
-        return grid, path
 
     def save_checkpoint(self) -> Path:
         assert self.run_dir is not None
