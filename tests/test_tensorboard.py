@@ -12,24 +12,15 @@ import torch
 from sdstudio.core import events as ev
 from sdstudio.core.control import TrainingControl
 from sdstudio.core.runs import read_metrics
-from sdstudio.core.train.loop import train
 from sdstudio.core.train.session import TrainingSession
 from sdstudio.core.train.tensorboard_log import INSTALL_HINT, TENSORBOARD_DIR
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
+from tests.test_engine import run_all  # noqa: E402
+
 TRAIN_TAGS = {"train/loss", "train/lr", "train/grad_norm", "train/img_per_s"}
-
-
-def run_all(config, run_dir: Path, control: TrainingControl | None = None, resume: bool = False,
-            on_event=None) -> list[ev.Event]:
-    out = []
-    for event in train(config, control, run_dir=run_dir, resume=resume):
-        out.append(event)
-        if on_event is not None:
-            on_event(event)
-    return out
 
 
 def read_back(run_dir: Path) -> EventAccumulator:

@@ -200,10 +200,9 @@ def _hanging_after_stop(monkeypatch) -> tuple[threading.Event, threading.Event]:
     return gate, hanging
 
 
-def test_a_stop_not_answered_in_time_says_so_and_the_run_stops_once_it_answers(window, qtbot, tiny_dataset,
-                                                                               monkeypatch) -> None:
+def _start_a_run_whose_stop_hangs(window, qtbot, tiny_dataset, monkeypatch):
+    """A demo run whose step blocks once a stop is asked for (until ``gate`` is set); the watchdog set to 0.3 s."""
     from sdstudio.gui import main_window
-    from sdstudio.gui.panels.runs import summarize_run
 
     monkeypatch.setattr(main_window, "STOP_TIMEOUT_MS", 300)
     gate, hanging = _hanging_after_stop(monkeypatch)
@@ -211,6 +210,14 @@ def test_a_stop_not_answered_in_time_says_so_and_the_run_stops_once_it_answers(w
     seen = _record(window)
     qtbot.mouseClick(window.train_bar.train_button, Qt.MouseButton.LeftButton)
     qtbot.waitUntil(lambda: any(isinstance(e, ev.StepMetrics) for e in seen), timeout=60_000)
+    return gate, hanging, seen
+
+
+def test_a_stop_not_answered_in_time_says_so_and_the_run_stops_once_it_answers(window, qtbot, tiny_dataset,
+                                                                               monkeypatch) -> None:
+    from sdstudio.gui.panels.runs import summarize_run
+
+    gate, hanging, seen = _start_a_run_whose_stop_hangs(window, qtbot, tiny_dataset, monkeypatch)
     run_dir = window.runner.run_dir
     try:
         qtbot.mouseClick(window.train_bar.stop_button, Qt.MouseButton.LeftButton)
@@ -248,14 +255,8 @@ def test_a_stop_not_answered_in_time_says_so_and_the_run_stops_once_it_answers(w
 
 
 def test_quit_anyway_when_the_stop_is_not_answered(window, qtbot, tiny_dataset, monkeypatch) -> None:
-    from sdstudio.gui import main_window
 
-    monkeypatch.setattr(main_window, "STOP_TIMEOUT_MS", 300)
-    gate, hanging = _hanging_after_stop(monkeypatch)
-    use_tiny_settings(window, tiny_dataset, **{"train.max_steps": 400, "checkpoint.every_steps": 0})
-    seen = _record(window)
-    qtbot.mouseClick(window.train_bar.train_button, Qt.MouseButton.LeftButton)
-    qtbot.waitUntil(lambda: any(isinstance(e, ev.StepMetrics) for e in seen), timeout=60_000)
+    gate, hanging, seen = _start_a_run_whose_stop_hangs(window, qtbot, tiny_dataset, monkeypatch)
     try:
         window.close()  # the fixture answers "Stop, save and quit"
         assert window.isVisible()
