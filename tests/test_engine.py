@@ -273,3 +273,16 @@ def test_resume_from_the_last_step_neither_repeats_rows_nor_reopens_a_finished_r
     last = [r for r in read_metrics(metrics) if r["step"] == 6]
     assert sum(r["kind"] == "val" for r in last) == 1 and sum(r["kind"] == "sample" for r in last) == 1
     assert sum(r.get("event") == "completed" for r in last) == 1
+
+
+def test_skipped_files_are_kept_in_run_log(tiny_config, tiny_dataset: Path, tmp_path: Path) -> None:
+    """What the user is warned about at the start (a broken file skipped) stays in run.log for later."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    (data / "broken.png").write_bytes(b"not an image")
+    run_dir = tmp_path / "run"
+    events = run_all(tiny_config.with_overrides({"data.path": str(data), "train.max_steps": 1}), run_dir)
+    assert any(isinstance(e, ev.Warning) and "broken.png" in e.text for e in events)
+    assert "broken.png" in (run_dir / "run.log").read_text()

@@ -139,13 +139,19 @@ def _emergency_save(session: TrainingSession | None) -> Path | None:
         return None
 
 
+def _warning(text: str) -> ev.Warning:
+    """A warning for the user that run.log keeps as well (for warnings not logged where they arose)."""
+    log.warning("%s", text)
+    return ev.Warning(text)
+
+
 def _run(s: TrainingSession, control: TrainingControl) -> Iterator[ev.Event]:
     cfg = s.config
     for warning in s.init_warnings:
-        yield ev.Warning(warning)
+        yield _warning(warning)
     yield ev.Status("scanning", f"scanning {s.data_root}")
     for warning in s.prepare_data() + s.evaluation.data_warnings(len(s.data.val)):
-        yield ev.Warning(warning)
+        yield _warning(warning)  # e.g. files skipped: kept in run.log too
     yield ev.Status("building", f"building the {cfg.model.family} model")
     s.build()
     if cfg.data.cache_latents and cfg.model.family != "pixel":
@@ -153,14 +159,14 @@ def _run(s: TrainingSession, control: TrainingControl) -> Iterator[ev.Event]:
         for done, total in s.cache_latents():
             yield ev.Progress(done, total, "caching latents")
         for warning in s.cache_warnings:
-            yield ev.Warning(warning)
+            yield _warning(warning)
     if cfg.data.cache_text_embeddings and cfg.model.family != "pixel":
         yield ev.Status("caching", "caching text embeddings")
         for done, total in s.cache_text():
             yield ev.Progress(done, total, "caching text embeddings")
     memory_warning = s.check_memory()
     if memory_warning:
-        yield ev.Warning(memory_warning)
+        yield _warning(memory_warning)
     if s.resume:
         yield ev.Status("loading", "loading the newest valid checkpoint")
         for warning in s.load_latest():
