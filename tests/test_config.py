@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from sdstudio.cli.common import parse_set_value, parse_sets
+from sdstudio.cli.common import parse_sets
 from sdstudio.core.config import RunConfig, field_docs
 from sdstudio.core.errors import ConfigError, UserError
+from sdstudio.core.overrides import parse_set_value
 
 
 def test_defaults_are_valid_and_round_trip() -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from sdstudio.cli import main
 from sdstudio.core import demo_shapes
-from sdstudio.core.inference import load_trained
+from sdstudio.core.sampling.from_run import load_trained
 
 # Chance is 1/4 for colour, 1/3 for shape, 1/12 for both.
 MIN_COLOUR = 0.75

@@ -204,7 +204,7 @@ def test_early_stopping_on_a_plateau_keeps_the_best_checkpoint(tiny_config, tmp_
     best = json.loads((run / "checkpoints" / "best.json").read_text())
     assert best["step"] == 4 and best["val_loss"] == 0.8
     assert (run / "checkpoints" / "step-00000004").is_dir() and (run / "checkpoints" / "step-00000008").is_dir()
-    from sdstudio.core.inference import resolve_checkpoint
+    from sdstudio.core.sampling.from_run import resolve_checkpoint
 
     assert resolve_checkpoint(run, best=True).name == "step-00000004"
 

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from sdstudio.cli import main
 from sdstudio.core import events as ev
 from sdstudio.core.export.api import export
-from sdstudio.core.inference import load_trained
+from sdstudio.core.sampling.from_run import load_trained
 from sdstudio.core.train.loop import train
 from tests.sd_helpers import sd_config
 

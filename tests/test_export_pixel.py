@@ -15,7 +15,7 @@ import torch
 from sdstudio.cli import main
 from sdstudio.core import events as ev
 from sdstudio.core.export.api import export
-from sdstudio.core.inference import load_trained
+from sdstudio.core.sampling.from_run import load_trained
 from sdstudio.core.train import state as ckpt_state
 from sdstudio.core.train.loop import train
 from tests.conftest import TINY_OVERRIDES

@@ -35,10 +35,10 @@ def sample(model_args: list[str], out: Path, *prompts: str) -> np.ndarray:
 @pytest.fixture(autouse=True)
 def _on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """--run and --model pick the GPU when there is one; the comparisons here are CPU (fp32) facts."""
-    import sdstudio.core.inference as inference
-    import sdstudio.core.train.setup as setup
+    import sdstudio.core.sampling.from_run as inference
+    from sdstudio.core.train import setup
 
-    cpu = lambda choice="auto": torch.device("cpu")  # noqa: E731
+    cpu = lambda choice="auto": torch.device("cpu")
     monkeypatch.setattr(setup, "pick_device", cpu)
     monkeypatch.setattr(inference, "pick_device", cpu)
 
@@ -182,8 +182,8 @@ def test_sample_run_of_a_mixed_precision_run_uses_autocast(tiny_sd1: Path, four_
                                                            monkeypatch) -> None:
     """A GPU run in bf16 keeps its frozen weights in bf16; `sample --run` must sample under autocast as the run's
     previews do (fp32 latents against bf16 weights failed). Imitated on the CPU by loading in bf16."""
-    from sdstudio.core.inference import load_trained
     from sdstudio.core.models import sd as sd_module
+    from sdstudio.core.sampling.from_run import load_trained
     from sdstudio.core.train.loop import train
     from tests.sd_helpers import sd_config
 
@@ -200,7 +200,7 @@ def test_sample_run_of_a_mixed_precision_run_uses_autocast(tiny_sd1: Path, four_
 
 def test_prediction_type_override_for_a_model_file(tiny_sd1: Path, tmp_path: Path, capsys) -> None:
     """A v-prediction file without the marker keys: --prediction-type says what the file does not."""
-    from sdstudio.core.model_sampling import load_model
+    from sdstudio.core.sampling.from_files import load_model
 
     plain = load_model(tiny_sd1)
     forced = load_model(tiny_sd1, prediction_type="v_prediction")

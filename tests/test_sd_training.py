@@ -69,7 +69,7 @@ def test_v_prediction_is_detected_and_trained(tiny_sd1_v: Path, four_images: Pat
     cfg = sd_config("sd15-lora", tiny_sd1_v, four_images, **{"train.max_steps": 3})
     events = list(train(cfg, run_dir=tmp_path / "run"))
     assert isinstance(events[-1], ev.Finished)
-    from sdstudio.core.inference import load_trained
+    from sdstudio.core.sampling.from_run import load_trained
 
     loaded = load_trained(tmp_path / "run")
     assert loaded.bundle.prediction_type == "v_prediction"
@@ -146,8 +146,8 @@ def test_dreambooth_prior_loss(tiny_sd1: Path, four_images: Path, class_images: 
 def test_zero_terminal_snr_marker_is_applied(tiny_sd1: Path, four_images: Path, tmp_path: Path) -> None:
     """A single file with ComfyUI's `ztsnr` marker key trains and samples with a rescaled schedule."""
     from sdstudio.core.export.single_file import write_single_file
-    from sdstudio.core.inference import load_trained
     from sdstudio.core.models.tiny import tiny_sd1_components
+    from sdstudio.core.sampling.from_run import load_trained
 
     single = write_single_file(tiny_sd1_components(), tmp_path / "ztsnr.safetensors", family="sd1",
                                dtype=torch.float32, zero_terminal_snr=True, v_prediction=True)

@@ -14,16 +14,16 @@ import pytest
 from PIL import Image
 
 from sdstudio.core import events as ev
-from sdstudio.core import sweep_run
 from sdstudio.core.control import TrainingControl
 from sdstudio.core.errors import UserError
 from sdstudio.core.presets import write_toml_atomic
 from sdstudio.core.runs import is_run_dir, read_metrics
-from sdstudio.core.sweep import load_sweep, parse_sweep, run_folder_name
-from sdstudio.core.sweep_plot import Series, render_overlay, y_axis
-from sdstudio.core.sweep_run import SweepFinished, SweepRunEnded, SweepRunStarted, SweepStarted, run_sweep
-from sdstudio.core.sweep_state import open_state
-from sdstudio.core.sweep_summary import write_summary
+from sdstudio.core.sweeps import runner as sweep_run
+from sdstudio.core.sweeps.plan import load_sweep, parse_sweep, run_folder_name
+from sdstudio.core.sweeps.plot import Series, render_overlay, y_axis
+from sdstudio.core.sweeps.runner import SweepFinished, SweepRunEnded, SweepRunStarted, SweepStarted, run_sweep
+from sdstudio.core.sweeps.state import open_state
+from sdstudio.core.sweeps.summary import write_summary
 from sdstudio.core.train.session import TrainingSession
 from tests.conftest import TINY_OVERRIDES
 

@@ -16,9 +16,9 @@ from sdstudio.core.train.session import TrainingSession
 from sdstudio.core.train.tensorboard_log import INSTALL_HINT, TENSORBOARD_DIR
 
 pytest.importorskip("tensorboard")
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.test_engine import run_all  # noqa: E402
+from tests.test_engine import run_all
 
 TRAIN_TAGS = {"train/loss", "train/lr", "train/grad_norm", "train/img_per_s"}
 

@@ -19,9 +19,9 @@ from sdstudio.core import events as ev
 from sdstudio.core.control import TrainingControl
 from sdstudio.core.errors import CheckpointError
 from sdstudio.core.export.api import export
-from sdstudio.core.inference import load_trained
 from sdstudio.core.models.sd import build_sd_model
 from sdstudio.core.runs import read_metrics
+from sdstudio.core.sampling.from_run import load_trained
 from sdstudio.core.train.loop import train
 from tests.sd_helpers import losses, sd_config
 

@@ -11,23 +11,11 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
-
 from ..core.config import RunConfig
 from ..core.control import TrainingControl
 from ..core.errors import UserError
+from ..core.overrides import parse_set_value
 from ..core.presets import DEFAULT_PRESET, load_config_file, load_preset
-
-
-def parse_set_value(text: str) -> Any:
-    """A TOML value (numbers, booleans, arrays, quoted strings); anything else is a plain string."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
 
 
 def parse_sets(items: list[str] | None) -> dict[str, Any]:

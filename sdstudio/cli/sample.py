@@ -53,16 +53,16 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--steps {args.steps}: must be at least 1")
     from PIL import Image
 
-    from ..core.sampling import make_grid
+    from ..core.sampling.sampler import make_grid
 
     if args.model is not None:
-        from ..core.model_sampling import load_model
+        from ..core.sampling.from_files import load_model
 
         loaded: Any = load_model(args.model, lora=args.lora, config_folder=args.config_folder,
                                  prediction_type=args.prediction_type)
         what = loaded.describe()
     else:
-        from ..core.inference import load_trained
+        from ..core.sampling.from_run import load_trained
 
         loaded = load_trained(args.run, args.checkpoint, use_ema=not args.raw)
         what = f"checkpoint {loaded.checkpoint.name}{', EMA weights' if loaded.ema_used else ''}"

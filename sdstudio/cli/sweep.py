@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from ..core import events as ev
 from ..core.control import TrainingControl
-from ..core.sweep import SweepPlan, default_sweep_dir, load_sweep
+from ..core.sweeps.plan import SweepPlan, default_sweep_dir, load_sweep
 from .common import describe_eval, say, stop_on_sigint
 
 
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         _list(plan, out_dir)
         return 0
-    from ..core.sweep_run import SweepFinished, SweepRunEnded, SweepRunStarted, SweepStarted, run_sweep
+    from ..core.sweeps.runner import SweepFinished, SweepRunEnded, SweepRunStarted, SweepStarted, run_sweep
 
     control = TrainingControl()
     bar: tqdm | None = None
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
 def _report(sweep_file: Path, out_dir: Path, finished: Any) -> int:
     import json
 
-    from ..core.sweep_summary import SUMMARY_CSV, SUMMARY_JSON
+    from ..core.sweeps.summary import SUMMARY_CSV, SUMMARY_JSON
 
     counts = finished.counts if finished is not None else {}
     parts = ", ".join(f"{n} {status}" for status, n in counts.items() if n)

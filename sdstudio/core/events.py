@@ -95,7 +95,7 @@ class CheckpointSaved(Event):
 
 
 @dataclass(frozen=True)
-class Warning(Event):  # noqa: A001 - the event's name in the architecture
+class Warning(Event):
     text: str
 
 

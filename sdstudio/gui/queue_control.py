@@ -9,7 +9,7 @@ from typing import Any
 from PySide6.QtCore import Qt, QTimer
 
 from sdstudio.core.runs import default_run_dir
-from sdstudio.core.sweep import SweepPlan
+from sdstudio.core.sweeps.plan import SweepPlan
 
 from .panels.datasets import same_folder
 from .panels.export_dialog import run_checkpoints

@@ -120,7 +120,7 @@ def test_parse_sweep_values_like_set() -> None:
 
 def test_sweep_dialog_makes_the_combinations_and_reports_an_invalid_one(window, qtbot, tiny_dataset,
                                                                        tmp_path) -> None:
-    from sdstudio.core.sweep import load_sweep
+    from sdstudio.core.sweeps.plan import load_sweep
 
     use_tiny_settings(window, tiny_dataset, **{"train.max_steps": 5})
     dialog = window.open_sweep_dialog()

@@ -8,7 +8,7 @@
   finds such a file inside a local folder by itself, but runs code from a folder only with
   ``trust_remote_code=True``: ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``. The
   pipeline needs nothing but torch, diffusers and transformers and samples exactly as sdstudio's own sampler
-  (``core/sampling.py``): same noise per seed (``seed=``), same classifier-free guidance, same timesteps.
+  (``core/sampling/sampler.py``): same noise per seed (``seed=``), same classifier-free guidance, same timesteps.
 
 Both carry ``sdstudio.json`` (the run's diffusion and sampling settings and its training metadata, which
 ``sdstudio sample --model`` reads) and a README.md saying how to load the folder.

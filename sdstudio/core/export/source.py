@@ -12,9 +12,9 @@ import torch
 
 from ..config import RunConfig
 from ..errors import CheckpointError
-from ..inference import resolve_checkpoint
 from ..presets import load_config_file
 from ..runs import METRICS_FILE, read_metrics
+from ..sampling.from_run import resolve_checkpoint
 from ..train import state as ckpt_state
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")

@@ -53,7 +53,7 @@ def _read_keys(path: Path) -> tuple[list[str], dict[str, str]]:
 def classify_keys(keys: list[str]) -> tuple[str, str]:
     """(kind, detail) from state-dict key names alone."""
     ks = set(keys)
-    has = lambda prefix: any(k.startswith(prefix) for k in ks)  # noqa: E731
+    has = lambda prefix: any(k.startswith(prefix) for k in ks)
     if has("lora_unet_") or has("lora_te") or any(".lora_A." in k or ".lora_down." in k for k in ks):
         return "lora", "a LoRA (load it on top of a base model instead)"
     if has("model.diffusion_model."):

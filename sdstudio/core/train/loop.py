@@ -134,7 +134,7 @@ def _emergency_save(session: TrainingSession | None) -> Path | None:
     try:
         torch.cuda.empty_cache()
         return session.save_checkpoint()
-    except Exception:  # noqa: BLE001 - best effort after an OOM
+    except Exception:
         log.exception("could not save a checkpoint after the out-of-memory error")
         return None
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..sampling import generate, make_grid, preserved_rng_state
+from ..sampling.sampler import generate, make_grid, preserved_rng_state
 
 log = logging.getLogger("sdstudio")
 
@@ -87,7 +87,7 @@ class SamplingMixin:
                        steps: int) -> np.ndarray:
         """One batch of images, one per (caption, seed) pair, with the sampler, guidance and negative prompt
         of ``sample.*`` (call inside ``sampling_model``): uint8 (N, H, W, 3)."""
-        from ..sampling import generate_pairs  # the pairs form of ``generate`` (FID/KID images)
+        from ..sampling.sampler import generate_pairs  # the pairs form of ``generate`` (FID/KID images)
 
         cfg = self.config.sample
         return generate_pairs(self.bundle, model, self.sched, pairs, steps, cfg.guidance, cfg.sampler,

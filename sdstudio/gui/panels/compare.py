@@ -32,8 +32,8 @@ from PySide6.QtWidgets import (
 from sdstudio.core import paths
 from sdstudio.core.errors import UserError
 from sdstudio.core.runs import METRICS_FILE, is_run_dir, load_run_config, read_metrics
-from sdstudio.core.sweep import format_value
-from sdstudio.core.sweep_summary import FINAL_LOSS_ROWS, SUMMARY_JSON
+from sdstudio.core.sweeps.plan import format_value
+from sdstudio.core.sweeps.summary import FINAL_LOSS_ROWS, SUMMARY_JSON
 
 from ..background import run_in_background
 from .plots import live_curve

@@ -1,5 +1,5 @@
 """A small grid-sweep dialog: pick a few settings and the values to try; it shows how many runs that makes,
-validates every combination with the core's sweep expansion (``core/sweep.py``, the same checks as
+validates every combination with the core's sweep expansion (``core/sweeps/plan.py``, the same checks as
 `sdstudio sweep`) and either queues them or writes a sweep file for `sdstudio sweep`.
 
 The base of the sweep is the current settings (written next to the sweep file as ``<name>-base.toml``)."""
@@ -37,12 +37,12 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from sdstudio.cli.common import parse_set_value
 from sdstudio.core.atomic import write_text_atomic
 from sdstudio.core.config import RunConfig, field_docs
 from sdstudio.core.errors import UserError
+from sdstudio.core.overrides import parse_set_value
 from sdstudio.core.presets import config_to_toml
-from sdstudio.core.sweep import NOT_OVERRIDABLE, SweepPlan, format_value, load_sweep, parse_sweep
+from sdstudio.core.sweeps.plan import NOT_OVERRIDABLE, SweepPlan, format_value, load_sweep, parse_sweep
 
 PREVIEW_LIMIT = 200  # combinations listed in the dialog (all of them are validated)
 

@@ -15,16 +15,16 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from . import events as ev
-from .control import TrainingControl
-from .errors import CheckpointError
-from .runs import RunLock, is_run_dir
-from .sweep import SweepPlan
-from .sweep_plot import Series, draw_overlay
-from .sweep_state import RunRecord, SweepState, open_state
-from .sweep_summary import OVERLAY_PNG, run_labels, write_summary
-from .train.checkpoint import newest_valid_checkpoint
-from .train.loop import train
+from .. import events as ev
+from ..control import TrainingControl
+from ..errors import CheckpointError
+from ..runs import RunLock, is_run_dir
+from ..train.checkpoint import newest_valid_checkpoint
+from ..train.loop import train
+from .plan import SweepPlan
+from .plot import Series, draw_overlay
+from .state import RunRecord, SweepState, open_state
+from .summary import OVERLAY_PNG, run_labels, write_summary
 
 SWEEP_LOG = "sweep.log"
 

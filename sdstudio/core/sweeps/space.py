@@ -9,7 +9,7 @@ import math
 import random
 from typing import Any
 
-from .errors import UserError
+from ..errors import UserError
 
 RANDOM_SETTINGS = ("samples", "seed")
 RANGE_KEYS = ("min", "max", "log")

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .runs import read_metrics, write_text_atomic
-from .sweep import format_value, short_key
-from .sweep_state import RunRecord, SweepState
+from ..runs import read_metrics, write_text_atomic
+from .plan import format_value, short_key
+from .state import RunRecord, SweepState
 
 SUMMARY_CSV = "summary.csv"
 SUMMARY_JSON = "summary.json"

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
-from .diffusion import sampling_scheduler, set_sampling_timesteps
-from .models.bundle import ModelBundle
+from ..diffusion import sampling_scheduler, set_sampling_timesteps
+from ..models.bundle import ModelBundle
 
 
 @contextmanager

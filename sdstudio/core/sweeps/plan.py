@@ -1,6 +1,6 @@
 """Sweep files: a base config, fixed overrides and a grid or random search over config fields, expanded into
-validated combinations before any run starts. Running them is `sweep_run.py`; the summary and the overlay
-plot are `sweep_summary.py` and `sweep_plot.py`."""
+validated combinations before any run starts. Running them is `runner.py`; the summary and the overlay
+plot are `summary.py` and `plot.py`."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import paths
-from .config import RunConfig, field_docs, set_dotted
-from .errors import ConfigError, UserError
-from .presets import DEFAULT_PRESET, load_config_file, load_preset, read_toml
-from .sweep_space import flatten, grid_combinations, grid_values, random_combinations, random_specs
+from .. import paths
+from ..config import RunConfig, field_docs, set_dotted
+from ..errors import ConfigError, UserError
+from ..presets import DEFAULT_PRESET, load_config_file, load_preset, read_toml
+from .space import flatten, grid_combinations, grid_values, random_combinations, random_specs
 
 TOP_LEVEL_KEYS = ("name", "base_preset", "base_config", "set", "grid", "random")
 MAX_COMBINATIONS = 1000  # a bigger sweep is almost always a typo; split it into several files

@@ -10,16 +10,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import RunConfig
-from .diffusion import training_scheduler
-from .errors import CheckpointError
-from .models.bundle import ModelBundle
-from .presets import load_config_file
-from .runs import is_run_dir
-from .sampling import generate
-from .train import state as ckpt_state
-from .train.checkpoint import newest_valid_checkpoint, verify_checkpoint
-from .train.setup import build_model, pick_device
+from ..config import RunConfig
+from ..diffusion import training_scheduler
+from ..errors import CheckpointError
+from ..models.bundle import ModelBundle
+from ..presets import load_config_file
+from ..runs import is_run_dir
+from ..train import state as ckpt_state
+from ..train.checkpoint import newest_valid_checkpoint, verify_checkpoint
+from ..train.setup import build_model, pick_device
+from .sampler import generate
 
 
 @dataclass
@@ -54,7 +54,7 @@ def resolve_checkpoint(run_or_checkpoint: Path, checkpoint: Path | None = None, 
     if checkpoint is not None:
         return verify_checkpoint(checkpoint).path
     if best:
-        from .train.session import best_checkpoint_path
+        from ..train.session import best_checkpoint_path
 
         found = best_checkpoint_path(run_or_checkpoint) if is_run_dir(run_or_checkpoint) else None
         if found is None:

@@ -4,7 +4,7 @@ PATH is a Stable Diffusion 1.x / 2.x / XL base model (a diffusers folder, includ
 ``diffusers-folder`` exports, or a single .safetensors/.ckpt file, loaded offline through
 ``models/sd_files.py``), or a from-scratch model exported with ``sdstudio export --format diffusers-folder``
 (``export/pixel_folder.py``). The model becomes an ordinary ``ModelBundle`` and the images come from
-``core/sampling.py``, so every sampler behaves exactly as in a run's previews and in ``sdstudio sample --run``.
+``core/sampling/sampler.py``, so every sampler behaves exactly as in a run's previews and in ``sdstudio sample --run``.
 A LoRA (kohya or diffusers format) is applied to the pipeline's UNet (and text encoders, when the file has
 text-encoder modules) with diffusers' own ``load_lora_weights``.
 """
@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import UserError
-from .models.bundle import ModelBundle
-from .models.sd_files import SINGLE_FILE_SUFFIXES, ModelFileError
+from ..errors import UserError
+from ..models.bundle import ModelBundle
+from ..models.sd_files import SINGLE_FILE_SUFFIXES, ModelFileError
 
 # What a base model samples with when the command line does not say (the SD presets' [sample] values).
 SD_DEFAULTS = {"sd1": {"sampler": "dpmpp_2m", "steps": 25, "guidance": 7.0, "negative_prompt": ""},
@@ -53,7 +53,7 @@ class LoadedBaseModel:
     def generate(self, prompts: Sequence[str], seeds: Sequence[int], *, steps: int | None = None,
                  guidance: float | None = None, sampler: str | None = None,
                  negative_prompt: str | None = None) -> np.ndarray:
-        from .sampling import generate
+        from .sampler import generate
 
         d = self.defaults
         return generate(self.bundle, self.bundle.trainable, self.scheduler, list(prompts), list(seeds),
@@ -74,7 +74,7 @@ def load_model(path: Path, *, lora: Path | None = None, device: str = "auto",
     """Load PATH for sampling. ``config_folder``: the diffusers config folder of a single-file model (default:
     the one sdstudio ships for the detected family). ``prediction_type``: override what the SD file says
     (a v-prediction model without the marker keys); "auto" = detect."""
-    from .train.setup import pick_device
+    from ..train.setup import pick_device
 
     path = Path(path).expanduser()
     lora = Path(lora).expanduser() if lora is not None else None
@@ -108,8 +108,8 @@ def _quiet_loading() -> None:
 
 def detect_model(path: Path) -> str:
     """"sd1" / "sd2" / "sdxl" / "pixel", or a UserError naming the path and what to pass instead."""
-    from .export.pixel_folder import is_pixel_folder
-    from .models.sd_files import inspect_model_file, inspect_model_folder
+    from ..export.pixel_folder import is_pixel_folder
+    from ..models.sd_files import inspect_model_file, inspect_model_folder
 
     if not path.exists():
         raise ModelFileError(f"--model {path}: no such file or folder; give a Stable Diffusion .safetensors/.ckpt "
@@ -158,9 +158,9 @@ def sd_schedule(scheduler_config: dict[str, Any], prediction_type: str, zero_ter
 
 def _load_sd(path: Path, family: str, device: torch.device, *, lora: Path | None,
              config_folder: Path | None, prediction_type: str = "auto") -> LoadedBaseModel:
-    from .config import RunConfig
-    from .errors import ConfigError
-    from .models.sd import build_sd_model
+    from ..config import RunConfig
+    from ..errors import ConfigError
+    from ..models.sd import build_sd_model
 
     overrides: dict[str, Any] = {"model.family": family, "model.path": str(path), "train.device": "cpu",
                                  "train.mixed_precision": "no", "lora.enabled": False, "data.resolution": 512,
@@ -230,7 +230,7 @@ def apply_lora(bundle: Any, lora: Path, *, family: str, model: Path, sched: Any)
     ``load_lora_weights``; returns the number of patched modules. Anything that does not fit is a UserError."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from .models.sd_files import classify_keys
+    from ..models.sd_files import classify_keys
 
     if not lora.is_file():
         raise LoraFileError(f"--lora {lora}: no such file")
@@ -303,10 +303,10 @@ def _load_pixel_folder(path: Path, device: torch.device) -> LoadedBaseModel:
     from diffusers import DDPMScheduler
     from transformers import CLIPTextModel, PreTrainedTokenizerFast
 
-    from .config import DiffusionConfig
-    from .diffusion import training_scheduler
-    from .export.pixel_folder import SDSTUDIO_FILE
-    from .models.pixel import PixelBundle, PixelDenoiser  # also registers LeakyReLU for the UNet config
+    from ..config import DiffusionConfig
+    from ..diffusion import training_scheduler
+    from ..export.pixel_folder import SDSTUDIO_FILE
+    from ..models.pixel import PixelBundle, PixelDenoiser  # also registers LeakyReLU for the UNet config
 
     try:
         index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))

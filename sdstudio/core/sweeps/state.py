@@ -8,9 +8,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
-from .runs import write_text_atomic
-from .sweep import SweepPlan
+from ..errors import UserError
+from ..runs import write_text_atomic
+from .plan import SweepPlan
 
 STATE_FILE = "sweep.json"
 FORMAT = "sdstudio-sweep"
