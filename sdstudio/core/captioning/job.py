@@ -140,11 +140,14 @@ def run_caption_job(root: Path | str, labeler: Labeler, *, mode: str = "skip", t
                 batch.append(item)
             except (OSError, ValueError) as exc:
                 result.failed.append((item.image, str(exc)))
-        new_texts = {}
+        new_texts: dict[Path, str] = {}
         if batch:
             texts = labeler.label(pictures)
-            new_texts = {item.image: compose_caption(item.text, text, mode, trigger, labeler.tag_style)
-                         for item, text in zip(batch, texts, strict=True)}
+            for item, text in zip(batch, texts, strict=True):
+                if text.strip():
+                    new_texts[item.image] = compose_caption(item.text, text, mode, trigger, labeler.tag_style)
+                else:  # never replace a caption with nothing
+                    result.failed.append((item.image, "the model gave no caption (no tag above the threshold?)"))
         if new_texts:
             if entry is None:
                 entry = JournalEntry.create(root, f"caption ({mode})")
