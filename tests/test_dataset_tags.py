@@ -199,3 +199,11 @@ def test_bad_arguments_exit_2(plain: Path) -> None:
     assert main(["dataset", "tags", str(plain), "--first"]) == 2
     assert main(["dataset", "tags", str(plain), "--where", "solo"]) == 2
     assert main(["dataset", "tags", str(plain / "missing")]) == 2
+
+
+def test_upper_case_caption_extension_is_found(tmp_path: Path) -> None:
+    root = tmp_path / "d"
+    image(root / "x.png")
+    (root / "x.TXT").write_bytes(b"a, b\n")
+    main(["dataset", "tags", str(root), "--remove", "a"])
+    assert (root / "x.TXT").read_bytes() == b"b\n" and not (root / "x.txt").exists()

@@ -147,12 +147,23 @@ def _render_metadata(meta: _Metadata, root: Path, changes: Mapping[Path, str]) -
     return ("\n".join(meta.raw_lines) + "\n").encode("utf-8")
 
 
-def _sidecar(image: Path) -> Path | None:
-    for ext in CAPTION_EXTENSIONS:
-        candidate = image.with_suffix(ext)
-        if candidate.is_file():
-            return candidate
-    return None
+def _sidecars(images: Sequence[Path]) -> dict[Path, Path | None]:
+    """Each image's caption file, found as the scan finds it (extension case ignored, .txt before .caption)."""
+    listing: dict[Path, dict[tuple[str, str], Path]] = {}
+    out: dict[Path, Path | None] = {}
+    for image in images:
+        folder = image.parent
+        if folder not in listing:
+            names: dict[tuple[str, str], Path] = {}
+            for entry in sorted(os.listdir(folder)):
+                stem, ext = os.path.splitext(entry)
+                if ext.lower() in CAPTION_EXTENSIONS and (folder / entry).is_file():
+                    names.setdefault((stem, ext.lower()), folder / entry)
+            listing[folder] = names
+        stem = os.path.splitext(image.name)[0]
+        out[image] = next((listing[folder][(stem, e)] for e in CAPTION_EXTENSIONS
+                           if (stem, e) in listing[folder]), None)
+    return out
 
 
 def read_captions(root: Path | str) -> DatasetCaptions:
@@ -160,7 +171,7 @@ def read_captions(root: Path | str) -> DatasetCaptions:
     scan = scan_dataset(root)
     root = scan.root
     metadata = _read_metadata(root) if scan.layout == "imagefolder" else None
-    sidecars = {r.path: _sidecar(r.path) for r in scan.records}
+    sidecars = _sidecars([r.path for r in scan.records])
     counts = Counter(p.suffix.lower() for p in sidecars.values() if p is not None)
     extension = counts.most_common(1)[0][0] if counts else ".txt"
     entries: list[CaptionEntry] = []
