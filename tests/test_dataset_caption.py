@@ -211,3 +211,37 @@ def test_captioner_folder_must_be_a_model(tmp_path: Path) -> None:
 
     with pytest.raises(UserError, match="config.json"):
         ImageToTextCaptioner(tmp_path)
+
+
+class _CrashingLabeler:
+    """Tags every image 'fake'; raises on the given call, as a crash or Ctrl-C half-way would."""
+
+    tag_style = True
+    batch_size = 2
+
+    def __init__(self, crash_on: int) -> None:
+        self.calls, self.crash_on = 0, crash_on
+
+    def settings(self) -> dict[str, str]:
+        return {"fake": "labeler"}
+
+    def label(self, images: list[Image.Image]) -> list[str]:
+        self.calls += 1
+        if self.calls == self.crash_on:
+            raise KeyboardInterrupt
+        return ["fake"] * len(images)
+
+
+def test_a_crashed_run_continues_with_the_rest(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    for i in range(5):
+        image(root / f"{i}.png", RED)
+    with pytest.raises(KeyboardInterrupt):
+        run_caption_job(root, _CrashingLabeler(crash_on=2), mode="replace")
+    assert sorted(p.name for p in root.glob("*.txt")) == ["0.txt", "1.txt"]
+    again = _CrashingLabeler(crash_on=0)
+    result = run_caption_job(root, again, mode="replace")
+    assert result.resumed and result.already_done == 2 and result.written == 3 and again.calls == 2
+    assert sorted(p.name for p in root.glob("*.txt")) == [f"{i}.txt" for i in range(5)]
+    undo_journal.undo_last(root)  # one entry for the whole job, crash included
+    assert not list(root.glob("*.txt")) and undo_journal.list_entries(root) == []

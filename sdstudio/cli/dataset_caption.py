@@ -81,8 +81,13 @@ def run_caption(args: argparse.Namespace) -> int:
     from sdstudio.core.captioning.job import run_caption_job
 
     labeler = _labeler(args)
-    result = run_caption_job(args.dir, labeler, mode=args.mode, trigger=args.trigger, restart=args.restart,
-                             progress=_progress_printer())
+    try:
+        result = run_caption_job(args.dir, labeler, mode=args.mode, trigger=args.trigger, restart=args.restart,
+                                 progress=_progress_printer())
+    except KeyboardInterrupt:
+        print("\nstopped: the captions written so far are kept (undo restores them); run the same command "
+              "again to continue with the rest", file=sys.stderr)
+        raise
     if result.resumed:
         print(f"continued an interrupted run ({result.already_done} image(s) were already done)",
               file=sys.stderr)

@@ -87,7 +87,7 @@ class JournalEntry:
             item: dict[str, object] = {"path": rel, "existed": Path(path).exists()}
             if item["existed"]:
                 backup = f"{len(self._files):06d}.bin"
-                write_bytes_atomic(self.folder / backup, Path(path).read_bytes(), fsync=False)
+                write_bytes_atomic(self.folder / backup, Path(path).read_bytes())
                 item["backup"] = backup
             self._files.append(item)
             self._known.add(rel)
