@@ -79,6 +79,14 @@ class DatasetsPanel(QWidget):
         row.addWidget(self.remove_button)
         left_layout.addLayout(row)
         left_layout.addWidget(rescan)
+        tools = QHBoxLayout()  # caption tools: their own dialogs (tags_dialog.py, caption_dialog.py)
+        for text, tip, slot in (("Tags…", "Tag table, bulk tag edits, undo", self.open_tags),
+                                ("Caption…", "Caption the images with a tagger or captioner", self.open_caption)):
+            button = QPushButton(text)
+            button.setToolTip(tip)
+            button.clicked.connect(slot)
+            tools.addWidget(button)
+        left_layout.addLayout(tools)
 
         self.model = ThumbnailModel(self)
         self.grid = QListView()
@@ -284,6 +292,24 @@ class DatasetsPanel(QWidget):
     def first_image(self) -> Path | None:
         records = self.model.records()
         return records[0].path if records else None
+
+    def open_tags(self) -> QWidget | None:
+        from .tags_dialog import TagsDialog
+
+        return self._open_tool(TagsDialog)
+
+    def open_caption(self) -> QWidget | None:
+        from .caption_dialog import CaptionDialog
+
+        return self._open_tool(CaptionDialog)
+
+    def _open_tool(self, dialog_class: Any) -> QWidget | None:
+        if self._current is None:
+            return None
+        dialog = dialog_class(self._current, self)
+        dialog.captions_changed.connect(self.rescan)
+        dialog.show()
+        return dialog
 
     def shutdown(self) -> None:
         self._scan_token += 1
