@@ -52,9 +52,11 @@ class CaptionDialog(QDialog):
 
     captions_changed = Signal()
 
-    def __init__(self, folder: Path, parent: QWidget | None = None) -> None:
+    def __init__(self, folder: Path, parent: QWidget | None = None, *,
+                 selection: list[Path] | None = None) -> None:
         super().__init__(parent)
         self.folder = Path(folder)
+        self.selection = list(selection or [])  # the datasets panel's selected images
         self.setWindowTitle(f"Caption {self.folder.name}")
         self._pool = QThreadPool(self)
         self._pool.setMaxThreadCount(1)
@@ -71,6 +73,12 @@ class CaptionDialog(QDialog):
         model_row = QHBoxLayout()
         model_row.addWidget(self.model_folder, 1)
         model_row.addWidget(browse)
+        self.scope = QComboBox()
+        self.scope.addItems(["The whole dataset", f"Selected images only ({len(self.selection)})"])
+        if self.selection:
+            self.scope.setCurrentIndex(1 if len(self.selection) > 1 else 0)
+        else:
+            self.scope.model().item(1).setEnabled(False)  # nothing selected in the datasets panel
         self.mode = QComboBox()
         self.mode.addItems(list(MODES))
         self.trigger = QLineEdit()
@@ -87,6 +95,7 @@ class CaptionDialog(QDialog):
         form = QFormLayout()
         form.addRow("Model", self.kind)
         form.addRow("Folder", model_row)
+        form.addRow("Images", self.scope)
         form.addRow("Existing captions", self.mode)
         form.addRow("Trigger word", self.trigger)
         form.addRow("General threshold", self.threshold)
@@ -164,6 +173,7 @@ class CaptionDialog(QDialog):
         self.status.setText("Loading the model…")
         mode, trigger = MODES[self.mode.currentText()], self.trigger.text().strip() or None
         choices = self._choices()
+        images = self.selection if self.scope.currentIndex() == 1 else None
 
         def job(progress: Any) -> Any:
             from sdstudio.core.captioning.job import run_caption_job
@@ -173,8 +183,8 @@ class CaptionDialog(QDialog):
             def report(event: Progress) -> None:
                 progress(event.done, event.total)
 
-            return run_caption_job(self.folder, labeler, mode=mode, trigger=trigger, progress=report,
-                                   should_stop=self._stop.is_set)
+            return run_caption_job(self.folder, labeler, mode=mode, trigger=trigger, images=images,
+                                   progress=report, should_stop=self._stop.is_set)
 
         run_in_background(job, self._done, self._failed, on_progress=self._progress, pool=self._pool)
 
