@@ -14,6 +14,7 @@ from typing import Any
 
 from PIL import Image
 
+from sdstudio.core.captioning.model_folder import model_source, pick_device
 from sdstudio.core.errors import UserError
 
 
@@ -22,20 +23,6 @@ class SegmenterOptions:
     threshold: float = 0.4  # sigmoid probability above which a pixel belongs to the prompt's object
     batch_size: int = 8
     device: str | None = None  # None: the GPU when there is one
-
-
-def model_source(folder: Path | str, what: str) -> str:
-    """A local model folder (absolute) or a hub name for the local cache; a clear error otherwise."""
-    path = Path(folder).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise UserError(f"{what} folder {path} has no config.json: point at a transformers model folder "
-                            "(config.json, the weights, the processor and tokenizer files).")
-        return str(path.absolute())
-    text = str(folder)
-    if "/" in text and not path.exists() and not text.startswith((".", "/", "~")):
-        return text  # a hub name: the local cache only
-    raise UserError(f"{what} folder {folder} does not exist.")
 
 
 class ClipSegSegmenter:
@@ -50,15 +37,13 @@ class ClipSegSegmenter:
         import torch
         from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
 
-        from sdstudio.core.captioning.image_to_text import _pick_device
-
         try:
             self.processor = CLIPSegProcessor.from_pretrained(self.source, local_files_only=True)
             model = CLIPSegForImageSegmentation.from_pretrained(self.source, local_files_only=True)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise UserError(f"{self.source} is not a CLIPSeg model folder transformers can load offline "
                             f"({str(exc).splitlines()[0]}).") from exc
-        self.device = _pick_device(self.options.device)
+        self.device = pick_device(self.options.device)
         self.model: Any = model.to(self.device).eval()
         self._torch = torch
 

@@ -29,7 +29,7 @@ from sdstudio.core.events import Progress
 
 from ..background import run_in_background
 
-TAGGER, CAPTIONER = "WD14 tagger (model.onnx + selected_tags.csv)", "Image-to-text model (BLIP style)"
+TAGGER, CAPTIONER = "WD14 tagger (model.onnx + selected_tags.csv)", "Captioner (BLIP style, or a vision-language model)"
 MODES = {"Skip images that have a caption": "skip", "Append to existing captions": "append",
          "Replace existing captions": "replace"}
 
@@ -41,10 +41,11 @@ def make_labeler(choices: dict[str, Any]) -> Any:
         return WD14Tagger(choices["folder"], TaggerOptions(
             general_threshold=choices["threshold"], character_threshold=choices["character_threshold"],
             exclude=choices["exclude"], batch_size=choices["batch_size"]))
-    from sdstudio.core.captioning.image_to_text import CaptionerOptions, ImageToTextCaptioner
+    from sdstudio.core.captioning.image_to_text import CaptionerOptions
+    from sdstudio.core.captioning.vision_language import open_captioner
 
-    return ImageToTextCaptioner(choices["folder"], CaptionerOptions(prompt=choices["prompt"],
-                                                                    batch_size=choices["batch_size"]))
+    return open_captioner(choices["folder"], CaptionerOptions(prompt=choices["prompt"],
+                                                              batch_size=choices["batch_size"]))
 
 
 class CaptionDialog(QDialog):
@@ -89,7 +90,8 @@ class CaptionDialog(QDialog):
         self.exclude = QLineEdit()
         self.exclude.setPlaceholderText("tags never written, comma-separated")
         self.prompt = QLineEdit()
-        self.prompt.setPlaceholderText("optional text the caption starts with")
+        self.prompt.setPlaceholderText("vision-language model: the instruction (default: Describe this image "
+                                       "in one sentence.); BLIP: text the caption starts with")
         self.batch_size = QSpinBox(minimum=1, maximum=256, value=8)
 
         form = QFormLayout()
