@@ -25,7 +25,8 @@ def register_caption(commands: Any) -> None:
     model.add_argument("--tagger", type=Path, metavar="FOLDER",
                        help="a WD14 tagger folder (model.onnx + selected_tags.csv)")
     model.add_argument("--captioner", type=Path, metavar="FOLDER",
-                       help="a transformers image-to-text model folder (BLIP-style)")
+                       help="a transformers model folder: image-to-text (BLIP style) or a vision-language "
+                       "chat model (Qwen2-VL / Qwen2.5-VL class, with a chat template)")
     caption.add_argument("--mode", choices=("replace", "append", "skip"), default="skip",
                          help="what to do with images that already have a caption (default: skip)")
     caption.add_argument("--trigger", metavar="WORD", help="put WORD first in every caption")
@@ -38,7 +39,9 @@ def register_caption(commands: Any) -> None:
     caption.add_argument("--keep-underscores", action="store_true",
                          help="tagger: write tags as 'long_hair' instead of 'long hair'")
     caption.add_argument("--ratings", action="store_true", help="tagger: add the rating tag last")
-    caption.add_argument("--prompt", metavar="TEXT", help="captioner: text the caption starts from")
+    caption.add_argument("--prompt", metavar="TEXT",
+                         help="captioner: a vision-language model's instruction (default 'Describe this image "
+                         "in one sentence.'); for a BLIP-style model the text the caption starts from")
     caption.add_argument("--max-new-tokens", type=int, default=40, metavar="N",
                          help="captioner: longest caption in tokens (default 40)")
     caption.add_argument("--batch-size", type=int, default=8, metavar="N", help="images per batch (default 8)")
@@ -63,9 +66,10 @@ def _labeler(args: argparse.Namespace) -> Labeler:
                                 exclude=exclude, underscores_to_spaces=not args.keep_underscores,
                                 include_ratings=args.ratings, batch_size=args.batch_size)
         return WD14Tagger(args.tagger, options)
-    from sdstudio.core.captioning.image_to_text import CaptionerOptions, ImageToTextCaptioner
+    from sdstudio.core.captioning.image_to_text import CaptionerOptions
+    from sdstudio.core.captioning.vision_language import open_captioner
 
-    return ImageToTextCaptioner(args.captioner, CaptionerOptions(
+    return open_captioner(args.captioner, CaptionerOptions(
         prompt=args.prompt, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, device=args.device))
 
 

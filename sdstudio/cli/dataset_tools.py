@@ -1,5 +1,5 @@
-"""`sdstudio dataset tags | undo | caption`: bulk tag edits, undo, and automatic captioning from the command
-line. Every write goes through the dataset's undo journal (DIR/.sdstudio/undo/)."""
+"""`sdstudio dataset tags | undo | caption | masks`: bulk tag edits, undo, automatic captioning and masks from
+the command line. Every write goes through the dataset's undo journal (DIR/.sdstudio/undo/)."""
 
 from __future__ import annotations
 
@@ -45,15 +45,17 @@ def register(commands: Any) -> None:
     tags.set_defaults(func=run_tags)
 
     undo = commands.add_parser(
-        "undo", help="restore the captions from before the last edit or captioning run",
-        description="Put back, byte for byte, every caption file the last bulk edit or captioning run "
-        "changed, and delete the ones it created. Repeat to go further back.")
+        "undo", help="restore the captions (or masks) from before the last edit, captioning or mask run",
+        description="Put back, byte for byte, every caption (or mask) file the last bulk edit, captioning "
+        "or mask run changed, and delete the ones it created. Repeat to go further back.")
     undo.add_argument("dir", metavar="DIR", type=Path, help="the dataset folder")
     undo.set_defaults(func=run_undo)
 
     from sdstudio.cli.dataset_caption import register_caption
+    from sdstudio.cli.dataset_masks import register_masks
 
     register_caption(commands)
+    register_masks(commands)
 
 
 def _operation(args: argparse.Namespace) -> tuple[tag_ops.TagOperation, str] | None:

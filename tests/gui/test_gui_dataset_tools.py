@@ -96,3 +96,96 @@ def test_caption_dialog_runs_off_the_gui_thread(qtbot, tmp_path: Path) -> None:
     dialog.start()
     qtbot.waitUntil(lambda: not dialog.running, timeout=30_000)
     assert "model.onnx" in dialog.status.text()  # a clear message, no crash
+
+
+def _drag(widget, points) -> None:
+    """A left-button drag through ``points`` (widget coordinates), as real mouse events."""
+    from PySide6.QtCore import QEvent, QPointF, Qt
+    from PySide6.QtGui import QMouseEvent
+    from PySide6.QtWidgets import QApplication
+
+    left, none, mods = Qt.MouseButton.LeftButton, Qt.MouseButton.NoButton, Qt.KeyboardModifier.NoModifier
+    for i, point in enumerate(points):
+        pos = QPointF(point)
+        global_pos = QPointF(widget.mapToGlobal(pos.toPoint()))
+        kind, button = (QEvent.Type.MouseButtonPress, left) if i == 0 else (QEvent.Type.MouseMove, none)
+        QApplication.sendEvent(widget, QMouseEvent(kind, pos, global_pos, button, left, mods))
+    pos = QPointF(points[-1])
+    QApplication.sendEvent(widget, QMouseEvent(QEvent.Type.MouseButtonRelease, pos,
+                                               QPointF(widget.mapToGlobal(pos.toPoint())), left, none, mods))
+
+
+def test_mask_editor_paints_a_stroke_saves_it_and_the_grid_shows_it(qtbot, tmp_path: Path) -> None:
+    import numpy as np
+    from PySide6.QtCore import QPointF
+
+    from sdstudio.core.data.undo_journal import list_entries
+
+    root = _dataset(tmp_path / "data")
+    before = {p.name: p.read_bytes() for p in root.iterdir() if p.is_file()}
+    panel = _panel(qtbot, root)
+    panel.select_file(root / "b.png")
+    dialog = panel.open_masks()
+    qtbot.addWidget(dialog)
+    dialog.resize(640, 520)
+    qtbot.waitExposed(dialog)
+    assert dialog.image == root / "b.png" and not dialog.save_button.isEnabled()
+    canvas = dialog.canvas
+    dialog.erase.setChecked(True)
+    dialog.brush.setValue(2)
+    rect = canvas.image_rect()
+    scale = rect.width() / 24  # b.png is 24 x 16
+
+    def at(x: float, y: float) -> QPointF:
+        return QPointF(rect.x() + x * scale, rect.y() + y * scale)
+
+    _drag(canvas, [at(4, 8), at(12, 8), at(20, 8)])
+    assert canvas.modified and dialog.save_button.isEnabled()
+    _shot(dialog, "mask-dialog.png")
+    dialog.save()
+    with Image.open(root / "b.mask.png") as saved:
+        assert saved.mode == "L" and saved.size == (24, 16)
+        mask = np.asarray(saved)
+    assert (mask[7:10, 5:20] == 0).all()  # the stroke: left out of training
+    assert (mask[:4] == 255).all() and (mask[13:] == 255).all()  # the rest: trained
+    assert set(np.unique(mask).tolist()) == {0, 255}
+    assert len(list_entries(root)) == 1  # through the undo journal
+
+    panel.show_masks.setChecked(True)  # the grid tints the left-out parts
+    row = panel.model.row_of(root / "b.png")
+    assert panel.model.has_mask(row) and not panel.model.has_mask(panel.model.row_of(root / "a.png"))
+    panel.model.data(panel.model.index(row), 1)  # ask for the tinted thumbnail
+    qtbot.waitUntil(lambda: "mask:" + str(root / "b.png") in panel.model._pixmaps, timeout=10_000)
+    tinted = panel.model._pixmaps["mask:" + str(root / "b.png")].toImage()
+    middle, corner = tinted.pixelColor(tinted.width() // 2, tinted.height() // 2), tinted.pixelColor(2, 2)
+    assert middle.red() > 100 and middle != corner, (middle.name(), corner.name())  # tinted vs blue
+    panel.resize(900, 500)
+    _shot(panel, "datasets-masks.png")
+
+    dialog.undo()
+    assert not (root / "b.mask.png").exists()
+    assert {p.name: p.read_bytes() for p in root.iterdir() if p.is_file()} == before
+
+
+def test_caption_dialog_captions_only_the_selected_images(qtbot, tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'sdstudio[tagger]')")
+    from PySide6.QtCore import QItemSelectionModel
+
+    tagger = build_tagger(tmp_path / "tagger")
+    root = _dataset(tmp_path / "data")
+    before = {p.name: p.read_bytes() for p in root.iterdir() if p.is_file()}
+    panel = _panel(qtbot, root)
+    selection = panel.grid.selectionModel()
+    for name in ("b.png", "c.png"):
+        selection.select(panel.model.index(panel.model.row_of(root / name)), QItemSelectionModel.SelectionFlag.Select)
+    assert panel.selected_images() == [root / "b.png", root / "c.png"]
+    dialog = panel.open_caption()
+    qtbot.addWidget(dialog)
+    assert dialog.scope.currentIndex() == 1 and "(2)" in dialog.scope.currentText()
+    dialog.model_folder.setText(str(tagger))
+    dialog.mode.setCurrentText("Replace existing captions")
+    dialog.start()
+    qtbot.waitUntil(lambda: not dialog.running, timeout=30_000)
+    assert "2 caption(s) written" in dialog.status.text(), dialog.status.text()
+    assert (root / "a.txt").read_bytes() == before["a.txt"]  # not selected: left alone
+    assert (root / "b.txt").read_bytes() != before["b.txt"] and (root / "c.txt").is_file()

@@ -14,6 +14,7 @@ from typing import Any
 
 from PIL import Image
 
+from sdstudio.core.captioning.model_folder import model_source, pick_device
 from sdstudio.core.errors import UserError
 
 
@@ -24,18 +25,6 @@ class CaptionerOptions:
     num_beams: int = 1
     batch_size: int = 8
     device: str | None = None  # None: the GPU when there is one
-
-
-def _pick_device(wanted: str | None) -> str:
-    import torch
-
-    if wanted:
-        return wanted
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
 
 
 def _model_classes() -> list[Any]:
@@ -53,23 +42,14 @@ class ImageToTextCaptioner:
     def __init__(self, source: Path | str, options: CaptionerOptions | None = None) -> None:
         self.options = options or CaptionerOptions()
         self.batch_size = max(1, self.options.batch_size)
-        path = Path(source).expanduser()
-        if path.is_dir():
-            if not (path / "config.json").is_file():
-                raise UserError(f"captioner folder {path} has no config.json: point at a transformers model "
-                                "folder (config.json, the weights, the processor and tokenizer files).")
-            self.source = str(path.absolute())
-        elif "/" in str(source) and not path.exists() and not str(source).startswith((".", "/", "~")):
-            self.source = str(source)  # a hub name: the local cache only
-        else:
-            raise UserError(f"captioner folder {source} does not exist.")
+        self.source = model_source(source, "captioner")
         from transformers import AutoProcessor
 
         try:
             self.processor = AutoProcessor.from_pretrained(self.source, local_files_only=True)
         except (OSError, ValueError) as exc:
             raise UserError(f"the processor of {self.source} cannot be loaded offline ({exc}).") from exc
-        self.device = _pick_device(self.options.device)
+        self.device = pick_device(self.options.device)
         self.model = self._load_model()
 
     def _load_model(self) -> Any:

@@ -29,7 +29,7 @@ from sdstudio.core.events import Progress
 
 from ..background import run_in_background
 
-TAGGER, CAPTIONER = "WD14 tagger (model.onnx + selected_tags.csv)", "Image-to-text model (BLIP style)"
+TAGGER, CAPTIONER = "WD14 tagger (model.onnx + selected_tags.csv)", "Captioner (BLIP style, or a vision-language model)"
 MODES = {"Skip images that have a caption": "skip", "Append to existing captions": "append",
          "Replace existing captions": "replace"}
 
@@ -41,10 +41,11 @@ def make_labeler(choices: dict[str, Any]) -> Any:
         return WD14Tagger(choices["folder"], TaggerOptions(
             general_threshold=choices["threshold"], character_threshold=choices["character_threshold"],
             exclude=choices["exclude"], batch_size=choices["batch_size"]))
-    from sdstudio.core.captioning.image_to_text import CaptionerOptions, ImageToTextCaptioner
+    from sdstudio.core.captioning.image_to_text import CaptionerOptions
+    from sdstudio.core.captioning.vision_language import open_captioner
 
-    return ImageToTextCaptioner(choices["folder"], CaptionerOptions(prompt=choices["prompt"],
-                                                                    batch_size=choices["batch_size"]))
+    return open_captioner(choices["folder"], CaptionerOptions(prompt=choices["prompt"],
+                                                              batch_size=choices["batch_size"]))
 
 
 class CaptionDialog(QDialog):
@@ -52,9 +53,11 @@ class CaptionDialog(QDialog):
 
     captions_changed = Signal()
 
-    def __init__(self, folder: Path, parent: QWidget | None = None) -> None:
+    def __init__(self, folder: Path, parent: QWidget | None = None, *,
+                 selection: list[Path] | None = None) -> None:
         super().__init__(parent)
         self.folder = Path(folder)
+        self.selection = list(selection or [])  # the datasets panel's selected images
         self.setWindowTitle(f"Caption {self.folder.name}")
         self._pool = QThreadPool(self)
         self._pool.setMaxThreadCount(1)
@@ -71,6 +74,12 @@ class CaptionDialog(QDialog):
         model_row = QHBoxLayout()
         model_row.addWidget(self.model_folder, 1)
         model_row.addWidget(browse)
+        self.scope = QComboBox()
+        self.scope.addItems(["The whole dataset", f"Selected images only ({len(self.selection)})"])
+        if self.selection:
+            self.scope.setCurrentIndex(1 if len(self.selection) > 1 else 0)
+        else:
+            self.scope.model().item(1).setEnabled(False)  # nothing selected in the datasets panel
         self.mode = QComboBox()
         self.mode.addItems(list(MODES))
         self.trigger = QLineEdit()
@@ -81,12 +90,14 @@ class CaptionDialog(QDialog):
         self.exclude = QLineEdit()
         self.exclude.setPlaceholderText("tags never written, comma-separated")
         self.prompt = QLineEdit()
-        self.prompt.setPlaceholderText("optional text the caption starts with")
+        self.prompt.setPlaceholderText("vision-language model: the instruction (default: Describe this image "
+                                       "in one sentence.); BLIP: text the caption starts with")
         self.batch_size = QSpinBox(minimum=1, maximum=256, value=8)
 
         form = QFormLayout()
         form.addRow("Model", self.kind)
         form.addRow("Folder", model_row)
+        form.addRow("Images", self.scope)
         form.addRow("Existing captions", self.mode)
         form.addRow("Trigger word", self.trigger)
         form.addRow("General threshold", self.threshold)
@@ -164,6 +175,7 @@ class CaptionDialog(QDialog):
         self.status.setText("Loading the model…")
         mode, trigger = MODES[self.mode.currentText()], self.trigger.text().strip() or None
         choices = self._choices()
+        images = self.selection if self.scope.currentIndex() == 1 else None
 
         def job(progress: Any) -> Any:
             from sdstudio.core.captioning.job import run_caption_job
@@ -173,8 +185,8 @@ class CaptionDialog(QDialog):
             def report(event: Progress) -> None:
                 progress(event.done, event.total)
 
-            return run_caption_job(self.folder, labeler, mode=mode, trigger=trigger, progress=report,
-                                   should_stop=self._stop.is_set)
+            return run_caption_job(self.folder, labeler, mode=mode, trigger=trigger, images=images,
+                                   progress=report, should_stop=self._stop.is_set)
 
         run_in_background(job, self._done, self._failed, on_progress=self._progress, pool=self._pool)
 

@@ -9,6 +9,7 @@ from typing import Any
 from PySide6.QtCore import QItemSelectionModel, QModelIndex, QSize, Qt, QThreadPool, Signal, Slot
 from PySide6.QtGui import QDragEnterEvent, QDropEvent
 from PySide6.QtWidgets import (
+    QCheckBox,
     QFileDialog,
     QHBoxLayout,
     QLabel,
@@ -81,12 +82,17 @@ class DatasetsPanel(QWidget):
         left_layout.addWidget(rescan)
         tools = QHBoxLayout()  # caption tools: their own dialogs (tags_dialog.py, caption_dialog.py)
         for text, tip, slot in (("Tags…", "Tag table, bulk tag edits, undo", self.open_tags),
-                                ("Caption…", "Caption the images with a tagger or captioner", self.open_caption)):
+                                ("Caption…", "Caption the images with a tagger or captioner", self.open_caption),
+                                ("Mask…", "Paint the training mask of the selected image", self.open_masks)):
             button = QPushButton(text)
             button.setToolTip(tip)
             button.clicked.connect(slot)
             tools.addWidget(button)
         left_layout.addLayout(tools)
+        self.show_masks = QCheckBox("Show masks")
+        self.show_masks.setToolTip("Tint the parts of each thumbnail that its mask (name.mask.png) leaves out")
+        self.show_masks.toggled.connect(lambda on: self.model.set_show_masks(on))
+        left_layout.addWidget(self.show_masks)
 
         self.model = ThumbnailModel(self)
         self.grid = QListView()
@@ -100,6 +106,7 @@ class DatasetsPanel(QWidget):
         self.grid.setGridSize(QSize(THUMB_SIZE + 16, THUMB_SIZE + 28))
         self.grid.setSpacing(2)
         self.grid.setModel(self.model)
+        self.grid.setSelectionMode(QListView.SelectionMode.ExtendedSelection)  # a selection for the tools
         self.grid.selectionModel().currentChanged.connect(self._image_selected)
         self.header = QLabel("")
         self.header.setWordWrap(True)
@@ -298,10 +305,35 @@ class DatasetsPanel(QWidget):
 
         return self._open_tool(TagsDialog)
 
+    def selected_images(self) -> list[Path]:
+        """The images selected in the grid, in dataset order."""
+        rows = sorted(index.row() for index in self.grid.selectionModel().selectedIndexes())
+        return [self.model.record(row).path for row in rows]
+
     def open_caption(self) -> QWidget | None:
         from .caption_dialog import CaptionDialog
 
-        return self._open_tool(CaptionDialog)
+        if self._current is None:
+            return None
+        dialog = CaptionDialog(self._current, self, selection=self.selected_images())
+        dialog.captions_changed.connect(self.rescan)
+        dialog.show()
+        return dialog
+
+    def open_masks(self) -> QWidget | None:
+        """The mask editor for the selected images (all of them when one or none is selected)."""
+        from .mask_dialog import MaskDialog
+
+        records = self.model.records()
+        if self._current is None or not records:
+            return None
+        selected = self.selected_images()
+        images = selected if len(selected) > 1 else [r.path for r in records]
+        current = self.caption.record()
+        dialog = MaskDialog(self._current, images, current.path if current else None, self)
+        dialog.mask_saved.connect(lambda _path: self.model.masks_changed())
+        dialog.show()
+        return dialog
 
     def _open_tool(self, dialog_class: Any) -> QWidget | None:
         if self._current is None:
