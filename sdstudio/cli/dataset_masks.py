@@ -67,16 +67,11 @@ def run_masks(args: argparse.Namespace) -> int:
             raise UserError("--prompt is empty: say what to keep, e.g. --prompt 'a dog'")
         if not 0.0 <= args.threshold <= 1.0:
             raise UserError(f"--threshold must be between 0 and 1, not {args.threshold}")
-        from sdstudio.core.data.clipseg import ClipSegSegmenter, SegmenterOptions
+        from sdstudio.core.data.clipseg import SegmenterOptions, prompt_mask_maker
 
-        segmenter = ClipSegSegmenter(args.segmenter, SegmenterOptions(
+        make = prompt_mask_maker(args.segmenter, args.prompt, SegmenterOptions(
             threshold=args.threshold, batch_size=args.batch_size, device=args.device))
-        prompt = args.prompt.strip()
-
-        def make(images: list[Any]) -> list[Any]:
-            return list(segmenter.masks(images, prompt))
-
-        label = f"masks (prompt {prompt!r})"
+        label = f"masks (prompt {args.prompt.strip()!r})"
     result = run_mask_job(args.dir, make, label=label, mode=args.mode, batch_size=args.batch_size,
                           images=only, progress=_progress_printer())
     for image, why in result.failed:
