@@ -123,6 +123,29 @@ def test_caption_cli_writes_sidecars_modes_and_undo(tagger: Path, tmp_path: Path
     assert files(root) == original and not (root / "a.txt").exists()
 
 
+def test_caption_cli_only_captions_the_selected_images(tagger: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "data"
+    for name in ("a.png", "b.png", "c.png", "sub/d.png"):
+        image(root / name, RED)
+    original = files(root)
+    args = ["dataset", "caption", str(root), "--tagger", str(tagger), "--threshold", "0.6",
+            "--exclude", "watermark,^_^"]
+    assert main([*args, "--only", "b.png", "--only", str(root / "sub" / "*.png")]) == 0  # a name, an absolute glob
+    assert sorted(set(files(root)) - set(original)) == ["b.txt", "sub/d.txt"]
+    assert (root / "b.txt").read_text() == "red hair"
+    assert main([*args, "--only", "[ac].png", "--only", "a.png"]) == 0  # overlapping patterns: once each
+    assert "captioned 2 image(s)" in capsys.readouterr().err
+    assert main([*args, "--only", "z*.png"]) == 2  # a typo is an error, never "nothing to do"
+    assert "--only 'z*.png' matches no image" in capsys.readouterr().err
+    assert main([*args, "--only", "a.txt"]) == 2  # a caption file is no image
+    assert main([*args, "--only", str(tmp_path / "elsewhere.png")]) == 2
+    assert "outside the dataset folder" in capsys.readouterr().err
+    for _ in range(2):
+        assert main(["dataset", "undo", str(root)]) == 0
+    assert files(root) == original
+
+
 def test_caption_follows_the_dataset_convention(tagger: Path, tmp_path: Path) -> None:
     kohya = tmp_path / "kohya"
     image(kohya / "5_sks" / "a.png", RED)

@@ -17,34 +17,15 @@ from sdstudio.core.data.masks import read_mask, write_masks
 from sdstudio.core.data.report import build_report, format_report
 from sdstudio.core.data.scan import scan_dataset
 
+try:
+    from tiny_clipseg import build_clipseg
+except ImportError:  # tests/ imported as a package
+    from tests.tiny_clipseg import build_clipseg
+
 
 @pytest.fixture(scope="module")
 def clipseg(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
-    from transformers import (
-        CLIPSegConfig,
-        CLIPSegForImageSegmentation,
-        CLIPSegProcessor,
-        CLIPTokenizer,
-        ViTImageProcessor,
-    )
-
-    from sdstudio.core import paths
-
-    out = tmp_path_factory.mktemp("clipseg")
-    tokenizer = CLIPTokenizer.from_pretrained(paths.resources_dir() / "tokenizers" / "clip")
-    config = CLIPSegConfig(
-        text_config={"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 37,
-                     "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 77},
-        vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
-                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
-        projection_dim=16, reduce_dim=16, extract_layers=[0, 1], decoder_num_attention_heads=2,
-        decoder_intermediate_size=32)
-    torch.manual_seed(0)
-    CLIPSegForImageSegmentation(config).save_pretrained(out)
-    image_processor = ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    CLIPSegProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
-    return out
+    return build_clipseg(tmp_path_factory.mktemp("clipseg"))
 
 
 def _dataset(root: Path) -> Path:
@@ -155,6 +136,21 @@ def test_masks_from_a_prompt_with_clipseg(clipseg: Path, tmp_path: Path,
     for _ in range(3):
         assert main(["dataset", "undo", str(root)]) == 0
     assert not list(root.glob("*.mask.png"))
+
+
+def test_masks_for_a_selection_only(clipseg: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = _dataset(tmp_path / "d")
+    before = _files(root)
+    assert main(["dataset", "masks", str(root), "--from-alpha", "--only", "opaque.png"]) == 0
+    assert "wrote 0 mask(s)" in capsys.readouterr().err and not list(root.glob("*.mask.png"))  # cut.png: not asked
+    args = ["dataset", "masks", str(root), "--prompt", "a red square", "--segmenter", str(clipseg), "--device", "cpu",
+            "--threshold", "0"]
+    assert main([*args, "--only", "p*", "--only", "./cut.png"]) == 0
+    assert sorted(p.name for p in root.glob("*.mask.png")) == ["cut.mask.png", "plain.mask.png"]
+    assert main([*args, "--only", "cut.mask.png"]) == 2  # a mask is no image: never a mask of a mask
+    assert "matches no image" in capsys.readouterr().err
+    assert main(["dataset", "undo", str(root)]) == 0
+    assert _files(root) == before
 
 
 def test_mask_command_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

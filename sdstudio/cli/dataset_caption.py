@@ -49,6 +49,9 @@ def register_caption(commands: Any) -> None:
                          "there is one)")
     caption.add_argument("--restart", action="store_true",
                          help="ignore an interrupted run and start over")
+    caption.add_argument("--only", action="append", metavar="FILE_OR_GLOB",
+                          help="only these images: a file or glob relative to DIR, e.g. 'cat.png' or 'sub/*.jpg' "
+                          "(repeatable; what the app's grid selection does)")
     caption.set_defaults(func=run_caption)
 
 
@@ -83,11 +86,13 @@ def _progress_printer() -> Any:
 
 def run_caption(args: argparse.Namespace) -> int:
     from sdstudio.core.captioning.job import run_caption_job
+    from sdstudio.core.data.image_selection import select_images
 
+    only = select_images(args.dir, args.only) if args.only else None  # before a model loads: typos fail fast
     labeler = _labeler(args)
     try:
         result = run_caption_job(args.dir, labeler, mode=args.mode, trigger=args.trigger, restart=args.restart,
-                                 progress=_progress_printer())
+                                 images=only, progress=_progress_printer())
     except KeyboardInterrupt:
         print("\nstopped: the captions written so far are kept (undo restores them); run the same command "
               "again to continue with the rest", file=sys.stderr)

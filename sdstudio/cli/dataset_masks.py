@@ -34,6 +34,9 @@ def register_masks(commands: Any) -> None:
     masks.add_argument("--batch-size", type=int, default=8, metavar="N", help="images per batch (default 8)")
     masks.add_argument("--device", metavar="DEVICE",
                        help="--prompt: cpu, cuda, mps (default: the GPU when there is one)")
+    masks.add_argument("--only", action="append", metavar="FILE_OR_GLOB",
+                        help="only these images: a file or glob relative to DIR, e.g. 'cat.png' or 'sub/*.jpg' "
+                        "(repeatable; what the app's grid selection does)")
     masks.set_defaults(func=run_masks)
 
 
@@ -46,10 +49,12 @@ def _progress_printer() -> Any:
 
 
 def run_masks(args: argparse.Namespace) -> int:
+    from sdstudio.core.data.image_selection import select_images
     from sdstudio.core.data.masks import masks_from_alpha, run_mask_job
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be 1 or more, not {args.batch_size}")
+    only = select_images(args.dir, args.only) if args.only else None  # before a model loads: typos fail fast
     if args.from_alpha:
         if args.segmenter is not None:
             raise UserError("--segmenter goes with --prompt TEXT, not --from-alpha")
@@ -62,18 +67,13 @@ def run_masks(args: argparse.Namespace) -> int:
             raise UserError("--prompt is empty: say what to keep, e.g. --prompt 'a dog'")
         if not 0.0 <= args.threshold <= 1.0:
             raise UserError(f"--threshold must be between 0 and 1, not {args.threshold}")
-        from sdstudio.core.data.clipseg import ClipSegSegmenter, SegmenterOptions
+        from sdstudio.core.data.clipseg import SegmenterOptions, prompt_mask_maker
 
-        segmenter = ClipSegSegmenter(args.segmenter, SegmenterOptions(
+        make = prompt_mask_maker(args.segmenter, args.prompt, SegmenterOptions(
             threshold=args.threshold, batch_size=args.batch_size, device=args.device))
-        prompt = args.prompt.strip()
-
-        def make(images: list[Any]) -> list[Any]:
-            return list(segmenter.masks(images, prompt))
-
-        label = f"masks (prompt {prompt!r})"
+        label = f"masks (prompt {args.prompt.strip()!r})"
     result = run_mask_job(args.dir, make, label=label, mode=args.mode, batch_size=args.batch_size,
-                          progress=_progress_printer())
+                          images=only, progress=_progress_printer())
     for image, why in result.failed:
         print(f"no mask for {image}: {why}", file=sys.stderr)
     skipped = f", {result.skipped_existing} existing mask(s) left alone (--mode replace to redo them)" \

@@ -189,3 +189,95 @@ def test_caption_dialog_captions_only_the_selected_images(qtbot, tmp_path: Path)
     assert "2 caption(s) written" in dialog.status.text(), dialog.status.text()
     assert (root / "a.txt").read_bytes() == before["a.txt"]  # not selected: left alone
     assert (root / "b.txt").read_bytes() != before["b.txt"] and (root / "c.txt").is_file()
+
+
+def _select(panel, root: Path, names) -> None:
+    from PySide6.QtCore import QItemSelectionModel
+
+    selection = panel.grid.selectionModel()
+    for name in names:
+        selection.select(panel.model.index(panel.model.row_of(root / name)), QItemSelectionModel.SelectionFlag.Select)
+
+
+def _cutouts(root: Path) -> Path:
+    """Four RGBA images, the left half of each transparent."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("a", "b", "c", "d"):
+        cut = Image.new("RGBA", (24, 16), (255, 0, 0, 255))
+        cut.paste((0, 0, 0, 0), (0, 0, 12, 16))
+        cut.save(root / f"{name}.png")
+    return root
+
+
+def test_masks_dialog_masks_the_selection_from_alpha_and_undoes(qtbot, tmp_path: Path) -> None:
+    import numpy as np
+
+    root = _cutouts(tmp_path / "data")
+    before = {p.name: p.read_bytes() for p in root.iterdir() if p.is_file()}
+    panel = _panel(qtbot, root)
+    assert panel.report["counts"]["masked"] == 0
+    _select(panel, root, ("b.png", "d.png"))
+    dialog = panel.open_make_masks()
+    qtbot.addWidget(dialog)
+    assert dialog.scope.currentIndex() == 1 and "(2)" in dialog.scope.currentText()
+    assert not dialog.prompt.isVisible() and not dialog.undo_button.isEnabled()  # alpha: no prompt, no model
+    dialog.start()
+    assert dialog.running and not dialog.run_button.isEnabled() and dialog.stop_button.isEnabled()
+    qtbot.waitUntil(lambda: not dialog.running, timeout=30_000)
+    assert "2 mask(s) written" in dialog.status.text(), dialog.status.text()
+    assert sorted(p.name for p in root.glob("*.mask.png")) == ["b.mask.png", "d.mask.png"]  # the selection only
+    pixels = np.asarray(Image.open(root / "b.mask.png"))
+    assert (pixels[:, :12] == 0).all() and (pixels[:, 12:] == 255).all()
+    # the grid tints the masked thumbnails and the health report counts them, without "Check again"
+    assert panel.show_masks.isChecked() and panel.model.has_mask(panel.model.row_of(root / "d.png"))
+    assert not panel.model.has_mask(panel.model.row_of(root / "a.png"))
+    qtbot.waitUntil(lambda: panel.report["counts"]["masked"] == 2 and not panel.progress.isVisible(), timeout=30_000)
+    dialog.mode.setCurrentText("Skip images that have a mask")
+    dialog.start()
+    qtbot.waitUntil(lambda: not dialog.running, timeout=30_000)
+    assert "0 mask(s) written; 2 existing mask(s) left alone" in dialog.status.text(), dialog.status.text()
+    assert dialog.undo_button.isEnabled()
+    dialog.undo()
+    assert {p.name: p.read_bytes() for p in root.iterdir() if p.is_file()} == before
+    qtbot.waitUntil(lambda: panel.report["counts"]["masked"] == 0 and not panel.progress.isVisible(), timeout=30_000)
+
+
+def test_masks_dialog_masks_from_a_prompt_with_clipseg(qtbot, tmp_path: Path) -> None:
+    import numpy as np
+
+    try:
+        from tiny_clipseg import build_clipseg
+    except ImportError:  # tests/ imported as a package
+        from tests.tiny_clipseg import build_clipseg
+
+    clipseg = build_clipseg(tmp_path / "clipseg")
+    root = _dataset(tmp_path / "data")
+    panel = _panel(qtbot, root)
+    _select(panel, root, ("a.png", "c.png"))
+    dialog = panel.open_make_masks()
+    qtbot.addWidget(dialog)
+    dialog.source.setCurrentText("A text prompt (CLIPSeg model folder)")
+    dialog.start()  # no prompt, no folder: a sentence, no run
+    assert not dialog.running and "prompt" in dialog.status.text()
+    dialog.prompt.setText("a red square")
+    dialog.model_folder.setText(str(tmp_path / "nowhere"))
+    dialog.start()
+    qtbot.waitUntil(lambda: not dialog.running, timeout=30_000)
+    assert "does not exist" in dialog.status.text(), dialog.status.text()  # a clear message, no crash
+    dialog.model_folder.setText(str(clipseg))
+    dialog.threshold.setValue(0.0)  # every sigmoid is above 0: all white
+    dialog.batch_size.setValue(1)
+    dialog.resize(620, 400)
+    dialog.show()
+    qtbot.waitExposed(dialog)
+    dialog.start()
+    qtbot.waitUntil(lambda: not dialog.running, timeout=60_000)
+    assert "2 mask(s) written" in dialog.status.text(), dialog.status.text()
+    assert sorted(p.name for p in root.glob("*.mask.png")) == ["a.mask.png", "c.mask.png"]
+    for name in ("a", "c"):
+        with Image.open(root / f"{name}.mask.png") as mask:
+            assert mask.mode == "L" and mask.size == (24, 16) and (np.asarray(mask) == 255).all()
+    _shot(dialog, "masks-dialog.png")
+    qtbot.waitUntil(lambda: panel.report["counts"]["masked"] == 2 and not panel.progress.isVisible(), timeout=30_000)
+    panel.resize(900, 500)
+    _shot(panel, "datasets-masks-panel.png")

@@ -15,6 +15,7 @@ from typing import Any
 from PIL import Image
 
 from sdstudio.core.captioning.model_folder import model_source, pick_device
+from sdstudio.core.data.masks import MaskMaker
 from sdstudio.core.errors import UserError
 
 
@@ -73,3 +74,17 @@ class ClipSegSegmenter:
                 keep = (scaled > self.options.threshold).to(torch.uint8).mul(255).numpy()
                 out.append(Image.fromarray(keep))  # uint8 HxW: an L image
         return out
+
+
+def prompt_mask_maker(folder: Path | str, prompt: str, options: SegmenterOptions | None = None) -> MaskMaker:
+    """A mask maker keeping what ``prompt`` names, with the CLIPSeg model of ``folder`` (loaded now:
+    call it off the GUI thread)."""
+    prompt = prompt.strip()
+    if not prompt:
+        raise UserError("a mask prompt is needed: say what to keep, e.g. 'a dog'")
+    segmenter = ClipSegSegmenter(folder, options)
+
+    def make(images: list[Image.Image]) -> list[Image.Image | str]:
+        return list(segmenter.masks(images, prompt))
+
+    return make

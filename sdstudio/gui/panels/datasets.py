@@ -80,19 +80,23 @@ class DatasetsPanel(QWidget):
         row.addWidget(self.remove_button)
         left_layout.addLayout(row)
         left_layout.addWidget(rescan)
-        tools = QHBoxLayout()  # caption tools: their own dialogs (tags_dialog.py, caption_dialog.py)
-        for text, tip, slot in (("Tags…", "Tag table, bulk tag edits, undo", self.open_tags),
-                                ("Caption…", "Caption the images with a tagger or captioner", self.open_caption),
-                                ("Mask…", "Paint the training mask of the selected image", self.open_masks)):
+        tools, mask_tools = QHBoxLayout(), QHBoxLayout()  # the dataset tools: their own dialogs
+        for line, text, tip, slot in (
+                (tools, "Tags…", "Tag table, bulk tag edits, undo", self.open_tags),
+                (tools, "Caption…", "Caption the images with a tagger or captioner", self.open_caption),
+                (tools, "Masks…", "Make masks from the alpha channel or a text prompt",
+                 self.open_make_masks),
+                (mask_tools, "Paint mask…", "Paint the training mask of the selected image", self.open_masks)):
             button = QPushButton(text)
             button.setToolTip(tip)
             button.clicked.connect(slot)
-            tools.addWidget(button)
+            line.addWidget(button)
         left_layout.addLayout(tools)
         self.show_masks = QCheckBox("Show masks")
         self.show_masks.setToolTip("Tint the parts of each thumbnail that its mask (name.mask.png) leaves out")
         self.show_masks.toggled.connect(lambda on: self.model.set_show_masks(on))
-        left_layout.addWidget(self.show_masks)
+        mask_tools.addWidget(self.show_masks)
+        left_layout.addLayout(mask_tools)
 
         self.model = ThumbnailModel(self)
         self.grid = QListView()
@@ -334,6 +338,26 @@ class DatasetsPanel(QWidget):
         dialog.mask_saved.connect(lambda _path: self.model.masks_changed())
         dialog.show()
         return dialog
+
+    def open_make_masks(self) -> QWidget | None:
+        """The Masks dialog: masks from the alpha channel or a prompt, for the selection or the dataset."""
+        from .masks_dialog import MasksDialog
+
+        if self._current is None:
+            return None
+        dialog = MasksDialog(self._current, self, selection=self.selected_images())
+        dialog.masks_changed.connect(self._masks_written)
+        dialog.show()
+        return dialog
+
+    def _masks_written(self) -> None:
+        """Masks were written or undone: tint the thumbnails again (showing masks: the user just made some) and
+        recount them in the health report."""
+        if self.show_masks.isChecked():
+            self.model.masks_changed()
+        else:
+            self.show_masks.setChecked(True)  # looks the masks up again
+        self.rescan()
 
     def _open_tool(self, dialog_class: Any) -> QWidget | None:
         if self._current is None:
