@@ -27,6 +27,10 @@ class _KeySource:
         self.order, self.batch, self.rank = order, batch, rank
         self.epoch, self.start = 0, 0
 
+    def seek(self, epoch: int, start: int) -> None:
+        """The next iteration walks epoch ``epoch`` from its batch ``start``."""
+        self.epoch, self.start = epoch, start
+
     def __iter__(self) -> Iterator[list[SampleKey]]:
         for keys in self.order.batches(self.epoch, self.start):
             yield keys[self.rank * self.batch:(self.rank + 1) * self.batch]
@@ -96,8 +100,7 @@ class TrainingBatches:
 
     def batch_groups(self, epoch: int, step_in_epoch: int) -> Iterator[list[dict[str, Any]]]:
         """The rest of epoch ``epoch`` from step ``step_in_epoch`` as groups of ``gradient_accumulation`` batches."""
-        self.keys.epoch = epoch
-        self.keys.start = step_in_epoch * self.accum
+        self.keys.seek(epoch, step_in_epoch * self.accum)
         group: list[dict[str, Any]] = []
         remaining = self.steps_per_epoch - step_in_epoch
         for batch in self.loader:

@@ -284,9 +284,9 @@ def _epochs(s: TrainingSession, control: TrainingControl, metrics: MetricsWriter
             continue
         break
     if reason in ("completed", "early_stopped"):
-        if not cfg.train.val_every_steps or p.step % cfg.train.val_every_steps:
-            if p.last_val_step != p.step:
-                yield from _validate(s, metrics)
+        on_the_val_schedule = cfg.train.val_every_steps and p.step % cfg.train.val_every_steps == 0
+        if not on_the_val_schedule and p.last_val_step != p.step:
+            yield from _validate(s, metrics)
         if cfg.sample.at_end and p.last_sample_step != p.step:
             yield from _sample(s, metrics, tensorboard)
         if s.evaluation.due_at_end(p.step):
