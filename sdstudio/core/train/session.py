@@ -195,7 +195,7 @@ class TrainingSession(FeatureCachingMixin, SamplingMixin):
         diffusion = self.bundle.diffusion_for(cfg.diffusion)
         if diffusion.zero_terminal_snr and not cfg.diffusion.zero_terminal_snr:
             log.info("the base model is a zero-terminal-SNR model: training with a rescaled schedule")
-        self.sched = training_scheduler(diffusion, pixel_space=self.bundle.family == "pixel")
+        self.sched = training_scheduler(diffusion, pixel_space=self.bundle.model_family.pixel_space)
         self.sched.alphas_cumprod = self.sched.alphas_cumprod.to(self.device)
         self.trainable_params = [p for p in self.bundle.trainable.parameters() if p.requires_grad]
         self.param_names = [n for n, p in self.bundle.trainable.named_parameters() if p.requires_grad]
