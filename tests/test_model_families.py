@@ -45,8 +45,8 @@ def test_every_family_answers_every_question(family: ModelFamily) -> None:
     assert set(family.sampling.as_dict()) == {"sampler", "steps", "guidance", "negative_prompt"}
     assert family.activation_bytes_per_pixel > 0
     assert family.base_model_version("epsilon") and family.modelspec_architecture
-    assert family.claims_lora_metadata({"ss_base_model_version": family.base_model_version("epsilon")})
-    assert family.claims_lora_metadata({"modelspec.architecture": family.modelspec_architecture + "/lora"})
+    assert family_of_lora({"ss_base_model_version": family.base_model_version("epsilon")}) is family
+    assert family_of_lora({"modelspec.architecture": family.modelspec_architecture + "/lora"}) is family
     if family.supports_lora:
         assert family.default_lora_targets in family.lora_targets
         assert set(family.lora_targets) == set(get_args(RunConfig.model_fields["lora"].annotation
@@ -90,6 +90,9 @@ def test_lora_metadata_names_its_family() -> None:
     assert family_of_lora({"ss_base_model_version": "sd_v2_768_v"}).name == "sd2"
     assert family_of_lora({"modelspec.architecture": "stable-diffusion-v1/lora"}).name == "sd1"
     assert family_of_lora({}) is None
+    # kohya's base version wins over a modelspec that says otherwise (what kohya-based tools go by)
+    assert family_of_lora({"ss_base_model_version": "sdxl_base_v1-0",
+                           "modelspec.architecture": "stable-diffusion-v1/lora"}).name == "sdxl"
 
 
 def test_recognise_model_files(tiny_sd1: Path, tmp_path: Path) -> None:

@@ -111,13 +111,6 @@ class ModelFamily:
         """ss_base_model_version of an export (SD2 names its v-prediction variant)."""
         return self.kohya_base_version or self.name
 
-    def claims_lora_metadata(self, metadata: Mapping[str, str]) -> bool:
-        """Does a LoRA file's kohya / modelspec metadata say it was trained for this family?"""
-        base = metadata.get("ss_base_model_version", "").lower()
-        arch = metadata.get("modelspec.architecture", "").lower()
-        base_prefix, arch_part = self.lora_metadata_markers
-        return bool((base_prefix and base.startswith(base_prefix)) or (arch_part and arch_part in arch))
-
     def recognise(self, path: Path) -> bool:
         """Is ``path`` (an existing file or folder) a model of this family? Cheap: headers and configs only."""
         return False

@@ -34,5 +34,16 @@ def recognise_model(path: Path) -> ModelFamily | None:
 
 
 def family_of_lora(metadata: dict[str, str]) -> ModelFamily | None:
-    """The family a LoRA file says it was trained for (kohya / modelspec metadata), None when it does not say."""
-    return next((family for family in _FAMILIES if family.claims_lora_metadata(metadata)), None)
+    """The family a LoRA file says it was trained for, None when it does not say: kohya's
+    ss_base_model_version first (what kohya-based tools go by), then modelspec.architecture."""
+    base = metadata.get("ss_base_model_version", "").lower()
+    arch = metadata.get("modelspec.architecture", "").lower()
+    for family in _FAMILIES:
+        prefix = family.lora_metadata_markers[0]
+        if prefix and base.startswith(prefix):
+            return family
+    for family in _FAMILIES:
+        part = family.lora_metadata_markers[1]
+        if part and part in arch:
+            return family
+    return None

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from ..bundle import ModelBundle
 
 _NO_LORA = ("LoRA formats export a LoRA but this run trains none: a from-scratch (pixel) model has no LoRA; "
-            "export it as diffusers-folder.")
+            "export it as a diffusers folder (diffusers-folder).")
 
 
 class PixelFamily(ModelFamily):
@@ -40,7 +40,7 @@ class PixelFamily(ModelFamily):
         "kohya": _NO_LORA,
         "diffusers": _NO_LORA,
         "single-file": "A from-scratch (pixel) model has no Stable Diffusion single-file layout that A1111 / "
-                       "ComfyUI could load; export it as diffusers-folder.",
+                       "ComfyUI could load; export it as a diffusers folder (diffusers-folder).",
     }
     export_writers: ClassVar[dict[str, str]] = {"diffusers-folder": "pixel_folder:export_pixel_folder"}
     kohya_base_version = "sdstudio_pixel"
