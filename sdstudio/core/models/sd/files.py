@@ -10,8 +10,6 @@ from typing import Any
 
 from ..family import ModelFileError
 
-__all__ = ["SINGLE_FILE_SUFFIXES", "ModelFileError", "SDComponents", "inspect_model", "load_sd_components"]
-
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 

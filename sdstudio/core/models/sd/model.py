@@ -14,10 +14,8 @@ from torch import nn
 from ...config import RunConfig
 from ..bundle import ModelBundle
 from ..registry import get_family
-from .family import LORA_TARGETS
 from .files import SDComponents, load_sd_components
 
-__all__ = ["LORA_TARGETS", "SDBundle", "SDDenoiser", "build_sd_model", "text_lora_targets"]
 # Text-encoder LoRA targets (CLIP layers): the attention projections, all four (A1111 applies a LoRA on
 # OpenCLIP's fused attention only when q/k/v/out are all present); with "attention_ff" / "all" also the MLP,
 # which is what kohya's networks.lora trains by default (CLIPAttention + CLIPMLP).
