@@ -263,7 +263,7 @@ def sdstudio_loop(w: Workload, tiny: bool, device: torch.device, steps: int, com
     session = TrainingSession(config, run_dir=None, resume=False)
     session.prepare_data()
     # the one stand-in: the checkpoint loader returns the random-weight components (see docs/gpu-benchmark.md)
-    with mock.patch("sdstudio.core.models.sd.load_sd_components", load_random):
+    with mock.patch("sdstudio.core.models.sd.model.load_sd_components", load_random):
         session.build()
     unet = components.unet
     shapes = Shapes.of(unet)

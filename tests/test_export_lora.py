@@ -106,7 +106,7 @@ def test_export_refuses_overwrite_and_foreign_input(tiny_sd1: Path, four_images:
 
 
 def test_full_finetune_single_file_equals_diffusers_folder(tiny_sd1: Path, four_images: Path, tmp_path: Path) -> None:
-    from sdstudio.core.models.sd_files import load_sd_components
+    from sdstudio.core.models.sd.files import load_sd_components
     from sdstudio.core.train import state
 
     cfg = sd_config("sd15-full", tiny_sd1, four_images, **{"train.max_steps": 2, "train.learning_rate": 1e-2,

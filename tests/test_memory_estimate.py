@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from sdstudio.core.models.sd import build_sd_model
+from sdstudio.core.models.sd.model import build_sd_model
 from sdstudio.core.train.memory import GIB, estimate_memory, memory_advice
 from tests.sd_helpers import sd_config
 

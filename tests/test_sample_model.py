@@ -62,7 +62,7 @@ def lora_run(tiny_sd1: Path, four_images: Path, tmp_path_factory: pytest.TempPat
 
 def test_sample_an_sd_folder_and_the_same_model_as_a_single_file(tiny_sd1: Path, tmp_path: Path) -> None:
     from sdstudio.core.export.single_file import write_single_file
-    from sdstudio.core.models.sd_files import load_sd_components
+    from sdstudio.core.models.sd.files import load_sd_components
 
     images = sample(["--model", str(tiny_sd1)], tmp_path / "folder", "a red circle", "a blue square")
     names = sorted(p.name for p in (tmp_path / "folder").glob("*.png"))
@@ -182,7 +182,7 @@ def test_sample_run_of_a_mixed_precision_run_uses_autocast(tiny_sd1: Path, four_
                                                            monkeypatch) -> None:
     """A GPU run in bf16 keeps its frozen weights in bf16; `sample --run` must sample under autocast as the run's
     previews do (fp32 latents against bf16 weights failed). Imitated on the CPU by loading in bf16."""
-    from sdstudio.core.models import sd as sd_module
+    from sdstudio.core.models.sd import model as sd_module
     from sdstudio.core.sampling.from_run import load_trained
     from sdstudio.core.train.loop import train
     from tests.sd_helpers import sd_config

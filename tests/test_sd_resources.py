@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from sdstudio.core.errors import UserError
-from sdstudio.core.models import offline, tiny
+from sdstudio.core.models import tiny
+from sdstudio.core.models.sd import offline
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from sdstudio.core import events as ev
-from sdstudio.core.models.sd_files import ModelFileError, inspect_model, load_sd_components
+from sdstudio.core.models.sd.files import ModelFileError, inspect_model, load_sd_components
 from sdstudio.core.train.loop import train
 from tests.sd_helpers import losses, sd_config
 

@@ -19,7 +19,7 @@ from sdstudio.core import events as ev
 from sdstudio.core.control import TrainingControl
 from sdstudio.core.errors import CheckpointError
 from sdstudio.core.export.api import export
-from sdstudio.core.models.sd import build_sd_model
+from sdstudio.core.models.sd.model import build_sd_model
 from sdstudio.core.runs import read_metrics
 from sdstudio.core.sampling.from_run import load_trained
 from sdstudio.core.train.loop import train
@@ -287,7 +287,7 @@ def test_lora_exports_carry_the_text_encoders(family: str, tiny_sd1: Path, tiny_
 
 
 def test_text_encoder_lora_is_merged_into_full_exports(tiny_sd1: Path, four_images: Path, tmp_path: Path) -> None:
-    from sdstudio.core.models.sd_files import load_sd_components
+    from sdstudio.core.models.sd.files import load_sd_components
 
     run = tmp_path / "run"
     run_to_end(te_lora_config(tiny_sd1, four_images), run)
@@ -306,7 +306,7 @@ def test_text_encoder_lora_is_merged_into_full_exports(tiny_sd1: Path, four_imag
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_full_finetune_trains_the_text_encoders_and_exports_them(family: str, tiny_sd1: Path, tiny_sdxl: Path,
                                                                   four_images: Path, tmp_path: Path) -> None:
-    from sdstudio.core.models.sd_files import load_sd_components
+    from sdstudio.core.models.sd.files import load_sd_components
 
     sdxl = family == "sdxl"
     model = tiny_sdxl if sdxl else tiny_sd1
@@ -353,7 +353,7 @@ def test_dtypes_under_mixed_precision(family: str, tiny_sd1: Path, tiny_sdxl: Pa
                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """With a 16-bit weight dtype (a GPU's bf16, imitated on the CPU): the text encoders' base weights are bf16,
     their adapters fp32, and a step under autocast sends gradients into every adapter."""
-    from sdstudio.core.models import sd
+    from sdstudio.core.models.sd import model as sd
 
     monkeypatch.setattr(sd, "_weight_dtype", lambda config, device: torch.bfloat16)
     sdxl = family == "sdxl"
@@ -378,8 +378,8 @@ def test_a_fully_trained_text_encoder_starts_from_the_files_exact_weights(tiny_s
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """Under a 16-bit weight dtype the frozen modules are cast down, but a fully trained encoder must reach fp32
     straight from the file (a round trip through bf16 would change every tensor it checkpoints and exports)."""
-    from sdstudio.core.models import sd
-    from sdstudio.core.models.sd_files import load_sd_components
+    from sdstudio.core.models.sd import model as sd
+    from sdstudio.core.models.sd.files import load_sd_components
 
     base = load_sd_components(tiny_sd1, family="sd1").text_encoder.state_dict()
     monkeypatch.setattr(sd, "_weight_dtype", lambda config, device: torch.bfloat16)
@@ -441,7 +441,7 @@ def test_sd2_text_encoder_lora_exports_kohya_keys_and_merges_into_the_openclip_l
     into the single file, which reads back with the trained encoder's outputs."""
     from safetensors import safe_open
 
-    from sdstudio.core.models.sd_files import load_sd_components
+    from sdstudio.core.models.sd.files import load_sd_components
     from tests.test_export_single_file import _save_sd2, tiny_sd2_components
 
     model = _save_sd2(tiny_sd2_components(), tmp_path / "sd2")

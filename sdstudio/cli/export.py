@@ -7,20 +7,18 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import UserError
-
-FORMATS = ("kohya", "diffusers", "single-file", "diffusers-folder")
-DTYPES = ("fp32", "fp16", "bf16")
+from ..core.export.formats import DTYPE_NAMES, EXPORT_FORMATS, FORMAT_NAMES, get_format
 
 
 def register(sub: Any) -> None:
     p = sub.add_parser("export", help="export a trained LoRA or model for A1111 / ComfyUI / diffusers")
     p.add_argument("source", type=Path, metavar="RUN_DIR|CHECKPOINT_DIR",
                    help="a run folder (its newest valid checkpoint) or a checkpoint folder")
-    p.add_argument("--format", required=True, choices=FORMATS,
-                   help="kohya / diffusers: LoRA files; single-file: a full model in the original layout; "
-                        "diffusers-folder: a diffusers pipeline folder")
+    p.add_argument("--format", required=True, choices=FORMAT_NAMES,
+                   help="; ".join(f"{f.name}: {f.label}" for f in EXPORT_FORMATS.values()))
     p.add_argument("--out", type=Path, required=True, help="output file (a folder for diffusers-folder)")
-    p.add_argument("--dtype", choices=DTYPES, default="fp16", help="tensor dtype of the export (default fp16)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default=DTYPE_NAMES[0],
+                   help=f"tensor dtype of the export (default {DTYPE_NAMES[0]})")
     p.add_argument("--ema", action="store_true", help="export the EMA weights (the run must have used EMA)")
     p.add_argument("--best", action="store_true", help="export the checkpoint with the best validation loss")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
@@ -28,14 +26,13 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from ..core.export.api import export
+    from ..core.export.formats import torch_dtype
 
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    if args.format != "diffusers-folder" and args.out.suffix.lower() != ".safetensors":
-        raise UserError(f"--out {args.out}: a {args.format} export is a .safetensors file; name it *.safetensors")
-    path = export(args.source, args.format, args.out, dtype=dtype, use_ema=args.ema, force=args.force,
+    fmt = get_format(args.format)
+    if not fmt.folder and args.out.suffix.lower() != fmt.suffix:
+        raise UserError(f"--out {args.out}: a {fmt.name} export is a {fmt.suffix} file; name it *{fmt.suffix}")
+    path = export(args.source, args.format, args.out, dtype=torch_dtype(args.dtype), use_ema=args.ema, force=args.force,
                   best=args.best)
     print(f"exported {args.format} to {path}")
     return 0

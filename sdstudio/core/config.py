@@ -12,6 +12,8 @@ from typing import Any, Literal, get_args, get_origin
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ConfigError
+from .export.formats import DTYPE_NAMES, FORMAT_NAMES, export_problem
+from .models.registry import FAMILY_NAMES, get_family
 
 SCHEMA_VERSION = 1
 
@@ -76,9 +78,10 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    family: Literal["pixel", "sd1", "sd2", "sdxl"] = Field("pixel", description="pixel: a small model "
-                                                           "trained from scratch in pixel space; sd1/sd2/sdxl:"
-                                                           " Stable Diffusion fine-tunes.")
+    # the registry's families (core/models/registry.py)
+    family: Literal[FAMILY_NAMES] = Field(  # type: ignore[valid-type]
+        "pixel", description="pixel: a small model trained from scratch in pixel space; sd1/sd2/sdxl: Stable "
+        "Diffusion fine-tunes.")
     path: str = Field("", description="Base model: a diffusers folder or a .safetensors/.ckpt file "
                       "(SD families).")
     vae_path: str = Field("", description="Optional separate VAE file or folder.")
@@ -232,11 +235,11 @@ class EvalConfig(Section):
 
 
 class ExportConfig(Section):
-    formats: list[Literal["kohya", "diffusers", "single-file", "diffusers-folder"]] = Field(
+    formats: list[Literal[FORMAT_NAMES]] = Field(  # type: ignore[valid-type]
         default_factory=list, description="Export automatically at the end of the run (into the run's exports/ "
         "folder) in these formats; empty = no automatic export.")
     every_epochs: int = Field(0, ge=0, description="Also export every N epochs (0 = only at the end).")
-    dtype: Literal["fp32", "fp16", "bf16"] = Field("fp16", description="Tensor dtype of automatic exports.")
+    dtype: Literal[DTYPE_NAMES] = Field("fp16", description="Tensor dtype of automatic exports.")  # type: ignore[valid-type]
     ema: bool = Field(False, description="Export the EMA weights (needs train.ema).")
 
 
@@ -269,19 +272,11 @@ class RunConfig(BaseModel):
         if bad:
             problems.append(f"model.block_channels: {bad} not divisible by model.norm_groups="
                             f"{m.norm_groups}; use multiples of {m.norm_groups}")
-        if m.family == "pixel" and m.conditional:
-            heads = [c for c, a in zip(m.block_channels, m.attention_levels) if a and c % m.attention_head_dim]
-            if heads:
-                problems.append(f"model.attention_head_dim: {m.attention_head_dim} does not divide the "
-                                f"attention levels' channels {heads}")
+        family = get_family(m.family)
+        problems += family.config_problems(self)
         if m.text_width % m.text_heads:
             problems.append(f"model.text_heads: {m.text_heads} does not divide model.text_width="
                             f"{m.text_width}")
-        if m.family == "pixel":
-            side = self.data.resolution
-            if side % (2 ** (len(m.block_channels) - 1)):
-                problems.append(f"data.resolution: {side} must be divisible by "
-                                f"{2 ** (len(m.block_channels) - 1)} for {len(m.block_channels)} UNet levels")
         if t.max_steps == 0 and t.epochs == 0:
             problems.append("train.max_steps and train.epochs: both 0; set one of them to say when the "
                             "run ends")
@@ -300,14 +295,10 @@ class RunConfig(BaseModel):
         if self.diffusion.schedule != "cosine" and self.diffusion.beta_end <= self.diffusion.beta_start:
             problems.append(f"diffusion.beta_end: {self.diffusion.beta_end} must be above "
                             f"diffusion.beta_start={self.diffusion.beta_start}")
-        lora_formats = {"kohya", "diffusers"} & set(self.export.formats)
-        if lora_formats and not (self.lora.enabled and m.family != "pixel"):
-            problems.append(f"export.formats: {sorted(lora_formats)} export a LoRA but this run trains none "
-                            "(lora.enabled = false or model.family = 'pixel'); use diffusers-folder "
-                            "(or single-file for an SD model)")
-        if m.family == "pixel" and "single-file" in self.export.formats:
-            problems.append("export.formats: from-scratch (pixel) models cannot be exported as single-file; "
-                            "use diffusers-folder")
+        for fmt in self.export.formats:
+            reason = export_problem(fmt, family, lora=self.lora.enabled)
+            if reason:
+                problems.append(f"export.formats: {fmt!r} does not fit this run. {reason}")
         if t.train_text_encoder and self.lora.enabled:
             problems.append("train.train_text_encoder: true trains the whole text encoder, but this is a LoRA run "
                             "(lora.enabled = true); use lora.text_encoder for a text-encoder LoRA")
@@ -315,7 +306,7 @@ class RunConfig(BaseModel):
             problems.append("lora.text_encoder: true, but lora.enabled = false (a full fine-tune); use "
                             "train.train_text_encoder to train the whole text encoder")
         trains_text = (self.lora.text_encoder if self.lora.enabled else t.train_text_encoder)
-        if trains_text and m.family != "pixel" and self.data.cache_text_embeddings:
+        if trains_text and family.text_embeddings_cacheable and self.data.cache_text_embeddings:
             key = "lora.text_encoder" if self.lora.enabled else "train.train_text_encoder"
             problems.append(f"data.cache_text_embeddings: true, but {key} = true trains the text encoder, so its "
                             "embeddings change every step; turn one of them off")
@@ -347,7 +338,7 @@ class RunConfig(BaseModel):
     def readiness_problems(self) -> list[str]:
         """What still stops this (valid) config from running: presets may leave paths for the user."""
         problems = []
-        if self.model.family != "pixel" and not self.model.path:
+        if get_family(self.model.family).fine_tunes_base_model and not self.model.path:
             problems.append(f"model.path: empty, but model.family = {self.model.family!r} fine-tunes a base model; "
                             "set it to a diffusers folder or a .safetensors/.ckpt file")
         return problems

@@ -11,6 +11,7 @@ import torch
 
 from ..atomic import write_folder_atomic
 from ..errors import UserError
+from ..models.registry import get_family
 from .metadata import training_metadata
 from .source import ExportSource
 
@@ -29,19 +30,14 @@ def _merge_lora(unet: torch.nn.Module) -> None:
 
 def trained_components(source: ExportSource) -> Any:
     """The base model with the run's trained weights (LoRAs merged, text encoders' too), on the CPU, fp32."""
-    if source.family == "pixel":
-        raise UserError(f"{source.checkpoint}: a from-scratch (pixel) model has no Stable Diffusion layout; "
-                        "single-file and diffusers-folder exports of pixel models are not available yet")
-    from ..models.sd import build_sd_model
-
     config = source.config.with_overrides({"train.mixed_precision": "no"})
-    bundle = build_sd_model(config, torch.device("cpu"))
+    bundle = get_family(source.family).build(config, [], device=torch.device("cpu"))
     bundle.load_trainable_state(source.weights, source.checkpoint)
-    comps = bundle.components
-    if bundle.lora:
+    comps = bundle.components  # type: ignore[attr-defined]
+    if bundle.lora:  # type: ignore[attr-defined]
         _merge_lora(comps.unet)
-        if bundle.train_text:  # a text-encoder LoRA is folded into its encoder(s) the same way
-            for module in bundle.text_encoders().values():
+        if bundle.train_text:  # type: ignore[attr-defined]  # a text-encoder LoRA is folded in the same way
+            for module in bundle.text_encoders().values():  # type: ignore[attr-defined]
                 _merge_lora(module)
     # a full fine-tune with train.train_text_encoder loaded the trained encoder weights into these modules
     for module in (comps.unet, comps.vae, comps.text_encoder, comps.text_encoder_2):
@@ -80,20 +76,15 @@ def check_folder_target(folder: Path, force: bool) -> None:
 def export_diffusers_folder(source: ExportSource, folder: Path, *, dtype: torch.dtype = torch.float16,
                             force: bool = False) -> Path:
     """A complete pipeline folder (`from_pretrained`), written next to its final place and renamed."""
-    from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import DDPMScheduler
 
     check_folder_target(folder, force)
     comps = trained_components(source)
     sched = DDPMScheduler.from_config(comps.scheduler_config)
-    parts: dict[str, Any] = {"unet": comps.unet.to(dtype), "vae": comps.vae.to(dtype),
-                             "text_encoder": comps.text_encoder.to(dtype), "tokenizer": comps.tokenizer,
-                             "scheduler": sched}
-    if source.family == "sdxl":
-        pipe = StableDiffusionXLPipeline(**parts, text_encoder_2=comps.text_encoder_2.to(dtype),
-                                         tokenizer_2=comps.tokenizer_2)
-    else:
-        pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+    for module in (comps.unet, comps.vae, comps.text_encoder, comps.text_encoder_2):
+        if module is not None:
+            module.to(dtype)
+    pipe = get_family(source.family).pipeline(comps, sched)  # type: ignore[attr-defined]
     try:
         return write_folder_atomic(folder, lambda tmp: pipe.save_pretrained(str(tmp), safe_serialization=True))
     except OSError as exc:

@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import UserError
+from ..models.registry import get_family
 from .metadata import cast, training_metadata, write_safetensors
 from .source import ExportSource, lora_peft_state
 
@@ -40,11 +41,6 @@ def _sdxl_module_name(module: str, layers_per_block: int) -> str:
     if head == "mid_block" and parts[1] == "resnets":
         return ".".join(["middle_block", str(2 * int(parts[2])), *parts[3:]])
     raise UserError(f"kohya export: no original-layout name for the SDXL module {module!r}")
-
-
-# kohya's prefixes of the text encoders: SD1/SD2 have one, SDXL two (CLIP-L = te1, OpenCLIP bigG = te2)
-KOHYA_TEXT_PREFIX = {"text_encoder": "lora_te"}
-KOHYA_SDXL_TEXT_PREFIX = {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
 
 
 def text_module_path(module: str) -> str:
@@ -84,19 +80,19 @@ def kohya_state(source: ExportSource, dtype: torch.dtype) -> dict[str, torch.Ten
     lora = source.lora
     assert lora is not None
     layers = int(source.architecture.get("layers_per_block", 2))
-    sdxl = source.family == "sdxl"
+    family = get_family(source.family)
 
     def unet_name(module: str) -> str:
-        if not sdxl:
+        if not family.kohya_unet_ldm_names:
             return module
         if ".resnets." in module or module.startswith(("conv_", "time_", "add_")) or ".upsamplers." in module \
                 or ".downsamplers." in module:
-            raise UserError("kohya export of an SDXL LoRA trained on convolution layers (lora.targets = 'all') "
+            raise UserError(f"kohya export of an {family.short_title} LoRA trained on convolution layers (lora.targets = 'all') "
                             "is not supported yet; export it in the diffusers format")
         return _sdxl_module_name(module, layers)
 
     out = _kohya_pairs(lora_peft_state(source), source, "lora_unet", lora["alpha"], unet_name)
-    prefixes = KOHYA_SDXL_TEXT_PREFIX if sdxl else KOHYA_TEXT_PREFIX
+    prefixes = family.kohya_text_prefixes
     for name, state in text_lora_states(source).items():
         out.update(_kohya_pairs(state, source, prefixes[name], lora["alpha"]))
     return cast(out, dtype)
@@ -109,14 +105,13 @@ def export_kohya_lora(source: ExportSource, path: Path, *, dtype: torch.dtype = 
     return write_safetensors(tensors, path, meta, force=force)
 
 
-def adapter_config(lora: dict[str, Any], target_modules: list[str] | str | None = None) -> dict[str, Any]:
+def adapter_config(lora: dict[str, Any], target_modules: list[str] | str | None = None, *,
+                   family: str = "sd1") -> dict[str, Any]:
     """The peft LoraConfig of the run, as diffusers stores it so `load_lora_weights` restores alpha; the UNet's
     unless ``target_modules`` (a text encoder's, as model.json records them) is given."""
     from peft import LoraConfig
 
-    from ..models.sd import LORA_TARGETS
-
-    targets = LORA_TARGETS[lora["targets"]] if target_modules is None else target_modules
+    targets = get_family(family).lora_targets[lora["targets"]] if target_modules is None else target_modules
     cfg = LoraConfig(r=int(lora["rank"]), lora_alpha=float(lora["alpha"]), lora_dropout=float(lora["dropout"]),
                      target_modules=targets, init_lora_weights="gaussian")
     out = cfg.to_dict()
@@ -128,20 +123,19 @@ def export_diffusers_lora(source: ExportSource, path: Path, *, dtype: torch.dtyp
     """`pytorch_lora_weights.safetensors` style, written by diffusers' own `save_lora_weights` (so its
     loader reads it back as written), plus sdstudio's header metadata. A text-encoder LoRA goes in as
     ``text_encoder.text_model.…`` (+ ``text_encoder_2.…``) with its own adapter config."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    from ..models.sd import text_lora_targets
+    from ..models.sd.model import text_lora_targets
 
     lora = source.lora
     assert lora is not None
     peft = cast(lora_peft_state(source), dtype)
-    kwargs: dict[str, Any] = {"unet_lora_layers": peft, "unet_lora_adapter_metadata": adapter_config(lora)}
+    kwargs: dict[str, Any] = {"unet_lora_layers": peft,
+                              "unet_lora_adapter_metadata": adapter_config(lora, family=source.family)}
     recorded = source.architecture.get("text_encoder_lora_targets") or {}
     for name, state in text_lora_states(source).items():
         kwargs[f"{name}_lora_layers"] = cast(state, dtype)
         targets = recorded.get(name) or text_lora_targets(lora["targets"])
         kwargs[f"{name}_lora_adapter_metadata"] = adapter_config(lora, targets)
-    pipe_cls = StableDiffusionXLPipeline if source.family == "sdxl" else StableDiffusionPipeline
+    pipe_cls = get_family(source.family).pipeline_class()  # type: ignore[attr-defined]
     with tempfile.TemporaryDirectory(prefix="sdstudio-export-") as tmp:
         pipe_cls.save_lora_weights(tmp, **kwargs, safe_serialization=True, weight_name="lora.safetensors")
         with safe_open(str(Path(tmp) / "lora.safetensors"), framework="pt") as fh:

@@ -16,11 +16,8 @@ from safetensors.torch import save
 
 from ... import __version__
 from ..errors import UserError
+from ..models.registry import get_family
 from .source import ExportSource
-
-BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "pixel": "sdstudio_pixel"}
-ARCHITECTURE = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-768-v", "sdxl": "stable-diffusion-xl-v1-base",
-                "pixel": "sdstudio-pixel"}
 
 
 def _iso(ts: float | None) -> str:
@@ -56,14 +53,13 @@ def _dataset_facts(source: ExportSource) -> tuple[dict[str, Any], dict[str, Any]
 
 def training_metadata(source: ExportSource, *, title: str, lora: bool) -> dict[str, str]:
     cfg = source.config
-    family = source.family
+    family = get_family(source.family)
     tags, dirs, n_images = _dataset_facts(source)
     res = cfg.data.resolution
     pred = source.architecture.get("prediction_type") or cfg.diffusion.prediction_type
     meta: dict[str, Any] = {
         "ss_v2": "True",
-        "ss_base_model_version": BASE_VERSION.get(family, family) + ("_768_v" if family == "sd2" and pred ==
-                                                                       "v_prediction" else ""),
+        "ss_base_model_version": family.base_model_version(pred),
         "ss_sd_model_name": Path(cfg.model.path).name if cfg.model.path else "",
         "ss_resolution": f"({res}, {res})",
         "ss_num_train_images": n_images,
@@ -84,7 +80,7 @@ def training_metadata(source: ExportSource, *, title: str, lora: bool) -> dict[s
         "ss_training_finished_at": source.created,
         "ss_output_name": title,
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": ARCHITECTURE.get(family, family) + ("/lora" if lora else ""),
+        "modelspec.architecture": (family.modelspec_architecture or family.name) + ("/lora" if lora else ""),
         "modelspec.implementation": "diffusers",
         "modelspec.title": title,
         "modelspec.date": _iso(source.created) or datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -24,6 +24,7 @@ import torch
 
 from ..atomic import write_folder_atomic
 from ..errors import UserError
+from ..models.registry import get_family
 from .source import ExportSource
 
 PIPELINE_MODULE = "pipeline_sdstudio_pixel"
@@ -172,7 +173,7 @@ class SDStudioPixelPipeline(DiffusionPipeline):
 
 def pixel_modules(source: ExportSource) -> tuple[Any, Any, Any]:
     """(unet, text encoder or None, tokenizer or None) with the checkpoint's weights, CPU, fp32, eval."""
-    from ..models.pixel import build_pixel_model
+    from ..models.pixel.model import build_pixel_model
 
     tok_file = source.checkpoint / "tokenizer.json"
     if source.config.model.conditional and not tok_file.is_file():
@@ -341,7 +342,7 @@ def _write_folder(tmp: Path, source: ExportSource, dtype: torch.dtype) -> None:
 def export_pixel_folder(source: ExportSource, folder: Path, *, dtype: torch.dtype = torch.float16,
                         force: bool = False) -> Path:
     """A complete diffusers pipeline folder of a pixel run, written next to its final place and renamed."""
-    if source.family != "pixel":
+    if not get_family(source.family).pixel_space:
         raise UserError(f"{source.checkpoint}: not a from-scratch (pixel) run")
     from .full_model import check_folder_target
 

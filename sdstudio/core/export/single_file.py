@@ -14,11 +14,8 @@ from typing import Any
 import torch
 
 from ..errors import UserError
+from ..models.registry import FAMILY_NAMES, families, get_family
 from .ldm import (
-    SD1_CLIP_PREFIX,
-    SD2_OPEN_CLIP_PREFIX,
-    SDXL_CLIP_L_PREFIX,
-    SDXL_OPEN_CLIP_PREFIX,
     Tensors,
     clip_l_to_ldm,
     open_clip_to_ldm,
@@ -26,7 +23,6 @@ from .ldm import (
     vae_to_ldm,
 )
 
-FAMILIES = ("sd1", "sd2", "sdxl")
 # Patched in place once the tensor bytes are on disk: same length as a sha256 hex digest, so the header
 # keeps its size and the data offsets stay valid.
 _HASH_PLACEHOLDER = "0" * 64
@@ -42,32 +38,30 @@ def _part(components: Mapping[str, Any] | Any, name: str) -> Any:
 def ldm_state_dict(components: Mapping[str, Any] | Any, *, family: str) -> Tensors:
     """All tensors of a pipeline's UNet, VAE and text encoder(s), named as in the original single file.
 
-    components: a dict or an object (e.g. SDComponents) with ``unet``, ``vae``, ``text_encoder`` and, for
-    SDXL, ``text_encoder_2``; the modules themselves (the UNet's config is needed).
+    components: a dict or an object (e.g. SDComponents) with ``unet``, ``vae`` and the family's text encoders
+    (``text_encoder``, and for SDXL ``text_encoder_2``); the modules themselves (the UNet's config is needed).
     """
-    if family not in FAMILIES:
+    spec = get_family(family) if family in FAMILY_NAMES else None
+    if spec is None or not spec.single_file_text_encoders:
+        with_layout = [f.name for f in families() if f.single_file_text_encoders]
         raise UserError(f"single-file export: model family {family!r} has no original layout; expected one of "
-                        f"{', '.join(FAMILIES)} (export a from-scratch model as diffusers-folder)")
-    needed = ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if family == "sdxl" else [])
+                        f"{', '.join(with_layout)} (export a from-scratch model as diffusers-folder)")
+    needed = ["unet", "vae", *(te.component for te in spec.single_file_text_encoders)]
     missing = [name for name in needed if _part(components, name) is None]
     if missing:
         raise UserError(f"single-file export of a {family} model needs {', '.join(missing)}")
     unet = _part(components, "unet")
-    sdxl_unet = _part(unet.config, "addition_embed_type")
-    if (sdxl_unet == "text_time") != (family == "sdxl"):
+    addition = _part(unet.config, "addition_embed_type")
+    if addition != spec.unet_addition_embed_type:
         raise UserError(f"single-file export: family {family!r} does not match the UNet "
-                        f"(addition_embed_type = {sdxl_unet!r}; SDXL UNets have 'text_time')")
+                        f"(addition_embed_type = {addition!r}; {family} UNets have "
+                        f"{spec.unet_addition_embed_type!r})")
     tensors: Tensors = {}
     tensors.update(unet_to_ldm(unet.state_dict(), unet.config))
     tensors.update(vae_to_ldm(_part(components, "vae").state_dict()))
-    text = _part(components, "text_encoder").state_dict()
-    if family == "sd1":
-        tensors.update(clip_l_to_ldm(text, SD1_CLIP_PREFIX))
-    elif family == "sd2":
-        tensors.update(open_clip_to_ldm(text, SD2_OPEN_CLIP_PREFIX))
-    else:
-        tensors.update(clip_l_to_ldm(text, SDXL_CLIP_L_PREFIX))
-        tensors.update(open_clip_to_ldm(_part(components, "text_encoder_2").state_dict(), SDXL_OPEN_CLIP_PREFIX))
+    for te in spec.single_file_text_encoders:
+        convert = clip_l_to_ldm if te.converter == "clip_l" else open_clip_to_ldm
+        tensors.update(convert(_part(components, te.component).state_dict(), te.prefix))
     return tensors
 
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .family import ModelFamily
 
 
 @dataclass
@@ -41,10 +44,17 @@ class ModelBundle:
     def diffusion_for(self, diffusion: Any) -> Any:
         """The run's diffusion settings as this model needs them: a base model decides what it predicts
         (override: model.prediction_type) and whether its schedule has zero terminal SNR."""
-        if self.family == "pixel":
+        if not self.model_family.base_model_decides_prediction:
             return diffusion
         ztsnr = bool(diffusion.zero_terminal_snr or self.architecture.get("zero_terminal_snr"))
         return diffusion.model_copy(update={"prediction_type": self.prediction_type, "zero_terminal_snr": ztsnr})
+
+    @property
+    def model_family(self) -> ModelFamily:
+        """The facts and hooks of this bundle's family."""
+        from .registry import get_family
+
+        return get_family(self.family)
 
     def encoder_identity(self) -> str:
         """Names the pixel -> model-space encoder (the latent cache's namespace)."""

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import torch
 
-from sdstudio.core.models.offline import clip_tokenizer_folder
+from sdstudio.core.models.sd.offline import clip_tokenizer_folder
 
 TINY_VOCAB = 1000
 TINY_TEXT_HIDDEN = 32

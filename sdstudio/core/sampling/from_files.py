@@ -2,7 +2,7 @@
 
 PATH is a Stable Diffusion 1.x / 2.x / XL base model (a diffusers folder, including sdstudio's own SD
 ``diffusers-folder`` exports, or a single .safetensors/.ckpt file, loaded offline through
-``models/sd_files.py``), or a from-scratch model exported with ``sdstudio export --format diffusers-folder``
+``models/sd/files.py``), or a from-scratch model exported with ``sdstudio export --format diffusers-folder``
 (``export/pixel_folder.py``). The model becomes an ordinary ``ModelBundle`` and the images come from
 ``core/sampling/sampler.py``, so every sampler behaves exactly as in a run's previews and in ``sdstudio sample --run``.
 A LoRA (kohya or diffusers format) is applied to the pipeline's UNet (and text encoders, when the file has
@@ -22,13 +22,11 @@ import torch
 
 from ..errors import UserError
 from ..models.bundle import ModelBundle
-from ..models.sd_files import SINGLE_FILE_SUFFIXES, ModelFileError
+from ..models.family import ModelFamily
+from ..models.registry import family_of_lora, get_family, recognise_model
+from ..models.sd.files import SINGLE_FILE_SUFFIXES, ModelFileError
 
-# What a base model samples with when the command line does not say (the SD presets' [sample] values).
-SD_DEFAULTS = {"sd1": {"sampler": "dpmpp_2m", "steps": 25, "guidance": 7.0, "negative_prompt": ""},
-               "sd2": {"sampler": "dpmpp_2m", "steps": 25, "guidance": 7.0, "negative_prompt": ""},
-               "sdxl": {"sampler": "dpmpp_2m", "steps": 25, "guidance": 6.0, "negative_prompt": ""}}
-PIXEL_DEFAULTS = {"sampler": "ddim", "steps": 25, "guidance": 3.0, "negative_prompt": ""}
+# What a model samples with when the command line does not say: its family's ``sampling`` defaults.
 SAMPLERS = ("ddpm", "ddim", "euler", "dpmpp_2m")
 
 
@@ -44,7 +42,7 @@ class LoadedBaseModel:
     scheduler: Any  # the training schedule (a DDPMScheduler); samplers derive from it as in a run
     device: torch.device
     source: Path
-    kind: str  # "sd1" | "sd2" | "sdxl" | "pixel"
+    kind: str  # the model family's name
     defaults: dict[str, Any] = field(default_factory=dict)
     lora: Path | None = None
     lora_modules: int = 0  # modules the LoRA patched
@@ -63,7 +61,7 @@ class LoadedBaseModel:
                         device=self.device, autocast_dtype=self.autocast_dtype)
 
     def describe(self) -> str:
-        what = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "pixel": "from-scratch pixel"}[self.kind]
+        what = get_family(self.kind).short_title
         lora = f" + LoRA {self.lora.name} ({self.lora_modules} modules)" if self.lora else ""
         return f"{what} model {self.source.name}{lora}"
 
@@ -78,18 +76,11 @@ def load_model(path: Path, *, lora: Path | None = None, device: str = "auto",
 
     path = Path(path).expanduser()
     lora = Path(lora).expanduser() if lora is not None else None
-    kind = detect_model(path)
+    family = get_family(detect_model(path))
     dev = pick_device(device)
     _quiet_loading()
-    if kind == "pixel":
-        if lora is not None:
-            raise LoraFileError(f"--lora {lora}: LoRAs apply to Stable Diffusion models; {path} is a from-scratch "
-                                "(pixel) model. Drop --lora")
-        if prediction_type != "auto":
-            raise ModelFileError(f"--prediction-type {prediction_type}: a from-scratch (pixel) export carries its own "
-                                 "settings (sdstudio.json); drop --prediction-type")
-        return _load_pixel_folder(path, dev)
-    return _load_sd(path, kind, dev, lora=lora, config_folder=config_folder, prediction_type=prediction_type)
+    return family.load_for_sampling(path, dev, lora=lora, config_folder=config_folder,
+                                    prediction_type=prediction_type)
 
 
 def cast_module(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -107,40 +98,37 @@ def _quiet_loading() -> None:
 
 
 def detect_model(path: Path) -> str:
-    """"sd1" / "sd2" / "sdxl" / "pixel", or a UserError naming the path and what to pass instead."""
-    from ..export.pixel_folder import is_pixel_folder
-    from ..models.sd_files import inspect_model_file, inspect_model_folder
+    """The family name of a model file or folder (the registry asks each family), or a UserError naming the
+    path and what to pass instead."""
+    from ..models.sd.files import inspect_model_file
 
     if not path.exists():
         raise ModelFileError(f"--model {path}: no such file or folder; give a Stable Diffusion .safetensors/.ckpt "
                              "file, a diffusers model folder, or a folder made by `sdstudio export --format "
                              "diffusers-folder`")
-    if path.is_dir():
-        if not (path / "model_index.json").is_file():
-            if (path / "config.toml").is_file():
-                raise ModelFileError(f"--model {path}: this is an sdstudio run or checkpoint folder; sample it with "
-                                     f"`sdstudio sample --run {path}` (or export it with `sdstudio export`)")
-            raise ModelFileError(f"--model {path}: not a diffusers model folder (no model_index.json); give the "
-                                 "folder that holds model_index.json, or a .safetensors/.ckpt file")
-        if is_pixel_folder(path):
-            return "pixel"
+    if path.is_dir() and not (path / "model_index.json").is_file():
+        if (path / "config.toml").is_file():
+            raise ModelFileError(f"--model {path}: this is an sdstudio run or checkpoint folder; sample it with "
+                                 f"`sdstudio sample --run {path}` (or export it with `sdstudio export`)")
+        raise ModelFileError(f"--model {path}: not a diffusers model folder (no model_index.json); give the "
+                             "folder that holds model_index.json, or a .safetensors/.ckpt file")
+    if path.is_file() and path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+        raise ModelFileError(f"--model {path}: expected a .safetensors/.ckpt model file or a diffusers folder")
+    family = recognise_model(path)
+    if family is not None:
+        return family.name
+    if path.is_dir():  # no family claims it: say what it is
         try:
             index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise ModelFileError(f"--model {path}: model_index.json cannot be read ({exc})") from None
         cls = str(index.get("_class_name", ""))
-        if not cls.startswith("StableDiffusion") or "unet" not in index:
-            raise ModelFileError(f"--model {path}: a {cls or 'unknown'} folder; sdstudio samples Stable Diffusion "
-                                 "1.x / 2.x / XL models and its own diffusers-folder exports")
-        return inspect_model_folder(path).kind
-    if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
-        raise ModelFileError(f"--model {path}: expected a .safetensors/.ckpt model file or a diffusers folder")
+        raise ModelFileError(f"--model {path}: a {cls or 'unknown'} folder; sdstudio samples Stable Diffusion "
+                             "1.x / 2.x / XL models and its own diffusers-folder exports")
     info = inspect_model_file(path)
     if info.kind == "lora":
         raise ModelFileError(f"--model {path}: this is a LoRA; pass it as --lora together with --model BASE_MODEL")
-    if info.kind not in ("sd1", "sd2", "sdxl"):
-        raise ModelFileError(f"--model {path}: this is {info.detail}, not a Stable Diffusion checkpoint")
-    return info.kind
+    raise ModelFileError(f"--model {path}: this is {info.detail}, not a Stable Diffusion checkpoint")
 
 
 # -- Stable Diffusion -------------------------------------------------------------------------------------
@@ -156,11 +144,12 @@ def sd_schedule(scheduler_config: dict[str, Any], prediction_type: str, zero_ter
                          rescale_betas_zero_snr=zero_terminal_snr, clip_sample=False, timestep_spacing="trailing")
 
 
-def _load_sd(path: Path, family: str, device: torch.device, *, lora: Path | None,
-             config_folder: Path | None, prediction_type: str = "auto") -> LoadedBaseModel:
+def load_sd_base(path: Path, family: str, device: torch.device, *, lora: Path | None,
+                 config_folder: Path | None, prediction_type: str = "auto") -> LoadedBaseModel:
+    """A Stable Diffusion base model (file or folder) for sampling, with an optional LoRA on it."""
     from ..config import RunConfig
     from ..errors import ConfigError
-    from ..models.sd import build_sd_model
+    from ..models.sd.model import build_sd_model
 
     overrides: dict[str, Any] = {"model.family": family, "model.path": str(path), "train.device": "cpu",
                                  "train.mixed_precision": "no", "lora.enabled": False, "data.resolution": 512,
@@ -191,27 +180,15 @@ def _load_sd(path: Path, family: str, device: torch.device, *, lora: Path | None
         if module is not None:
             cast_module(module, device, wdtype).eval()
     # SDXL's VAE overflows in fp16 (NaN latents): it stays fp32
-    cast_module(comps.vae, device, torch.float32 if family == "sdxl" else wdtype).eval()
+    cast_module(comps.vae, device, torch.float32 if get_family(family).vae_needs_fp32_for_fp16 else wdtype).eval()
     bundle.weight_dtype = wdtype
     if hasattr(bundle.trainable, "weight_dtype"):
         bundle.trainable.weight_dtype = wdtype
     bundle.trainable.eval()
     bundle.sample_size = int(unet.config.sample_size)  # the model's native size (latent side)
-    return LoadedBaseModel(bundle, sched, device, path, family, dict(SD_DEFAULTS[family]), lora, lora_modules,
+    return LoadedBaseModel(bundle, sched, device, path, family, get_family(family).sampling.as_dict(), lora,
+                           lora_modules,
                            autocast_dtype=wdtype if wdtype != torch.float32 else None)
-
-
-def _lora_family(meta: dict[str, str]) -> str | None:
-    """The family a LoRA file says it was trained for (kohya / modelspec metadata), None when it does not say."""
-    base = meta.get("ss_base_model_version", "").lower()
-    arch = meta.get("modelspec.architecture", "").lower()
-    if base.startswith("sdxl") or "stable-diffusion-xl" in arch:
-        return "sdxl"
-    if base.startswith("sd_v2") or "stable-diffusion-v2" in arch:
-        return "sd2"
-    if base.startswith("sd_v1") or "stable-diffusion-v1" in arch:
-        return "sd1"
-    return None
 
 
 def _lora_modules_in_file(keys: list[str]) -> int:
@@ -230,7 +207,7 @@ def apply_lora(bundle: Any, lora: Path, *, family: str, model: Path, sched: Any)
     ``load_lora_weights``; returns the number of patched modules. Anything that does not fit is a UserError."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from ..models.sd_files import classify_keys
+    from ..models.sd.files import classify_keys
 
     if not lora.is_file():
         raise LoraFileError(f"--lora {lora}: no such file")
@@ -247,7 +224,8 @@ def apply_lora(bundle: Any, lora: Path, *, family: str, model: Path, sched: Any)
     kind, detail = classify_keys(keys)
     if kind != "lora":
         raise LoraFileError(f"--lora {lora}: this is {detail}, not a LoRA")
-    trained_for = _lora_family(meta)
+    claimed = family_of_lora(meta)
+    trained_for = claimed.name if claimed is not None else None
     if trained_for is not None and trained_for != family:
         raise LoraFileError(f"--lora {lora}: a LoRA for {trained_for} models, but --model {model} is {family}; "
                             f"use a {family} LoRA or the base model it was trained on")
@@ -258,7 +236,7 @@ def apply_lora(bundle: Any, lora: Path, *, family: str, model: Path, sched: Any)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # SD pipelines warn about scheduler configs they were not made with
-        pipe = _pipeline(bundle.components, sched)
+        pipe = get_family(family).pipeline(bundle.components, sched)  # type: ignore[attr-defined]
     level = diffusers_logging.get_verbosity()
     # diffusers logs the whole failing state dict as an error, and a warning for each text encoder a UNet-only
     # LoRA leaves alone; the outcome is reported below in one line instead
@@ -283,22 +261,9 @@ def apply_lora(bundle: Any, lora: Path, *, family: str, model: Path, sched: Any)
     return patched
 
 
-def _pipeline(comps: Any, sched: Any) -> Any:
-    """A diffusers pipeline around the loaded modules (shared, not copied), for ``load_lora_weights``."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    if comps.family == "sdxl":
-        return StableDiffusionXLPipeline(vae=comps.vae, text_encoder=comps.text_encoder,
-                                         text_encoder_2=comps.text_encoder_2, tokenizer=comps.tokenizer,
-                                         tokenizer_2=comps.tokenizer_2, unet=comps.unet, scheduler=sched,
-                                         add_watermarker=False)
-    return StableDiffusionPipeline(vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer,
-                                   unet=comps.unet, scheduler=sched, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-
-
 # -- sdstudio's from-scratch exports ----------------------------------------------------------------------
-def _load_pixel_folder(path: Path, device: torch.device) -> LoadedBaseModel:
+def load_pixel_export(path: Path, device: torch.device, family: ModelFamily) -> LoadedBaseModel:
+    """A from-scratch model exported as diffusers-folder, for sampling with the run's own settings."""
     import diffusers
     from diffusers import DDPMScheduler
     from transformers import CLIPTextModel, PreTrainedTokenizerFast
@@ -306,7 +271,10 @@ def _load_pixel_folder(path: Path, device: torch.device) -> LoadedBaseModel:
     from ..config import DiffusionConfig
     from ..diffusion import training_scheduler
     from ..export.pixel_folder import SDSTUDIO_FILE
-    from ..models.pixel import PixelBundle, PixelDenoiser  # also registers LeakyReLU for the UNet config
+    from ..models.pixel.model import (  # also registers LeakyReLU for the UNet config
+        PixelBundle,
+        PixelDenoiser,
+    )
 
     try:
         index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
@@ -337,8 +305,8 @@ def _load_pixel_folder(path: Path, device: torch.device) -> LoadedBaseModel:
         train_sched = training_scheduler(DiffusionConfig(**facts["diffusion"]), pixel_space=True)
     else:
         train_sched = DDPMScheduler.from_config(sched_cfg)
-    defaults = dict(PIXEL_DEFAULTS)
-    defaults.update({k: v for k, v in facts.get("sample", {}).items() if k in PIXEL_DEFAULTS})
+    defaults = family.sampling.as_dict()
+    defaults.update({k: v for k, v in facts.get("sample", {}).items() if k in defaults})
     if defaults["sampler"] not in SAMPLERS:
         defaults["sampler"] = "ddim"
     if not conditional:
@@ -348,8 +316,8 @@ def _load_pixel_folder(path: Path, device: torch.device) -> LoadedBaseModel:
         text_encoder = cast_module(text_encoder, device, torch.float32).eval()
     size = unet.config.sample_size
     side = int(size if isinstance(size, int) else size[0])
-    bundle = PixelBundle(family="pixel", trainable=PixelDenoiser(unet, text_encoder).eval(), save_modules={},
+    bundle = PixelBundle(family=family.name, trainable=PixelDenoiser(unet, text_encoder).eval(), save_modules={},
                          prediction_type=str(train_sched.config.prediction_type),
                          in_channels=int(unet.config.in_channels), sample_size=side,
-                         architecture={"family": "pixel"}, tokenizer=tokenizer)
-    return LoadedBaseModel(bundle, train_sched, device, path, "pixel", defaults)
+                         architecture={"family": family.name}, tokenizer=tokenizer)
+    return LoadedBaseModel(bundle, train_sched, device, path, family.name, defaults)

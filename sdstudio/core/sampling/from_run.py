@@ -86,5 +86,5 @@ def load_trained(run_or_checkpoint: Path, checkpoint: Path | None = None, *, use
                     params[name].copy_(tensor)
         ema_used = True
     bundle.trainable.to(dev).eval()
-    sched = training_scheduler(bundle.diffusion_for(config.diffusion), pixel_space=bundle.family == "pixel")
+    sched = training_scheduler(bundle.diffusion_for(config.diffusion), pixel_space=bundle.model_family.pixel_space)
     return LoadedModel(config, bundle, sched, dev, folder, ema_used)

@@ -38,7 +38,7 @@ class FeatureCaches:
         from ..data.cached import CachedLatentDataset, collate_cached
 
         cfg = self.config.data
-        if self.bundle.family == "pixel" or not cfg.cache_latents:
+        if self.bundle.model_family.pixel_space or not cfg.cache_latents:
             return
         applies, warnings = augmentations_with_cache(cfg, latents=True, flip_variants=cfg.cache_flip_variants)
         self.warnings = warnings
@@ -63,7 +63,7 @@ class FeatureCaches:
         empty caption of caption dropout) into the disk cache; others are added when first met."""
         from ..data.cache import FeatureCache, TextItem
 
-        if self.bundle.family == "pixel" or not self.config.data.cache_text_embeddings:
+        if not self.bundle.model_family.text_embeddings_cacheable or not self.config.data.cache_text_embeddings:
             return
         self.text_cache = FeatureCache(self.bundle.text_encoder_identity())  # type: ignore[attr-defined]
         texts = sorted({c for r in records for c in r.captions} | {""})
@@ -99,7 +99,7 @@ class FeatureCaches:
                     self._text_memo[caption] = row
             rows.append(row)
         features = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
-        sizes = self.bundle.batch_sizes(batch) if self.bundle.family == "sdxl" else None  # type: ignore[attr-defined]
+        sizes = self.bundle.batch_sizes(batch)  # type: ignore[attr-defined]  # None without size facts
         return self.bundle.assemble(features, self.device, sizes)  # type: ignore[attr-defined]
 
     def clean_latents(self, batch: dict[str, Any]) -> torch.Tensor:

@@ -152,13 +152,13 @@ def _run(s: TrainingSession, control: TrainingControl) -> Iterator[ev.Event]:
         yield _warning(warning)  # e.g. files skipped: kept in run.log too
     yield ev.Status("building", f"building the {cfg.model.family} model")
     s.build()
-    if cfg.data.cache_latents and cfg.model.family != "pixel":
+    if cfg.data.cache_latents and not s.bundle.model_family.pixel_space:
         yield ev.Status("caching", "caching latents")
         for done, total in s.caches.cache_latents(s.batches):
             yield ev.Progress(done, total, "caching latents")
         for warning in s.caches.warnings:
             yield _warning(warning)
-    if cfg.data.cache_text_embeddings and cfg.model.family != "pixel":
+    if cfg.data.cache_text_embeddings and s.bundle.model_family.text_embeddings_cacheable:
         yield ev.Status("caching", "caching text embeddings")
         for done, total in s.caches.cache_text(s.batches.data.train):
             yield ev.Progress(done, total, "caching text embeddings")
@@ -398,16 +398,15 @@ def _auto_export(s: TrainingSession, metrics: MetricsWriter | None) -> Iterator[
     cfg = s.config.export
     if not cfg.formats or not s.is_main or s.run_dir is None:
         return
-    import torch
-
     from ..errors import UserError
     from ..export.api import export
+    from ..export.formats import get_format, torch_dtype
 
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.dtype]
+    dtype = torch_dtype(cfg.dtype)
     checkpoint = s.run_dir / "checkpoints" / f"step-{s.step:08d}"
     name = s.config.name or s.run_dir.name
     for fmt in cfg.formats:
-        suffix = "" if fmt == "diffusers-folder" else ".safetensors"
+        suffix = get_format(fmt).suffix
         out = s.run_dir / "exports" / f"{name}-step{s.step:08d}-{fmt}{suffix}"
         yield ev.Status("exporting", f"exporting {fmt}")
         try:

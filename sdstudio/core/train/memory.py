@@ -9,12 +9,12 @@ import torch
 
 from ..config import RunConfig
 from ..models.bundle import ModelBundle
+from ..models.registry import get_family
 
 GIB = 1024 ** 3
-# Activation memory per image per latent pixel, measured with plain diffusers blocks at bf16 on an H200
-# (reference/performance.md): SD1.5 512 px ~1.07 GiB per image (64x64 latents), SDXL 1024 px ~7.3 GiB
-# per image (128x128 latents). Gradient checkpointing keeps roughly a quarter.
-ACTIVATION_BYTES_PER_LATENT_PIXEL = {"sd1": 0.26e6, "sd2": 0.28e6, "sdxl": 0.45e6, "pixel": 0.02e6}
+# Activation memory per image per model-space pixel is a fact of each family (ModelFamily.
+# activation_bytes_per_pixel, measured with plain diffusers blocks at bf16 on an H200, reference/performance.md).
+# Gradient checkpointing keeps roughly a quarter.
 CHECKPOINTING_FACTOR = 0.25
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adam": 8, "adamw8bit": 2, "rmsprop": 4, "sgd": 4, "adafactor": 1}
 # A trained text encoder keeps its activations for the backward pass too. Per transformer layer and caption,
@@ -46,10 +46,11 @@ def _bytes(module: torch.nn.Module, trainable: bool) -> float:
 
 
 def trained_text_encoders(bundle: ModelBundle) -> list[torch.nn.Module]:
-    """The SD text encoders that train with the UNet (attributes of the trainable module; see models/sd.py)."""
-    if bundle.family == "pixel":  # its small text encoder is part of the measured per-pixel activations
+    """The text encoders that train with the denoiser (attributes of the trainable module; see models/sd/model.py)."""
+    family = bundle.model_family
+    if family.text_encoders_in_activations:  # a small text encoder, part of the measured per-pixel activations
         return []
-    found = [getattr(bundle.trainable, name, None) for name in ("text_encoder", "text_encoder_2")]
+    found = [getattr(bundle.trainable, name, None) for name in family.text_encoders]
     return [m for m in found if m is not None and any(p.requires_grad for p in m.parameters())]
 
 
@@ -84,7 +85,7 @@ def estimate_memory(bundle: ModelBundle, config: RunConfig) -> MemoryEstimate:
     gradients = trainable_numel * 4
     optimizer = trainable_numel * OPTIMIZER_STATE_BYTES.get(config.train.optimizer, 8)
     side = bundle.sample_size
-    per_image = ACTIVATION_BYTES_PER_LATENT_PIXEL.get(bundle.family, 0.3e6) * side * side
+    per_image = bundle.model_family.activation_bytes_per_pixel * side * side
     per_image += sum(text_activation_bytes(te) for te in trained_text_encoders(bundle))
     if config.train.mixed_precision == "no":
         per_image *= 2
@@ -104,7 +105,7 @@ def memory_advice(estimate: MemoryEstimate, free: float, config: RunConfig) -> s
                     "the effective batch)")
     if not config.train.gradient_checkpointing:
         tips.append("set train.gradient_checkpointing = true")
-    if not config.data.cache_latents and config.model.family != "pixel":
+    if not config.data.cache_latents and not get_family(config.model.family).pixel_space:
         tips.append("set data.cache_latents = true (the VAE then runs once, before training)")
     if config.train.optimizer in ("adamw", "adam") and estimate.optimizer > 0.15 * estimate.total:
         tips.append("use train.optimizer = 'adamw8bit' (needs bitsandbytes)")

@@ -143,7 +143,7 @@ class TrainingSession:
         diffusion = self.bundle.diffusion_for(cfg.diffusion)
         if diffusion.zero_terminal_snr and not cfg.diffusion.zero_terminal_snr:
             log.info("the base model is a zero-terminal-SNR model: training with a rescaled schedule")
-        sched = training_scheduler(diffusion, pixel_space=self.bundle.family == "pixel")
+        sched = training_scheduler(diffusion, pixel_space=self.bundle.model_family.pixel_space)
         sched.alphas_cumprod = sched.alphas_cumprod.to(self.device)
         params = [p for p in self.bundle.trainable.parameters() if p.requires_grad]
         names = [n for n, p in self.bundle.trainable.named_parameters() if p.requires_grad]

@@ -65,12 +65,7 @@ def prepare_data(config: RunConfig, warn: Callable[[str], None]) -> PreparedData
 
 def build_model(config: RunConfig, captions: list[str], tokenizer_file: Path | None = None,
                 device: torch.device | None = None) -> ModelBundle:
-    """The model registry: one builder per family (SD3/Flux would plug in here)."""
-    family = config.model.family
-    if family == "pixel":
-        from ..models.pixel import build_pixel_model
-        return build_pixel_model(config, captions, tokenizer_file=tokenizer_file)
-    if family in ("sd1", "sd2", "sdxl"):
-        from ..models.sd import build_sd_model
-        return build_sd_model(config, device or torch.device("cpu"))
-    raise UserError(f"model.family = {family!r} is not known; use pixel, sd1, sd2 or sdxl")
+    """The run's model, built by its family (core/models/registry.py)."""
+    from ..models.registry import get_family
+
+    return get_family(config.model.family).build(config, captions, tokenizer_file=tokenizer_file, device=device)

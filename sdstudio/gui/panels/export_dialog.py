@@ -1,9 +1,9 @@
 """Export a run: pick the checkpoint (newest, best, or one of them), a format the run supports, the dtype, EMA
 and where to write it; the core's ``export()`` runs on a pool thread while a busy bar turns.
 
-Which formats a run supports is read from its config.toml: LoRA files only for LoRA runs, the full-model
-formats (a single file in the original layout, a diffusers folder) for Stable Diffusion runs (a LoRA run is
-merged into its base model), and only a diffusers folder for a from-scratch (pixel) model."""
+Which formats a run supports is asked of the core's format table with the run's config.toml (its model family
+and whether it trained a LoRA): the dialog shows every format, the ones that do not fit disabled with the
+family's or the table's reason."""
 
 from __future__ import annotations
 
@@ -34,19 +34,13 @@ from PySide6.QtWidgets import (
 
 from sdstudio.core.config import RunConfig
 from sdstudio.core.errors import UserError
+from sdstudio.core.export.formats import DTYPE_NAMES, EXPORT_FORMATS, FORMAT_NAMES, export_problem, get_format
+from sdstudio.core.models.registry import get_family
 from sdstudio.core.runs import load_run_config
 
 from ..background import run_in_background
 from ..widgets.failure_dialog import show_error
 
-FORMATS = ("kohya", "diffusers", "single-file", "diffusers-folder")
-FORMAT_TEXT = {
-    "kohya": "kohya LoRA (.safetensors for A1111, Forge, ComfyUI)",
-    "diffusers": "diffusers LoRA (.safetensors for diffusers' load_lora_weights)",
-    "single-file": "single file (.safetensors in the original layout for A1111, ComfyUI)",
-    "diffusers-folder": "diffusers folder (a pipeline folder for from_pretrained)",
-}
-DTYPES = ("fp16", "bf16", "fp32")
 NEWEST, BEST = "newest", "best"
 
 
@@ -62,21 +56,8 @@ class FormatChoice:
 
 def format_choices(config: RunConfig) -> list[FormatChoice]:
     """Every export format with the reason it does not fit this run (empty when it does)."""
-    family, lora = config.model.family, config.lora.enabled
-    out = []
-    for fmt in FORMATS:
-        reason = ""
-        if family == "pixel":
-            if fmt in ("kohya", "diffusers"):
-                reason = "A from-scratch (pixel) model has no LoRA; export it as a diffusers folder."
-            elif fmt == "single-file":
-                reason = ("A from-scratch (pixel) model has no Stable Diffusion single-file layout; export it as "
-                          "a diffusers folder.")
-        elif fmt in ("kohya", "diffusers") and not lora:
-            reason = ("This run trains the full model, not a LoRA (lora.enabled = false); export it as a single "
-                      "file or a diffusers folder.")
-        out.append(FormatChoice(fmt, reason))
-    return out
+    family = get_family(config.model.family)
+    return [FormatChoice(fmt, export_problem(fmt, family, config.lora.enabled)) for fmt in FORMAT_NAMES]
 
 
 def run_checkpoints(run_dir: Path) -> list[Path]:
@@ -94,25 +75,23 @@ def best_checkpoint(run_dir: Path) -> Path | None:
 
 def default_destination(run_dir: Path, name: str, tag: str, fmt: str) -> Path:
     """``RUN_DIR/exports/<name>-<tag>-<format>[.safetensors]`` (a folder for diffusers-folder)."""
-    suffix = "" if fmt == "diffusers-folder" else ".safetensors"
+    suffix = get_format(fmt).suffix
     return run_dir / "exports" / f"{name}-{tag}-{fmt}{suffix}"
 
 
 def destination_in_use(path: Path, fmt: str) -> bool:
     """Would the export overwrite something? (an existing file; a folder that is not empty)"""
-    if fmt == "diffusers-folder":
+    if get_format(fmt).folder:
         return path.exists() and (not path.is_dir() or any(path.iterdir()))
     return path.exists()
 
 
 def run_export(source: Path, fmt: str, out: Path, *, dtype: str, use_ema: bool, force: bool, best: bool) -> Path:
     """The export itself (a pool thread): the core's one entry point."""
-    import torch
-
     from sdstudio.core.export.api import export
+    from sdstudio.core.export.formats import torch_dtype
 
-    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-    return export(source, fmt, out, dtype=torch_dtype, use_ema=use_ema, force=force, best=best)
+    return export(source, fmt, out, dtype=torch_dtype(dtype), use_ema=use_ema, force=force, best=best)
 
 
 def _step_of(checkpoint: Path) -> str:
@@ -160,9 +139,9 @@ class ExportDialog(QDialog):
         formats_layout = QVBoxLayout(formats_box)
         self.format_group = QButtonGroup(self)
         self.format_buttons: dict[str, QRadioButton] = {}
-        for fmt in FORMATS:
+        for fmt in FORMAT_NAMES:
             choice = self.choices[fmt]
-            button = QRadioButton(FORMAT_TEXT[fmt])
+            button = QRadioButton(EXPORT_FORMATS[fmt].label)
             button.setEnabled(choice.available)
             button.setToolTip(choice.reason or _format_tip(fmt, self.config))
             self.format_group.addButton(button)
@@ -174,13 +153,14 @@ class ExportDialog(QDialog):
         self.unavailable_note.setStyleSheet("color: #666;")
         self.unavailable_note.setVisible(bool(unavailable))
         formats_layout.addWidget(self.unavailable_note)
-        first = next((fmt for fmt in FORMATS if self.choices[fmt].available), None)
+        first = next((fmt for fmt in FORMAT_NAMES if self.choices[fmt].available), None)
         if first is not None:
             self.format_buttons[first].setChecked(True)
 
         self.dtype = QComboBox()
-        self.dtype.addItems(list(DTYPES))
-        self.dtype.setCurrentText(self.config.export.dtype if self.config.export.dtype in DTYPES else "fp16")
+        self.dtype.addItems(list(DTYPE_NAMES))
+        self.dtype.setCurrentText(self.config.export.dtype if self.config.export.dtype in DTYPE_NAMES
+                                  else DTYPE_NAMES[0])
         self.dtype.setToolTip("Tensor dtype of the exported weights: fp16 is what most tools expect; bf16 keeps "
                               "the range of fp32 at half the size; fp32 is exact")
         self.ema = QCheckBox("Export the EMA weights")
@@ -243,10 +223,9 @@ class ExportDialog(QDialog):
 
     # -- what the run offers ---------------------------------------------------------------------------------
     def _summary_text(self) -> str:
-        family = {"pixel": "a from-scratch (pixel) model", "sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x",
-                  "sdxl": "SDXL"}.get(self.config.model.family, self.config.model.family)
-        kind = "" if self.config.model.family == "pixel" else (
-            " LoRA" if self.config.lora.enabled else " full fine-tune")
+        spec = get_family(self.config.model.family)
+        family = spec.title
+        kind = "" if not spec.fine_tunes_base_model else (" LoRA" if self.config.lora.enabled else " full fine-tune")
         if not self.checkpoints:
             count = "no checkpoint yet (nothing to export)"
         else:
@@ -302,8 +281,9 @@ class ExportDialog(QDialog):
             problem = "No export format fits this run."
         elif not self.destination.text().strip():
             problem = "Choose a destination."
-        elif fmt != "diffusers-folder" and self.destination_path().suffix.lower() != ".safetensors":
-            problem = f"A {fmt} export is a .safetensors file: name the destination *.safetensors."
+        elif not get_format(fmt).folder and self.destination_path().suffix.lower() != get_format(fmt).suffix:
+            suffix = get_format(fmt).suffix
+            problem = f"A {fmt} export is a {suffix} file: name the destination *{suffix}."
         for widget in (self.checkpoint, self.dtype, self.destination, self.browse,
                        *[b for f, b in self.format_buttons.items() if self.choices[f].available]):
             widget.setEnabled(not self.busy)
@@ -317,7 +297,7 @@ class ExportDialog(QDialog):
     def _browse(self) -> None:
         fmt = self.selected_format()
         start = str(self.destination_path())
-        if fmt == "diffusers-folder":
+        if fmt is not None and get_format(fmt).folder:
             chosen = QFileDialog.getExistingDirectory(self, "Export into folder", str(Path(start).parent))
         else:
             chosen, _ = QFileDialog.getSaveFileName(self, "Export to file", start, "safetensors (*.safetensors)")
@@ -394,9 +374,10 @@ class ExportDialog(QDialog):
 
 
 def _format_tip(fmt: str, config: RunConfig) -> str:
-    if fmt in ("single-file", "diffusers-folder") and config.lora.enabled and config.model.family != "pixel":
-        return f"{FORMAT_TEXT[fmt]}; the LoRA is merged into the base model"
-    return FORMAT_TEXT[fmt]
+    found = get_format(fmt)
+    if found.merges_lora and config.lora.enabled and get_family(config.model.family).supports_lora:
+        return f"{found.label}; the LoRA is merged into the base model"
+    return found.label
 
 
 def open_export_dialog(run_dir: Path, parent: QWidget | None) -> ExportDialog | None:

@@ -13,8 +13,8 @@ from diffusers.models import activations as _activations
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
-from ..config import RunConfig
-from .bundle import ModelBundle
+from ...config import RunConfig
+from ..bundle import ModelBundle
 
 # diffusers knows silu/relu/gelu/mish; LeakyReLU is registered so configs naming it build and reload.
 _activations.ACT2CLS.setdefault("leaky_relu", nn.LeakyReLU)

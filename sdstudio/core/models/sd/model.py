@@ -11,16 +11,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import RunConfig
-from .bundle import ModelBundle
-from .sd_files import SDComponents, load_sd_components
+from ...config import RunConfig
+from ..bundle import ModelBundle
+from ..registry import get_family
+from .files import SDComponents, load_sd_components
 
-LORA_TARGETS = {
-    "attention": ["to_q", "to_k", "to_v", "to_out.0"],
-    "attention_ff": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"],
-    "all": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out", "conv1", "conv2",
-            "conv_shortcut", "time_emb_proj", "conv"],
-}
 # Text-encoder LoRA targets (CLIP layers): the attention projections, all four (A1111 applies a LoRA on
 # OpenCLIP's fused attention only when q/k/v/out are all present); with "attention_ff" / "all" also the MLP,
 # which is what kohya's networks.lora trains by default (CLIPAttention + CLIPMLP).
@@ -232,7 +227,7 @@ class SDBundle(ModelBundle):
         return out
 
     def load_trainable_state(self, weights: dict[str, torch.Tensor], source: Path) -> None:
-        from ..errors import CheckpointError
+        from ...errors import CheckpointError
 
         modules = self._trained_modules()
         # a checkpoint with text-encoder weights for a run that does not train them (or the other way round)
@@ -348,7 +343,8 @@ def build_sd_model(config: RunConfig, device: torch.device) -> SDBundle:
     if comps.text_encoder_2 is not None:
         comps.text_encoder_2.to(device, dtype=te_dtype)
     # SDXL's VAE overflows in fp16 (NaN latents): fp32 there unless bf16 was asked for.
-    vae_dtype = torch.float32 if (comps.family == "sdxl" and wdtype == torch.float16) else wdtype
+    vae_dtype = torch.float32 if (get_family(comps.family).vae_needs_fp32_for_fp16 and wdtype == torch.float16) \
+        else wdtype
     comps.vae.to(device, dtype=vae_dtype)
     unet = comps.unet
     if lora:
@@ -359,7 +355,7 @@ def build_sd_model(config: RunConfig, device: torch.device) -> SDBundle:
         torch.manual_seed(config.train.seed)
         unet.add_adapter(LoraConfig(r=config.lora.rank, lora_alpha=config.lora.alpha,
                                     lora_dropout=config.lora.dropout, init_lora_weights="gaussian",
-                                    target_modules=LORA_TARGETS[config.lora.targets]))
+                                    target_modules=get_family(comps.family).lora_targets[config.lora.targets]))
         for p in unet.parameters():
             if p.requires_grad:
                 p.data = p.data.float()  # trainable parameters are always fp32

@@ -8,13 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
+from ..family import ModelFileError
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-
-
-class ModelFileError(UserError):
-    """A base model path that is missing, corrupt or not a Stable Diffusion checkpoint."""
 
 
 @dataclass(frozen=True)
@@ -139,24 +135,26 @@ class SDComponents:
 def load_sd_components(path: Path, *, family: str, config_folder: Path | None = None,
                        vae_path: Path | None = None, prediction_override: str = "auto") -> SDComponents:
     """Load UNet, VAE, text encoder(s) and tokenizer(s); never touches the network."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
     diffusers_logging.disable_progress_bar()  # sdstudio reports its own phases
     transformers_logging.disable_progress_bar()
 
+    from ..registry import FAMILY_NAMES, get_family
     from .offline import config_folder as bundled_config_folder
 
     info = inspect_model(path)
-    if info.kind not in ("sd1", "sd2", "sdxl"):
+    if info.kind not in FAMILY_NAMES:
         raise ModelFileError(f"model.path {path}: this is {info.detail}, not a Stable Diffusion checkpoint")
     if info.kind != family:
         raise ModelFileError(f"model.path {path} is {info.kind} but model.family = {family!r}; set "
                              f"model.family = {info.kind!r} (or pick the matching preset)")
     pred = prediction_override if prediction_override != "auto" else (info.prediction_type or None)
-    pipe_cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
-    extra: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False} if family != "sdxl" else {}
+    sd_family = get_family(family)
+    pipe_cls = sd_family.pipeline_class()  # type: ignore[attr-defined]
+    extra = {k: v for k, v in sd_family.pipeline_extras.items()  # type: ignore[attr-defined]
+             if k in ("safety_checker", "requires_safety_checker")}
     try:
         if path.is_dir():
             pipe = pipe_cls.from_pretrained(str(path), local_files_only=True, **extra)
