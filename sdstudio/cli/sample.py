@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ..core.atomic import write_file_atomic
 from ..core.errors import UserError
 
 
@@ -82,6 +83,4 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _save(image: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    tmp.replace(path)
+    write_file_atomic(path, lambda tmp: image.save(tmp, format="PNG"))
