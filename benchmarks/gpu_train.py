@@ -84,9 +84,9 @@ SDSTUDIO_OVERRIDES: dict[str, Any] = {
 def random_components(family: str, tiny: bool, device: torch.device):  # -> SDComponents
     """UNet, VAE, text encoder(s) and tokenizer(s) with random weights: real sizes, or tiny ones for a CPU."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from sdstudio.core.models.offline import config_folder
+    from sdstudio.core.models.offline import config_folder, config_folder_tokenizers
     from sdstudio.core.models.sd_files import SDComponents
     from sdstudio.core.models.tiny import tiny_sd1_components, tiny_sdxl_components
 
@@ -98,7 +98,7 @@ def random_components(family: str, tiny: bool, device: torch.device):  # -> SDCo
         scheduler_config = dict(parts["scheduler"].config)
     else:
         folder = config_folder(family)
-        parts = {"tokenizer": CLIPTokenizer.from_pretrained(folder / "tokenizer")}
+        parts = dict(config_folder_tokenizers(folder))
         with torch.device(device):  # initialise on the GPU: seconds instead of a minute on the CPU
             parts["unet"] = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
             parts["vae"] = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
@@ -106,7 +106,6 @@ def random_components(family: str, tiny: bool, device: torch.device):  # -> SDCo
             if family == "sdxl":
                 parts["text_encoder_2"] = CLIPTextModelWithProjection(
                     CLIPTextConfig.from_pretrained(folder / "text_encoder_2"))
-                parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(folder / "tokenizer_2")
         scheduler_config = dict(DDPMScheduler.load_config(folder / "scheduler"))
     return SDComponents(family=family, unet=parts["unet"], vae=parts["vae"], text_encoder=parts["text_encoder"],
                         tokenizer=parts["tokenizer"], scheduler_config=scheduler_config, prediction_type="epsilon",
