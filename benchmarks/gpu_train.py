@@ -81,6 +81,19 @@ SDSTUDIO_OVERRIDES: dict[str, Any] = {
 
 
 # -- models with random weights ------------------------------------------------------------------------------
+def _tiny_builders():  # -> (tiny_sd1_components, tiny_sdxl_components)
+    """The test suite's tiny-model builders (tests/tiny_models.py, not part of the package), loaded by path:
+    this script always runs from a checkout."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "tests" / "tiny_models.py"
+    spec = importlib.util.spec_from_file_location("sdstudio_tiny_models", path)
+    assert spec is not None and spec.loader is not None, path
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.tiny_sd1_components, module.tiny_sdxl_components
+
+
 def random_components(family: str, tiny: bool, device: torch.device):  # -> SDComponents
     """UNet, VAE, text encoder(s) and tokenizer(s) with random weights: real sizes, or tiny ones for a CPU."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -88,7 +101,7 @@ def random_components(family: str, tiny: bool, device: torch.device):  # -> SDCo
 
     from sdstudio.core.models.offline import config_folder, config_folder_tokenizers
     from sdstudio.core.models.sd_files import SDComponents
-    from sdstudio.core.models.tiny import tiny_sd1_components, tiny_sdxl_components
+    tiny_sd1_components, tiny_sdxl_components = _tiny_builders()
 
     if tiny:
         parts = (tiny_sdxl_components if family == "sdxl" else tiny_sd1_components)(seed=0)
@@ -116,7 +129,7 @@ def random_unet(family: str, tiny: bool, device: torch.device) -> torch.nn.Modul
     from diffusers import UNet2DConditionModel
 
     from sdstudio.core.models.offline import config_folder
-    from sdstudio.core.models.tiny import tiny_sd1_components, tiny_sdxl_components
+    tiny_sd1_components, tiny_sdxl_components = _tiny_builders()
 
     if tiny:
         return (tiny_sdxl_components if family == "sdxl" else tiny_sd1_components)(seed=0)["unet"].to(device)

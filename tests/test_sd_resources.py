@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from sdstudio.core.errors import UserError
-from sdstudio.core.models import offline, tiny
+from sdstudio.core.models import offline
+from tests import tiny_models as tiny
 
 REPO = Path(__file__).resolve().parents[1]
 
