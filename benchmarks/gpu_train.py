@@ -4,7 +4,7 @@ Each workload trains a real-size UNet with random weights (the SD1.5 / SDXL conf
 resources/models, no download) on cached-latent-shaped inputs, twice:
 
 - baseline: plain diffusers + peft, trained the way diffusers' example scripts train
-  (../shared/reference/performance.md): SDPA, TF32 on, AdamW (foreach), clipping at 1.0; full fine-tune =
+  (docs/gpu-benchmark.md): SDPA, TF32 on, AdamW (foreach), clipping at 1.0; full fine-tune =
   fp32 UNet under bf16 autocast; LoRA = UNet frozen in bf16, peft LoRA r16 on to_q/to_k/to_v/to_out.0 with
   fp32 adapters. Latents, noise and text states are random tensors already on the GPU.
 - sdstudio: a real ``TrainingSession`` from the workload's preset (built by ``build()``, stepped by

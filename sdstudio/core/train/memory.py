@@ -12,7 +12,7 @@ from ..models.bundle import ModelBundle
 
 GIB = 1024 ** 3
 # Activation memory per image per latent pixel, measured with plain diffusers blocks at bf16 on an H200
-# (reference/performance.md): SD1.5 512 px ~1.07 GiB per image (64x64 latents), SDXL 1024 px ~7.3 GiB
+# (method: docs/gpu-benchmark.md): SD1.5 512 px ~1.07 GiB per image (64x64 latents), SDXL 1024 px ~7.3 GiB
 # per image (128x128 latents). Gradient checkpointing keeps roughly a quarter.
 ACTIVATION_BYTES_PER_LATENT_PIXEL = {"sd1": 0.26e6, "sd2": 0.28e6, "sdxl": 0.45e6, "pixel": 0.02e6}
 CHECKPOINTING_FACTOR = 0.25
