@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import UserError
+from .common import EXIT_OK
 
 FORMATS = ("kohya", "diffusers", "single-file", "diffusers-folder")
 DTYPES = ("fp32", "fp16", "bf16")
@@ -24,7 +25,7 @@ def register(sub: Any) -> None:
     p.add_argument("--ema", action="store_true", help="export the EMA weights (the run must have used EMA)")
     p.add_argument("--best", action="store_true", help="export the checkpoint with the best validation loss")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, flags={"out": "--out", "force": "--force"})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,4 +39,4 @@ def run(args: argparse.Namespace) -> int:
     path = export(args.source, args.format, args.out, dtype=dtype, use_ema=args.ema, force=args.force,
                   best=args.best)
     print(f"exported {args.format} to {path}")
-    return 0
+    return EXIT_OK

@@ -125,7 +125,7 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
                       force: bool = False) -> Path:
     """Write atomically (temp name + rename); the tensor-data sha256 goes into the header."""
     if path.exists() and not force:
-        raise UserError(f"{path}: exists already; choose another --out or pass --force to overwrite it")
+        raise UserError(f"{path}: exists already; choose another `out` or pass `force` to overwrite it")
     data_hash = tensor_data_sha256(save(tensors))
     meta = {**metadata, "sshs_model_hash": data_hash, "sdstudio_tensor_sha256": data_hash}
     blob = save(tensors, metadata=meta)

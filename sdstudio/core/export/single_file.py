@@ -111,7 +111,7 @@ def write_ldm_safetensors(tensors: Tensors, path: Path, *, metadata: Mapping[str
     """
     path = Path(path)
     if path.exists() and not force:
-        raise UserError(f"{path}: exists already; choose another output path or pass --force to overwrite it")
+        raise UserError(f"{path}: exists already; choose another `out` or pass `force` to overwrite it")
     from safetensors.torch import save_file
 
     meta = {"format": "pt", **{str(k): str(v) for k, v in (metadata or {}).items()}}
@@ -142,7 +142,7 @@ def write_single_file(components: Mapping[str, Any] | Any, path: Path, *, family
     if path.suffix.lower() != ".safetensors":
         raise UserError(f"{path}: a single-file export is written as .safetensors; give the path that suffix")
     if path.exists() and not force:  # checked before the (slow, memory-hungry) conversion as well
-        raise UserError(f"{path}: exists already; choose another output path or pass --force to overwrite it")
+        raise UserError(f"{path}: exists already; choose another `out` or pass `force` to overwrite it")
     tensors = _prepare(ldm_state_dict(components, family=family), dtype)
     if v_prediction:
         tensors["v_pred"] = torch.empty(0)
