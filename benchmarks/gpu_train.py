@@ -279,11 +279,12 @@ def sdstudio_loop(w: Workload, tiny: bool, device: torch.device, steps: int, com
         session.build()
     unet = components.unet
     shapes = Shapes.of(unet)
-    batch, session.text_cache = cached_batch(w.family, config.train.batch_size, shapes)
+    batch, text_cache = cached_batch(w.family, config.train.batch_size, shapes)
+    session.caches.read_text_from(text_cache)
 
     def step() -> float:
         loss, _grad_norm, _lr = session.optimizer_step([batch])
-        session.step += 1  # what the loop does after each step (noise seeds and the LR schedule follow it)
+        session.progress.step_done()  # what the loop does after each step (noise seeds and the LR schedule follow it)
         return loss
 
     frozen = [m for m in (session.bundle.components.vae, session.bundle.components.text_encoder,
@@ -298,7 +299,7 @@ def sdstudio_loop(w: Workload, tiny: bool, device: torch.device, steps: int, com
         from sdstudio.core.train.memory import estimate_memory
 
         info["sdstudio_estimate_gib"] = estimate_memory(session.bundle, config).total / GIB
-    return Loop(step, config.train.batch_size, session.trainable_params, [unet, *frozen], close=session.close,
+    return Loop(step, config.train.batch_size, session.steps.params, [unet, *frozen], close=session.close,
                 info=info)
 
 

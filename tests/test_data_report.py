@@ -22,8 +22,8 @@ except ImportError:  # tests/ imported as a package
 
 DOC = Path(__file__).parents[1] / "docs" / "dataset-report.md"
 TOP_KEYS = {"version", "root", "layout", "resolution", "counts", "sizes", "aspect_ratios", "captions",
-            "buckets", "problems", "usable", "summary"}
-COUNT_KEYS = {"images", "captioned", "uncaptioned", "problems", "errors", "warnings", "repeats_total",
+            "buckets", "masks", "problems", "usable", "summary"}
+COUNT_KEYS = {"images", "captioned", "uncaptioned", "masked", "problems", "errors", "warnings", "repeats_total",
               "concepts", "problems_by_kind"}
 
 

@@ -21,8 +21,9 @@ DEFAULT_RESOLUTION = 512
 def register(subparsers: Any) -> None:
     """Add the ``dataset`` command (with ``check``) to the main parser's subparsers."""
     parser = subparsers.add_parser(
-        "dataset", help="inspect a dataset folder",
-        description="Inspect dataset folders (read-only: nothing in the folder is changed).")
+        "dataset", help="inspect a dataset folder, edit and write its captions",
+        description="Inspect dataset folders ('check' is read-only) and edit their captions ('tags', "
+        "'caption', 'undo').")
     commands = parser.add_subparsers(dest="dataset_command", metavar="COMMAND")
     check = commands.add_parser(
         "check", help="report problems, sizes and captions of a dataset folder",
@@ -36,6 +37,9 @@ def register(subparsers: Any) -> None:
                        help=f"training resolution, for the too-small check (default {DEFAULT_RESOLUTION}; "
                        "0 turns that check off)")
     check.set_defaults(func=run_check)
+    from sdstudio.cli.dataset_tools import register as register_tools
+
+    register_tools(commands)  # tags, undo, caption (they write captions, through the undo journal)
 
     def usage(_args: argparse.Namespace) -> int:
         parser.print_usage(sys.stderr)

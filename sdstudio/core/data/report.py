@@ -7,6 +7,7 @@ from collections import Counter
 from typing import Any
 
 from sdstudio.core.data.buckets import DEFAULT_STEP, format_bucket_stats, plan_buckets
+from sdstudio.core.data.mask_files import mask_path
 from sdstudio.core.data.scan import ImageRecord, ScanResult
 
 REPORT_VERSION = 1
@@ -89,6 +90,7 @@ def build_report(scan: ScanResult, resolution: int = 0) -> dict[str, Any]:
                 for name, repeats in sorted(scan.concepts.items())]
     shorter = [min(r.width, r.height) for r in records]
     captioned = sum(r.caption_source in _OWN_CAPTION for r in records)
+    masked = [_rel(scan, r.path) for r in records if mask_path(r.path).is_file()]
     report: dict[str, Any] = {
         "version": REPORT_VERSION,
         "root": str(scan.root),
@@ -98,6 +100,7 @@ def build_report(scan: ScanResult, resolution: int = 0) -> dict[str, Any]:
             "images": len(records),
             "captioned": captioned,
             "uncaptioned": len(records) - captioned,
+            "masked": len(masked),
             "problems": len(scan.problems),
             "errors": errors,
             "warnings": len(scan.problems) - errors,
@@ -115,6 +118,7 @@ def build_report(scan: ScanResult, resolution: int = 0) -> dict[str, Any]:
             "bins": _histogram([r.width / r.height for r in records if r.height], ASPECT_BINS),
         },
         "captions": _caption_stats(records),
+        "masks": {"images": masked},  # images with a name.mask.png beside them
         "buckets": _buckets(records, resolution),
         "problems": [
             {"kind": p.kind, "severity": p.severity, "path": _rel(scan, p.path), "message": p.message,
@@ -165,6 +169,9 @@ def format_report(report: dict[str, Any]) -> str:
         (f"Images:  {counts['images']} usable, {counts['repeats_total']} per epoch; "
          f"{counts['captioned']} with their own caption, {counts['uncaptioned']} without"),
     ]
+    if counts.get("masked"):
+        lines.append(f"Masks:   {counts['masked']} of {counts['images']} images have a training mask "
+                     "(name.mask.png)")
     for concept in counts["concepts"]:
         lines.append(f"  concept {concept['name']!r}: {concept['repeats']} repeats x "
                      f"{_plural(concept['images'], 'image')}")

@@ -31,6 +31,7 @@ from sdstudio.core.data.images import (
     probe_image,
     verify_decodes,
 )
+from sdstudio.core.data.mask_files import is_mask_file
 from sdstudio.core.data.metadata import path_key, read_metadata
 from sdstudio.core.data.problems import KIND_ORDER, PROBLEM_KINDS, Problem, ProblemList
 from sdstudio.core.errors import DatasetError, UserError
@@ -150,7 +151,7 @@ def _walk(top: Path, caption_exts: Sequence[str], visited: set[tuple[int, int]],
                 continue
             stem, ext = os.path.splitext(entry.name)
             ext = ext.lower()
-            if ext in IMAGE_EXTENSIONS:
+            if ext in IMAGE_EXTENSIONS and not is_mask_file(entry.name):
                 found.images.append(Path(entry.path))
             elif ext in caption_exts:
                 found.captions[(stem, ext)] = Path(entry.path)
@@ -235,7 +236,7 @@ def _kohya_candidates(root: Path, entries: list[os.DirEntry[str]], caption_exts:
     kohya_names = [e.name for e in entries if _is_dir(e) and _KOHYA_FOLDER.match(e.name)]
     example = next((n for n in kohya_names if not n.startswith("0")), kohya_names[0])
     root_images = [e.name for e in entries if not _is_dir(e) and os.path.splitext(e.name)[1].lower()
-                   in IMAGE_EXTENSIONS]
+                   in IMAGE_EXTENSIONS and not is_mask_file(e.name)]
     if root_images:
         problems.add("skipped_folder", root,
                      f"{len(root_images)} image(s) directly in {root} are ignored: the folder looks like a "

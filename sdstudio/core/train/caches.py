@@ -1,6 +1,5 @@
 """The feature caches of a training session (latent models): latents and text embeddings computed once into
-the disk cache, and the conditioning of a batch read back from it. A mixin of TrainingSession, which owns
-the state it uses (config, bundle, device, data, loader, accelerator)."""
+the disk cache, and the conditioning and clean latents of a batch read back from them."""
 
 from __future__ import annotations
 
@@ -9,30 +8,32 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from accelerate import Accelerator
+
+from ..config import RunConfig
+from ..data.scan import ImageRecord
+from ..models.bundle import ModelBundle
+from .batches import TrainingBatches
 
 log = logging.getLogger("sdstudio")
 
 
-class FeatureCachingMixin:
-    config: Any
-    bundle: Any
-    device: torch.device
-    data: Any
-    buckets: Any
-    keys: Any
-    is_main: bool
-    accelerator: Any
-    dataset: Any
-    loader: Any
-    feature_cache: Any
-    text_cache: Any
-    cache_warnings: list[str]
-    _text_memo: dict[str, dict[str, torch.Tensor]]
+class FeatureCaches:
+    """The latent and text-embedding caches of one run (each None until built); without them a batch's
+    conditioning and latents are computed by the model's own encoders."""
 
-    def cache_latents(self) -> Iterator[tuple[int, int]]:
-        """Latent models with ``data.cache_latents``: encode missing entries (yields progress), then train
-        from the cache. Entries are keyed by file content, VAE identity, size, crop and flip."""
+    def __init__(self, config: RunConfig, bundle: ModelBundle, accelerator: Accelerator) -> None:
+        self.config, self.bundle, self.accelerator = config, bundle, accelerator
+        self.device = accelerator.device
+        self.is_main = accelerator.is_main_process
+        self.feature_cache: Any = None
+        self.text_cache: Any = None
+        self._text_memo: dict[str, dict[str, torch.Tensor]] = {}
+        self.warnings: list[str] = []  # augmentations the latent cache cannot apply
+
+    def cache_latents(self, batches: TrainingBatches) -> Iterator[tuple[int, int]]:
+        """Latent models with ``data.cache_latents``: encode missing entries (yields progress), then
+        ``batches`` train from the cache. Entries are keyed by file content, VAE identity, size, crop and flip."""
         from ..data.cache import FeatureCache, augmentations_with_cache, image_items
         from ..data.cached import CachedLatentDataset, collate_cached
 
@@ -40,28 +41,24 @@ class FeatureCachingMixin:
         if self.bundle.family == "pixel" or not cfg.cache_latents:
             return
         applies, warnings = augmentations_with_cache(cfg, latents=True, flip_variants=cfg.cache_flip_variants)
-        self.cache_warnings = warnings
+        self.warnings = warnings
         self.feature_cache = FeatureCache(self.bundle.encoder_identity())
-        sizes = self.buckets.sizes if self.buckets else None
-        items = image_items(self.data.train, sizes, cfg.resolution, flip_variants=cfg.cache_flip_variants,
+        sizes = batches.buckets.sizes if batches.buckets else None
+        items = image_items(batches.data.train, sizes, cfg.resolution, flip_variants=cfg.cache_flip_variants,
                             background=tuple(cfg.background))  # type: ignore[arg-type]
         todo = [i for i in items if i not in self.feature_cache]
         if self.is_main and todo:
             progress: list[tuple[int, int]] = []
-            stats = self.feature_cache.build(items, self._encode_latents, batch_size=self.config.train.batch_size,
+            stats = self.feature_cache.build(items, self.encode_latents, batch_size=self.config.train.batch_size,
                                              progress=lambda done, total: progress.append((done, total)))
             yield from progress
             log.info("latent cache: %s", stats)
         self.accelerator.wait_for_everyone()
         if applies:
             log.info("per-step augmentations with the latent cache: %s", ", ".join(applies))
-        self.dataset = CachedLatentDataset(self.dataset, self.feature_cache, items)
-        workers = cfg.num_workers
-        self.loader = DataLoader(self.dataset, batch_sampler=self.keys, collate_fn=collate_cached,
-                                 num_workers=workers, pin_memory=self.device.type == "cuda",
-                                 persistent_workers=workers > 0)
+        batches.train_from(CachedLatentDataset(batches.images, self.feature_cache, items), collate_cached)
 
-    def cache_text(self) -> Iterator[tuple[int, int]]:
+    def cache_text(self, records: list[ImageRecord]) -> Iterator[tuple[int, int]]:
         """With ``data.cache_text_embeddings``: encode every caption variant known now (alternatives and the
         empty caption of caption dropout) into the disk cache; others are added when first met."""
         from ..data.cache import FeatureCache, TextItem
@@ -69,7 +66,7 @@ class FeatureCachingMixin:
         if self.bundle.family == "pixel" or not self.config.data.cache_text_embeddings:
             return
         self.text_cache = FeatureCache(self.bundle.text_encoder_identity())  # type: ignore[attr-defined]
-        texts = sorted({c for r in self.data.train for c in r.captions} | {""})
+        texts = sorted({c for r in records for c in r.captions} | {""})
         items = [TextItem(t) for t in texts]
         if self.is_main and any(i not in self.text_cache for i in items):
             progress: list[tuple[int, int]] = []
@@ -83,7 +80,12 @@ class FeatureCachingMixin:
         feats = self.bundle.text_features(list(texts), self.device)  # type: ignore[attr-defined]
         return {k: v.float().to("cpu") for k, v in feats.items()}
 
-    def _condition(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def read_text_from(self, cache: Any) -> None:
+        """Condition batches from ``cache`` (a FeatureCache or a stand-in with ``get_or_compute``)."""
+        self.text_cache = cache
+
+    def condition(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The model's conditioning of a batch: from the text cache when there is one."""
         if self.text_cache is None:
             return self.bundle.encode_batch(batch, self.device)
         from ..data.cache import TextItem
@@ -100,6 +102,14 @@ class FeatureCachingMixin:
         sizes = self.bundle.batch_sizes(batch) if self.bundle.family == "sdxl" else None  # type: ignore[attr-defined]
         return self.bundle.assemble(features, self.device, sizes)  # type: ignore[attr-defined]
 
-    def _encode_latents(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+    def clean_latents(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The clean model-space samples of a batch: read from the latent cache or encoded now."""
+        if "features" in batch:
+            from ..data.cached import resolve_features
+
+            return resolve_features(batch, self.encode_latents, self.feature_cache)["latents"].to(self.device)
+        return self.bundle.to_model_space(batch["pixels"].to(self.device, non_blocking=True))
+
+    def encode_latents(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"latents": self.bundle.to_model_space(pixels.to(self.device)).to("cpu")}
 

@@ -86,7 +86,7 @@ class RunEvaluation:
             self.inception = net if is_main else None
         elif self.cfg.fid_every_steps or self.cfg.fid_every_epochs:
             self.warnings.append(OFF_WARNING)
-        self.last_step = -1
+        self.last_step = -1  # of the last evaluation (or skip): not twice at one step
         self._evaluator: FidEvaluator | None = None
         self._real: np.ndarray | None = None
         self._captions: list[str] | None = None
@@ -101,6 +101,9 @@ class RunEvaluation:
 
     def due_at_end(self, step: int) -> bool:
         return self.enabled and self.cfg.fid_at_end and self.last_step != step
+
+    def evaluated(self, step: int) -> None:
+        self.last_step = step
 
     def data_warnings(self, n_val: int) -> list[str]:
         """Said once, after the data is prepared: FID/KID on but no reference set."""
@@ -119,7 +122,7 @@ class RunEvaluation:
     def real_features(self, s: TrainingSession) -> np.ndarray:
         """Inception features of the validation images (computed once per run, in batches)."""
         if self._real is None:
-            data = s.val_dataset  # int keys: no augmentation, the square training resolution
+            data = s.batches.val_dataset  # int keys: no augmentation, the square training resolution
             feats = []
             bs = self.cfg.batch_size
             for start in range(0, len(data), bs):
@@ -131,7 +134,7 @@ class RunEvaluation:
     def captions(self, s: TrainingSession) -> list[str]:
         """The caption of each generated image: the validation captions, cycled."""
         if self._captions is None:
-            data = s.val_dataset
+            data = s.batches.val_dataset
             val = [data.caption(i, None) for i in range(len(data))]
             self._captions = [val[i % len(val)] for i in range(self.cfg.num_samples)]
         return self._captions
@@ -143,7 +146,7 @@ class RunEvaluation:
         pairs = list(zip(self.captions(s), eval_seeds(self.train_seed, n)))
         steps = self.cfg.sampler_steps or s.config.sample.steps
         feats = []
-        with s.sampling_model() as model:
+        with s.previews.sampling_model() as model:
             for start in range(0, n, self.cfg.batch_size):
                 images = s.generate_pairs(model, pairs[start:start + self.cfg.batch_size], steps=steps)
                 feats.append(self._features(s).features(images))
@@ -162,15 +165,15 @@ def evaluate(s: TrainingSession, metrics: MetricsWriter | None,
     ``stop``: asked after each generated batch; a stop request abandons the evaluation (no row is written)
     so a large eval.num_samples never holds a stop up for long."""
     e = s.evaluation
-    e.last_step = s.step
-    if not e.enabled or not s.is_main or not len(s.val_dataset):
+    e.evaluated(s.step)
+    if not e.enabled or not s.is_main or not len(s.batches.val_dataset):
         return
     if stop is not None and stop():  # a stop asked for already: not worth the validation features
         return
     n = e.cfg.num_samples
     t0 = time.perf_counter()
     if e.cached_real is None:
-        yield ev.Status("evaluating", f"FID/KID: features of {len(s.val_dataset)} validation images")
+        yield ev.Status("evaluating", f"FID/KID: features of {len(s.batches.val_dataset)} validation images")
     else:
         yield ev.Status("evaluating", f"FID/KID: generating {n} images")
     generated: np.ndarray | None = None
@@ -208,10 +211,10 @@ def evaluate(s: TrainingSession, metrics: MetricsWriter | None,
              s.step, _fmt(fid, 3), "" if result["fid_meaningful"] else " (not meaningful)", _fmt(kid_mean, 5),
              _fmt(kid_std, 5), result["n_generated"], result["n_real"], seconds, f"; {note}" if note else "")
     if metrics:
-        metrics.write(metrics_row("val", s.step, s.epoch, fid=fid, kid_mean=kid_mean, kid_std=kid_std,
+        metrics.write(metrics_row("val", s.step, s.progress.epoch, fid=fid, kid_mean=kid_mean, kid_std=kid_std,
                                   n_generated=result["n_generated"], n_real=result["n_real"],
                                   fid_meaningful=result["fid_meaningful"], note=note,
                                   seconds=round(seconds, 2)))
-    yield ev.EvalResult(s.step, s.epoch, fid, kid_mean, kid_std, result["n_generated"], result["n_real"],
+    yield ev.EvalResult(s.step, s.progress.epoch, fid, kid_mean, kid_std, result["n_generated"], result["n_real"],
                         result["fid_meaningful"], note)
     yield ev.Status("training", "training")

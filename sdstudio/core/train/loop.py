@@ -33,13 +33,11 @@ from ..runs import (
 from .checkpoint import newest_valid_checkpoint
 from .evaluation import evaluate
 from .session import TrainingSession
-from .tensorboard_log import open_tensorboard
+from .step import NonFiniteLoss
+from .tensorboard_log import TensorBoardLog, open_tensorboard
 
 log = logging.getLogger("sdstudio")
-
-
-class NonFiniteLoss(Exception):
-    pass
+__all__ = ["NonFiniteLoss", "train"]
 
 
 @dataclass
@@ -81,7 +79,7 @@ def train(config: RunConfig, control: TrainingControl | None = None, *, run_dir:
         yield from _run(session, control)
     except UserError as exc:
         log.error("%s", exc)
-        if created and session is not None and not session.started:
+        if created and session is not None and not session.progress.started:
             # bad input found before training began: leave nothing half-written behind
             _remove_new_run_dir(run_dir, handler, lock)
             handler = lock = None
@@ -150,92 +148,96 @@ def _run(s: TrainingSession, control: TrainingControl) -> Iterator[ev.Event]:
     for warning in s.init_warnings:
         yield _warning(warning)
     yield ev.Status("scanning", f"scanning {s.data_root}")
-    for warning in s.prepare_data() + s.evaluation.data_warnings(len(s.data.val)):
+    for warning in s.prepare_data() + s.evaluation.data_warnings(len(s.batches.data.val)):
         yield _warning(warning)  # e.g. files skipped: kept in run.log too
     yield ev.Status("building", f"building the {cfg.model.family} model")
     s.build()
     if cfg.data.cache_latents and cfg.model.family != "pixel":
         yield ev.Status("caching", "caching latents")
-        for done, total in s.cache_latents():
+        for done, total in s.caches.cache_latents(s.batches):
             yield ev.Progress(done, total, "caching latents")
-        for warning in s.cache_warnings:
+        for warning in s.caches.warnings:
             yield _warning(warning)
     if cfg.data.cache_text_embeddings and cfg.model.family != "pixel":
         yield ev.Status("caching", "caching text embeddings")
-        for done, total in s.cache_text():
+        for done, total in s.caches.cache_text(s.batches.data.train):
             yield ev.Progress(done, total, "caching text embeddings")
     memory_warning = s.check_memory()
     if memory_warning:
         yield _warning(memory_warning)
+    p = s.progress
     if s.resume:
         yield ev.Status("loading", "loading the newest valid checkpoint")
         for warning in s.load_latest():
             yield ev.Warning(warning)
         if s.is_main and s.run_dir is not None:
-            truncate_metrics_after(s.run_dir / "metrics.jsonl", s.step)
-        if s.step >= s.total_steps:
+            truncate_metrics_after(s.run_dir / "metrics.jsonl", p.step)
+        if p.finished:
             ended = _resume_at_the_end(s)
             if ended is not None:  # nothing left to do: said once, nothing written (resume is idempotent)
-                text = (f"this run already {ended.replace('_', ' ')} at step {s.step} of {s.total_steps}; nothing "
+                text = (f"this run already {ended.replace('_', ' ')} at step {p.step} of {p.total_steps}; nothing "
                         f"to do (to train further resume with a larger train.max_steps, e.g. "
-                        f"train.max_steps = {s.total_steps * 2}, or train.epochs)")
+                        f"train.max_steps = {p.total_steps * 2}, or train.epochs)")
                 log.info("%s", text)
                 yield ev.Warning(text)
-                yield ev.Finished(s.run_dir or Path("."), ended, s.step)
+                yield ev.Finished(s.run_dir or Path("."), ended, p.step)
                 return
-    s.tensorboard = open_tensorboard(cfg.train.tensorboard, s.run_dir, is_main=s.is_main,
-                                     resumed_step=s.step if s.resume else None)
-    mirror = s.tensorboard.row if s.tensorboard is not None else None
+    tensorboard = open_tensorboard(cfg.train.tensorboard, s.run_dir, is_main=s.is_main,
+                                   resumed_step=p.step if s.resume else None)
+    mirror = tensorboard.row if tensorboard is not None else None
     metrics = None
     if s.is_main and s.run_dir is not None:
         metrics = MetricsWriter(s.run_dir / "metrics.jsonl", mirror)
     try:
-        s.started = True
-        yield ev.Started(s.run_dir or Path("."), cfg.to_dict(), s.total_steps, s.step if s.resume else 0)
+        p.begin()
+        yield ev.Started(s.run_dir or Path("."), cfg.to_dict(), p.total_steps, p.step if s.resume else 0)
         log.info("training %s: %d steps, %d images per epoch (%d train, %d validation), %d steps per epoch",
-                 cfg.model.family, s.total_steps, s.order.batches_per_epoch * s.global_batch, len(s.data.train),
-                 len(s.data.val), s.steps_per_epoch)
+                 cfg.model.family, p.total_steps, s.batches.images_per_epoch, len(s.batches.data.train),
+                 len(s.batches.data.val), p.steps_per_epoch)
         if metrics and not s.resume:
-            metrics.write(metrics_row("event", 0, 0, event="started", total_steps=s.total_steps))
+            metrics.write(metrics_row("event", 0, 0, event="started", total_steps=p.total_steps))
         if cfg.train.compile:
             yield ev.Status("compiling", "compiling the model with torch.compile: the first steps take minutes")
         else:
             yield ev.Status("training", "training")
-        yield from _epochs(s, control, metrics)
+        yield from _epochs(s, control, metrics, tensorboard)
     finally:
         if metrics:
             metrics.close()
-        if s.tensorboard is not None:
-            s.tensorboard.close()
+        if tensorboard is not None:
+            tensorboard.close()
 
 
 def _resume_at_the_end(s: TrainingSession) -> str | None:
     """A resume from a checkpoint of the run's last step (e.g. a kill during the end-of-run samples or exports):
     what was already logged at that step is not done again (the rows before the checkpoint are kept, so
     steps never repeat). Returns how the run ended when it had ended already (then there is nothing to do)."""
-    rows = [r for r in read_metrics(s.run_dir / "metrics.jsonl") if r.get("step") == s.step] if s.run_dir else []
+    p = s.progress
+    rows = [r for r in read_metrics(s.run_dir / "metrics.jsonl") if r.get("step") == p.step] if s.run_dir else []
     ended = [str(r["event"]) for r in rows if r.get("kind") == "event" and r.get("event") in
              ("completed", "early_stopped")]
     if ended:
         return ended[-1]
     for r in rows:
         if r.get("kind") == "val" and "val_loss" in r:
-            s.last_val_step = s.step
+            p.validated()
         if r.get("kind") == "val" and "fid" in r:
-            s.evaluation.last_step = s.step
+            s.evaluation.evaluated(p.step)
         if r.get("kind") == "sample":
-            s.last_sample_step = s.step
+            p.sampled()
     return None
 
 
-def _epochs(s: TrainingSession, control: TrainingControl, metrics: MetricsWriter | None) -> Iterator[ev.Event]:
+def _epochs(s: TrainingSession, control: TrainingControl, metrics: MetricsWriter | None,
+            tensorboard: TensorBoardLog | None) -> Iterator[ev.Event]:
     cfg = s.config
+    p = s.progress
     window = _Window()
     step_times: list[float] = []
     reason = "completed"
-    while s.step < s.total_steps:
-        epoch = s.epoch
-        for group in s.batch_groups():
+    while not p.finished:
+        epoch = p.epoch
+        for group in s.batches.batch_groups(p.epoch, p.step_in_epoch):
             if _should_stop(s, control):
                 reason = "stopped"
                 break
@@ -246,59 +248,57 @@ def _epochs(s: TrainingSession, control: TrainingControl, metrics: MetricsWriter
                 yield ev.Status("training", "training")
             t_step = time.perf_counter()
             loss, grad_norm, lr = s.optimizer_step(group)
-            s.step += 1
-            s.step_in_epoch += 1
+            p.step_done()
             if math.isfinite(loss):  # a skipped (NaN / out-of-memory) step is not averaged in
                 window.loss_sum += loss
                 window.grad_sum += grad_norm
                 window.steps += 1
-            window.images += s.global_batch
+            window.images += s.batches.global_batch
             step_times.append(time.perf_counter() - t_step)
             if len(step_times) > 50:
                 del step_times[0]
-            if s.step % cfg.train.log_every == 0 or s.step == s.total_steps:
+            if p.step % cfg.train.log_every == 0 or p.step == p.total_steps:
                 yield _log_window(s, window, lr, step_times, metrics)
                 window = _Window()
-            if cfg.train.val_every_steps and s.step % cfg.train.val_every_steps == 0:
+            if cfg.train.val_every_steps and p.step % cfg.train.val_every_steps == 0:
                 yield from _validate(s, metrics)
-                if s.early_stop:
+                if s.early.stopped:
                     reason = "early_stopped"
                     break
-            if s.evaluation.due_at_step(s.step):
+            if s.evaluation.due_at_step(p.step):
                 yield from evaluate(s, metrics, lambda: control.stop_requested)
-            if (cfg.sample.every_steps and s.step % cfg.sample.every_steps == 0) or control.take_sample_request():
-                yield from _sample(s, metrics)
-            if (cfg.checkpoint.every_steps and s.step % cfg.checkpoint.every_steps == 0) or control.take_save_request():
+            if (cfg.sample.every_steps and p.step % cfg.sample.every_steps == 0) or control.take_sample_request():
+                yield from _sample(s, metrics, tensorboard)
+            if (cfg.checkpoint.every_steps and p.step % cfg.checkpoint.every_steps == 0) or control.take_save_request():
                 yield from _checkpoint(s, metrics)
-            if s.step >= s.total_steps:
+            if p.finished:
                 break
         else:
             # the epoch ran to its end
-            if s.step_in_epoch >= s.steps_per_epoch:
-                s.epoch += 1
-                s.step_in_epoch = 0
-                yield from _epoch_end(s, epoch, metrics, control)
-                if s.early_stop:
+            if p.epoch_complete:
+                p.epoch_done()
+                yield from _epoch_end(s, epoch, metrics, tensorboard, control)
+                if s.early.stopped:
                     reason = "early_stopped"
                     break
             continue
         break
     if reason in ("completed", "early_stopped"):
-        if not cfg.train.val_every_steps or s.step % cfg.train.val_every_steps:
-            if s.last_val_step != s.step:
-                yield from _validate(s, metrics)
-        if cfg.sample.at_end and s.last_sample_step != s.step:
-            yield from _sample(s, metrics)
-        if s.evaluation.due_at_end(s.step):
+        on_the_val_schedule = cfg.train.val_every_steps and p.step % cfg.train.val_every_steps == 0
+        if not on_the_val_schedule and p.last_val_step != p.step:
+            yield from _validate(s, metrics)
+        if cfg.sample.at_end and p.last_sample_step != p.step:
+            yield from _sample(s, metrics, tensorboard)
+        if s.evaluation.due_at_end(p.step):
             yield from evaluate(s, metrics, lambda: control.stop_requested)
-    if s.last_checkpoint_step != s.step:
+    if p.last_checkpoint_step != p.step:
         yield from _checkpoint(s, metrics)
     if reason in ("completed", "early_stopped"):
         yield from _auto_export(s, metrics)
     if metrics:
-        metrics.write(metrics_row("event", s.step, s.epoch, event=reason))
-    log.info("run %s at step %d", reason, s.step)
-    yield ev.Finished(s.run_dir or Path("."), reason, s.step)
+        metrics.write(metrics_row("event", p.step, p.epoch, event=reason))
+    log.info("run %s at step %d", reason, p.step)
+    yield ev.Finished(s.run_dir or Path("."), reason, p.step)
 
 
 def _should_stop(s: TrainingSession, control: TrainingControl) -> bool:
@@ -307,82 +307,87 @@ def _should_stop(s: TrainingSession, control: TrainingControl) -> bool:
 
 def _log_window(s: TrainingSession, w: _Window, lr: float, step_times: list[float],
                 metrics: MetricsWriter | None) -> ev.StepMetrics:
+    p = s.progress
     elapsed = max(time.perf_counter() - w.t0, 1e-9)
     loss = w.loss_sum / w.steps if w.steps else float("nan")
     grad = w.grad_sum / w.steps if w.steps else float("nan")
     ips = w.images / elapsed
     sorted_times = sorted(step_times)
     median = sorted_times[len(sorted_times) // 2] if sorted_times else 0.0
-    eta = median * (s.total_steps - s.step)
+    eta = median * (p.total_steps - p.step)
     if metrics:
-        metrics.write(metrics_row("train", s.step, s.epoch, loss=loss, lr=lr, grad_norm=grad, img_per_s=ips))
-    return ev.StepMetrics(s.step, s.epoch, loss, lr, grad, ips, s.total_steps, eta)
+        metrics.write(metrics_row("train", p.step, p.epoch, loss=loss, lr=lr, grad_norm=grad, img_per_s=ips))
+    return ev.StepMetrics(p.step, p.epoch, loss, lr, grad, ips, p.total_steps, eta)
 
 
-def _epoch_end(s: TrainingSession, epoch: int, metrics: MetricsWriter | None,
+def _epoch_end(s: TrainingSession, epoch: int, metrics: MetricsWriter | None, tensorboard: TensorBoardLog | None,
                control: TrainingControl) -> Iterator[ev.Event]:
     cfg = s.config
+    p = s.progress
     n = epoch + 1
     if not cfg.train.val_every_steps:
         yield from _validate(s, metrics)
-    if cfg.sample.every_epochs and n % cfg.sample.every_epochs == 0 and s.last_sample_step != s.step:
-        yield from _sample(s, metrics)
-    if s.evaluation.due_at_epoch(n, s.step):
+    if cfg.sample.every_epochs and n % cfg.sample.every_epochs == 0 and p.last_sample_step != p.step:
+        yield from _sample(s, metrics, tensorboard)
+    if s.evaluation.due_at_epoch(n, p.step):
         yield from evaluate(s, metrics, lambda: control.stop_requested)
-    if cfg.checkpoint.every_epochs and n % cfg.checkpoint.every_epochs == 0 and s.last_checkpoint_step != s.step:
+    if cfg.checkpoint.every_epochs and n % cfg.checkpoint.every_epochs == 0 and p.last_checkpoint_step != p.step:
         yield from _checkpoint(s, metrics)
-    if cfg.export.every_epochs and n % cfg.export.every_epochs == 0 and s.step < s.total_steps:
-        if s.last_checkpoint_step != s.step:
+    if cfg.export.every_epochs and n % cfg.export.every_epochs == 0 and not p.finished:
+        if p.last_checkpoint_step != p.step:
             yield from _checkpoint(s, metrics)
         yield from _auto_export(s, metrics)
 
 
 def _validate(s: TrainingSession, metrics: MetricsWriter | None) -> Iterator[ev.Event]:
-    if not s.data.val:
+    if not s.batches.data.val:
         return
+    p, early = s.progress, s.early
     yield ev.Status("validating", "validation loss")
     result = s.validate()
-    s.last_val_step = s.step
+    p.validated()
     if result is None:
         return
     val_loss, per_bucket = result
-    s.schedule.observe(val_loss)
-    improved = s.observe_validation(val_loss)
+    s.steps.observe_validation(val_loss)
+    improved = early.observe(val_loss, p.step)
     if metrics:
-        metrics.write(metrics_row("val", s.step, s.epoch, val_loss=val_loss, val_buckets=per_bucket,
+        metrics.write(metrics_row("val", p.step, p.epoch, val_loss=val_loss, val_buckets=per_bucket,
                                   best=improved))
-    yield ev.ValidationResult(s.step, s.epoch, val_loss, {f"t{i}": v for i, v in enumerate(per_bucket)})
+    yield ev.ValidationResult(p.step, p.epoch, val_loss, {f"t{i}": v for i, v in enumerate(per_bucket)})
     keep_best = s.config.checkpoint.keep_best or s.config.train.early_stopping_patience > 0
     if improved and keep_best and s.is_main and s.run_dir is not None:
-        if s.last_checkpoint_step != s.step:
+        if p.last_checkpoint_step != p.step:
             yield from _checkpoint(s, metrics)
         s.mark_best(val_loss)
-    if s.early_stop:
+    if early.stopped:
         log.info("early stopping: no improvement of the validation loss in %d validations (best %.6f at step %d)",
-                 s.config.train.early_stopping_patience, s.best_val, s.best_step)
-        yield ev.Warning(f"early stopping at step {s.step}: the validation loss has not improved for "
-                         f"{s.config.train.early_stopping_patience} validations (best {s.best_val:.5f} at step "
-                         f"{s.best_step})")
+                 s.config.train.early_stopping_patience, early.best_val, early.best_step)
+        yield ev.Warning(f"early stopping at step {p.step}: the validation loss has not improved for "
+                         f"{s.config.train.early_stopping_patience} validations (best {early.best_val:.5f} at step "
+                         f"{early.best_step})")
     yield ev.Status("training", "training")
 
 
-def _sample(s: TrainingSession, metrics: MetricsWriter | None) -> Iterator[ev.Event]:
-    if not s.is_main or not s.sample_prompts:
-        s.last_sample_step = s.step
+def _sample(s: TrainingSession, metrics: MetricsWriter | None,
+            tensorboard: TensorBoardLog | None) -> Iterator[ev.Event]:
+    p, previews = s.progress, s.previews
+    if not s.is_main or not previews.prompts:
+        p.sampled()
         return
-    yield ev.Status("sampling", f"sampling {len(s.sample_prompts)} prompts")
-    grid, path = s.sample_grid()
-    s.last_sample_step = s.step
+    yield ev.Status("sampling", f"sampling {len(previews.prompts)} prompts")
+    grid, path = previews.grid(p.step, p.epoch)
+    p.sampled()
     if path is None:
-        yield ev.Warning(f"could not save the sample grid of step {s.step} (see run.log); training goes on")
-    scores = s.prompt_adherence()
+        yield ev.Warning(f"could not save the sample grid of step {p.step} (see run.log); training goes on")
+    scores = previews.prompt_adherence()
     if scores:
-        log.info("prompt adherence at step %d: %s", s.step, ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
+        log.info("prompt adherence at step %d: %s", p.step, ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
     if metrics and path is not None:
-        metrics.write(metrics_row("sample", s.step, s.epoch, path=str(path.name), **scores))
-    if s.tensorboard is not None:
-        s.tensorboard.image("samples", s.step, grid)
-    yield ev.SampleGrid(s.step, s.epoch, grid, tuple(s.sample_prompts), tuple(s.config.sample.seeds), path,
+        metrics.write(metrics_row("sample", p.step, p.epoch, path=str(path.name), **scores))
+    if tensorboard is not None:
+        tensorboard.image("samples", p.step, grid)
+    yield ev.SampleGrid(p.step, p.epoch, grid, tuple(previews.prompts), tuple(s.config.sample.seeds), path,
                         scores)
     yield ev.Status("training", "training")
 
@@ -414,17 +419,19 @@ def _auto_export(s: TrainingSession, metrics: MetricsWriter | None) -> Iterator[
             continue
         log.info("exported %s: %s", fmt, path)
         if metrics:
-            metrics.write(metrics_row("event", s.step, s.epoch, event="exported", format=fmt, path=path.name))
+            metrics.write(metrics_row("event", s.step, s.progress.epoch, event="exported", format=fmt,
+                                      path=path.name))
         yield ev.Status("exported", f"exported {fmt}: {path}")
 
 
 def _checkpoint(s: TrainingSession, metrics: MetricsWriter | None) -> Iterator[ev.Event]:
-    s.last_checkpoint_step = s.step
+    p = s.progress
+    p.checkpointed()
     if not s.is_main or s.run_dir is None:
         return
-    yield ev.Status("saving", f"saving checkpoint at step {s.step}")
+    yield ev.Status("saving", f"saving checkpoint at step {p.step}")
     path = s.save_checkpoint()
     if metrics:
-        metrics.write(metrics_row("checkpoint", s.step, s.epoch, path=path.name))
-    yield ev.CheckpointSaved(path, s.step)
+        metrics.write(metrics_row("checkpoint", p.step, p.epoch, path=path.name))
+    yield ev.CheckpointSaved(path, p.step)
     yield ev.Status("training", "training")

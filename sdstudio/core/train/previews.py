@@ -1,57 +1,61 @@
 """Images from a training session: preview grids, the FID/KID images, and the demo's prompt adherence, all
 made with the live modules (no second pipeline) under the EMA weights when EMA is on, with every global RNG
-restored afterwards. A mixin of TrainingSession, which owns the state it uses."""
+restored afterwards."""
 
 from __future__ import annotations
 
 import json
 import logging
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 
+from ..config import RunConfig
+from ..data.scan import ImageRecord
+from ..models.bundle import ModelBundle
 from ..sampling.sampler import generate, make_grid, preserved_rng_state
+from .ema import EmaWeights
 
 log = logging.getLogger("sdstudio")
 
 
-class SamplingMixin:
-    config: Any
-    bundle: Any
-    device: torch.device
-    data: Any
-    data_root: Path
-    run_dir: Path | None
-    accelerator: Any
-    model: Any
-    ema: Any
-    trainable_params: list[torch.nn.Parameter]
-    sched: Any
-    sample_prompts: list[str]
-    step: int
-    epoch: int
+def default_prompts(bundle: ModelBundle, records: list[ImageRecord]) -> list[str]:
+    """Without ``sample.prompts``: the first four distinct training captions (one empty prompt without text)."""
+    if bundle.tokenizer is None:
+        return [""]
+    seen = sorted({r.captions[0] for r in records if r.captions})
+    return seen[:4] or [""]
 
-    def _default_prompts(self) -> list[str]:
-        if self.bundle.tokenizer is None:
-            return [""]
-        seen = sorted({r.captions[0] for r in self.data.train if r.captions})
-        return seen[:4] or [""]
+
+class Previews:
+    """``model``: the prepared training model (unwrapped for sampling); ``sched``: its noise schedule;
+    ``run_dir``: where grids go (None: nowhere); ``data_root``: the data folder (demo prompt adherence)."""
+
+    def __init__(self, config: RunConfig, bundle: ModelBundle, sched: Any, model: Any, accelerator: Accelerator,
+                 ema: EmaWeights | None, *, run_dir: Path | None, data_root: Path,
+                 train_records: list[ImageRecord]) -> None:
+        self.config, self.bundle, self.sched, self.model, self.accelerator = config, bundle, sched, model, accelerator
+        self.ema, self.run_dir, self.data_root = ema, run_dir, data_root
+        self.device = accelerator.device
+        self.prompts = list(config.sample.prompts) or default_prompts(bundle, train_records)
+        self.last_images: np.ndarray | None = None  # of the last grid
 
     def prompt_adherence(self) -> dict[str, float]:
         """On the bundled demo data: how often the last grid shows each prompt's colour and shape."""
         from .. import paths
         from ..demo_shapes import parse_prompt, prompt_adherence
 
-        images = getattr(self, "last_sample_images", None)
+        images = self.last_images
         if images is None or self.data_root.resolve() != paths.demo_dataset_dir().resolve():
             return {}
-        if not all(None not in parse_prompt(p) for p in self.sample_prompts):
+        if not all(None not in parse_prompt(p) for p in self.prompts):
             return {}
-        labels = [p for p in self.sample_prompts for _ in self.config.sample.seeds]
+        labels = [p for p in self.prompts for _ in self.config.sample.seeds]
         return prompt_adherence(list(images), labels)
 
     @contextmanager
@@ -60,17 +64,12 @@ class SamplingMixin:
         and the raw weights are restored afterwards, so sampling never changes the training run."""
         model = self.accelerator.unwrap_model(self.model)
         was_training = model.training
-        with preserved_rng_state():
-            if self.ema is not None:
-                self.ema.store(self.trainable_params)
-                self.ema.copy_to(self.trainable_params)
+        with preserved_rng_state(), (self.ema.swapped_in() if self.ema is not None else nullcontext()):
             model.eval()
             try:
                 yield model
             finally:
                 model.train(was_training)
-                if self.ema is not None:
-                    self.ema.restore(self.trainable_params)
 
     def _autocast_dtype(self) -> torch.dtype | None:
         return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision)
@@ -93,22 +92,24 @@ class SamplingMixin:
         return generate_pairs(self.bundle, model, self.sched, pairs, steps, cfg.guidance, cfg.sampler,
                                cfg.negative_prompt, self.device, self._autocast_dtype())
 
-    def sample_grid(self) -> tuple[np.ndarray, Path | None]:
+    def grid(self, step: int, epoch: int) -> tuple[np.ndarray, Path | None]:
+        """The preview grid of ``step`` (one row per prompt, one column per seed) and where it was saved
+        (None without a run folder or when it could not be written: a warning, training goes on)."""
         seeds = list(self.config.sample.seeds)
-        images = self.sample_images(self.sample_prompts, seeds)
-        self.last_sample_images = images
-        grid = make_grid(images, rows=len(self.sample_prompts))
+        images = self.sample_images(self.prompts, seeds)
+        self.last_images = images
+        grid = make_grid(images, rows=len(self.prompts))
         if self.run_dir is None:
             return grid, None
         from PIL import Image
 
         from ..atomic import write_file_atomic, write_text_atomic
 
-        path = self.run_dir / "samples" / f"step-{self.step:08d}.png"
+        path = self.run_dir / "samples" / f"step-{step:08d}.png"
         try:
             write_file_atomic(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
             write_text_atomic(path.with_suffix(".json"), json.dumps(
-                {"step": self.step, "epoch": self.epoch, "prompts": self.sample_prompts, "seeds": seeds,
+                {"step": step, "epoch": epoch, "prompts": self.prompts, "seeds": seeds,
                  "sampler": self.config.sample.sampler, "steps": self.config.sample.steps,
                  "guidance": self.config.sample.guidance, "ema": self.ema is not None}, indent=1))
         except OSError as exc:

@@ -9,6 +9,7 @@ from typing import Any
 from PySide6.QtCore import QItemSelectionModel, QModelIndex, QSize, Qt, QThreadPool, Signal, Slot
 from PySide6.QtGui import QDragEnterEvent, QDropEvent
 from PySide6.QtWidgets import (
+    QCheckBox,
     QFileDialog,
     QHBoxLayout,
     QLabel,
@@ -79,6 +80,23 @@ class DatasetsPanel(QWidget):
         row.addWidget(self.remove_button)
         left_layout.addLayout(row)
         left_layout.addWidget(rescan)
+        tools, mask_tools = QHBoxLayout(), QHBoxLayout()  # the dataset tools: their own dialogs
+        for line, text, tip, slot in (
+                (tools, "Tags…", "Tag table, bulk tag edits, undo", self.open_tags),
+                (tools, "Caption…", "Caption the images with a tagger or captioner", self.open_caption),
+                (tools, "Masks…", "Make masks from the alpha channel or a text prompt",
+                 self.open_make_masks),
+                (mask_tools, "Paint mask…", "Paint the training mask of the selected image", self.open_masks)):
+            button = QPushButton(text)
+            button.setToolTip(tip)
+            button.clicked.connect(slot)
+            line.addWidget(button)
+        left_layout.addLayout(tools)
+        self.show_masks = QCheckBox("Show masks")
+        self.show_masks.setToolTip("Tint the parts of each thumbnail that its mask (name.mask.png) leaves out")
+        self.show_masks.toggled.connect(lambda on: self.model.set_show_masks(on))
+        mask_tools.addWidget(self.show_masks)
+        left_layout.addLayout(mask_tools)
 
         self.model = ThumbnailModel(self)
         self.grid = QListView()
@@ -92,6 +110,7 @@ class DatasetsPanel(QWidget):
         self.grid.setGridSize(QSize(THUMB_SIZE + 16, THUMB_SIZE + 28))
         self.grid.setSpacing(2)
         self.grid.setModel(self.model)
+        self.grid.setSelectionMode(QListView.SelectionMode.ExtendedSelection)  # a selection for the tools
         self.grid.selectionModel().currentChanged.connect(self._image_selected)
         self.header = QLabel("")
         self.header.setWordWrap(True)
@@ -284,6 +303,69 @@ class DatasetsPanel(QWidget):
     def first_image(self) -> Path | None:
         records = self.model.records()
         return records[0].path if records else None
+
+    def open_tags(self) -> QWidget | None:
+        from .tags_dialog import TagsDialog
+
+        return self._open_tool(TagsDialog)
+
+    def selected_images(self) -> list[Path]:
+        """The images selected in the grid, in dataset order."""
+        rows = sorted(index.row() for index in self.grid.selectionModel().selectedIndexes())
+        return [self.model.record(row).path for row in rows]
+
+    def open_caption(self) -> QWidget | None:
+        from .caption_dialog import CaptionDialog
+
+        if self._current is None:
+            return None
+        dialog = CaptionDialog(self._current, self, selection=self.selected_images())
+        dialog.captions_changed.connect(self.rescan)
+        dialog.show()
+        return dialog
+
+    def open_masks(self) -> QWidget | None:
+        """The mask editor for the selected images (all of them when one or none is selected)."""
+        from .mask_dialog import MaskDialog
+
+        records = self.model.records()
+        if self._current is None or not records:
+            return None
+        selected = self.selected_images()
+        images = selected if len(selected) > 1 else [r.path for r in records]
+        current = self.caption.record()
+        dialog = MaskDialog(self._current, images, current.path if current else None, self)
+        dialog.mask_saved.connect(lambda _path: self.model.masks_changed())
+        dialog.show()
+        return dialog
+
+    def open_make_masks(self) -> QWidget | None:
+        """The Masks dialog: masks from the alpha channel or a prompt, for the selection or the dataset."""
+        from .masks_dialog import MasksDialog
+
+        if self._current is None:
+            return None
+        dialog = MasksDialog(self._current, self, selection=self.selected_images())
+        dialog.masks_changed.connect(self._masks_written)
+        dialog.show()
+        return dialog
+
+    def _masks_written(self) -> None:
+        """Masks were written or undone: tint the thumbnails again (showing masks: the user just made some) and
+        recount them in the health report."""
+        if self.show_masks.isChecked():
+            self.model.masks_changed()
+        else:
+            self.show_masks.setChecked(True)  # looks the masks up again
+        self.rescan()
+
+    def _open_tool(self, dialog_class: Any) -> QWidget | None:
+        if self._current is None:
+            return None
+        dialog = dialog_class(self._current, self)
+        dialog.captions_changed.connect(self.rescan)
+        dialog.show()
+        return dialog
 
     def shutdown(self) -> None:
         self._scan_token += 1

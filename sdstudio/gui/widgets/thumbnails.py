@@ -34,12 +34,15 @@ from sdstudio.core import paths
 from sdstudio.core.atomic import write_file_atomic
 from sdstudio.core.data.scan import ImageRecord
 
+from .mask_canvas import tinted_thumbnail
+
 log = logging.getLogger("sdstudio")
 THUMB_SIZE = 96
 MEMORY_CACHE = 3000  # pixmaps kept; about 3000 * 96 * 96 * 4 bytes = 110 MB at most
 MAX_PENDING = 600  # requests beyond this (long scrolls) are dropped oldest first and asked again when seen
 PathRole = Qt.ItemDataRole.UserRole + 1
 RecordRole = Qt.ItemDataRole.UserRole + 2
+MASK_KEY = "mask:"  # request key prefix: the thumbnail with the image's mask tinted over it
 IndexArg = QModelIndex | QPersistentModelIndex
 
 
@@ -107,7 +110,11 @@ class _Drain(QRunnable):
     def run(self) -> None:
         while (key := self.queue.pop()) is not None:
             try:
-                image = make_thumbnail(Path(key))
+                if key.startswith(MASK_KEY):
+                    path = Path(key[len(MASK_KEY):])
+                    image = tinted_thumbnail(make_thumbnail(path), path)
+                else:
+                    image = make_thumbnail(Path(key))
             except Exception:
                 log.exception("could not make the thumbnail of %s", key)
                 image = QImage()
@@ -175,6 +182,8 @@ class ThumbnailModel(QAbstractListModel):
         self._placeholder = _placeholder(QColor(225, 225, 228))
         self._broken = _placeholder(QColor(240, 200, 200))
         self.requests = 0  # thumbnails asked for since the last set_records (tests, diagnostics)
+        self.show_masks = False  # decorations with the training mask tinted over them
+        self._masked: set[str] = set()  # images that have a mask file (looked up when masks are shown)
 
     # -- content ----------------------------------------------------------------------------------------
     def set_records(self, records: list[ImageRecord]) -> None:
@@ -184,7 +193,30 @@ class ThumbnailModel(QAbstractListModel):
         self._rows = {str(r.path): i for i, r in enumerate(self._records)}
         self._pending.clear()
         self.requests = 0
+        self._masked = self._find_masks() if self.show_masks else set()
         self.endResetModel()
+
+    def _find_masks(self) -> set[str]:
+        from sdstudio.core.data.mask_files import mask_path
+
+        return {str(r.path) for r in self._records if mask_path(r.path).is_file()}
+
+    def set_show_masks(self, on: bool) -> None:
+        """Tint each thumbnail's untrained parts (from its name.mask.png), or show plain thumbnails."""
+        self.show_masks = on
+        self.masks_changed()
+
+    def masks_changed(self) -> None:
+        """Mask files were written or removed: look them up again and redraw the tinted thumbnails."""
+        for key in [k for k in self._pixmaps if k.startswith(MASK_KEY)]:
+            del self._pixmaps[key]
+        self._masked = self._find_masks() if self.show_masks else set()
+        if self._records:
+            self.dataChanged.emit(self.index(0), self.index(len(self._records) - 1),
+                                  [Qt.ItemDataRole.DecorationRole])
+
+    def has_mask(self, row: int) -> bool:
+        return str(self._records[row].path) in self._masked
 
     def records(self) -> list[ImageRecord]:
         return self._records
@@ -214,7 +246,8 @@ class ThumbnailModel(QAbstractListModel):
         if role == Qt.ItemDataRole.DisplayRole:
             return record.path.name
         if role == Qt.ItemDataRole.DecorationRole:
-            return self._thumbnail(str(record.path))
+            key = str(record.path)
+            return self._thumbnail(MASK_KEY + key if key in self._masked else key)
         if role == Qt.ItemDataRole.ToolTipRole:
             caption = record.captions[0] if record.captions else "(no caption)"
             return f"{record.path.name} · {record.width}×{record.height}\n{caption}"
@@ -256,7 +289,7 @@ class ThumbnailModel(QAbstractListModel):
 
     def _on_ready(self, key: str, image: QImage) -> None:
         self._pending.discard(key)
-        row = self._rows.get(key)
+        row = self._rows.get(key.removeprefix(MASK_KEY))
         if image.isNull():
             self._failed.add(key)
         else:

@@ -1,0 +1,111 @@
+"""What the model is trained on: the diffusion loss of a micro-batch (with DreamBooth's prior preservation)
+and the validation loss at fixed timesteps with fixed noise."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from ..config import RunConfig
+from ..data.dataset import collate
+from ..diffusion import diffusion_loss, sample_noise, target_for
+from ..models.bundle import ModelBundle
+from .batches import TrainingBatches
+from .caches import FeatureCaches
+
+VAL_BUCKETS = 10
+
+
+def _concat(a: Any, b: Any) -> Any:
+    return torch.cat([a, b]) if isinstance(a, torch.Tensor) else list(a) + list(b)
+
+
+class DiffusionObjective:
+    """``model``: the prepared training model; ``sched``: the training noise schedule; ``caches``: where a
+    batch's latents and conditioning come from; ``batches``: the class images and the validation set."""
+
+    def __init__(self, config: RunConfig, bundle: ModelBundle, sched: Any, model: Any, accelerator: Accelerator,
+                 caches: FeatureCaches, batches: TrainingBatches) -> None:
+        self.config, self.bundle, self.sched, self.model, self.accelerator = config, bundle, sched, model, accelerator
+        self.caches, self.batches = caches, batches
+        self.device = accelerator.device
+        self.rank = accelerator.process_index
+
+    def _noise_generator(self, step: int, micro: int) -> torch.Generator:
+        # Seeded from (seed, step, micro-batch, rank): exact after a resume with no state to save.
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed((self.config.train.seed * 1_000_003 + step) * 4099 + micro * 131 + self.rank)
+        return gen
+
+    def loss(self, batch: dict[str, Any], micro: int, step: int) -> torch.Tensor:
+        """The loss of micro-batch ``micro`` of optimizer step ``step`` (0-based)."""
+        clean = self.caches.clean_latents(batch)
+        gen = self._noise_generator(step, micro)
+        noisy, target, t = self._noised(clean, gen)
+        reg = self.batches.class_batch(step, micro, len(batch["captions"]))
+        if reg is None:
+            with self.accelerator.autocast():
+                pred = self.model(noisy, t, self.caches.condition(batch))
+            return diffusion_loss(pred, target, t, self.sched, self.config.loss)
+        # DreamBooth prior preservation: instance and class images in one forward, losses weighted apart
+        reg_clean = self.bundle.to_model_space(reg["pixels"].to(self.device))
+        reg_noisy, reg_target, reg_t = self._noised(reg_clean, gen)
+        both = {k: _concat(batch[k], reg[k]) for k in ("captions", "original_size", "crop_top_left", "target_size")
+                if k in batch and k in reg}
+        n = clean.shape[0]
+        with self.accelerator.autocast():
+            if reg_clean.shape[2:] == clean.shape[2:]:
+                pred = self.model(torch.cat([noisy, reg_noisy]), torch.cat([t, reg_t]), self.caches.condition(both))
+                pred, reg_pred = pred[:n], pred[n:]
+            else:  # a non-square bucket: class images are square, so two forwards
+                pred = self.model(noisy, t, self.caches.condition(batch))
+                reg_pred = self.model(reg_noisy, reg_t, self.caches.condition(reg))
+        loss = diffusion_loss(pred, target, t, self.sched, self.config.loss)
+        prior = diffusion_loss(reg_pred, reg_target, reg_t, self.sched, self.config.loss)
+        return loss + self.config.loss.prior_loss_weight * prior
+
+    def _noised(self, clean: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(noisy input, target, timesteps) for clean samples, drawn from ``gen`` in a fixed order."""
+        tmin, tmax = self.config.resolved_timestep_range()
+        t = torch.randint(tmin, tmax, (clean.shape[0],), generator=gen, device=self.device)
+        noise, model_noise = sample_noise(clean, self.config.loss, gen)
+        return self.sched.add_noise(clean, model_noise, t), target_for(self.sched, clean, noise, t), t
+
+    @torch.no_grad()
+    def validation_loss(self) -> tuple[float, list[float]] | None:
+        """Loss on the validation images at fixed timesteps with fixed noise: comparable across epochs.
+        (mean, one per timestep bucket); None without validation images."""
+        val = self.batches.val_dataset
+        if not len(val):
+            return None
+        model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        tmin, tmax = self.config.resolved_timestep_range()
+        edges = np.linspace(tmin, tmax, VAL_BUCKETS + 1)
+        ts = [int((edges[k] + edges[k + 1]) / 2) for k in range(VAL_BUCKETS)]
+        sums = [0.0] * VAL_BUCKETS
+        bs = max(1, self.config.train.batch_size)
+        try:
+            for start in range(0, len(val), bs):
+                items = [val[i] for i in range(start, min(start + bs, len(val)))]
+                batch = collate(items)
+                clean = self.bundle.to_model_space(batch["pixels"].to(self.device))
+                cond = self.bundle.encode_batch(batch, self.device)
+                for k, tk in enumerate(ts):
+                    gen = torch.Generator().manual_seed(self.config.data.val_seed * 7919 + start * 101 + k)
+                    noise = torch.randn(clean.shape, generator=gen).to(self.device, clean.dtype)
+                    t = torch.full((clean.shape[0],), tk, device=self.device, dtype=torch.long)
+                    noisy = self.sched.add_noise(clean, noise, t)
+                    with self.accelerator.autocast():
+                        pred = model(noisy, t, cond)
+                    target = target_for(self.sched, clean, noise, t)
+                    per = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none")
+                    sums[k] += float(per.mean(dim=(1, 2, 3)).sum())
+        finally:
+            model.train(was_training)
+        per_bucket = [s / len(val) for s in sums]
+        return float(np.mean(per_bucket)), per_bucket

@@ -1,0 +1,112 @@
+"""One optimizer step with its guards: the micro-batches' forward and backward (gradient sync on the last
+only), clipping, the NaN/inf check agreed by every process, then the optimizer, the learning-rate schedule
+and the EMA; a CUDA out-of-memory error may skip the batch (``train.oom_skip_batches``)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from ..config import TrainConfig
+from .ema import EmaWeights
+from .optim import LRSchedule
+
+log = logging.getLogger("sdstudio")
+
+LossFn = Callable[[dict[str, Any], int], torch.Tensor]  # (batch, micro-batch index) -> loss
+
+
+class NonFiniteLoss(Exception):
+    """More NaN/inf steps than ``train.nan_skip_steps``: the run fails with advice."""
+
+
+def any_process(accelerator: Accelerator, flag: bool) -> bool:
+    """True when ``flag`` is set on any process (one tiny all-reduce with several processes)."""
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
+
+
+class OptimizerStep:
+    """``params``: the trainable parameters (clipped, averaged); ``model``: the prepared (maybe compiled) model
+    whose gradient sync is held back on all but the last micro-batch."""
+
+    def __init__(self, accelerator: Accelerator, model: Any, optimizer: torch.optim.Optimizer, schedule: LRSchedule,
+                 params: list[torch.nn.Parameter], ema: EmaWeights | None, train: TrainConfig) -> None:
+        self.accelerator, self.model, self.params, self.ema, self.train = accelerator, model, params, ema, train
+        self.optimizer, self.schedule = optimizer, schedule
+        self.bad_steps = 0
+        self.oom_skips = 0
+
+    def run(self, group: list[dict[str, Any]], step: int, loss_fn: LossFn) -> tuple[float, float, float]:
+        """Optimizer step ``step`` (0-based) over a group of micro-batches: (loss, grad norm, lr); NaN loss =
+        skipped."""
+        lr = self.schedule.apply(self.optimizer, step)
+        try:
+            return self._accumulate_and_step(group, step, loss_fn, lr)
+        except torch.cuda.OutOfMemoryError:
+            if self.oom_skips >= self.train.oom_skip_batches:
+                raise
+            self.oom_skips += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            log.warning("CUDA out of memory at step %d: batch skipped (%d of %d allowed by train.oom_skip_batches)",
+                        step + 1, self.oom_skips, self.train.oom_skip_batches)
+            return float("nan"), float("nan"), lr
+
+    def _accumulate_and_step(self, group: list[dict[str, Any]], step: int, loss_fn: LossFn,
+                             lr: float) -> tuple[float, float, float]:
+        total = torch.zeros((), device=self.accelerator.device)
+        several = self.accelerator.num_processes > 1
+        for i, batch in enumerate(group):
+            last = i == len(group) - 1
+            ctx = self.accelerator.no_sync(self.model) if several and not last else nullcontext()
+            with ctx:
+                loss = loss_fn(batch, i)
+                self.accelerator.backward(loss / len(group))
+            total += loss.detach()
+        max_norm = self.train.max_grad_norm or float("inf")
+        grad_norm = self.accelerator.clip_grad_norm_(self.params, max_norm)
+        # One host sync per step: the loss and gradient norm are read together, and checked before the
+        # optimizer touches the weights (a NaN/inf batch leaves them as they were).
+        loss_value, norm_value = (float(v) for v in torch.stack([total / len(group), grad_norm.float()]).tolist())
+        if any_process(self.accelerator, not math.isfinite(loss_value)):  # some rank saw NaN/inf
+            self.optimizer.zero_grad(set_to_none=True)
+            self.bad_steps += 1
+            if self.bad_steps > self.train.nan_skip_steps:
+                raise NonFiniteLoss(self._nan_message(step))
+            log.warning("non-finite loss at step %d skipped (%d of %d allowed)", step + 1,
+                        self.bad_steps, self.train.nan_skip_steps)
+            return float("nan"), float("nan"), lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update()
+        return loss_value, norm_value, lr
+
+    def _nan_message(self, step: int) -> str:
+        t = self.train
+        return (f"the loss became NaN/inf at step {step + 1}; the last good checkpoint is kept. Usual causes: "
+                f"a learning rate too high (train.learning_rate = {t.learning_rate:g}: try 3-10x lower), fp16 "
+                f"mixed precision (train.mixed_precision = {t.mixed_precision!r}: try bf16 or no), a VAE in "
+                "fp16 (SDXL), or no gradient clipping (train.max_grad_norm)")
+
+    def observe_validation(self, val_loss: float) -> None:
+        """``reduce_on_plateau`` lowers the learning rate after validations without improvement."""
+        self.schedule.observe(val_loss)
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """The optimizer (when the checkpoint kept it), schedule and loss scaler of a checkpoint's training state."""
+        if state.get("optimizer") is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        if state.get("scaler") is not None and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
