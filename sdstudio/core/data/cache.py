@@ -31,6 +31,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from .. import paths
+from ..checksums import sha256_file
 from ..errors import UserError
 from .filememo import FileMemo, write_atomic
 from .images import load_with_info
@@ -49,14 +50,6 @@ EncodeFn = Callable[[Any], "torch.Tensor | Features"]
 # -- keys ----------------------------------------------------------------------------------------------
 
 
-def file_sha256(path: Path | str, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class ContentHashes:
     """sha256 of files, remembered in ``<root>/file-hashes.json`` so a later run does not read every image
     again (a changed file is always re-hashed: see ``filememo``)."""
@@ -67,7 +60,7 @@ class ContentHashes:
     def sha256(self, path: Path | str) -> str:
         digest = self.memo.get(path)
         if digest is None:
-            digest = file_sha256(path)
+            digest = sha256_file(path)
             self.memo.put(path, digest)
         return digest
 
