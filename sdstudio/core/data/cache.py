@@ -31,9 +31,10 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from .. import paths
+from ..atomic import write_bytes_atomic
 from ..checksums import sha256_file
 from ..errors import UserError
-from .filememo import FileMemo, write_atomic
+from .filememo import FileMemo
 from .images import load_with_info
 from .transforms import AugmentSettings, center_crop_position, fit_to_size, to_tensor_array
 
@@ -243,7 +244,7 @@ class FeatureCache:
         path = self.path_for(key)
         blob = save_safetensors(tensors, metadata=meta)
         try:
-            write_atomic(path, blob)
+            write_bytes_atomic(path, blob, fsync=False)  # a cache entry lost to a crash is recomputed
         except OSError as exc:
             raise CacheWriteError(f"{path}: cannot write a cache entry ({exc.strerror or exc}); free space in "
                                   f"{self.folder} (each entry needs about {len(blob) / 1e3:.1f} kB) or make it "
