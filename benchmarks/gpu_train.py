@@ -4,7 +4,7 @@ Each workload trains a real-size UNet with random weights (the SD1.5 / SDXL conf
 resources/models, no download) on cached-latent-shaped inputs, twice:
 
 - baseline: plain diffusers + peft, trained the way diffusers' example scripts train
-  (../shared/reference/performance.md): SDPA, TF32 on, AdamW (foreach), clipping at 1.0; full fine-tune =
+  (docs/gpu-benchmark.md): SDPA, TF32 on, AdamW (foreach), clipping at 1.0; full fine-tune =
   fp32 UNet under bf16 autocast; LoRA = UNet frozen in bf16, peft LoRA r16 on to_q/to_k/to_v/to_out.0 with
   fp32 adapters. Latents, noise and text states are random tensors already on the GPU.
 - sdstudio: a real ``TrainingSession`` from the workload's preset (built by ``build()``, stepped by
@@ -81,14 +81,27 @@ SDSTUDIO_OVERRIDES: dict[str, Any] = {
 
 
 # -- models with random weights ------------------------------------------------------------------------------
+def _tiny_builders():  # -> (tiny_sd1_components, tiny_sdxl_components)
+    """The test suite's tiny-model builders (tests/tiny_models.py, not part of the package), loaded by path:
+    this script always runs from a checkout."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "tests" / "tiny_models.py"
+    spec = importlib.util.spec_from_file_location("sdstudio_tiny_models", path)
+    assert spec is not None and spec.loader is not None, path
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.tiny_sd1_components, module.tiny_sdxl_components
+
+
 def random_components(family: str, tiny: bool, device: torch.device):  # -> SDComponents
     """UNet, VAE, text encoder(s) and tokenizer(s) with random weights: real sizes, or tiny ones for a CPU."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from sdstudio.core.models.offline import config_folder
-    from sdstudio.core.models.sd_files import SDComponents
-    from sdstudio.core.models.tiny import tiny_sd1_components, tiny_sdxl_components
+    from sdstudio.core.models.sd.offline import config_folder, config_folder_tokenizers
+    from sdstudio.core.models.sd.files import SDComponents
+    tiny_sd1_components, tiny_sdxl_components = _tiny_builders()
 
     if tiny:
         parts = (tiny_sdxl_components if family == "sdxl" else tiny_sd1_components)(seed=0)
@@ -98,7 +111,7 @@ def random_components(family: str, tiny: bool, device: torch.device):  # -> SDCo
         scheduler_config = dict(parts["scheduler"].config)
     else:
         folder = config_folder(family)
-        parts = {"tokenizer": CLIPTokenizer.from_pretrained(folder / "tokenizer")}
+        parts = dict(config_folder_tokenizers(folder))
         with torch.device(device):  # initialise on the GPU: seconds instead of a minute on the CPU
             parts["unet"] = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
             parts["vae"] = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
@@ -106,7 +119,6 @@ def random_components(family: str, tiny: bool, device: torch.device):  # -> SDCo
             if family == "sdxl":
                 parts["text_encoder_2"] = CLIPTextModelWithProjection(
                     CLIPTextConfig.from_pretrained(folder / "text_encoder_2"))
-                parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(folder / "tokenizer_2")
         scheduler_config = dict(DDPMScheduler.load_config(folder / "scheduler"))
     return SDComponents(family=family, unet=parts["unet"], vae=parts["vae"], text_encoder=parts["text_encoder"],
                         tokenizer=parts["tokenizer"], scheduler_config=scheduler_config, prediction_type="epsilon",
@@ -116,8 +128,8 @@ def random_components(family: str, tiny: bool, device: torch.device):  # -> SDCo
 def random_unet(family: str, tiny: bool, device: torch.device) -> torch.nn.Module:
     from diffusers import UNet2DConditionModel
 
-    from sdstudio.core.models.offline import config_folder
-    from sdstudio.core.models.tiny import tiny_sd1_components, tiny_sdxl_components
+    from sdstudio.core.models.sd.offline import config_folder
+    tiny_sd1_components, tiny_sdxl_components = _tiny_builders()
 
     if tiny:
         return (tiny_sdxl_components if family == "sdxl" else tiny_sd1_components)(seed=0)["unet"].to(device)

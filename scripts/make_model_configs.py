@@ -1,14 +1,17 @@
 """Regenerate the weightless diffusers config folders in resources/models/ (SD1.5, SD2.1, SDXL base).
 
 ``from_single_file(path, config=<folder>, local_files_only=True)`` needs a local diffusers-format folder for
-the model family, or diffusers goes to the hub for it. These folders hold only configs and tokenizer files:
+the model family, or diffusers goes to the hub for it. These folders hold only configs:
 ``model_index.json``, ``scheduler/``, ``unet/``, ``vae/``, ``text_encoder/`` (+ ``text_encoder_2/``),
 ``tokenizer/`` (+ ``tokenizer_2/``). The values are the published configs of the original repositories
 (runwayml/stable-diffusion-v1-5, stabilityai/stable-diffusion-2-1, stabilityai/stable-diffusion-2-1-base,
 stabilityai/stable-diffusion-xl-base-1.0), written out here by hand so nothing is downloaded. Differences from
 the published files: no safety checker / feature extractor (sdstudio never loads them) and no version stamps.
 
-Tokenizer files are copied from resources/tokenizers/ (see scripts/make_clip_tokenizer.py); run that first.
+The tokenizer subfolders get only tokenizer_config.json and special_tokens_map.json, copied from
+resources/tokenizers/ (see scripts/make_clip_tokenizer.py; run that first): CLIP's BPE files exist once, in
+resources/tokenizers/clip/, and sdstudio passes the tokenizers to ``from_single_file`` itself
+(sdstudio.core.models.sd.offline.config_folder_tokenizers).
 Run from anywhere: ``python scripts/make_model_configs.py``.
 """
 
@@ -22,7 +25,8 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODELS_DIR = REPO_ROOT / "resources" / "models"
 TOKENIZERS_DIR = REPO_ROOT / "resources" / "tokenizers"
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+BPE_FILES = ("vocab.json", "merges.txt")  # in resources/tokenizers/clip/ only
+TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 
 Config = dict[str, Any]
 
@@ -280,7 +284,7 @@ def write_family(folder: Path, parts: dict[str, Config | str], tokenizers_dir: P
 
 
 def main() -> int:
-    missing = [f for f in TOKENIZER_FILES if not (TOKENIZERS_DIR / "clip" / f).is_file()]
+    missing = [f for f in (*BPE_FILES, *TOKENIZER_FILES) if not (TOKENIZERS_DIR / "clip" / f).is_file()]
     if missing:
         raise SystemExit(f"{TOKENIZERS_DIR / 'clip'} lacks {missing}: run scripts/make_clip_tokenizer.py first")
     for name, build in FAMILIES.items():

@@ -72,21 +72,21 @@ def tiny_config(tiny_dataset: Path):
 # -- tiny Stable Diffusion models in the real topologies (saved once per session) -------------------------
 @pytest.fixture(scope="session")
 def tiny_sd1(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from sdstudio.core.models.tiny import save_tiny_sd1
+    from tests.tiny_models import save_tiny_sd1
 
     return save_tiny_sd1(tmp_path_factory.mktemp("tiny-sd1") / "model")
 
 
 @pytest.fixture(scope="session")
 def tiny_sd1_v(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from sdstudio.core.models.tiny import save_tiny_sd1
+    from tests.tiny_models import save_tiny_sd1
 
     return save_tiny_sd1(tmp_path_factory.mktemp("tiny-sd1-v") / "model", prediction_type="v_prediction")
 
 
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from sdstudio.core.models.tiny import save_tiny_sdxl
+    from tests.tiny_models import save_tiny_sdxl
 
     return save_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl") / "model")
 

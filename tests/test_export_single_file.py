@@ -14,9 +14,9 @@ import torch
 from sdstudio.core.errors import UserError
 from sdstudio.core.export import ldm
 from sdstudio.core.export.single_file import HASH_KEYS, ldm_state_dict, write_single_file
-from sdstudio.core.models import tiny
 from sdstudio.core.models.sd.files import inspect_model, load_sd_components
 from sdstudio.core.models.sd.offline import models_dir
+from tests import tiny_models as tiny
 
 PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 

@@ -192,14 +192,7 @@ def test_cache_write_failure_is_a_clear_error(tmp_path: Path, monkeypatch: pytes
     from sdstudio.core.data.cache import CacheWriteError, FeatureCache, TextItem
 
     cache = FeatureCache("test", root=tmp_path / "cache")
-    real_fdopen = os.fdopen
-
-    def full_disk_fdopen(fd, mode="r", *args, **kwargs):  # type: ignore[no-untyped-def]
-        if "w" in mode and str(tmp_path / "cache") in os.readlink(f"/proc/self/fd/{fd}"):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_fdopen(fd, mode, *args, **kwargs)
-
-    monkeypatch.setattr(os, "fdopen", full_disk_fdopen)
+    _fail_writes(monkeypatch, str(tmp_path / "cache"), errno.ENOSPC)
     with pytest.raises(CacheWriteError, match="No space left on device.*data.cache_latents") as info:
         cache.put(TextItem("a"), {"x": torch.zeros(3)})
     assert info.value.errno == errno.ENOSPC

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from sdstudio.core.errors import UserError
-from sdstudio.core.models import tiny
 from sdstudio.core.models.sd import offline
+from tests import tiny_models as tiny
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -147,12 +147,14 @@ def test_config_folders_serve_from_single_file_offline(
     models = {k: sd1[k] for k in ("unet", "vae", "text_encoder")}
     for family, prediction, pad_id in [("sd1", "epsilon", 49407), ("sd2", "v_prediction", 0)]:
         pipe = StableDiffusionPipeline.from_single_file(
-            str(checkpoint), config=str(offline.config_folder(family)), local_files_only=True, **models)
+            str(checkpoint), config=str(offline.config_folder(family)), local_files_only=True, **models,
+            **offline.config_folder_tokenizers(offline.config_folder(family)))
         assert pipe.scheduler.config.prediction_type == prediction
         assert pipe.tokenizer.pad_token_id == pad_id and pipe.safety_checker is None
     pipe = StableDiffusionXLPipeline.from_single_file(
         str(checkpoint), config=str(offline.config_folder("sdxl")), local_files_only=True,
-        **{k: sdxl[k] for k in ("unet", "vae", "text_encoder", "text_encoder_2")})
+        **{k: sdxl[k] for k in ("unet", "vae", "text_encoder", "text_encoder_2")},
+        **offline.config_folder_tokenizers(offline.config_folder("sdxl")))
     assert (pipe.tokenizer.pad_token_id, pipe.tokenizer_2.pad_token_id) == (49407, 0)
     assert type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"
 

@@ -146,8 +146,8 @@ def test_dreambooth_prior_loss(tiny_sd1: Path, four_images: Path, class_images: 
 def test_zero_terminal_snr_marker_is_applied(tiny_sd1: Path, four_images: Path, tmp_path: Path) -> None:
     """A single file with ComfyUI's `ztsnr` marker key trains and samples with a rescaled schedule."""
     from sdstudio.core.export.single_file import write_single_file
-    from sdstudio.core.models.tiny import tiny_sd1_components
     from sdstudio.core.sampling.from_run import load_trained
+    from tests.tiny_models import tiny_sd1_components
 
     single = write_single_file(tiny_sd1_components(), tmp_path / "ztsnr.safetensors", family="sd1",
                                dtype=torch.float32, zero_terminal_snr=True, v_prediction=True)

@@ -4,13 +4,13 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Callable
 
 from .. import __version__
+from .common import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, cli_message
 
-EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+__all__ = ["EXIT_BAD_INPUT", "EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_OK", "build_parser", "main"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -44,7 +44,9 @@ def _run_gui(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str]) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    from .console import install_console_log
+
+    install_console_log()  # warnings once; sdstudio's INFO lines stay in run.log
     parser = build_parser()
     if not argv:
         return _run_gui(argparse.Namespace())
@@ -58,7 +60,7 @@ def main(argv: list[str]) -> int:
     try:
         return func(args)
     except UserError as exc:
-        print(f"sdstudio: {exc}", file=sys.stderr)
+        print(f"sdstudio: {cli_message(exc, args)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("sdstudio: interrupted", file=sys.stderr)

@@ -1,11 +1,12 @@
-"""Pieces several commands share: --set parsing and config resolution."""
+"""Pieces several commands share: exit codes, --set parsing, config resolution, messages in flag terms."""
 
 from __future__ import annotations
 
 import argparse
+import re
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
@@ -16,6 +17,28 @@ from ..core.control import TrainingControl
 from ..core.errors import UserError
 from ..core.overrides import parse_set_value
 from ..core.presets import DEFAULT_PRESET, load_config_file, load_preset
+
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+_FIELD_REFERENCE = re.compile(r"`([A-Za-z_][\w.]*)`")
+
+
+def cli_text(text: str, flags: Mapping[str, str], subjects: tuple[str, ...] = ()) -> str:
+    """A core message in a command's own terms. Core messages name inputs by field or parameter (see
+    core/errors.py): a message that starts with one of ``subjects`` ("model.path /x: ...") starts with its flag
+    instead, and each `field` in backticks that ``flags`` knows becomes that flag ("pass `force`" -> "pass
+    --force"). Anything else is left as it is."""
+    head, sep, rest = text.partition(" ")
+    if sep and head in subjects and head in flags:
+        text = f"{flags[head]} {rest}"
+    return _FIELD_REFERENCE.sub(lambda m: flags.get(m[1], m[0]), text)
+
+
+def cli_message(message: BaseException | str, args: argparse.Namespace | None = None) -> str:
+    """A core error (or an event's text) worded with the flags of the command that ran (``args.flags``,
+    ``args.flag_subjects``: set by each command's parser)."""
+    return cli_text(str(message), getattr(args, "flags", {}), getattr(args, "flag_subjects", ()))
 
 
 def parse_sets(items: list[str] | None) -> dict[str, Any]:

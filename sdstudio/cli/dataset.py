@@ -13,6 +13,8 @@ from sdstudio.core.data.report import build_report, format_report
 from sdstudio.core.data.scan import scan_dataset
 from sdstudio.core.errors import UserError
 
+from .common import EXIT_BAD_INPUT, EXIT_OK
+
 DEFAULT_RESOLUTION = 512
 
 
@@ -42,7 +44,7 @@ def register(subparsers: Any) -> None:
     def usage(_args: argparse.Namespace) -> int:
         parser.print_usage(sys.stderr)
         print("sdstudio dataset: choose a command, e.g. 'sdstudio dataset check DIR'", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
 
     parser.set_defaults(func=usage)
 
@@ -65,13 +67,13 @@ def run_check(args: argparse.Namespace) -> int:
     as_json = bool(getattr(args, "json", False))
     if resolution < 0:
         print(f"sdstudio dataset check: --resolution must be 0 or more, not {resolution}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     try:
         scan = scan_dataset(args.dir, resolution=resolution, decode=True, find_duplicates=True,
                             progress=_progress_printer())
     except UserError as exc:
         print(f"sdstudio dataset check: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     report = build_report(scan, resolution)
     print(json.dumps(report, indent=2) if as_json else format_report(report))
-    return 0
+    return EXIT_OK

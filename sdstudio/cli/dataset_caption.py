@@ -12,6 +12,8 @@ from sdstudio.core.captioning import Labeler
 from sdstudio.core.errors import UserError
 from sdstudio.core.events import Progress
 
+from .common import EXIT_OK
+
 
 def register_caption(commands: Any) -> None:
     caption = commands.add_parser(
@@ -52,7 +54,7 @@ def register_caption(commands: Any) -> None:
     caption.add_argument("--only", action="append", metavar="FILE_OR_GLOB",
                           help="only these images: a file or glob relative to DIR, e.g. 'cat.png' or 'sub/*.jpg' "
                           "(repeatable; what the app's grid selection does)")
-    caption.set_defaults(func=run_caption)
+    caption.set_defaults(func=run_caption, flags={"only": "--only"}, flag_subjects=("only",))
 
 
 def _labeler(args: argparse.Namespace) -> Labeler:
@@ -106,4 +108,4 @@ def run_caption(args: argparse.Namespace) -> int:
         "them)" if result.skipped_existing else ""
     undo = f" Undo with: sdstudio dataset undo {args.dir}" if result.journal else ""
     print(f"captioned {result.written} image(s){skipped}.{undo}", file=sys.stderr)
-    return 0
+    return EXIT_OK

@@ -12,6 +12,8 @@ from typing import Any
 from sdstudio.core.errors import UserError
 from sdstudio.core.events import Progress
 
+from .common import EXIT_OK
+
 
 def register_masks(commands: Any) -> None:
     masks = commands.add_parser(
@@ -37,7 +39,7 @@ def register_masks(commands: Any) -> None:
     masks.add_argument("--only", action="append", metavar="FILE_OR_GLOB",
                         help="only these images: a file or glob relative to DIR, e.g. 'cat.png' or 'sub/*.jpg' "
                         "(repeatable; what the app's grid selection does)")
-    masks.set_defaults(func=run_masks)
+    masks.set_defaults(func=run_masks, flags={"only": "--only"}, flag_subjects=("only",))
 
 
 def _progress_printer() -> Any:
@@ -80,4 +82,4 @@ def run_masks(args: argparse.Namespace) -> int:
         if result.skipped_existing else ""
     undo = f" Undo with: sdstudio dataset undo {args.dir}" if result.journal else ""
     print(f"wrote {result.written} mask(s){skipped}.{undo}", file=sys.stderr)
-    return 0
+    return EXIT_OK

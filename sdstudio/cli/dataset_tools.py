@@ -14,6 +14,8 @@ from sdstudio.core.data.caption_edits import dataset_tag_table, plan_dataset_edi
 from sdstudio.core.data.undo_journal import undo_last
 from sdstudio.core.errors import UserError
 
+from .common import EXIT_OK
+
 PREVIEW_LIMIT = 20
 
 
@@ -87,7 +89,7 @@ def run_tags(args: argparse.Namespace) -> int:
             raise UserError("--where / --where-not select images for an edit; add --rename, --remove, --add, "
                             "--replace, --move-first or --dedupe")
         _print_table(captions, table, args.json)
-        return 0
+        return EXIT_OK
     op, label = operation
     plan = plan_dataset_edit(captions, [op], selection, args.include_prose)
     changes = [(captions.relative(image), old, new) for image, (old, new) in sorted(plan.changes.items())]
@@ -106,11 +108,11 @@ def run_tags(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(f"dry run: {len(changes)} of {plan.matched} selected caption(s) would change ({label}); "
               "nothing written.", file=sys.stderr)
-        return 0
+        return EXIT_OK
     write_plan(captions, plan, f"tags: {label}")
     print(f"{label}: {len(changes)} caption(s) changed. Undo with: sdstudio dataset undo {args.dir}",
           file=sys.stderr)
-    return 0
+    return EXIT_OK
 
 
 def _one_line(text: str | None) -> str:
@@ -136,4 +138,4 @@ def run_undo(args: argparse.Namespace) -> int:
     result = undo_last(args.dir)
     print(f"undone: {result.label}: {len(result.restored)} file(s) restored, {len(result.removed)} "
           "created file(s) removed.", file=sys.stderr)
-    return 0
+    return EXIT_OK

@@ -8,6 +8,7 @@ from typing import Any
 
 from ..core.errors import UserError
 from ..core.export.formats import DTYPE_NAMES, EXPORT_FORMATS, FORMAT_NAMES, get_format
+from .common import EXIT_OK
 
 
 def register(sub: Any) -> None:
@@ -22,7 +23,7 @@ def register(sub: Any) -> None:
     p.add_argument("--ema", action="store_true", help="export the EMA weights (the run must have used EMA)")
     p.add_argument("--best", action="store_true", help="export the checkpoint with the best validation loss")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, flags={"out": "--out", "force": "--force"})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,4 +36,4 @@ def run(args: argparse.Namespace) -> int:
     path = export(args.source, args.format, args.out, dtype=torch_dtype(args.dtype), use_ema=args.ema, force=args.force,
                   best=args.best)
     print(f"exported {args.format} to {path}")
-    return 0
+    return EXIT_OK

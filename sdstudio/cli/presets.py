@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from ..core.presets import config_to_toml, list_presets, load_preset
+from .common import EXIT_OK
 
 
 def register(sub: Any) -> None:
@@ -22,9 +23,9 @@ def run_list(args: argparse.Namespace) -> int:
     for preset in list_presets():
         kind = "built-in" if preset.builtin else "user"
         print(f"{preset.name:<22} {kind:<9} {preset.description}")
-    return 0
+    return EXIT_OK
 
 
 def run_show(args: argparse.Namespace) -> int:
     print(config_to_toml(load_preset(args.name)), end="")
-    return 0
+    return EXIT_OK

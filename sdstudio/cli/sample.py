@@ -7,7 +7,13 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ..core.atomic import write_file_atomic
 from ..core.errors import UserError
+from .common import EXIT_OK
+
+# core messages about a model given with --model name it as model.path (see cli_text)
+FLAGS = {"model.path": "--model", "lora": "--lora", "prediction_type": "--prediction-type", "out": "--out"}
+MODEL_SUBJECTS = ("model.path", "lora", "prediction_type")
 
 
 def register(sub: Any) -> None:
@@ -32,7 +38,7 @@ def register(sub: Any) -> None:
     p.add_argument("--sampler", choices=["ddpm", "ddim", "euler", "dpmpp_2m"], default=None)
     p.add_argument("--raw", action="store_true", help="use the raw weights even when the checkpoint has EMA")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, flags=FLAGS)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
     if args.model is not None:
         from ..core.sampling.from_files import load_model
 
+        args.flag_subjects = MODEL_SUBJECTS  # with --run, model.path is the run's base model, not a flag
+
         loaded: Any = load_model(args.model, lora=args.lora, config_folder=args.config_folder,
                                  prediction_type=args.prediction_type)
         what = loaded.describe()
@@ -78,10 +86,8 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise UserError(f"--out {args.out}: cannot write images ({exc.strerror or exc})") from None
     print(f"{len(images)} images and grid.png written to {args.out} ({what})")
-    return 0
+    return EXIT_OK
 
 
 def _save(image: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    tmp.replace(path)
+    write_file_atomic(path, lambda tmp: image.save(tmp, format="PNG"))

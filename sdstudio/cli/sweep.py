@@ -12,7 +12,8 @@ from tqdm import tqdm
 from ..core import events as ev
 from ..core.control import TrainingControl
 from ..core.sweeps.plan import SweepPlan, default_sweep_dir, load_sweep
-from .common import describe_eval, say, stop_on_sigint
+from .common import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, describe_eval, say, stop_on_sigint
+from .console import warning_already_shown
 
 
 def register(sub: Any) -> None:
@@ -25,7 +26,7 @@ def register(sub: Any) -> None:
     p.add_argument("--retry-failed", action="store_true", help="run failed combinations again (in fresh folders)")
     p.add_argument("--dry-run", action="store_true", help="validate the file and list the combinations; run nothing")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, flags={"out": "--out"})
 
 
 def _list(plan: SweepPlan, out_dir: Path) -> None:
@@ -39,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     out_dir = (args.out if args.out is not None else default_sweep_dir(plan.name)).expanduser().resolve()
     if args.dry_run:
         _list(plan, out_dir)
-        return 0
+        return EXIT_OK
     from ..core.sweeps.runner import SweepFinished, SweepRunEnded, SweepRunStarted, SweepStarted, run_sweep
 
     control = TrainingControl()
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
                     say(f"  step {event.step}: validation loss {event.val_loss:.5f}")
                 elif isinstance(event, ev.EvalResult) and bar is None:
                     say(f"  step {event.step}: {describe_eval(event)}")
-                elif isinstance(event, ev.Warning):
+                elif isinstance(event, ev.Warning) and not warning_already_shown(event.text):
                     say(f"  warning: {event.text}")
                 elif isinstance(event, SweepRunEnded):
                     if bar is not None:
@@ -99,7 +100,7 @@ def _report(sweep_file: Path, out_dir: Path, finished: Any) -> int:
               file=sys.stderr)
     if finished is None or finished.reason == "stopped":
         print(f"stopped; resume with: sdstudio sweep {sweep_file} --out {out_dir}", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     if counts.get("failed") and not counts.get("completed"):
-        return 1  # every combination failed: almost always a problem shared by all of them
-    return 0
+        return EXIT_FAILURE  # every combination failed: almost always a problem shared by all of them
+    return EXIT_OK

@@ -13,7 +13,20 @@ from ..core import events as ev
 from ..core.control import TrainingControl
 from ..core.errors import UserError
 from ..core.runs import default_run_dir, is_run_dir, load_run_config
-from .common import add_config_args, describe_eval, parse_sets, resolve_config, say, stop_on_sigint
+from .common import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    add_config_args,
+    cli_message,
+    describe_eval,
+    parse_sets,
+    resolve_config,
+    say,
+    stop_on_sigint,
+)
+from .console import warning_already_shown
 
 # Keys --resume may change: they alter neither the model nor the data order.
 RESUME_SAFE_PREFIXES = ("sample.", "checkpoint.", "eval.")
@@ -29,7 +42,7 @@ def register(sub: Any) -> None:
     p.add_argument("--out", type=Path, help="run folder (default: a new folder in the runs folder)")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run from its newest valid checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, flags={"out": "--out", "resume": "--resume"})
 
 
 def _resume_config(args: argparse.Namespace) -> tuple[Any, Path]:
@@ -66,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     control = TrainingControl()
     bar = None
     phase_bar = None  # caching progress before training starts
-    code = 1
+    code = EXIT_FAILURE
     with stop_on_sigint(control, ""):
         try:
             for event in train(config, control, run_dir=run_dir, resume=resume):
@@ -89,8 +102,8 @@ def run(args: argparse.Namespace) -> int:
                     if event.done >= event.total:
                         phase_bar.close()
                         phase_bar = None
-                elif isinstance(event, ev.Warning):
-                    say(f"warning: {event.text}")
+                elif isinstance(event, ev.Warning) and not warning_already_shown(event.text):
+                    say(f"warning: {cli_message(event.text, args)}")
                 elif isinstance(event, ev.ValidationResult):
                     say(f"step {event.step}: validation loss {event.val_loss:.5f}")
                 elif isinstance(event, ev.EvalResult):
@@ -107,20 +120,20 @@ def run(args: argparse.Namespace) -> int:
                     if event.reason == "stopped":
                         print(f"stopped at step {event.step}; resume with: sdstudio train --resume {event.run_dir}",
                               file=sys.stderr)
-                        code = 130
+                        code = EXIT_INTERRUPTED
                     else:
                         early = " (early stopping)" if event.reason == "early_stopped" else ""
                         print(f"finished{early}: {event.run_dir}", file=sys.stderr)
-                        code = 0
+                        code = EXIT_OK
                 elif isinstance(event, ev.Failed):
                     if bar is not None:
                         bar.close()
                         bar = None
                     where = f" (resumable: sdstudio train --resume {event.run_dir})" if event.resumable_from else ""
-                    print(f"sdstudio: {event.message}{where}", file=sys.stderr)
+                    print(f"sdstudio: {cli_message(event.message, args)}{where}", file=sys.stderr)
                     if event.kind == "error" and event.run_dir is not None:
                         print(f"sdstudio: details in {event.run_dir / 'run.log'}", file=sys.stderr)
-                    code = 2 if event.kind == "input" else 1
+                    code = EXIT_BAD_INPUT if event.kind == "input" else EXIT_FAILURE
         finally:
             for open_bar in (bar, phase_bar):
                 if open_bar is not None:

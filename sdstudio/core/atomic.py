@@ -5,24 +5,43 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 
-def write_bytes_atomic(path: Path, data: bytes, *, fsync: bool = True) -> None:
+def temp_path_beside(path: Path) -> Path:
+    """A unique hidden name in ``path``'s folder (same file system, so the final rename is atomic)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def write_file_atomic(path: Path, write: Callable[[Path], object], *, fsync: bool = True) -> Path:
+    """``write(tmp)`` writes the whole file under a temp name beside ``path`` (any writer: PIL, Qt,
+    safetensors); it is then fsynced and renamed over ``path``. On any failure the temp file is removed and
+    ``path`` keeps its old content. The writer creates the file, so it gets the usual permissions (umask)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = temp_path_beside(path)
     try:
-        with os.fdopen(fd, "wb") as fh:
+        write(tmp)
+        if fsync:
+            with open(tmp, "rb+") as fh:  # writable: Windows refuses fsync on a read-only handle
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_bytes_atomic(path: Path, data: bytes, *, fsync: bool = True) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "xb") as fh:
             fh.write(data)
             if fsync:
                 fh.flush()
                 os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    write_file_atomic(path, write, fsync=False)  # fsynced above, through the handle that wrote it
 
 
 def write_text_atomic(path: Path, text: str, *, fsync: bool = True) -> None:

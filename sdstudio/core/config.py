@@ -381,14 +381,14 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     """Set ``data["train"]["learning_rate"]`` from ``"train.learning_rate"``; unknown sections are errors."""
     parts = key.split(".")
     if not all(parts):
-        raise ConfigError(f"--set {key}: a key looks like section.name, e.g. train.learning_rate")
+        raise ConfigError(f"{key}: not a config key; a key looks like section.name, e.g. train.learning_rate")
     node = data
     for part in parts[:-1]:
         child = node.get(part)
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
-            raise ConfigError(f"--set {key}: {part!r} is a value, not a section")
+            raise ConfigError(f"{key}: {part!r} is a value, not a section")
         node = child
     node[parts[-1]] = value
 

@@ -1,4 +1,8 @@
-"""Exceptions whose text is meant for people: what went wrong, which file or field, what to do."""
+"""Exceptions whose text is meant for people: what went wrong, which file or field, what to do.
+
+A message names the input it is about by its config key or parameter ("model.path /x: no such file"), and
+an input it advises changing by that name in backticks ("choose another `out` or pass `force`"). It never
+names a command-line flag: the CLI words those names as its flags (cli/common.py ``cli_text``)."""
 
 from __future__ import annotations
 

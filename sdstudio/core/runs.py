@@ -38,15 +38,15 @@ def is_run_dir(path: Path) -> bool:
 
 
 def prepare_new_run_dir(path: Path) -> Path:
-    """Create a fresh run folder; an existing non-empty folder is refused (resume uses --resume)."""
+    """Create a fresh run folder; an existing non-empty folder is refused (a run is continued with resume instead)."""
     if path.exists() and any(path.iterdir()):
-        hint = " (it is a run: resume it with --resume)" if is_run_dir(path) else ""
-        raise RunDirError(f"{path}: folder exists and is not empty{hint}; choose another --out")
+        hint = " (it is a run: continue it with `resume`)" if is_run_dir(path) else ""
+        raise RunDirError(f"{path}: folder exists and is not empty{hint}; choose another `out`")
     try:
         for sub in ("", "samples", "checkpoints", "exports"):
             (path / sub).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise RunDirError(f"{path}: cannot create the run folder ({exc.strerror}); choose another --out") from None
+        raise RunDirError(f"{path}: cannot create the run folder ({exc.strerror}); choose another `out`") from None
     return path
 
 

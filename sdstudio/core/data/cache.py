@@ -31,8 +31,10 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from .. import paths
+from ..atomic import write_bytes_atomic
+from ..checksums import sha256_file
 from ..errors import UserError
-from .filememo import FileMemo, write_atomic
+from .filememo import FileMemo
 from .images import load_with_info
 from .transforms import AugmentSettings, center_crop_position, fit_to_size, to_tensor_array
 
@@ -49,14 +51,6 @@ EncodeFn = Callable[[Any], "torch.Tensor | Features"]
 # -- keys ----------------------------------------------------------------------------------------------
 
 
-def file_sha256(path: Path | str, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class ContentHashes:
     """sha256 of files, remembered in ``<root>/file-hashes.json`` so a later run does not read every image
     again (a changed file is always re-hashed: see ``filememo``)."""
@@ -67,7 +61,7 @@ class ContentHashes:
     def sha256(self, path: Path | str) -> str:
         digest = self.memo.get(path)
         if digest is None:
-            digest = file_sha256(path)
+            digest = sha256_file(path)
             self.memo.put(path, digest)
         return digest
 
@@ -250,7 +244,7 @@ class FeatureCache:
         path = self.path_for(key)
         blob = save_safetensors(tensors, metadata=meta)
         try:
-            write_atomic(path, blob)
+            write_bytes_atomic(path, blob, fsync=False)  # a cache entry lost to a crash is recomputed
         except OSError as exc:
             raise CacheWriteError(f"{path}: cannot write a cache entry ({exc.strerror or exc}); free space in "
                                   f"{self.folder} (each entry needs about {len(blob) / 1e3:.1f} kB) or make it "

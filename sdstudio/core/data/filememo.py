@@ -15,11 +15,6 @@ from ..atomic import write_bytes_atomic
 MAX_ENTRIES = 200_000  # beyond this the oldest facts are dropped (a fact costs ~150 bytes)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Readers see all of it or nothing (cache entries and memos: no fsync, a lost entry is recomputed)."""
-    write_bytes_atomic(path, data, fsync=False)
-
-
 def file_stamp(path: Path | str) -> str:
     st = os.stat(path)
     return f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
@@ -59,7 +54,8 @@ class FileMemo:
             return
         facts = list(self._facts.items())[-MAX_ENTRIES:]
         try:
-            write_atomic(self.file, json.dumps(dict(facts), separators=(",", ":")).encode("utf-8"))
+            # no fsync: a memo lost to a crash is only recomputed
+            write_bytes_atomic(self.file, json.dumps(dict(facts), separators=(",", ":")).encode("utf-8"), fsync=False)
         except OSError:
             return  # a read-only cache folder only costs the next run some time
         self._dirty = False

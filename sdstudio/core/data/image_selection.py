@@ -1,5 +1,5 @@
-"""A selection of a dataset's images named by paths or globs relative to the dataset folder (``--only`` of
-``sdstudio dataset caption`` and ``masks``): what the app's grid selection is for scripts."""
+"""A selection of a dataset's images named by paths or globs relative to the dataset folder (``only``; the
+``--only`` of ``sdstudio dataset caption`` and ``masks``): what the app's grid selection is for scripts."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ def _relative_pattern(root: Path, pattern: str) -> str:
         try:
             text = candidate.absolute().relative_to(root).as_posix()
         except ValueError as exc:
-            raise UserError(f"--only {pattern!r} is outside the dataset folder {root}; give paths relative "
-                            "to it (e.g. --only 'cat.png' or --only 'sub/*.jpg').") from exc
+            raise UserError(f"only {pattern!r} is outside the dataset folder {root}; give paths relative "
+                            "to it (e.g. 'cat.png' or 'sub/*.jpg').") from exc
     return str(PurePosixPath(text.removeprefix("./")))
 
 
@@ -35,7 +35,7 @@ def select_images(root: Path | str, patterns: Sequence[str]) -> list[Path]:
         wanted = _relative_pattern(scan.root, pattern)
         hits = {path for path, name in relative.items() if fnmatch.fnmatch(name, wanted)}
         if not hits:
-            raise UserError(f"--only {pattern!r} matches no image of {scan.root} (paths and globs are relative "
+            raise UserError(f"only {pattern!r} matches no image of {scan.root} (paths and globs are relative "
                             "to the dataset folder; mask and caption files are not images).")
         chosen |= hits
     return [record.path for record in scan.records if record.path in chosen]

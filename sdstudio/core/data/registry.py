@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import threading
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -13,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from sdstudio.core import paths
+from sdstudio.core.atomic import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -90,19 +90,8 @@ def _load() -> list[DatasetEntry]:
 
 
 def _save(entries: list[DatasetEntry]) -> None:
-    file = registry_path()
-    file.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps({"version": REGISTRY_VERSION, "datasets": [asdict(e) for e in entries]}, indent=2)
-    fd, tmp = tempfile.mkstemp(prefix=".datasets.", suffix=".tmp", dir=file.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(text + "\n")
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, file)  # readers see the old list or the new one, never half of one
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(registry_path(), text + "\n")  # readers see the old list or the new one, never half
 
 
 def list_datasets() -> list[DatasetEntry]:

@@ -51,7 +51,7 @@ def export_single_file(source: ExportSource, path: Path, *, dtype: torch.dtype =
     from .single_file import write_single_file
 
     if path.exists() and not force:
-        raise UserError(f"{path}: exists already; choose another --out or pass --force to overwrite it")
+        raise UserError(f"{path}: exists already; choose another `out` or pass `force` to overwrite it")
     comps = trained_components(source)
     meta = training_metadata(source, title=path.stem, lora=False)
     pred = source.architecture.get("prediction_type", "epsilon")
@@ -60,17 +60,17 @@ def export_single_file(source: ExportSource, path: Path, *, dtype: torch.dtype =
 
 
 def check_folder_target(folder: Path, force: bool) -> None:
-    """Where a diffusers-folder export may go: a new or empty folder, or (with --force) an earlier export.
-    --force never replaces a folder that is not a pipeline folder (it may hold the user's other files)."""
+    """Where a diffusers-folder export may go: a new or empty folder, or (with ``force``) an earlier export.
+    ``force`` never replaces a folder that is not a pipeline folder (it may hold the user's other files)."""
     if folder.exists() and not folder.is_dir():
-        raise UserError(f"{folder}: is a file; a diffusers-folder export needs a folder as --out")
+        raise UserError(f"{folder}: is a file; a diffusers-folder export needs a folder as `out`")
     if not folder.exists() or not any(folder.iterdir()):
         return
     if not force:
-        raise UserError(f"{folder}: exists and is not empty; choose another --out or pass --force")
+        raise UserError(f"{folder}: exists and is not empty; choose another `out` or pass `force`")
     if not (folder / "model_index.json").is_file():
-        raise UserError(f"{folder}: not replaced even with --force: it is not a diffusers pipeline folder (no "
-                        "model_index.json) and may hold other files; choose a new or empty folder as --out")
+        raise UserError(f"{folder}: not replaced even with `force`: it is not a diffusers pipeline folder (no "
+                        "model_index.json) and may hold other files; choose a new or empty folder as `out`")
 
 
 def export_diffusers_folder(source: ExportSource, folder: Path, *, dtype: torch.dtype = torch.float16,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
 from collections import Counter
 from datetime import datetime, timezone
@@ -15,6 +14,7 @@ import torch
 from safetensors.torch import save
 
 from ... import __version__
+from ..atomic import write_bytes_atomic
 from ..errors import UserError
 from ..models.registry import get_family
 from .source import ExportSource
@@ -121,20 +121,13 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
                       force: bool = False) -> Path:
     """Write atomically (temp name + rename); the tensor-data sha256 goes into the header."""
     if path.exists() and not force:
-        raise UserError(f"{path}: exists already; choose another --out or pass --force to overwrite it")
+        raise UserError(f"{path}: exists already; choose another `out` or pass `force` to overwrite it")
     data_hash = tensor_data_sha256(save(tensors))
     meta = {**metadata, "sshs_model_hash": data_hash, "sdstudio_tensor_sha256": data_hash}
     blob = save(tensors, metadata=meta)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as fh:
-            fh.write(blob)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        write_bytes_atomic(path, blob)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise UserError(f"{path}: could not write the export ({exc.strerror or exc}); it needs "
                         f"{len(blob) / 1e6:.1f} MB of free space; nothing was written") from None
     return path

@@ -3,16 +3,16 @@ diffusers ``from_single_file``), written atomically."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import struct
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..atomic import write_file_atomic
+from ..checksums import safetensors_data_sha256
 from ..errors import UserError
 from ..models.registry import FAMILY_NAMES, families, get_family
 from .ldm import (
@@ -82,16 +82,6 @@ def _prepare(tensors: Tensors, dtype: torch.dtype) -> Tensors:
     return out
 
 
-def _tensor_data_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        (header_len,) = struct.unpack("<Q", fh.read(8))
-        fh.seek(8 + header_len)
-        while chunk := fh.read(16 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _patch_hash(path: Path, digest: str) -> None:
     with open(path, "r+b") as fh:
         (header_len,) = struct.unpack("<Q", fh.read(8))
@@ -115,24 +105,21 @@ def write_ldm_safetensors(tensors: Tensors, path: Path, *, metadata: Mapping[str
     """
     path = Path(path)
     if path.exists() and not force:
-        raise UserError(f"{path}: exists already; choose another output path or pass --force to overwrite it")
+        raise UserError(f"{path}: exists already; choose another `out` or pass `force` to overwrite it")
     from safetensors.torch import save_file
 
     meta = {"format": "pt", **{str(k): str(v) for k, v in (metadata or {}).items()}}
     meta.update({key: _HASH_PLACEHOLDER for key in HASH_KEYS})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
+
+    def write(tmp: Path) -> None:
         save_file(tensors, str(tmp), metadata=meta)
-        _patch_hash(tmp, _tensor_data_sha256(tmp))
-        os.replace(tmp, path)
+        _patch_hash(tmp, safetensors_data_sha256(tmp))
+
+    try:
+        write_file_atomic(path, write)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise UserError(f"{path}: could not write the export ({exc.strerror or exc}); nothing was written "
                         "under that name (is the disk full?)") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -149,7 +136,7 @@ def write_single_file(components: Mapping[str, Any] | Any, path: Path, *, family
     if path.suffix.lower() != ".safetensors":
         raise UserError(f"{path}: a single-file export is written as .safetensors; give the path that suffix")
     if path.exists() and not force:  # checked before the (slow, memory-hungry) conversion as well
-        raise UserError(f"{path}: exists already; choose another output path or pass --force to overwrite it")
+        raise UserError(f"{path}: exists already; choose another `out` or pass `force` to overwrite it")
     tensors = _prepare(ldm_state_dict(components, family=family), dtype)
     if v_prediction:
         tensors["v_pred"] = torch.empty(0)

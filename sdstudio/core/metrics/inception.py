@@ -17,7 +17,6 @@ bilinear interpolation (``align_corners=False``) and scaled to [-1, 1], as pytor
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checksums import sha256_file
 from ..errors import UserError
 
 WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -269,20 +269,12 @@ def load_fid_inception(path: str | Path, *, check_hash: bool = False) -> FidInce
         raise InceptionWeightsError(
             f"{path}: tensor shapes differ from the FID Inception-v3: {_list(wrong, 3)}.{hint} "
             f"Use {WEIGHTS_FILENAME} ({WEIGHTS_URL}).")
-    if check_hash and not sha256_of(path).startswith(WEIGHTS_SHA256_PREFIX):
+    if check_hash and not sha256_file(path).startswith(WEIGHTS_SHA256_PREFIX):
         raise InceptionWeightsError(
             f"{path} has the right layout but not the published weights (sha256 does not start with "
             f"{WEIGHTS_SHA256_PREFIX}); FIDs from it are not comparable with published numbers.")
     model.load_state_dict({k: state[k].float() for k in expected}, strict=False)
     return model.eval().requires_grad_(False)
-
-
-def sha256_of(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def download_fid_weights(folder: str | Path) -> Path:

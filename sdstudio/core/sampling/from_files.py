@@ -103,17 +103,17 @@ def detect_model(path: Path) -> str:
     from ..models.sd.files import inspect_model_file
 
     if not path.exists():
-        raise ModelFileError(f"--model {path}: no such file or folder; give a Stable Diffusion .safetensors/.ckpt "
+        raise ModelFileError(f"model.path {path}: no such file or folder; give a Stable Diffusion .safetensors/.ckpt "
                              "file, a diffusers model folder, or a folder made by `sdstudio export --format "
                              "diffusers-folder`")
     if path.is_dir() and not (path / "model_index.json").is_file():
         if (path / "config.toml").is_file():
-            raise ModelFileError(f"--model {path}: this is an sdstudio run or checkpoint folder; sample it with "
+            raise ModelFileError(f"model.path {path}: this is an sdstudio run or checkpoint folder; sample it with "
                                  f"`sdstudio sample --run {path}` (or export it with `sdstudio export`)")
-        raise ModelFileError(f"--model {path}: not a diffusers model folder (no model_index.json); give the "
+        raise ModelFileError(f"model.path {path}: not a diffusers model folder (no model_index.json); give the "
                              "folder that holds model_index.json, or a .safetensors/.ckpt file")
     if path.is_file() and path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
-        raise ModelFileError(f"--model {path}: expected a .safetensors/.ckpt model file or a diffusers folder")
+        raise ModelFileError(f"model.path {path}: expected a .safetensors/.ckpt model file or a diffusers folder")
     family = recognise_model(path)
     if family is not None:
         return family.name
@@ -121,14 +121,14 @@ def detect_model(path: Path) -> str:
         try:
             index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise ModelFileError(f"--model {path}: model_index.json cannot be read ({exc})") from None
+            raise ModelFileError(f"model.path {path}: model_index.json cannot be read ({exc})") from None
         cls = str(index.get("_class_name", ""))
-        raise ModelFileError(f"--model {path}: a {cls or 'unknown'} folder; sdstudio samples Stable Diffusion "
+        raise ModelFileError(f"model.path {path}: a {cls or 'unknown'} folder; sdstudio samples Stable Diffusion "
                              "1.x / 2.x / XL models and its own diffusers-folder exports")
     info = inspect_model_file(path)
     if info.kind == "lora":
-        raise ModelFileError(f"--model {path}: this is a LoRA; pass it as --lora together with --model BASE_MODEL")
-    raise ModelFileError(f"--model {path}: this is {info.detail}, not a Stable Diffusion checkpoint")
+        raise ModelFileError(f"model.path {path}: this is a LoRA; pass it as `lora` together with a base `model.path`")
+    raise ModelFileError(f"model.path {path}: this is {info.detail}, not a Stable Diffusion checkpoint")
 
 
 # -- Stable Diffusion -------------------------------------------------------------------------------------
@@ -159,16 +159,14 @@ def load_sd_base(path: Path, family: str, device: torch.device, *, lora: Path | 
     try:
         config = RunConfig().with_overrides(overrides)
     except ConfigError as exc:
-        raise ModelFileError(f"--model {path}: {exc}") from None
+        raise ModelFileError(f"model.path {path}: {exc}") from None
     from diffusers.utils import logging as diffusers_logging
 
     level = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # diffusers warns on every to(dtype) of a model
     try:
         bundle = build_sd_model(config, torch.device("cpu"))  # fp32 on the CPU; moved below
-    except ModelFileError as exc:
-        raise ModelFileError(str(exc).replace("model.path ", "--model ", 1)) from None
-    finally:
+    finally:  # its ModelFileErrors already name model.path (the CLI words it as --model)
         diffusers_logging.set_verbosity(level)
     comps = bundle.components
     unet = comps.unet
@@ -210,9 +208,9 @@ def apply_lora(bundle: Any, lora: Path, *, family: str, model: Path, sched: Any)
     from ..models.sd.files import classify_keys
 
     if not lora.is_file():
-        raise LoraFileError(f"--lora {lora}: no such file")
+        raise LoraFileError(f"lora {lora}: no such file")
     if lora.suffix.lower() != ".safetensors":
-        raise LoraFileError(f"--lora {lora}: expected a .safetensors LoRA file (kohya or diffusers format)")
+        raise LoraFileError(f"lora {lora}: expected a .safetensors LoRA file (kohya or diffusers format)")
     from safetensors import safe_open
 
     try:
@@ -220,14 +218,14 @@ def apply_lora(bundle: Any, lora: Path, *, family: str, model: Path, sched: Any)
             keys = list(fh.keys())
             meta = dict(fh.metadata() or {})
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types for bad files
-        raise LoraFileError(f"--lora {lora}: not a readable safetensors file ({exc}); download it again") from None
+        raise LoraFileError(f"lora {lora}: not a readable safetensors file ({exc}); download it again") from None
     kind, detail = classify_keys(keys)
     if kind != "lora":
-        raise LoraFileError(f"--lora {lora}: this is {detail}, not a LoRA")
+        raise LoraFileError(f"lora {lora}: this is {detail}, not a LoRA")
     claimed = family_of_lora(meta)
     trained_for = claimed.name if claimed is not None else None
     if trained_for is not None and trained_for != family:
-        raise LoraFileError(f"--lora {lora}: a LoRA for {trained_for} models, but --model {model} is {family}; "
+        raise LoraFileError(f"lora {lora}: a LoRA for {trained_for} models, but `model.path` {model} is {family}; "
                             f"use a {family} LoRA or the base model it was trained on")
     import logging
     import warnings
@@ -246,17 +244,17 @@ def apply_lora(bundle: Any, lora: Path, *, family: str, model: Path, sched: Any)
             warnings.simplefilter("ignore")
             pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="sdstudio")
     except Exception as exc:  # noqa: BLE001 - size mismatches, unknown keys, peft errors: all "does not fit"
-        raise LoraFileError(f"--lora {lora}: does not fit the {family} model {model} ({_first_reason(exc)})") from None
+        raise LoraFileError(f"lora {lora}: does not fit the {family} model {model} ({_first_reason(exc)})") from None
     finally:
         diffusers_logging.set_verbosity(level)
     modules = [pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)]
     patched = sum(1 for m in modules if m is not None for sub in m.modules() if isinstance(sub, BaseTunerLayer))
     expected = _lora_modules_in_file(keys)
     if patched == 0:
-        raise LoraFileError(f"--lora {lora}: none of its {expected} modules matches a layer of the {family} model "
+        raise LoraFileError(f"lora {lora}: none of its {expected} modules matches a layer of the {family} model "
                             f"{model}; is it a LoRA for another model family?")
     if expected and patched < expected:
-        raise LoraFileError(f"--lora {lora}: only {patched} of its {expected} modules match layers of the {family} "
+        raise LoraFileError(f"lora {lora}: only {patched} of its {expected} modules match layers of the {family} "
                             f"model {model}; is it a LoRA for another model?")
     return patched
 
@@ -281,13 +279,13 @@ def load_pixel_export(path: Path, device: torch.device, family: ModelFamily) -> 
         facts_file = path / SDSTUDIO_FILE
         facts = json.loads(facts_file.read_text(encoding="utf-8")) if facts_file.is_file() else {}
     except (OSError, ValueError) as exc:
-        raise ModelFileError(f"--model {path}: cannot read the folder's model_index.json / {SDSTUDIO_FILE} "
+        raise ModelFileError(f"model.path {path}: cannot read the folder's model_index.json / {SDSTUDIO_FILE} "
                              f"({exc}); export it again") from None
     unet_cls_name = (index.get("unet") or [None, ""])[1]
     unet_cls = getattr(diffusers, unet_cls_name, None) if unet_cls_name in ("UNet2DModel",
                                                                             "UNet2DConditionModel") else None
     if unet_cls is None:
-        raise ModelFileError(f"--model {path}: unet is {unet_cls_name!r}; expected a UNet2DModel or "
+        raise ModelFileError(f"model.path {path}: unet is {unet_cls_name!r}; expected a UNet2DModel or "
                              "UNet2DConditionModel")
     conditional = unet_cls_name == "UNet2DConditionModel"
     try:
@@ -298,7 +296,7 @@ def load_pixel_export(path: Path, device: torch.device, family: ModelFamily) -> 
             tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path / "tokenizer"), local_files_only=True)
         sched_cfg = dict(DDPMScheduler.load_config(str(path), subfolder="scheduler", local_files_only=True))
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise ModelFileError(f"--model {path}: could not be loaded ({str(exc).splitlines()[0]}); export it "
+        raise ModelFileError(f"model.path {path}: could not be loaded ({str(exc).splitlines()[0]}); export it "
                              "again") from None
     if "diffusion" in facts:
         # the run's own schedule: exactly what its previews and `sdstudio sample --run` sample with

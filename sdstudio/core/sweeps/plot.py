@@ -4,13 +4,13 @@ chart, drawn with Pillow (the core stays free of Qt and of plotting libraries)."
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
+
+from ..atomic import write_file_atomic
 
 WIDTH, HEIGHT = 1200, 720
 SCALE = 2  # drawn at twice the size and scaled down: Pillow draws no antialiased lines
@@ -156,14 +156,7 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 def draw_overlay(series: Sequence[Series], path: Path, title: str, notes: Sequence[str] = ()) -> None:
     """Write the overlay chart to ``path`` (atomically); ``notes`` are extra legend lines (abbreviations)."""
     image = render_overlay(series, title, notes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_file_atomic(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def render_overlay(series: Sequence[Series], title: str, notes: Sequence[str] = ()) -> Image.Image:

@@ -64,7 +64,7 @@ def open_state(plan: SweepPlan, out_dir: Path) -> SweepState:
     if not path.is_file():
         if out_dir.exists() and any(p.name != "lock" for p in out_dir.iterdir()):
             raise UserError(f"{out_dir}: folder exists, is not empty and holds no sweep ({STATE_FILE}); "
-                            "choose another --out")
+                            "choose another `out`")
         out_dir.mkdir(parents=True, exist_ok=True)
         records = [RunRecord(c.index, c.overrides, c.config_hash) for c in plan.combinations]
         state = SweepState(out_dir, plan, records)
@@ -76,14 +76,14 @@ def open_state(plan: SweepPlan, out_dir: Path) -> SweepState:
             raise ValueError("not an sdstudio sweep file")
         records = [_record(raw) for raw in data["runs"]]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"{path}: cannot be read as a sweep state ({exc}); choose another --out") from None
+        raise UserError(f"{path}: cannot be read as a sweep state ({exc}); choose another `out`") from None
     saved = [(r.index, r.config_hash) for r in records]
     wanted = [(c.index, c.config_hash) for c in plan.combinations]
     if saved != wanted:
         differ = next((i for i, (a, b) in enumerate(zip(saved, wanted)) if a != b), min(len(saved), len(wanted)))
         raise UserError(f"{out_dir}: holds a different sweep ({len(saved)} combinations; the sweep file or its base "
                         f"config now gives {len(wanted)}, first difference at combination {differ}); "
-                        "use another --out, or restore the sweep file to resume")
+                        "use another `out`, or restore the sweep file to resume")
     for record in records:
         if record.status == "running":  # the process died during this run
             record.status = "stopped"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -13,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..checksums import sha256_file
 from ..errors import CheckpointError
 
 MANIFEST = "manifest.json"
@@ -23,14 +23,6 @@ log = logging.getLogger("sdstudio")
 
 def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:

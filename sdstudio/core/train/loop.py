@@ -176,8 +176,8 @@ def _run(s: TrainingSession, control: TrainingControl) -> Iterator[ev.Event]:
             ended = _resume_at_the_end(s)
             if ended is not None:  # nothing left to do: said once, nothing written (resume is idempotent)
                 text = (f"this run already {ended.replace('_', ' ')} at step {p.step} of {p.total_steps}; nothing "
-                        f"to do (to train further resume with a larger train.max_steps, e.g. --set "
-                        f"train.max_steps={p.total_steps * 2}, or train.epochs)")
+                        f"to do (to train further resume with a larger train.max_steps, e.g. "
+                        f"train.max_steps = {p.total_steps * 2}, or train.epochs)")
                 log.info("%s", text)
                 yield ev.Warning(text)
                 yield ev.Finished(s.run_dir or Path("."), ended, p.step)

@@ -13,7 +13,7 @@ from ..models.registry import get_family
 
 GIB = 1024 ** 3
 # Activation memory per image per model-space pixel is a fact of each family (ModelFamily.
-# activation_bytes_per_pixel, measured with plain diffusers blocks at bf16 on an H200, reference/performance.md).
+# activation_bytes_per_pixel, measured with plain diffusers blocks at bf16 on an H200, docs/gpu-benchmark.md).
 # Gradient checkpointing keeps roughly a quarter.
 CHECKPOINTING_FACTOR = 0.25
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adam": 8, "adamw8bit": 2, "rmsprop": 4, "sgd": 4, "adafactor": 1}

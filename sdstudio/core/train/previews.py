@@ -103,20 +103,16 @@ class Previews:
             return grid, None
         from PIL import Image
 
-        from ..runs import write_text_atomic
+        from ..atomic import write_file_atomic, write_text_atomic
 
         path = self.run_dir / "samples" / f"step-{step:08d}.png"
-        tmp = path.with_name(f".{path.name}.tmp")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(grid).save(tmp, format="PNG")
-            tmp.replace(path)
+            write_file_atomic(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
             write_text_atomic(path.with_suffix(".json"), json.dumps(
                 {"step": step, "epoch": epoch, "prompts": self.prompts, "seeds": seeds,
                  "sampler": self.config.sample.sampler, "steps": self.config.sample.steps,
                  "guidance": self.config.sample.guidance, "ema": self.ema is not None}, indent=1))
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             log.warning("could not save the sample grid %s: %s (training goes on)", path, exc)
             return grid, None
         return grid, path

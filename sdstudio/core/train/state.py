@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,10 +72,32 @@ def save_training_files(folder: Path, bundle: ModelBundle, *, optimizer: Any, sc
 
 
 def load_training_state(folder: Path) -> dict[str, Any]:
+    """The optimizer, schedule, RNG and position of a checkpoint.
+
+    Read with ``weights_only=True``: a run folder may come from someone else, and a full unpickle would run
+    whatever code the file names. Everything sdstudio stores here is tensors, numbers, strings, lists, tuples
+    and dicts, which the restricted unpickler accepts; anything else is refused, not executed.
+    """
+    path = folder / TRAINING_STATE
     try:
-        return torch.load(folder / TRAINING_STATE, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad checkpoint
-        raise CheckpointError(f"{folder / TRAINING_STATE}: cannot be read ({exc})") from None
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{path}: not a trusted sdstudio training state ({_refusal_reason(exc)}); it was "
+                              "not loaded. Resume only run folders you made, or start a new run") from None
+    except Exception as exc:  # noqa: BLE001 - zip/IO errors of every kind mean a bad checkpoint
+        raise CheckpointError(f"{path}: cannot be read ({exc})") from None
+    if not isinstance(state, dict) or not {"position", "schedule", "rng"} <= state.keys():
+        raise CheckpointError(f"{path}: not an sdstudio training state (expected a dict with position, "
+                              "schedule and rng)")
+    return state
+
+
+def _refusal_reason(exc: Exception) -> str:
+    """The line of torch's refusal that names what the file asked for (torch's text around it suggests
+    ``weights_only=False``, which is the advice not to follow here)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    named = [line for line in lines if "GLOBAL" in line or "Unsupported" in line or "unsupported" in line]
+    return (named or ["it asks to load objects sdstudio never stores"])[0]
 
 
 def load_weights(folder: Path, name: str = WEIGHTS) -> dict[str, torch.Tensor]:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 import threading
 from collections import OrderedDict
 from dataclasses import replace
@@ -33,6 +31,7 @@ from PySide6.QtCore import (
 from PySide6.QtGui import QColor, QImage, QPainter, QPixmap
 
 from sdstudio.core import paths
+from sdstudio.core.atomic import write_file_atomic
 from sdstudio.core.data.scan import ImageRecord
 
 from .mask_canvas import tinted_thumbnail
@@ -87,14 +86,12 @@ def make_thumbnail(path: Path) -> QImage:
 
 
 def _save_atomic(image: QImage, target: Path) -> None:
+    def write(tmp: Path) -> None:
+        if not image.save(str(tmp), "PNG"):
+            raise OSError(f"{tmp}: Qt could not write the PNG")
+
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".thumb.", suffix=".png", dir=target.parent)
-        os.close(fd)
-        if image.save(tmp, "PNG"):
-            os.replace(tmp, target)
-        else:
-            Path(tmp).unlink(missing_ok=True)
+        write_file_atomic(target, write, fsync=False)  # a cache: losing one to a crash costs a redraw
     except OSError:
         pass  # the cache is an optimisation; a read-only cache folder just means no cache
 

@@ -63,11 +63,11 @@ class PixelFamily(ModelFamily):
         from ...sampling.from_files import LoraFileError, load_pixel_export
 
         if lora is not None:
-            raise LoraFileError(f"--lora {lora}: LoRAs apply to Stable Diffusion models; {path} is a from-scratch "
-                                "(pixel) model. Drop --lora")
+            raise LoraFileError(f"lora {lora}: LoRAs apply to Stable Diffusion models; {path} is a from-scratch "
+                                "(pixel) model. Drop the `lora`")
         if prediction_type != "auto":
-            raise ModelFileError(f"--prediction-type {prediction_type}: a from-scratch (pixel) export carries its own "
-                            "settings (sdstudio.json); drop --prediction-type")
+            raise ModelFileError(f"prediction_type {prediction_type}: a from-scratch (pixel) export carries its "
+                                 "own settings (sdstudio.json); leave `prediction_type` at auto")
         return load_pixel_export(path, device, self)
 
     def config_problems(self, config: RunConfig) -> list[str]:

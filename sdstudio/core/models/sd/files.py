@@ -143,6 +143,7 @@ def load_sd_components(path: Path, *, family: str, config_folder: Path | None = 
 
     from ..registry import FAMILY_NAMES, get_family
     from .offline import config_folder as bundled_config_folder
+    from .offline import config_folder_tokenizers
 
     info = inspect_model(path)
     if info.kind not in FAMILY_NAMES:
@@ -160,7 +161,8 @@ def load_sd_components(path: Path, *, family: str, config_folder: Path | None = 
             pipe = pipe_cls.from_pretrained(str(path), local_files_only=True, **extra)
         else:
             folder = config_folder or bundled_config_folder(family, pred)
-            pipe = pipe_cls.from_single_file(str(path), config=str(folder), local_files_only=True, **extra)
+            pipe = pipe_cls.from_single_file(str(path), config=str(folder), local_files_only=True, **extra,
+                                             **config_folder_tokenizers(folder))
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ModelFileError(f"model.path {path}: could not be loaded as {family} ({str(exc).splitlines()[0]})") from None
     if vae_path is not None:

@@ -1,8 +1,12 @@
 """The bundled, weightless Stable Diffusion config folders and CLIP tokenizers (no network needed).
 
-``resources/models/<name>/`` are diffusers-format folders with configs and tokenizer files only, for
-``from_single_file(path, config=config_folder(...), local_files_only=True)``; ``resources/tokenizers/`` holds
-the CLIP BPE tokenizers. docs/models.md says where they come from; scripts/make_*.py regenerate them.
+``resources/models/<name>/`` are diffusers-format folders with configs only, for
+``from_single_file(path, config=config_folder(...), tokenizer=..., local_files_only=True)``. CLIP's BPE files
+(vocab.json, merges.txt, 1.4 MB together) exist once, in ``resources/tokenizers/clip/``: every other tokenizer
+folder (``tokenizers/clip-g/``, ``models/<name>/tokenizer*/``) holds only its tokenizer_config.json and
+special_tokens_map.json (the pad token is what differs), so load those with ``load_clip_tokenizer`` or pass
+``config_folder_tokenizers(folder)`` to diffusers. docs/models.md says where they come from;
+scripts/make_*.py regenerate them.
 """
 
 from __future__ import annotations
@@ -59,12 +63,37 @@ def clip_tokenizer_folder(kind: Literal["l", "g"] = "l") -> Path:
     return tokenizers_dir() / names[kind]
 
 
-def clip_tokenizer(kind: Literal["l", "g"] = "l"):  # -> transformers.CLIPTokenizer
-    """The bundled CLIP tokenizer: "l" for SD1.x / SDXL ``tokenizer``, "g" for SD2.x / SDXL ``tokenizer_2``."""
-    from transformers import CLIPTokenizer
-
-    folder = clip_tokenizer_folder(kind)
-    if not (folder / "vocab.json").is_file():
+def clip_bpe_files() -> tuple[Path, Path]:
+    """(vocab.json, merges.txt): the one copy of CLIP's BPE, shared by every bundled tokenizer."""
+    folder = clip_tokenizer_folder("l")
+    vocab, merges = folder / "vocab.json", folder / "merges.txt"
+    if not (vocab.is_file() and merges.is_file()):
         raise UserError(f"the bundled CLIP tokenizer {folder} is missing; reinstall sdstudio or run "
                         "scripts/make_clip_tokenizer.py in a source checkout")
-    return CLIPTokenizer.from_pretrained(folder)
+    return vocab, merges
+
+
+def load_clip_tokenizer(folder: Path):  # -> transformers.CLIPTokenizer
+    """A CLIP tokenizer from a folder of tokenizer_config.json / special_tokens_map.json, with the shared BPE
+    files (a folder that has its own vocab.json, such as a user's config folder, is loaded as it is)."""
+    from transformers import CLIPTokenizer
+
+    if (folder / "vocab.json").is_file():
+        return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+    vocab, merges = clip_bpe_files()
+    return CLIPTokenizer.from_pretrained(folder, vocab_file=str(vocab), merges_file=str(merges),
+                                         local_files_only=True)
+
+
+def clip_tokenizer(kind: Literal["l", "g"] = "l"):  # -> transformers.CLIPTokenizer
+    """The bundled CLIP tokenizer: "l" for SD1.x / SDXL ``tokenizer``, "g" for SD2.x / SDXL ``tokenizer_2``."""
+    clip_bpe_files()  # a clear message if the resources are missing
+    return load_clip_tokenizer(clip_tokenizer_folder(kind))
+
+
+def config_folder_tokenizers(folder: Path) -> dict[str, object]:
+    """``{"tokenizer": ..., "tokenizer_2": ...}`` for the tokenizer subfolders of a diffusers config folder,
+    to pass to ``from_single_file(..., config=folder)``: the bundled folders have no BPE files of their own,
+    so diffusers could not load their tokenizers by itself."""
+    return {name: load_clip_tokenizer(folder / name) for name in ("tokenizer", "tokenizer_2")
+            if (folder / name / "tokenizer_config.json").is_file()}

@@ -1,10 +1,10 @@
 """Tiny Stable Diffusion models in the real SD1.x / SDXL topologies, for tests (CPU, seconds, no downloads).
 
-The shapes follow ../shared/reference/formats.md ("Tiny models for tests"): four-level SD1 UNet and VAE, so
-they still convert to and from the original single-file layout exactly (two-level test UNets do not), and a
-two-level SDXL UNet with the text_time additional embedding. The tokenizer is the real CLIP BPE cut to 1000
-tokens: the 512 byte tokens and the first 486 merges of resources/tokenizers/clip keep their real ids, and
-<|startoftext|> / <|endoftext|> become 998 / 999.
+Test-only (not shipped in the package); benchmarks/gpu_train.py --tiny loads this file by path. The shapes:
+a four-level SD1 UNet and VAE, so they still convert to and from the original single-file layout exactly
+(two-level test UNets do not), and a two-level SDXL UNet with the text_time additional embedding. The
+tokenizer is the real CLIP BPE cut to 1000 tokens: the 512 byte tokens and the first 486 merges of
+resources/tokenizers/clip keep their real ids, and <|startoftext|> / <|endoftext|> become 998 / 999.
 """
 
 from __future__ import annotations
