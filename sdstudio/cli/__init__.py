@@ -9,6 +9,8 @@ import sys
 from collections.abc import Callable
 
 from .. import __version__
+from ..core.errors import UserError
+from . import dataset, export, presets, sample, sweep, train
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -20,8 +22,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import dataset, export, presets, sample, sweep, train
-
     parser = _Parser(prog="sdstudio", description="Train diffusion models on your own computer. "
                      "Without a command, the desktop app opens.")
     parser.add_argument("--version", action="version", version=f"sdstudio {__version__}")
@@ -53,8 +53,6 @@ def main(argv: list[str]) -> int:
     if func is None:
         parser.print_help()
         return EXIT_BAD_INPUT
-    from ..core.errors import UserError
-
     try:
         return func(args)
     except UserError as exc:

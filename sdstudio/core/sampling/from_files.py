@@ -23,6 +23,7 @@ import torch
 from ..errors import UserError
 from ..models.bundle import ModelBundle
 from ..models.sd_files import SINGLE_FILE_SUFFIXES, ModelFileError
+from ..runs import is_run_dir
 
 # What a base model samples with when the command line does not say (the SD presets' [sample] values).
 SD_DEFAULTS = {"sd1": {"sampler": "dpmpp_2m", "steps": 25, "guidance": 7.0, "negative_prompt": ""},
@@ -117,7 +118,7 @@ def detect_model(path: Path) -> str:
                              "diffusers-folder`")
     if path.is_dir():
         if not (path / "model_index.json").is_file():
-            if (path / "config.toml").is_file():
+            if is_run_dir(path):  # a checkpoint folder holds the run's config.toml too
                 raise ModelFileError(f"--model {path}: this is an sdstudio run or checkpoint folder; sample it with "
                                      f"`sdstudio sample --run {path}` (or export it with `sdstudio export`)")
             raise ModelFileError(f"--model {path}: not a diffusers model folder (no model_index.json); give the "

@@ -14,7 +14,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..sampling.sampler import generate, make_grid, preserved_rng_state
+from .. import paths
+from ..atomic import write_text_atomic
+from ..demo_shapes import parse_prompt, prompt_adherence
+from ..runs import RunFolder
+from ..sampling.sampler import generate, generate_pairs, make_grid, preserved_rng_state
 
 log = logging.getLogger("sdstudio")
 
@@ -43,9 +47,6 @@ class SamplingMixin:
 
     def prompt_adherence(self) -> dict[str, float]:
         """On the bundled demo data: how often the last grid shows each prompt's colour and shape."""
-        from .. import paths
-        from ..demo_shapes import parse_prompt, prompt_adherence
-
         images = getattr(self, "last_sample_images", None)
         if images is None or self.data_root.resolve() != paths.demo_dataset_dir().resolve():
             return {}
@@ -87,8 +88,6 @@ class SamplingMixin:
                        steps: int) -> np.ndarray:
         """One batch of images, one per (caption, seed) pair, with the sampler, guidance and negative prompt
         of ``sample.*`` (call inside ``sampling_model``): uint8 (N, H, W, 3)."""
-        from ..sampling.sampler import generate_pairs  # the pairs form of ``generate`` (FID/KID images)
-
         cfg = self.config.sample
         return generate_pairs(self.bundle, model, self.sched, pairs, steps, cfg.guidance, cfg.sampler,
                                cfg.negative_prompt, self.device, self._autocast_dtype())
@@ -102,9 +101,7 @@ class SamplingMixin:
             return grid, None
         from PIL import Image
 
-        from ..runs import write_text_atomic
-
-        path = self.run_dir / "samples" / f"step-{self.step:08d}.png"
+        path = RunFolder(self.run_dir).sample_grid(self.step)
         tmp = path.with_name(f".{path.name}.tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

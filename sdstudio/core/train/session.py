@@ -3,7 +3,6 @@ position) and the operations the loop performs on it (a step, validation, a samp
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Iterator
@@ -22,9 +21,11 @@ from ..data.dataset import EpochOrder, ImageCaptionDataset, SampleKey, collate
 from ..diffusion import diffusion_loss, sample_noise, target_for, training_scheduler
 from ..errors import DatasetError
 from ..presets import config_to_toml
+from ..runs import RunFolder
+from ..runs.checkpoints import TOKENIZER
 from . import state as ckpt_state
 from .caches import FeatureCachingMixin
-from .checkpoint import CheckpointInfo, newest_valid_checkpoint, prune_checkpoints, write_checkpoint
+from .checkpoint import CheckpointInfo, prune_checkpoints, write_checkpoint
 from .evaluation import RunEvaluation
 from .optim import LRSchedule, build_optimizer, param_groups
 from .previews import SamplingMixin
@@ -32,17 +33,6 @@ from .setup import PreparedData, build_model, data_root, pick_device, prepare_da
 
 log = logging.getLogger("sdstudio")
 VAL_BUCKETS = 10
-BEST_FILE = "best.json"
-
-
-def best_checkpoint_path(run_dir: Path) -> Path | None:
-    """The checkpoint marked best by validation loss (checkpoints/best.json), if it still exists."""
-    try:
-        data = json.loads((run_dir / "checkpoints" / BEST_FILE).read_text(encoding="utf-8"))
-        path = run_dir / "checkpoints" / str(data["checkpoint"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return path if path.is_dir() else None
 
 
 def _concat(a: Any, b: Any) -> Any:
@@ -178,8 +168,8 @@ class TrainingSession(FeatureCachingMixin, SamplingMixin):
         if self.resume:
             if self.run_dir is None:
                 raise DatasetError("resume needs a run folder")
-            self._checkpoint = newest_valid_checkpoint(self.run_dir / "checkpoints", self._warn_later)
-            candidate = self._checkpoint.path / "tokenizer.json"
+            self._checkpoint = RunFolder(self.run_dir).newest_valid_checkpoint(self._warn_later)
+            candidate = self._checkpoint.path / TOKENIZER
             tokenizer_file = candidate if candidate.is_file() else None
         captions = sorted({c for r in self.data.train for c in r.captions}) + list(cfg.sample.prompts)
         captions += [cfg.data.instance_prompt, cfg.sample.negative_prompt]
@@ -223,16 +213,13 @@ class TrainingSession(FeatureCachingMixin, SamplingMixin):
         return False
 
     def mark_best(self, val_loss: float) -> None:
-        from ..runs import write_text_atomic
-
         assert self.run_dir is not None
-        write_text_atomic(self.run_dir / "checkpoints" / BEST_FILE, json.dumps(
-            {"step": self.step, "checkpoint": f"step-{self.step:08d}", "val_loss": val_loss}))
+        RunFolder(self.run_dir).mark_best(self.step, val_loss)
 
     def best_checkpoint(self) -> Path | None:
         if self.run_dir is None:
             return None
-        return best_checkpoint_path(self.run_dir)
+        return RunFolder(self.run_dir).best_checkpoint()
 
     def check_memory(self) -> str | None:
         """On a GPU: the estimated need against the free memory; advice when it will not fit."""
@@ -459,7 +446,7 @@ class TrainingSession(FeatureCachingMixin, SamplingMixin):
 
     def save_checkpoint(self) -> Path:
         assert self.run_dir is not None
-        root = self.run_dir / "checkpoints"
+        root = RunFolder(self.run_dir).checkpoints_dir
         pos = ckpt_state.Position(self.step, self.epoch, self.step_in_epoch)
         toml = config_to_toml(self.config)
 

@@ -29,7 +29,7 @@ def pick_device(choice: str) -> torch.device:
 
 
 def data_root(config: RunConfig) -> Path:
-    return Path(config.data.path).expanduser() if config.data.path else paths.demo_dataset_dir()
+    return paths.training_data_dir(config.data.path)
 
 
 @dataclass

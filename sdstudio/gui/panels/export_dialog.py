@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from PySide6.QtCore import Qt, QThreadPool, QUrl, Signal
 from PySide6.QtGui import QDesktopServices
 from PySide6.QtWidgets import (
@@ -34,7 +35,9 @@ from PySide6.QtWidgets import (
 
 from sdstudio.core.config import RunConfig
 from sdstudio.core.errors import UserError
-from sdstudio.core.runs import load_run_config
+from sdstudio.core.export.api import export
+from sdstudio.core.runs import RunFolder, load_run_config
+from sdstudio.core.runs.checkpoints import checkpoint_step, is_checkpoint_dir
 
 from ..background import run_in_background
 from ..widgets.failure_dialog import show_error
@@ -81,21 +84,17 @@ def format_choices(config: RunConfig) -> list[FormatChoice]:
 
 def run_checkpoints(run_dir: Path) -> list[Path]:
     """The run's complete checkpoints (with a manifest), oldest first."""
-    folder = run_dir / "checkpoints"
-    return sorted(p for p in folder.glob("step-*") if (p / "manifest.json").is_file())
+    return RunFolder(run_dir).checkpoints()
 
 
 def best_checkpoint(run_dir: Path) -> Path | None:
-    from sdstudio.core.train.session import best_checkpoint_path
-
-    found = best_checkpoint_path(run_dir)
-    return found if found is not None and (found / "manifest.json").is_file() else None
+    found = RunFolder(run_dir).best_checkpoint()
+    return found if found is not None and is_checkpoint_dir(found) else None
 
 
 def default_destination(run_dir: Path, name: str, tag: str, fmt: str) -> Path:
     """``RUN_DIR/exports/<name>-<tag>-<format>[.safetensors]`` (a folder for diffusers-folder)."""
-    suffix = "" if fmt == "diffusers-folder" else ".safetensors"
-    return run_dir / "exports" / f"{name}-{tag}-{fmt}{suffix}"
+    return RunFolder(run_dir).export_path(name, tag, fmt)
 
 
 def destination_in_use(path: Path, fmt: str) -> bool:
@@ -107,17 +106,13 @@ def destination_in_use(path: Path, fmt: str) -> bool:
 
 def run_export(source: Path, fmt: str, out: Path, *, dtype: str, use_ema: bool, force: bool, best: bool) -> Path:
     """The export itself (a pool thread): the core's one entry point."""
-    import torch
-
-    from sdstudio.core.export.api import export
-
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     return export(source, fmt, out, dtype=torch_dtype, use_ema=use_ema, force=force, best=best)
 
 
 def _step_of(checkpoint: Path) -> str:
-    digits = checkpoint.name.removeprefix("step-")
-    return str(int(digits)) if digits.isdigit() else checkpoint.name
+    step = checkpoint_step(checkpoint)
+    return str(step) if step is not None else checkpoint.name
 
 
 class ExportDialog(QDialog):
