@@ -3,7 +3,6 @@
 checkpoints.py reads and verifies checkpoint folders; metrics.py appends and reads metrics.jsonl and turns it
 into smoothed curves; lock.py keeps one writer per folder."""
 
-from ..atomic import write_text_atomic
 from .checkpoints import CheckpointInfo, newest_valid_checkpoint, verify_checkpoint
 from .folder import (
     BEST_FILE,
@@ -45,5 +44,5 @@ __all__ = [
     "RunLock", "close_run_log", "curves_from_rows", "default_run_dir", "is_run_dir", "list_runs",
     "load_run_config", "metrics_row", "newest_valid_checkpoint", "open_run_log", "pid_alive",
     "prepare_new_run_dir", "read_curves", "read_metrics", "resolve_checkpoint", "run_of_checkpoint",
-    "save_run_config", "smooth_ema", "truncate_metrics_after", "verify_checkpoint", "write_text_atomic",
+    "save_run_config", "smooth_ema", "truncate_metrics_after", "verify_checkpoint",
 ]

@@ -11,6 +11,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from ..data.cache import FeatureCache, TextItem, augmentations_with_cache, image_items
+from ..data.cached import CachedLatentDataset, collate_cached
+
 log = logging.getLogger("sdstudio")
 
 
@@ -33,9 +36,6 @@ class FeatureCachingMixin:
     def cache_latents(self) -> Iterator[tuple[int, int]]:
         """Latent models with ``data.cache_latents``: encode missing entries (yields progress), then train
         from the cache. Entries are keyed by file content, VAE identity, size, crop and flip."""
-        from ..data.cache import FeatureCache, augmentations_with_cache, image_items
-        from ..data.cached import CachedLatentDataset, collate_cached
-
         cfg = self.config.data
         if self.bundle.family == "pixel" or not cfg.cache_latents:
             return
@@ -64,8 +64,6 @@ class FeatureCachingMixin:
     def cache_text(self) -> Iterator[tuple[int, int]]:
         """With ``data.cache_text_embeddings``: encode every caption variant known now (alternatives and the
         empty caption of caption dropout) into the disk cache; others are added when first met."""
-        from ..data.cache import FeatureCache, TextItem
-
         if self.bundle.family == "pixel" or not self.config.data.cache_text_embeddings:
             return
         self.text_cache = FeatureCache(self.bundle.text_encoder_identity())  # type: ignore[attr-defined]
@@ -86,8 +84,6 @@ class FeatureCachingMixin:
     def _condition(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         if self.text_cache is None:
             return self.bundle.encode_batch(batch, self.device)
-        from ..data.cache import TextItem
-
         rows = []
         for caption in batch["captions"]:
             row = self._text_memo.get(caption)

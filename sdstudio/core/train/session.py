@@ -17,7 +17,11 @@ from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader
 
 from ..config import RunConfig
+from ..data.buckets import plan_from_config
+from ..data.cached import resolve_features
 from ..data.dataset import EpochOrder, ImageCaptionDataset, SampleKey, collate
+from ..data.scan import scan_dataset
+from ..data.verify import verify_prepared
 from ..diffusion import diffusion_loss, sample_noise, target_for, training_scheduler
 from ..errors import DatasetError
 from ..presets import config_to_toml
@@ -27,9 +31,11 @@ from . import state as ckpt_state
 from .caches import FeatureCachingMixin
 from .checkpoint import CheckpointInfo, prune_checkpoints, write_checkpoint
 from .evaluation import RunEvaluation
+from .memory import estimate_memory, memory_advice
 from .optim import LRSchedule, build_optimizer, param_groups
 from .previews import SamplingMixin
 from .setup import PreparedData, build_model, data_root, pick_device, prepare_data
+from .tensorboard_log import require_tensorboard
 
 log = logging.getLogger("sdstudio")
 VAL_BUCKETS = 10
@@ -113,8 +119,6 @@ class TrainingSession(FeatureCachingMixin, SamplingMixin):
         self.evaluation = RunEvaluation(config, is_main=self.is_main)
         self.init_warnings += self.evaluation.warnings
         if cfg.tensorboard and run_dir is not None:
-            from .tensorboard_log import require_tensorboard
-
             require_tensorboard()
         self.tensorboard: Any = None  # a TensorBoardLog while the loop runs (main process, train.tensorboard)
 
@@ -123,8 +127,6 @@ class TrainingSession(FeatureCachingMixin, SamplingMixin):
         warnings: list[str] = []
         self.data: PreparedData = prepare_data(self.config, warnings.append)
         cfg = self.config
-        from ..data.buckets import plan_from_config
-        from ..data.verify import verify_prepared
 
         verify_prepared(self.data, cfg, warnings.append)  # a truncated file: one warning, not a failed run
         self.buckets = plan_from_config(self.data.train, cfg.data, cfg.train.batch_size * self.world)
@@ -140,8 +142,6 @@ class TrainingSession(FeatureCachingMixin, SamplingMixin):
         self.dataset = ImageCaptionDataset(self.data.train, cfg, train=True)
         self.reg_dataset: ImageCaptionDataset | None = None
         if cfg.data.reg_path:
-            from ..data.scan import scan_dataset
-
             reg = scan_dataset(Path(cfg.data.reg_path).expanduser(), resolution=cfg.data.resolution,
                                instance_prompt=cfg.data.class_prompt or None)
             if not reg.records:
@@ -223,8 +223,6 @@ class TrainingSession(FeatureCachingMixin, SamplingMixin):
 
     def check_memory(self) -> str | None:
         """On a GPU: the estimated need against the free memory; advice when it will not fit."""
-        from .memory import estimate_memory, memory_advice
-
         if self.device.type != "cuda":
             return None
         estimate = estimate_memory(self.bundle, self.config)
@@ -299,8 +297,6 @@ class TrainingSession(FeatureCachingMixin, SamplingMixin):
 
     def compute_loss(self, batch: dict[str, Any], micro: int) -> torch.Tensor:
         if "features" in batch:
-            from ..data.cached import resolve_features
-
             clean = resolve_features(batch, self._encode_latents, self.feature_cache)["latents"].to(self.device)
         else:
             clean = self.bundle.to_model_space(batch["pixels"].to(self.device, non_blocking=True))
