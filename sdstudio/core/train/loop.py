@@ -22,14 +22,10 @@ from ..errors import UserError
 from ..export.api import export
 from ..runs import MetricsWriter, RunFolder, RunLock, close_run_log, metrics_row
 from .evaluation import evaluate
-from .session import TrainingSession
+from .session import NonFiniteLoss, TrainingSession
 from .tensorboard_log import open_tensorboard
 
 log = logging.getLogger("sdstudio")
-
-
-class NonFiniteLoss(Exception):
-    pass
 
 
 @dataclass

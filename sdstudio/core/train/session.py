@@ -41,6 +41,10 @@ log = logging.getLogger("sdstudio")
 VAL_BUCKETS = 10
 
 
+class NonFiniteLoss(Exception):
+    """More NaN/inf steps in a row than train.nan_skip_steps allows (the loop reports it as a failed run)."""
+
+
 def _concat(a: Any, b: Any) -> Any:
     return torch.cat([a, b]) if isinstance(a, torch.Tensor) else list(a) + list(b)
 
@@ -359,8 +363,6 @@ class TrainingSession(FeatureCachingMixin, SamplingMixin):
             return float("nan"), float("nan"), lr
 
     def _accumulate_and_step(self, group: list[dict[str, Any]], lr: float) -> tuple[float, float, float]:
-        from .loop import NonFiniteLoss
-
         total = torch.zeros((), device=self.device)
         for i, batch in enumerate(group):
             last = i == len(group) - 1
