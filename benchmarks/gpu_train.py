@@ -99,8 +99,8 @@ def random_components(family: str, tiny: bool, device: torch.device):  # -> SDCo
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from sdstudio.core.models.sd.offline import config_folder, config_folder_tokenizers
     from sdstudio.core.models.sd.files import SDComponents
+    from sdstudio.core.models.sd.offline import config_folder, config_folder_tokenizers
     tiny_sd1_components, tiny_sdxl_components = _tiny_builders()
 
     if tiny:

@@ -8,6 +8,8 @@ import sys
 from collections.abc import Callable
 
 from .. import __version__
+from ..core.errors import UserError
+from . import dataset, export, presets, sample, sweep, train
 from .common import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, cli_message
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_OK", "build_parser", "main"]
@@ -20,8 +22,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import dataset, export, presets, sample, sweep, train
-
     parser = _Parser(prog="sdstudio", description="Train diffusion models on your own computer. "
                      "Without a command, the desktop app opens.")
     parser.add_argument("--version", action="version", version=f"sdstudio {__version__}")
@@ -55,8 +55,6 @@ def main(argv: list[str]) -> int:
     if func is None:
         parser.print_help()
         return EXIT_BAD_INPUT
-    from ..core.errors import UserError
-
     try:
         return func(args)
     except UserError as exc:

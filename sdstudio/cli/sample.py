@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--n {args.n}: give at least 1 image per prompt")
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps {args.steps}: must be at least 1")
+    # the sampling modules import torch and diffusers: on demand, so `sdstudio --help` and `presets` start fast
     from PIL import Image
 
     from ..core.sampling.sampler import make_grid

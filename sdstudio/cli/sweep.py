@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from tqdm import tqdm
 from ..core import events as ev
 from ..core.control import TrainingControl
 from ..core.sweeps.plan import SweepPlan, default_sweep_dir, load_sweep
+from ..core.sweeps.summary import SUMMARY_CSV, SUMMARY_JSON
 from .common import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, describe_eval, say, stop_on_sigint
 from .console import warning_already_shown
 
@@ -41,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         _list(plan, out_dir)
         return EXIT_OK
+    # the runner imports the training loop (torch, diffusers): on demand, so a dry run starts fast
     from ..core.sweeps.runner import SweepFinished, SweepRunEnded, SweepRunStarted, SweepStarted, run_sweep
 
     control = TrainingControl()
@@ -84,10 +87,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _report(sweep_file: Path, out_dir: Path, finished: Any) -> int:
-    import json
-
-    from ..core.sweeps.summary import SUMMARY_CSV, SUMMARY_JSON
-
     counts = finished.counts if finished is not None else {}
     parts = ", ".join(f"{n} {status}" for status, n in counts.items() if n)
     print(f"summary: {out_dir / SUMMARY_CSV} ({parts})", file=sys.stderr)

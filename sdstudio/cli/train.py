@@ -12,7 +12,7 @@ from tqdm import tqdm
 from ..core import events as ev
 from ..core.control import TrainingControl
 from ..core.errors import UserError
-from ..core.runs import default_run_dir, is_run_dir, load_run_config
+from ..core.runs import CONFIG_FILE, RunFolder, default_run_dir
 from .common import (
     EXIT_BAD_INPUT,
     EXIT_FAILURE,
@@ -51,9 +51,10 @@ def _resume_config(args: argparse.Namespace) -> tuple[Any, Path]:
         raise UserError("--resume continues a run with its own config; --preset/--config/--data cannot be combined")
     if args.out is not None and args.out.resolve() != run_dir.resolve():
         raise UserError(f"--out {args.out}: with --resume the run is written to its own folder {run_dir}")
-    if not run_dir.is_dir() or not is_run_dir(run_dir):
-        raise UserError(f"--resume {run_dir}: not an sdstudio run folder (no config.toml)")
-    config = load_run_config(run_dir)
+    run = RunFolder(run_dir)
+    if not run_dir.is_dir() or not run.is_run():
+        raise UserError(f"--resume {run_dir}: not an sdstudio run folder (no {CONFIG_FILE})")
+    config = run.load_config()
     overrides = parse_sets(args.sets)
     refused = [k for k in overrides if k not in RESUME_SAFE_KEYS and not k.startswith(RESUME_SAFE_PREFIXES)]
     if refused:
@@ -61,8 +62,7 @@ def _resume_config(args: argparse.Namespace) -> tuple[Any, Path]:
                         "the data order); allowed: train.max_steps, train.epochs, sample.*, checkpoint.*")
     if overrides:
         config = config.with_overrides(overrides)
-        from ..core.runs import save_run_config
-        save_run_config(run_dir, config)
+        run.save_config(config)
     return config, run_dir
 
 
@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
                     where = f" (resumable: sdstudio train --resume {event.run_dir})" if event.resumable_from else ""
                     print(f"sdstudio: {cli_message(event.message, args)}{where}", file=sys.stderr)
                     if event.kind == "error" and event.run_dir is not None:
-                        print(f"sdstudio: details in {event.run_dir / 'run.log'}", file=sys.stderr)
+                        print(f"sdstudio: details in {RunFolder(event.run_dir).log_file}", file=sys.stderr)
                     code = EXIT_BAD_INPUT if event.kind == "input" else EXIT_FAILURE
         finally:
             for open_bar in (bar, phase_bar):

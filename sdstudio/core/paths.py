@@ -65,3 +65,8 @@ def builtin_presets_dir() -> Path:
 
 def demo_dataset_dir() -> Path:
     return resources_dir() / "demo"
+
+
+def training_data_dir(data_path: str) -> Path:
+    """The folder a run's ``data.path`` names; the bundled demo dataset when it is empty."""
+    return Path(data_path).expanduser() if data_path else demo_dataset_dir()

@@ -15,7 +15,7 @@ from sdstudio.core import events as ev
 from sdstudio.core import paths, presets
 from sdstudio.core.config import RunConfig
 from sdstudio.core.errors import UserError
-from sdstudio.core.runs import METRICS_FILE, default_run_dir, load_run_config, read_metrics
+from sdstudio.core.runs import RunFolder, default_run_dir, load_run_config
 
 from . import qt_compat  # noqa: F401 - first: guards PySide6 6.12.0 on Python < 3.12
 from .app_settings import app_settings
@@ -254,7 +254,7 @@ class MainWindow(QueueControl, QMainWindow):
     def _start_run(self, config: RunConfig, run_dir: Path, *, resume: bool = False) -> None:
         """Start the worker on a run (a fresh folder, or a run to resume) and show its history."""
         if resume:
-            self.plots.load_rows(read_metrics(run_dir / METRICS_FILE))
+            self.plots.load_rows(RunFolder(run_dir).metrics_rows())
             self.samples.set_entries(read_run_samples(run_dir))
         else:
             self.plots.clear()

@@ -14,6 +14,7 @@ from PySide6.QtCore import QObject, Qt, QThread, Signal, Slot
 from sdstudio.core import events as ev
 from sdstudio.core.config import RunConfig
 from sdstudio.core.control import TrainingControl
+from sdstudio.core.runs import RunFolder
 from sdstudio.core.train.loop import train  # module global: tests replace it to inject failures
 
 from . import qt_compat  # noqa: F401 - first: guards PySide6 6.12.0 on Python < 3.12
@@ -52,15 +53,7 @@ class TrainingWorker(QObject):
 
 
 def _newest_checkpoint(run_dir: Path | None) -> Path | None:
-    if run_dir is None:
-        return None
-    from sdstudio.core.errors import CheckpointError
-    from sdstudio.core.train.checkpoint import newest_valid_checkpoint
-
-    try:
-        return newest_valid_checkpoint(run_dir / "checkpoints").path
-    except CheckpointError:
-        return None
+    return RunFolder(run_dir).newest_valid_checkpoint_or_none() if run_dir is not None else None
 
 
 def freeze_heap() -> None:

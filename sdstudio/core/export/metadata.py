@@ -14,7 +14,9 @@ import torch
 from safetensors.torch import save
 
 from ... import __version__
+from .. import paths
 from ..atomic import write_bytes_atomic
+from ..data.scan import scan_dataset
 from ..errors import UserError
 from ..models.registry import get_family
 from .source import ExportSource
@@ -28,12 +30,8 @@ def _iso(ts: float | None) -> str:
 
 def _dataset_facts(source: ExportSource) -> tuple[dict[str, Any], dict[str, Any], int]:
     """(ss_tag_frequency, ss_dataset_dirs, number of training images); best effort if the folder moved."""
-    from ..train.setup import data_root
-
-    root = data_root(source.config)
+    root = paths.training_data_dir(source.config.data.path)
     try:
-        from ..data.scan import scan_dataset
-
         scan = scan_dataset(root)
     except UserError:
         return {}, {}, 0

@@ -13,9 +13,8 @@ import torch
 from ..config import RunConfig
 from ..errors import CheckpointError
 from ..presets import load_config_file
-from ..runs import METRICS_FILE, read_metrics
-from ..sampling.from_run import resolve_checkpoint
-from ..train import state as ckpt_state
+from ..runs import checkpoints as ckpt_files
+from ..runs import resolve_checkpoint, run_of_checkpoint
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
@@ -69,22 +68,20 @@ def _ema_as_weights(ema: dict[str, torch.Tensor], weights: dict[str, torch.Tenso
 def load_export_source(path: Path, *, use_ema: bool = False, best: bool = False) -> ExportSource:
     """A run folder (its newest valid checkpoint, or the best with ``best``) or a checkpoint folder."""
     folder = resolve_checkpoint(path, best=best)
-    from ..train.checkpoint import verify_checkpoint
-
-    info = verify_checkpoint(folder)
-    config = load_config_file(folder / ckpt_state.CONFIG)
-    arch = ckpt_state.read_architecture(folder)
-    weights = ckpt_state.load_weights(folder)
+    info = ckpt_files.verify_checkpoint(folder)
+    config = load_config_file(folder / ckpt_files.CONFIG)
+    arch = ckpt_files.read_architecture(folder)
+    weights = ckpt_files.load_weights(folder)
     if use_ema:
-        if not (folder / ckpt_state.EMA_WEIGHTS).is_file():
+        if not (folder / ckpt_files.EMA_WEIGHTS).is_file():
             raise CheckpointError(f"{folder}: --ema asked for, but this run trained without EMA (train.ema = false)")
-        weights = _ema_as_weights(ckpt_state.load_weights(folder, ckpt_state.EMA_WEIGHTS), weights)
-    run_dir = folder.parent.parent if folder.parent.name == "checkpoints" else None
+        weights = _ema_as_weights(ckpt_files.load_weights(folder, ckpt_files.EMA_WEIGHTS), weights)
+    run = run_of_checkpoint(folder)
     started = None
-    if run_dir is not None:
-        rows = read_metrics(run_dir / METRICS_FILE)
+    if run is not None:
+        rows = run.metrics_rows()
         started = next((float(r["time"]) for r in rows if r.get("event") == "started"), None)
-    return ExportSource(folder, run_dir, config, arch, weights, use_ema, info.step, info.epoch,
+    return ExportSource(folder, run.path if run is not None else None, config, arch, weights, use_ema, info.step, info.epoch,
                         float(info.manifest.get("created", 0.0)), started)
 
 

@@ -2,7 +2,7 @@
 
 Everything outside ``core/models/`` asks a family (found through ``registry.get_family``) instead of testing
 its name: the CLI, the app, config validation, the memory estimate, sampling and the exports. A new family is
-a sub-package of ``core/models/`` with one ``ModelFamily`` subclass, listed in ``registry._FAMILIES``
+a sub-package of ``core/models/`` with one ``ModelFamily`` subclass, listed in ``registry._PLUGINS``
 (docs/models.md, "Adding a family"). Facts are data so that families differ in values, not in branches.
 """
 

@@ -25,6 +25,7 @@ from ..models.bundle import ModelBundle
 from ..models.family import ModelFamily
 from ..models.registry import family_of_lora, get_family, recognise_model
 from ..models.sd.files import SINGLE_FILE_SUFFIXES, ModelFileError
+from ..runs import is_run_dir
 
 # What a model samples with when the command line does not say: its family's ``sampling`` defaults.
 SAMPLERS = ("ddpm", "ddim", "euler", "dpmpp_2m")
@@ -107,7 +108,7 @@ def detect_model(path: Path) -> str:
                              "file, a diffusers model folder, or a folder made by `sdstudio export --format "
                              "diffusers-folder`")
     if path.is_dir() and not (path / "model_index.json").is_file():
-        if (path / "config.toml").is_file():
+        if is_run_dir(path):  # a checkpoint folder holds the run's config.toml too
             raise ModelFileError(f"model.path {path}: this is an sdstudio run or checkpoint folder; sample it with "
                                  f"`sdstudio sample --run {path}` (or export it with `sdstudio export`)")
         raise ModelFileError(f"model.path {path}: not a diffusers model folder (no model_index.json); give the "

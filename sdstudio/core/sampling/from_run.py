@@ -12,14 +12,15 @@ import torch
 
 from ..config import RunConfig
 from ..diffusion import training_scheduler
-from ..errors import CheckpointError
 from ..models.bundle import ModelBundle
 from ..presets import load_config_file
-from ..runs import is_run_dir
+from ..runs import resolve_checkpoint
+from ..runs.checkpoints import TOKENIZER
 from ..train import state as ckpt_state
-from ..train.checkpoint import newest_valid_checkpoint, verify_checkpoint
 from ..train.setup import build_model, pick_device
 from .sampler import generate
+
+__all__ = ["LoadedModel", "load_trained", "resolve_checkpoint"]  # resolve_checkpoint: the run folder's
 
 
 @dataclass
@@ -49,30 +50,11 @@ class LoadedModel:
         return dtype if dtype != torch.float32 else None
 
 
-def resolve_checkpoint(run_or_checkpoint: Path, checkpoint: Path | None = None, *, best: bool = False) -> Path:
-    """A checkpoint folder: the one given, the best by validation loss, or the newest valid one of a run."""
-    if checkpoint is not None:
-        return verify_checkpoint(checkpoint).path
-    if best:
-        from ..train.session import best_checkpoint_path
-
-        found = best_checkpoint_path(run_or_checkpoint) if is_run_dir(run_or_checkpoint) else None
-        if found is None:
-            raise CheckpointError(f"{run_or_checkpoint}: no checkpoint marked best (the run needs validation "
-                                  "and checkpoint.keep_best or early stopping)")
-        return verify_checkpoint(found).path
-    if (run_or_checkpoint / "manifest.json").is_file():  # a checkpoint folder (it has a config.toml too)
-        return verify_checkpoint(run_or_checkpoint).path
-    if is_run_dir(run_or_checkpoint):
-        return newest_valid_checkpoint(run_or_checkpoint / "checkpoints").path
-    raise CheckpointError(f"{run_or_checkpoint}: neither a run folder nor an sdstudio checkpoint folder")
-
-
 def load_trained(run_or_checkpoint: Path, checkpoint: Path | None = None, *, use_ema: bool = True,
                  device: str = "auto") -> LoadedModel:
     folder = resolve_checkpoint(run_or_checkpoint, checkpoint)
     config = load_config_file(folder / ckpt_state.CONFIG)
-    tokenizer = folder / "tokenizer.json"
+    tokenizer = folder / TOKENIZER
     dev = pick_device(device)
     bundle = build_model(config, [], tokenizer_file=tokenizer if tokenizer.is_file() else None, device=dev)
     ckpt_state.load_model_state(bundle, ckpt_state.load_weights(folder), folder)

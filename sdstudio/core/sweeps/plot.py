@@ -11,6 +11,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from ..atomic import write_file_atomic
+from ..runs import smooth_ema
 
 WIDTH, HEIGHT = 1200, 720
 SCALE = 2  # drawn at twice the size and scaled down: Pillow draws no antialiased lines
@@ -49,21 +50,6 @@ def _hex(text: str) -> Colour:
 
 def _mix(colour: Colour, other: Colour, t: float) -> Colour:
     return tuple(round(a + (b - a) * t) for a, b in zip(colour, other))  # type: ignore[return-value]
-
-
-def smooth(values: Sequence[float]) -> list[float]:
-    """Centred moving average over about 1/20 of the points: no lag, so curves keep their shape in step."""
-    half = round(len(values) / 40)
-    if half == 0:
-        return list(values)
-    prefix = [0.0]
-    for value in values:
-        prefix.append(prefix[-1] + value)
-    out = []
-    for i in range(len(values)):
-        lo, hi = max(0, i - half), min(len(values), i + half + 1)
-        out.append((prefix[hi] - prefix[lo]) / (hi - lo))
-    return out
 
 
 def nice_step(span: float, target: int = 6) -> float:
@@ -168,7 +154,7 @@ def render_overlay(series: Sequence[Series], title: str, notes: Sequence[str] = 
     x1, y1 = (WIDTH - MARGIN["right"]) * s, (HEIGHT - MARGIN["bottom"]) * s
     d.text(((x0 + x1) // 2, 18 * s), title, fill="black", font=f_title, anchor="mt")
 
-    smoothed = [smooth([v for _, v in run.train]) for run in series]
+    smoothed = [smooth_ema([v for _, v in run.train]).tolist() for run in series]
     all_values = [v for run in series for _, v in run.train] + [v for run in series for _, v in run.val]
     axis = y_axis(all_values)
     xmax = max([st for run in series for st, _ in (*run.train, *run.val)] or [1])

@@ -17,9 +17,7 @@ from pathlib import Path
 
 from .. import events as ev
 from ..control import TrainingControl
-from ..errors import CheckpointError
-from ..runs import RunLock, is_run_dir
-from ..train.checkpoint import newest_valid_checkpoint
+from ..runs import RunFolder, RunLock
 from ..train.loop import train
 from .plan import SweepPlan
 from .plot import Series, draw_overlay
@@ -150,13 +148,8 @@ def _run_one(state: SweepState, record: RunRecord, control: TrainingControl) -> 
 
 
 def _resumable(run_dir: Path) -> bool:
-    if not is_run_dir(run_dir):
-        return False
-    try:
-        newest_valid_checkpoint(run_dir / "checkpoints")
-    except CheckpointError:
-        return False
-    return True
+    run = RunFolder(run_dir)
+    return run.is_run() and run.newest_valid_checkpoint_or_none() is not None
 
 
 def _fresh_folder(out_dir: Path, name: str) -> str:

@@ -8,8 +8,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..atomic import write_text_atomic
 from ..errors import UserError
-from ..runs import write_text_atomic
+from ..runs import LOCK_FILE
 from .plan import SweepPlan
 
 STATE_FILE = "sweep.json"
@@ -62,7 +63,7 @@ def open_state(plan: SweepPlan, out_dir: Path) -> SweepState:
     """
     path = out_dir / STATE_FILE
     if not path.is_file():
-        if out_dir.exists() and any(p.name != "lock" for p in out_dir.iterdir()):
+        if out_dir.exists() and any(p.name != LOCK_FILE for p in out_dir.iterdir()):
             raise UserError(f"{out_dir}: folder exists, is not empty and holds no sweep ({STATE_FILE}); "
                             "choose another `out`")
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,17 +1,15 @@
 """A sweep's results: ``summary.csv`` / ``summary.json`` (one row per combination) and ``overlay.png``,
-rebuilt from the state and each run's metrics.jsonl after every run, so a crash leaves a valid summary."""
+rebuilt from the state and each run's curves (``RunFolder.curves``) after every run, so a crash leaves a valid summary."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
-import math
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from ..runs import read_metrics, write_text_atomic
+from ..atomic import write_text_atomic
+from ..runs import RunCurves, RunFolder
 from .plan import format_value, short_key
 from .state import RunRecord, SweepState
 
@@ -23,57 +21,12 @@ METRIC_COLUMNS = ("best_val_loss", "final_val_loss", "final_loss", "steps", "sec
 FINAL_LOSS_ROWS = 5  # final_loss averages the last few logged training losses: one row is noise
 
 
-@dataclass(frozen=True)
-class RunCurves:
-    """What a run logged, for the summary and the overlay plot."""
-
-    train: list[tuple[int, float]]  # (step, loss) of the train rows
-    val: list[tuple[int, float]]  # (step, val_loss) of the val rows that have one
-    last_step: int
-    fid: list[tuple[int, float]] = field(default_factory=list)  # (step, fid) of the FID/KID rows
-    kid: list[tuple[int, float, float | None]] = field(default_factory=list)  # (step, kid_mean, kid_std)
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
-def read_curves(run_dir: Path) -> RunCurves:
-    """The curves of a run's metrics.jsonl (a truncated last line is skipped by ``read_metrics``).
-
-    Rows of kind "val" carry either a validation loss (``val_loss``) or FID/KID (``fid``, ``kid_mean``,
-    ``kid_std``, no ``val_loss``); each list takes the rows that have its value."""
-    train: list[tuple[int, float]] = []
-    val: list[tuple[int, float]] = []
-    fid: list[tuple[int, float]] = []
-    kid: list[tuple[int, float, float | None]] = []
-    last_step = 0
-    for row in read_metrics(run_dir / "metrics.jsonl"):
-        step = row.get("step")
-        if not isinstance(step, int):
-            continue
-        last_step = max(last_step, step)
-        kind = row.get("kind")
-        if kind == "train" and (loss := _number(row.get("loss"))) is not None:
-            train.append((step, loss))
-        elif kind == "val":
-            if (val_loss := _number(row.get("val_loss"))) is not None:
-                val.append((step, val_loss))
-            if (value := _number(row.get("fid"))) is not None:
-                fid.append((step, value))
-            if (kid_mean := _number(row.get("kid_mean"))) is not None:
-                kid.append((step, kid_mean, _number(row.get("kid_std"))))
-    return RunCurves(train, val, last_step, fid, kid)
-
-
 def summary_row(record: RunRecord, keys: list[str], curves: RunCurves | None) -> dict[str, Any]:
     row: dict[str, Any] = {"index": record.index, "run_dir": record.run_dir, "status": record.status,
                            "message": record.message}
     for key in keys:
         row[key] = record.overrides.get(key)
-    c = curves or RunCurves([], [], 0)
+    c = curves or RunCurves()
     tail = [loss for _, loss in c.train[-FINAL_LOSS_ROWS:]]
     row["best_val_loss"] = min(v for _, v in c.val) if c.val else None
     row["final_val_loss"] = c.val[-1][1] if c.val else None
@@ -92,7 +45,7 @@ def collect(state: SweepState) -> tuple[list[dict[str, Any]], dict[int, RunCurve
     rows, curves = [], {}
     for record in state.records:
         run = state.out_dir / record.run_dir if record.run_dir else None
-        c = read_curves(run) if run is not None and run.is_dir() else None
+        c = RunFolder(run).curves() if run is not None and run.is_dir() else None
         if c is not None:
             curves[record.index] = c
         rows.append(summary_row(record, state.plan.keys, c))

@@ -11,6 +11,8 @@ import torch
 from accelerate import Accelerator
 
 from ..config import RunConfig
+from ..data.cache import FeatureCache, TextItem, augmentations_with_cache, image_items
+from ..data.cached import CachedLatentDataset, collate_cached, resolve_features
 from ..data.scan import ImageRecord
 from ..models.bundle import ModelBundle
 from .batches import TrainingBatches
@@ -34,9 +36,6 @@ class FeatureCaches:
     def cache_latents(self, batches: TrainingBatches) -> Iterator[tuple[int, int]]:
         """Latent models with ``data.cache_latents``: encode missing entries (yields progress), then
         ``batches`` train from the cache. Entries are keyed by file content, VAE identity, size, crop and flip."""
-        from ..data.cache import FeatureCache, augmentations_with_cache, image_items
-        from ..data.cached import CachedLatentDataset, collate_cached
-
         cfg = self.config.data
         if self.bundle.model_family.pixel_space or not cfg.cache_latents:
             return
@@ -61,8 +60,6 @@ class FeatureCaches:
     def cache_text(self, records: list[ImageRecord]) -> Iterator[tuple[int, int]]:
         """With ``data.cache_text_embeddings``: encode every caption variant known now (alternatives and the
         empty caption of caption dropout) into the disk cache; others are added when first met."""
-        from ..data.cache import FeatureCache, TextItem
-
         if not self.bundle.model_family.text_embeddings_cacheable or not self.config.data.cache_text_embeddings:
             return
         self.text_cache = FeatureCache(self.bundle.text_encoder_identity())  # type: ignore[attr-defined]
@@ -88,8 +85,6 @@ class FeatureCaches:
         """The model's conditioning of a batch: from the text cache when there is one."""
         if self.text_cache is None:
             return self.bundle.encode_batch(batch, self.device)
-        from ..data.cache import TextItem
-
         rows = []
         for caption in batch["captions"]:
             row = self._text_memo.get(caption)
@@ -105,7 +100,6 @@ class FeatureCaches:
     def clean_latents(self, batch: dict[str, Any]) -> torch.Tensor:
         """The clean model-space samples of a batch: read from the latent cache or encoded now."""
         if "features" in batch:
-            from ..data.cached import resolve_features
 
             return resolve_features(batch, self.encode_latents, self.feature_cache)["latents"].to(self.device)
         return self.bundle.to_model_space(batch["pixels"].to(self.device, non_blocking=True))

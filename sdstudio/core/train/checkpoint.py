@@ -1,4 +1,6 @@
-"""Checkpoints: written to a temp folder and renamed, with a manifest (sizes, sha256) verified on load."""
+"""Writing checkpoints: into a temp folder, given a manifest (sizes, sha256), then renamed; and pruning old ones.
+
+Reading them (verify, list, the newest valid) is the run folder's: sdstudio/core/runs/checkpoints.py."""
 
 from __future__ import annotations
 
@@ -8,21 +10,27 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..checksums import sha256_file
 from ..errors import CheckpointError
+from ..runs.checkpoints import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    CheckpointInfo,
+    checkpoint_name,
+    list_checkpoints,
+    newest_valid_checkpoint,
+    valid_checkpoints,
+    verify_checkpoint,
+)
 
-MANIFEST = "manifest.json"
-FORMAT = "sdstudio-checkpoint"
-FORMAT_VERSION = 1
+# the readers are re-exported: the trainer's modules and older scripts import them from here
+__all__ = ["CheckpointInfo", "checkpoint_name", "list_checkpoints", "newest_valid_checkpoint", "prune_checkpoints",
+           "valid_checkpoints", "verify_checkpoint", "write_checkpoint"]
 log = logging.getLogger("sdstudio")
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:08d}"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -85,72 +93,6 @@ def _estimate_size(root: Path, fallback: int) -> str:
     sizes = [sum(f.stat().st_size for f in p.iterdir() if f.is_file()) for p in valid_checkpoints(root)[-1:]]
     n = sizes[0] if sizes else fallback
     return f"{n / 1e6:.1f} MB" if n else "as much as the model's weights"
-
-
-@dataclass(frozen=True)
-class CheckpointInfo:
-    path: Path
-    step: int
-    epoch: int
-    manifest: dict[str, Any]
-
-
-def verify_checkpoint(path: Path, *, deep: bool = True) -> CheckpointInfo:
-    """Check the manifest, every file's size and (``deep``) sha256. Raises CheckpointError saying why."""
-    mpath = path / MANIFEST
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a checkpoint folder")
-    try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no {MANIFEST} (partial or not an sdstudio checkpoint)") from None
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{mpath}: unreadable manifest ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not an sdstudio checkpoint (manifest format "
-                              f"{manifest.get('format') if isinstance(manifest, dict) else None!r})")
-    for name, meta in manifest.get("files", {}).items():
-        fpath = path / name
-        if not fpath.is_file():
-            raise CheckpointError(f"{fpath}: missing (checkpoint incomplete)")
-        size = fpath.stat().st_size
-        if size != meta.get("size"):
-            raise CheckpointError(f"{fpath}: {size} bytes, the manifest says {meta.get('size')} (truncated)")
-        if deep and sha256_file(fpath) != meta.get("sha256"):
-            raise CheckpointError(f"{fpath}: content does not match its sha256 in the manifest (corrupt)")
-    return CheckpointInfo(path, int(manifest["step"]), int(manifest.get("epoch", 0)), manifest)
-
-
-def list_checkpoints(root: Path) -> list[Path]:
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
-
-
-def valid_checkpoints(root: Path) -> list[Path]:
-    out = []
-    for p in list_checkpoints(root):
-        try:
-            verify_checkpoint(p, deep=False)
-            out.append(p)
-        except CheckpointError:
-            pass
-    return out
-
-
-def newest_valid_checkpoint(root: Path, warn: Callable[[str], None] | None = None) -> CheckpointInfo:
-    """The newest checkpoint that verifies; corrupt newer ones are reported through ``warn``."""
-    candidates = list_checkpoints(root)
-    for path in reversed(candidates):
-        try:
-            return verify_checkpoint(path, deep=True)
-        except CheckpointError as exc:
-            if warn:
-                warn(f"skipping checkpoint {path.name}: {exc}")
-    if candidates:
-        raise CheckpointError(f"{root}: none of the {len(candidates)} checkpoints is valid; the run cannot "
-                              "be resumed (start a new run)")
-    raise CheckpointError(f"{root}: no checkpoint to resume from (the run stopped before its first save)")
 
 
 def prune_checkpoints(root: Path, keep_last: int, protect: set[Path] | None = None) -> list[Path]:

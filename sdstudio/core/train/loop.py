@@ -18,19 +18,10 @@ import torch
 from .. import events as ev
 from ..config import RunConfig
 from ..control import TrainingControl
-from ..errors import CheckpointError, UserError
-from ..runs import (
-    MetricsWriter,
-    RunLock,
-    close_run_log,
-    metrics_row,
-    open_run_log,
-    prepare_new_run_dir,
-    read_metrics,
-    save_run_config,
-    truncate_metrics_after,
-)
-from .checkpoint import newest_valid_checkpoint
+from ..errors import UserError
+from ..export.api import export
+from ..export.formats import get_format, torch_dtype
+from ..runs import MetricsWriter, RunFolder, RunLock, close_run_log, metrics_row
 from .evaluation import evaluate
 from .session import TrainingSession
 from .step import NonFiniteLoss
@@ -68,14 +59,15 @@ def train(config: RunConfig, control: TrainingControl | None = None, *, run_dir:
             raise UserError("; ".join(problems))
         session = TrainingSession(config, run_dir=run_dir, resume=resume)
         if session.is_main and run_dir is not None:
+            folder = RunFolder(run_dir)
             if not resume:
-                prepare_new_run_dir(run_dir)
+                folder.create()
                 created = True
-            lock = RunLock(run_dir)
+            lock = folder.lock()
             lock.acquire()
-            handler = open_run_log(run_dir)
+            handler = folder.open_log()
             if not resume:
-                save_run_config(run_dir, config)
+                folder.save_config(config)
         yield from _run(session, control)
     except UserError as exc:
         log.error("%s", exc)
@@ -120,10 +112,7 @@ def _remove_new_run_dir(run_dir: Path | None, handler: logging.Handler | None, l
 def _resumable(session: TrainingSession | None) -> Path | None:
     if session is None or session.run_dir is None:
         return None
-    try:
-        return newest_valid_checkpoint(session.run_dir / "checkpoints").path
-    except CheckpointError:
-        return None
+    return RunFolder(session.run_dir).newest_valid_checkpoint_or_none()
 
 
 def _emergency_save(session: TrainingSession | None) -> Path | None:
@@ -171,7 +160,7 @@ def _run(s: TrainingSession, control: TrainingControl) -> Iterator[ev.Event]:
         for warning in s.load_latest():
             yield ev.Warning(warning)
         if s.is_main and s.run_dir is not None:
-            truncate_metrics_after(s.run_dir / "metrics.jsonl", p.step)
+            RunFolder(s.run_dir).truncate_metrics_after(p.step)
         if p.finished:
             ended = _resume_at_the_end(s)
             if ended is not None:  # nothing left to do: said once, nothing written (resume is idempotent)
@@ -187,7 +176,7 @@ def _run(s: TrainingSession, control: TrainingControl) -> Iterator[ev.Event]:
     mirror = tensorboard.row if tensorboard is not None else None
     metrics = None
     if s.is_main and s.run_dir is not None:
-        metrics = MetricsWriter(s.run_dir / "metrics.jsonl", mirror)
+        metrics = MetricsWriter(RunFolder(s.run_dir).metrics_file, mirror)
     try:
         p.begin()
         yield ev.Started(s.run_dir or Path("."), cfg.to_dict(), p.total_steps, p.step if s.resume else 0)
@@ -213,7 +202,7 @@ def _resume_at_the_end(s: TrainingSession) -> str | None:
     what was already logged at that step is not done again (the rows before the checkpoint are kept, so
     steps never repeat). Returns how the run ended when it had ended already (then there is nothing to do)."""
     p = s.progress
-    rows = [r for r in read_metrics(s.run_dir / "metrics.jsonl") if r.get("step") == p.step] if s.run_dir else []
+    rows = [r for r in RunFolder(s.run_dir).metrics_rows() if r.get("step") == p.step] if s.run_dir else []
     ended = [str(r["event"]) for r in rows if r.get("kind") == "event" and r.get("event") in
              ("completed", "early_stopped")]
     if ended:
@@ -398,16 +387,12 @@ def _auto_export(s: TrainingSession, metrics: MetricsWriter | None) -> Iterator[
     cfg = s.config.export
     if not cfg.formats or not s.is_main or s.run_dir is None:
         return
-    from ..errors import UserError
-    from ..export.api import export
-    from ..export.formats import get_format, torch_dtype
-
     dtype = torch_dtype(cfg.dtype)
-    checkpoint = s.run_dir / "checkpoints" / f"step-{s.step:08d}"
+    folder = RunFolder(s.run_dir)
+    checkpoint = folder.checkpoint_dir(s.step)
     name = s.config.name or s.run_dir.name
     for fmt in cfg.formats:
-        suffix = get_format(fmt).suffix
-        out = s.run_dir / "exports" / f"{name}-step{s.step:08d}-{fmt}{suffix}"
+        out = folder.export_path(name, f"step{s.step:08d}", fmt, get_format(fmt).suffix)
         yield ev.Status("exporting", f"exporting {fmt}")
         try:
             path = export(checkpoint, fmt, out, dtype=dtype, use_ema=cfg.ema, force=True)

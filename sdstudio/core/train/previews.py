@@ -15,10 +15,14 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
+from .. import paths
+from ..atomic import write_file_atomic, write_text_atomic
 from ..config import RunConfig
 from ..data.scan import ImageRecord
+from ..demo_shapes import parse_prompt, prompt_adherence
 from ..models.bundle import ModelBundle
-from ..sampling.sampler import generate, make_grid, preserved_rng_state
+from ..runs import RunFolder
+from ..sampling.sampler import generate, generate_pairs, make_grid, preserved_rng_state
 from .ema import EmaWeights
 
 log = logging.getLogger("sdstudio")
@@ -47,9 +51,6 @@ class Previews:
 
     def prompt_adherence(self) -> dict[str, float]:
         """On the bundled demo data: how often the last grid shows each prompt's colour and shape."""
-        from .. import paths
-        from ..demo_shapes import parse_prompt, prompt_adherence
-
         images = self.last_images
         if images is None or self.data_root.resolve() != paths.demo_dataset_dir().resolve():
             return {}
@@ -86,8 +87,6 @@ class Previews:
                        steps: int) -> np.ndarray:
         """One batch of images, one per (caption, seed) pair, with the sampler, guidance and negative prompt
         of ``sample.*`` (call inside ``sampling_model``): uint8 (N, H, W, 3)."""
-        from ..sampling.sampler import generate_pairs  # the pairs form of ``generate`` (FID/KID images)
-
         cfg = self.config.sample
         return generate_pairs(self.bundle, model, self.sched, pairs, steps, cfg.guidance, cfg.sampler,
                                cfg.negative_prompt, self.device, self._autocast_dtype())
@@ -103,9 +102,7 @@ class Previews:
             return grid, None
         from PIL import Image
 
-        from ..atomic import write_file_atomic, write_text_atomic
-
-        path = self.run_dir / "samples" / f"step-{step:08d}.png"
+        path = RunFolder(self.run_dir).sample_grid(step)
         try:
             write_file_atomic(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
             write_text_atomic(path.with_suffix(".json"), json.dumps(

@@ -12,7 +12,6 @@ The session builds them (``build``), and does what spans them: checkpoints (save
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -26,31 +25,24 @@ from ..diffusion import training_scheduler
 from ..errors import DatasetError
 from ..models.bundle import ModelBundle
 from ..presets import config_to_toml
+from ..runs import RunFolder
+from ..runs.checkpoints import TOKENIZER
 from . import state as ckpt_state
 from .batches import TrainingBatches
 from .caches import FeatureCaches
-from .checkpoint import CheckpointInfo, newest_valid_checkpoint, prune_checkpoints, write_checkpoint
+from .checkpoint import CheckpointInfo, prune_checkpoints, write_checkpoint
 from .ema import EmaWeights
 from .evaluation import RunEvaluation
+from .memory import estimate_memory, memory_advice
 from .objective import DiffusionObjective
 from .optim import LRSchedule, build_optimizer, param_groups
 from .previews import Previews
 from .progress import EarlyStopping, Progress
 from .setup import build_model, data_root, pick_device
 from .step import LossFn, OptimizerStep, any_process
+from .tensorboard_log import require_tensorboard
 
 log = logging.getLogger("sdstudio")
-BEST_FILE = "best.json"
-
-
-def best_checkpoint_path(run_dir: Path) -> Path | None:
-    """The checkpoint marked best by validation loss (checkpoints/best.json), if it still exists."""
-    try:
-        data = json.loads((run_dir / "checkpoints" / BEST_FILE).read_text(encoding="utf-8"))
-        path = run_dir / "checkpoints" / str(data["checkpoint"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return path if path.is_dir() else None
 
 
 class TrainingSession:
@@ -98,8 +90,6 @@ class TrainingSession:
         self.evaluation = RunEvaluation(config, is_main=self.is_main)
         self.init_warnings += self.evaluation.warnings
         if cfg.tensorboard and run_dir is not None:
-            from .tensorboard_log import require_tensorboard
-
             require_tensorboard()
 
     # -- read-only views for callers holding the session (tests, benchmarks) ---------------------------------
@@ -125,8 +115,8 @@ class TrainingSession:
         if self.resume:
             if self.run_dir is None:
                 raise DatasetError("resume needs a run folder")
-            self._checkpoint = newest_valid_checkpoint(self.run_dir / "checkpoints", self._warn_later)
-            candidate = self._checkpoint.path / "tokenizer.json"
+            self._checkpoint = RunFolder(self.run_dir).newest_valid_checkpoint(self._warn_later)
+            candidate = self._checkpoint.path / TOKENIZER
             tokenizer_file = candidate if candidate.is_file() else None
         train_records = self.batches.data.train
         captions = sorted({c for r in train_records for c in r.captions}) + list(cfg.sample.prompts)
@@ -165,21 +155,16 @@ class TrainingSession:
         self.ready = True
 
     def mark_best(self, val_loss: float) -> None:
-        from ..runs import write_text_atomic
-
         assert self.run_dir is not None
-        write_text_atomic(self.run_dir / "checkpoints" / BEST_FILE, json.dumps(
-            {"step": self.step, "checkpoint": f"step-{self.step:08d}", "val_loss": val_loss}))
+        RunFolder(self.run_dir).mark_best(self.step, val_loss)
 
     def best_checkpoint(self) -> Path | None:
         if self.run_dir is None:
             return None
-        return best_checkpoint_path(self.run_dir)
+        return RunFolder(self.run_dir).best_checkpoint()
 
     def check_memory(self) -> str | None:
         """On a GPU: the estimated need against the free memory; advice when it will not fit."""
-        from .memory import estimate_memory, memory_advice
-
         if self.device.type != "cuda":
             return None
         estimate = estimate_memory(self.bundle, self.config)
@@ -234,7 +219,7 @@ class TrainingSession:
 
     def save_checkpoint(self) -> Path:
         assert self.run_dir is not None
-        root = self.run_dir / "checkpoints"
+        root = RunFolder(self.run_dir).checkpoints_dir
         pos = self.progress.position()
         toml = config_to_toml(self.config)
         ema = self.ema

@@ -11,6 +11,7 @@ import torch
 from .. import paths
 from ..config import RunConfig
 from ..data.dataset import split_validation
+from ..data.report import build_report
 from ..data.scan import ImageRecord, ScanResult, scan_dataset
 from ..errors import DatasetError, UserError
 from ..models.bundle import ModelBundle
@@ -29,7 +30,7 @@ def pick_device(choice: str) -> torch.device:
 
 
 def data_root(config: RunConfig) -> Path:
-    return Path(config.data.path).expanduser() if config.data.path else paths.demo_dataset_dir()
+    return paths.training_data_dir(config.data.path)
 
 
 @dataclass
@@ -50,7 +51,6 @@ def prepare_data(config: RunConfig, warn: Callable[[str], None]) -> PreparedData
         if problem.severity == "error":
             warn(f"skipping {problem.path}: {problem.message}")
     if not scan.records:
-        from ..data.report import build_report
         summary = build_report(scan, d.resolution).get("summary", "")
         raise DatasetError(f"{root}: no usable image ({summary}); run `sdstudio dataset check {root}` for details")
     if d.val_path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import pickle
 import random
 from dataclasses import dataclass
@@ -11,15 +10,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..errors import CheckpointError
 from ..models.bundle import ModelBundle
 
-WEIGHTS = "model.safetensors"
-EMA_WEIGHTS = "ema.safetensors"
-TRAINING_STATE = "training_state.pt"
-CONFIG = "config.toml"
+# the checkpoint folder's file names and readers are the run folder's (exports read them without the trainer)
+from ..runs.checkpoints import CONFIG, EMA_WEIGHTS, TRAINING_STATE, WEIGHTS, load_weights, read_architecture
+
+__all__ = ["CONFIG", "EMA_WEIGHTS", "TRAINING_STATE", "WEIGHTS", "load_weights", "read_architecture"]
 
 
 def model_state(bundle: ModelBundle) -> dict[str, torch.Tensor]:
@@ -98,17 +97,3 @@ def _refusal_reason(exc: Exception) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     named = [line for line in lines if "GLOBAL" in line or "Unsupported" in line or "unsupported" in line]
     return (named or ["it asks to load objects sdstudio never stores"])[0]
-
-
-def load_weights(folder: Path, name: str = WEIGHTS) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(folder / name))
-    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for bad files
-        raise CheckpointError(f"{folder / name}: not a readable safetensors file ({exc})") from None
-
-
-def read_architecture(folder: Path) -> dict[str, Any]:
-    try:
-        return json.loads((folder / "model.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{folder}: missing or unreadable model.json ({exc})") from None

@@ -31,13 +31,13 @@ from PySide6.QtWidgets import (
 
 from sdstudio.core import paths
 from sdstudio.core.errors import UserError
-from sdstudio.core.runs import METRICS_FILE, is_run_dir, load_run_config, read_metrics
+from sdstudio.core.runs import RunFolder, is_run_dir, load_run_config, smooth_ema
 from sdstudio.core.sweeps.plan import format_value
 from sdstudio.core.sweeps.summary import FINAL_LOSS_ROWS, SUMMARY_JSON
 
 from ..background import run_in_background
 from .plots import live_curve
-from .runs import PALETTE, smooth, summarize_run
+from .runs import PALETTE, summarize_run
 from .train_bar import format_duration
 
 COLUMNS = ("#", "Run", "Status", "Settings", "Best val loss", "Final val loss", "Final loss", "FID", "KID",
@@ -88,14 +88,9 @@ def _number(value: Any) -> float | None:
 def read_run_row(run_dir: Path, index: int, label: str | None = None) -> CompareRow:
     """A run's curves and figures from its metrics.jsonl (rows without val_loss, such as FID/KID rows, are fine)."""
     summary = summarize_run(run_dir)
-    rows = read_metrics(run_dir / METRICS_FILE)
-    fid = kid = kid_std = None
-    times = [t for r in rows if (t := _number(r.get("time"))) is not None]
-    for r in rows:
-        if (value := _number(r.get("fid"))) is not None:
-            fid = value
-        if (value := _number(r.get("kid_mean"))) is not None:
-            kid, kid_std = value, _number(r.get("kid_std"))
+    curves = RunFolder(run_dir).curves()
+    fid = curves.fid[-1][1] if curves.fid else None
+    kid, kid_std = (curves.kid[-1][1], curves.kid[-1][2]) if curves.kid else (None, None)
     finite_val = summary.val_loss[np.isfinite(summary.val_loss)] if len(summary.val_loss) else summary.val_loss
     tail = summary.loss[-FINAL_LOSS_ROWS:]
     return CompareRow(
@@ -103,8 +98,7 @@ def read_run_row(run_dir: Path, index: int, label: str | None = None) -> Compare
         best_val=float(finite_val.min()) if len(finite_val) else None,
         final_val=float(finite_val[-1]) if len(finite_val) else None,
         final_loss=float(tail.mean()) if len(tail) else None,
-        fid=fid, kid=kid, kid_std=kid_std, steps=summary.last_step,
-        seconds=(max(times) - min(times)) if len(times) >= 2 else None,
+        fid=fid, kid=kid, kid_std=kid_std, steps=summary.last_step, seconds=curves.seconds,
         train_steps=summary.steps, train_loss=summary.loss, val_steps=summary.val_steps, val_loss=summary.val_loss)
 
 
@@ -373,7 +367,7 @@ class ComparePanel(QWidget):
                 name = name[:47] + "…"
             if len(row.train_loss):
                 curve = live_curve(self.plot.getPlotItem(), color, width=width, name=name)
-                curve.setData(row.train_steps, smooth(row.train_loss))
+                curve.setData(row.train_steps, smooth_ema(row.train_loss))
             finite = np.isfinite(row.val_loss)
             if finite.any():
                 val = live_curve(self.plot.getPlotItem(), color, symbol="o")

@@ -34,9 +34,18 @@ from PySide6.QtWidgets import (
 
 from sdstudio.core.config import RunConfig
 from sdstudio.core.errors import UserError
-from sdstudio.core.export.formats import DTYPE_NAMES, EXPORT_FORMATS, FORMAT_NAMES, export_problem, get_format
+from sdstudio.core.export.api import export
+from sdstudio.core.export.formats import (
+    DTYPE_NAMES,
+    EXPORT_FORMATS,
+    FORMAT_NAMES,
+    export_problem,
+    get_format,
+    torch_dtype,
+)
 from sdstudio.core.models.registry import get_family
-from sdstudio.core.runs import load_run_config
+from sdstudio.core.runs import RunFolder, load_run_config
+from sdstudio.core.runs.checkpoints import checkpoint_step, is_checkpoint_dir
 
 from ..background import run_in_background
 from ..widgets.failure_dialog import show_error
@@ -62,21 +71,17 @@ def format_choices(config: RunConfig) -> list[FormatChoice]:
 
 def run_checkpoints(run_dir: Path) -> list[Path]:
     """The run's complete checkpoints (with a manifest), oldest first."""
-    folder = run_dir / "checkpoints"
-    return sorted(p for p in folder.glob("step-*") if (p / "manifest.json").is_file())
+    return RunFolder(run_dir).checkpoints()
 
 
 def best_checkpoint(run_dir: Path) -> Path | None:
-    from sdstudio.core.train.session import best_checkpoint_path
-
-    found = best_checkpoint_path(run_dir)
-    return found if found is not None and (found / "manifest.json").is_file() else None
+    found = RunFolder(run_dir).best_checkpoint()
+    return found if found is not None and is_checkpoint_dir(found) else None
 
 
 def default_destination(run_dir: Path, name: str, tag: str, fmt: str) -> Path:
     """``RUN_DIR/exports/<name>-<tag>-<format>[.safetensors]`` (a folder for diffusers-folder)."""
-    suffix = get_format(fmt).suffix
-    return run_dir / "exports" / f"{name}-{tag}-{fmt}{suffix}"
+    return RunFolder(run_dir).export_path(name, tag, fmt, get_format(fmt).suffix)
 
 
 def destination_in_use(path: Path, fmt: str) -> bool:
@@ -88,15 +93,12 @@ def destination_in_use(path: Path, fmt: str) -> bool:
 
 def run_export(source: Path, fmt: str, out: Path, *, dtype: str, use_ema: bool, force: bool, best: bool) -> Path:
     """The export itself (a pool thread): the core's one entry point."""
-    from sdstudio.core.export.api import export
-    from sdstudio.core.export.formats import torch_dtype
-
     return export(source, fmt, out, dtype=torch_dtype(dtype), use_ema=use_ema, force=force, best=best)
 
 
 def _step_of(checkpoint: Path) -> str:
-    digits = checkpoint.name.removeprefix("step-")
-    return str(int(digits)) if digits.isdigit() else checkpoint.name
+    step = checkpoint_step(checkpoint)
+    return str(step) if step is not None else checkpoint.name
 
 
 class ExportDialog(QDialog):

@@ -12,13 +12,13 @@ from PySide6.QtCore import QTimer
 from PySide6.QtWidgets import QCheckBox, QHBoxLayout, QLabel, QVBoxLayout, QWidget
 
 from sdstudio.core import events as ev
+from sdstudio.core.runs import SMOOTHING
 
 from ..widgets.range_follow import RangeFollower
 from ..widgets.series import Series, SmoothedSeries
 
 pg.setConfigOptions(background="w", foreground="#333", antialias=False)
 REDRAW_MS = 100
-SMOOTHING = 0.8  # EMA weight of the smoothed loss (debiased); higher lags more
 COLORS = {"raw": (150, 180, 230), "smooth": (25, 85, 190), "val": (220, 90, 20), "lr": (40, 140, 60),
           "grad": (140, 60, 160), "speed": (90, 90, 90)}
 

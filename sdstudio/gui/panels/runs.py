@@ -24,11 +24,11 @@ from PySide6.QtWidgets import (
 )
 
 from sdstudio.core import paths
-from sdstudio.core.runs import LOCK_FILE, METRICS_FILE, list_runs, pid_alive, read_metrics
+from sdstudio.core.runs import RunFolder, list_runs, smooth_ema
 
 from ..background import run_in_background
 from ..widgets.failure_dialog import show_error
-from .plots import SMOOTHING, live_curve
+from .plots import live_curve
 
 PALETTE = [(25, 85, 190), (220, 90, 20), (40, 140, 60), (140, 60, 160)]
 MAX_COMPARED = 2
@@ -53,47 +53,23 @@ class RunSummary:
 
 
 def summarize_run(run_dir: Path) -> RunSummary:
-    rows = read_metrics(run_dir / METRICS_FILE)
-    events = [r.get("event") for r in rows if r.get("kind") == "event"]
-    has_checkpoint = any((p / "manifest.json").is_file() for p in (run_dir / "checkpoints").glob("step-*"))
-    if _locked_by_live_process(run_dir):
+    run = RunFolder(run_dir)
+    curves = run.curves()
+    has_checkpoint = run.has_checkpoint()
+    if run.is_locked_by_live_process():
         state = "running"
-    elif events and events[-1] in ("completed", "stopped", "early_stopped"):
-        state = "stopped" if events[-1] == "stopped" else "completed"  # early stopping ends a run as planned
+    elif curves.events and curves.events[-1] in ("completed", "stopped", "early_stopped"):
+        state = "stopped" if curves.events[-1] == "stopped" else "completed"  # early stopping ends a run as planned
     else:
         state = "interrupted" if has_checkpoint else "empty"
-    train = [r for r in rows if r.get("kind") == "train" and isinstance(r.get("loss"), (int, float))]
-    vals = [r for r in rows if r.get("kind") == "val" and isinstance(r.get("val_loss"), (int, float))]
-    summary = RunSummary(run_dir, state, has_checkpoint=has_checkpoint,
-                         last_step=max((int(r.get("step", 0)) for r in rows), default=0),
-                         steps=np.array([r["step"] for r in train], dtype=np.float64),
-                         loss=np.array([r["loss"] for r in train], dtype=np.float64),
-                         val_steps=np.array([r["step"] for r in vals], dtype=np.float64),
-                         val_loss=np.array([r["val_loss"] for r in vals], dtype=np.float64))
+    summary = RunSummary(run_dir, state, has_checkpoint=has_checkpoint, last_step=curves.last_step,
+                         steps=curves.train_steps, loss=curves.train_loss,
+                         val_steps=curves.val_steps, val_loss=curves.val_loss)
     if len(summary.loss):
         summary.last_loss = float(summary.loss[-1])
     if len(summary.val_loss):
         summary.best_val = float(np.nanmin(summary.val_loss))
     return summary
-
-
-def _locked_by_live_process(run_dir: Path) -> bool:
-    """A lock file whose writer still runs (a crashed run leaves a stale lock: that run is interrupted)."""
-    lock = run_dir / LOCK_FILE
-    try:
-        pid = int(lock.read_text().strip() or "0")
-    except (OSError, ValueError):
-        return False
-    return pid == os.getpid() or pid_alive(pid)
-
-
-def smooth(values: np.ndarray, weight: float = SMOOTHING) -> np.ndarray:
-    out = np.empty_like(values)
-    avg = 0.0
-    for i, value in enumerate(values):
-        avg = weight * avg + (1 - weight) * value
-        out[i] = avg / (1 - weight ** (i + 1))
-    return out
 
 
 class RunsPanel(QWidget):
@@ -270,7 +246,7 @@ class RunsPanel(QWidget):
             color = PALETTE[i % len(PALETTE)]
             if len(summary.loss):
                 curve = live_curve(self.plot.getPlotItem(), color, width=2, name=summary.path.name)
-                curve.setData(summary.steps, smooth(summary.loss))
+                curve.setData(summary.steps, smooth_ema(summary.loss))
             if len(summary.val_loss):
                 val = live_curve(self.plot.getPlotItem(), color, symbol="o")
                 val.setPen(pg.mkPen(color=color, width=1, style=Qt.PenStyle.DashLine))

@@ -21,6 +21,7 @@ from PySide6.QtWidgets import (
 )
 
 from sdstudio.core import events as ev
+from sdstudio.core.runs import RunFolder
 
 from ..widgets.failure_dialog import show_error
 from ..widgets.image_view import ImageView, array_to_qimage
@@ -44,7 +45,7 @@ class SampleEntry:
 def read_run_samples(run_dir: Path) -> list[SampleEntry]:
     """The sample grids a run folder holds (samples/step-N.png with their .json), oldest first."""
     entries = []
-    for png in sorted((run_dir / "samples").glob("step-*.png")):
+    for png in RunFolder(run_dir).sample_grids():
         meta: dict[str, object] = {}
         try:
             meta = json.loads(png.with_suffix(".json").read_text(encoding="utf-8"))

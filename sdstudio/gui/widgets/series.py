@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from sdstudio.core.runs import SMOOTHING, EmaSmoother
+
 
 class Series:
     """x/y float64 columns that grow by doubling; ``x``/``y`` are views of the filled part."""
@@ -64,26 +66,26 @@ class Series:
 
 
 class SmoothedSeries(Series):
-    """An exponential moving average of the appended values, debiased like TensorBoard's smoothing."""
+    """The appended values smoothed as every curve of a run is (``sdstudio.core.runs.EmaSmoother``, which
+    ``smooth_ema`` applies to whole curves: a debiased EMA like TensorBoard's); non-finite values are left out."""
 
-    def __init__(self, weight: float = 0.9, capacity: int = 256) -> None:
+    def __init__(self, weight: float = SMOOTHING, capacity: int = 256) -> None:
         super().__init__(capacity)
         self.weight = weight
-        self._avg = 0.0
-        self._count = 0
+        self._ema = EmaSmoother(weight)
 
     def add(self, x: float, value: float) -> None:
         if not np.isfinite(value):
             return
-        self._avg = self.weight * self._avg + (1.0 - self.weight) * value
-        self._count += 1
-        self.append(x, self._avg / (1.0 - self.weight ** self._count))
+        self.append(x, self._ema.add(value))
 
     def clear(self) -> None:
         super().clear()
-        self._avg, self._count = 0.0, 0
+        self._ema.reset()
 
     def rebuild(self, xs: np.ndarray, values: np.ndarray) -> None:
+        """Smooth a whole curve again (a run's history loaded, or cut back on resume); the live average
+        carries on from its end."""
         self.clear()
         for x, value in zip(xs, values, strict=True):
             self.add(float(x), float(value))
