@@ -68,3 +68,15 @@ def test_schedule_panel_draws_lr_and_timesteps(qtbot) -> None:
     panel.set_inputs(train=TrainConfig(lr_scheduler="constant", max_steps=10))
     qtbot.waitUntil(lambda: len(panel.lr_curve.yData) == 10, timeout=5_000)
     assert set(panel.lr_curve.yData.tolist()) == {1e-3}
+
+
+def test_piecewise_points_are_editable_in_the_settings_form(qtbot) -> None:
+    from sdstudio.gui.panels.settings_form import config_field_specs
+    from sdstudio.gui.widgets.field_editors import FieldEditor
+
+    specs = {s.key: s for s in config_field_specs()}
+    assert specs["train.lr_piecewise_steps"].kind == "int_list"
+    editor = FieldEditor(specs["train.lr_piecewise_values"])
+    qtbot.addWidget(editor)
+    editor.set_value([1.0, 0.5, 0.1])
+    assert editor.value() == [1.0, 0.5, 0.1]
