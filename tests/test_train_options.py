@@ -168,6 +168,12 @@ def test_prodigy_keys_reach_the_optimizer() -> None:
     assert (group["d_coef"], group["d"], group["safeguard_warmup"], group["betas"]) == (0.5, 1e-4, True, (0.9, 0.99))
 
 
+def test_prodigy_with_a_small_learning_rate_is_warned_about() -> None:
+    assert optim.optimizer_warnings(TrainConfig(optimizer="prodigy", learning_rate=1.0)) == []
+    (warning,) = optim.optimizer_warnings(TrainConfig(optimizer="prodigy", learning_rate=1e-4))
+    assert "train.learning_rate = 1.0" in warning and "prodigy_d_coef" in warning
+
+
 # -- learning-rate schedules ----------------------------------------------------------------------------------
 def _schedule(total: int = 100, **kw) -> LRSchedule:
     return LRSchedule(TrainConfig(**kw), total)

@@ -80,6 +80,15 @@ def build_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig, *, device: t
     raise ConfigError(f"train.optimizer = {cfg.optimizer!r} is not known")
 
 
+def optimizer_warnings(cfg: TrainConfig) -> list[str]:
+    """Settings that run but are most likely a mistake (said once at the start of the run)."""
+    if cfg.optimizer == "prodigy" and cfg.learning_rate < 0.1:
+        return [(f"train.optimizer = 'prodigy' estimates the step size itself and expects train.learning_rate "
+                f"= 1.0 (given {cfg.learning_rate:g}: the steps are that much smaller); use "
+                "train.prodigy_d_coef to scale them instead")]
+    return []
+
+
 def switches_modes(optimizer: Any) -> bool:
     """Schedule-free optimizers keep two points: training steps at y, the model to use is x. They have
     ``train()`` / ``eval()`` that move the parameters between the two (accelerate's wrapper forwards them)."""

@@ -35,7 +35,7 @@ from .ema import EmaWeights
 from .evaluation import RunEvaluation
 from .memory import estimate_memory, memory_advice
 from .objective import DiffusionObjective
-from .optim import LRSchedule, build_optimizer, param_groups
+from .optim import LRSchedule, build_optimizer, optimizer_warnings, param_groups
 from .previews import Previews
 from .progress import EarlyStopping, Progress
 from .setup import build_model, data_root, pick_device
@@ -55,7 +55,7 @@ class TrainingSession:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         precision = cfg.mixed_precision
-        self.init_warnings: list[str] = []
+        self.init_warnings: list[str] = optimizer_warnings(cfg)
         if device.type == "cpu" and precision != "no":
             # sd-training.md: fp32 throughout on a CPU (bf16 autocast there is slow and changes numerics)
             self.init_warnings.append(f"train.mixed_precision = {precision!r} ignored on the CPU: training in fp32")
