@@ -7,6 +7,7 @@ one, a range (the form uses it for spin boxes). `RunConfig.from_dict` turns pyda
 
 from __future__ import annotations
 
+from itertools import pairwise
 from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -121,8 +122,33 @@ class DiffusionConfig(Section):
 
 
 class LossConfig(Section):
-    kind: Literal["mse", "l1", "huber"] = Field("mse", description="Loss between prediction and target.")
-    huber_delta: float = Field(0.1, gt=0.0, le=10.0, description="Huber loss delta.")
+    kind: Literal["mse", "l1", "huber", "pseudo_huber"] = Field(
+        "mse", description="Loss between prediction and target (pseudo_huber: kohya's 'huber', "
+        "2c(sqrt(e^2 + c^2) - c) with c = loss.huber_delta).")
+    huber_delta: float = Field(0.1, gt=0.0, le=10.0, description="Huber loss delta (kohya's huber_c); with "
+                               "loss.huber_schedule the delta at the noisiest timestep.")
+    huber_schedule: Literal["constant", "exponential", "snr"] = Field(
+        "constant", description="Huber / pseudo-Huber delta per timestep (kohya's huber_schedule): constant = "
+        "huber_delta; exponential = exp(-t ln(1/huber_delta) / T), 1 at t = 0 down to huber_delta at T; snr = "
+        "(1 - huber_delta) / (1 + sigma_t)^2 + huber_delta, sigma_t = sqrt((1 - alpha_bar) / alpha_bar).")
+    debiased_estimation: bool = Field(False, description="Debiased estimation loss weighting (kohya): "
+                                      "1/sqrt(SNR) for epsilon, 1/(SNR + 1) for v prediction, sqrt(SNR) for "
+                                      "sample prediction (SNR clamped to 1000).")
+    pyramid_noise_iterations: int = Field(0, ge=0, le=16, description="Multi-resolution (pyramid) noise: levels "
+                                          "of coarser noise added to the noise (0 = off; 6-10 is usual).")
+    pyramid_noise_discount: float = Field(0.3, gt=0.0, le=1.0, description="Pyramid noise: weight of each "
+                                          "coarser level relative to the one above (discount^level).")
+    timestep_distribution: Literal["uniform", "logit_normal", "mode"] = Field(
+        "uniform", description="How training timesteps are drawn within [timestep_min, timestep_max): uniform, "
+        "logit_normal (SD3: sigmoid of a normal) or mode (SD3's mode sampling).")
+    timestep_logit_mean: float = Field(0.0, ge=-5.0, le=5.0, description="logit_normal: mean of the normal "
+                                       "(> 0 = noisier timesteps).")
+    timestep_logit_std: float = Field(1.0, gt=0.0, le=5.0, description="logit_normal: std of the normal.")
+    timestep_mode_scale: float = Field(1.29, ge=-1.0, le=1.75, description="mode: scale s (> 0 favours the "
+                                       "middle timesteps, < 0 the ends, 0 = uniform).")
+    timestep_shift: float = Field(1.0, ge=0.05, le=20.0, description="Shift the drawn timesteps as SD3 / Flux "
+                                  "do, u -> shift u / (1 + (shift - 1) u) (> 1 = noisier, 1 = off); applies to "
+                                  "every distribution.")
     min_snr_gamma: float = Field(0.0, ge=0.0, le=100.0, description="Min-SNR weighting gamma (0 = off, "
                                  "5 is usual).")
     noise_offset: float = Field(0.0, ge=0.0, le=1.0, description="Noise offset (0.03-0.1 helps very "
@@ -136,8 +162,11 @@ class LossConfig(Section):
 
 
 class TrainConfig(Section):
-    optimizer: Literal["adamw", "adam", "rmsprop", "sgd", "adafactor", "adamw8bit"] = Field(
-        "adamw", description="Optimizer.")
+    optimizer: Literal["adamw", "adam", "rmsprop", "sgd", "adafactor", "adamw8bit", "prodigy",
+                       "adamw_schedulefree", "lion", "lion8bit", "came", "ademamix", "ademamix8bit"] = Field(
+        "adamw", description="Optimizer. prodigy (set learning_rate = 1.0), adamw_schedulefree (no decaying "
+        "schedule), lion / came / ademamix need the optimizers extra: pip install 'sdstudio[optimizers]'; "
+        "the *8bit ones bitsandbytes: pip install 'sdstudio[bnb]'.")
     learning_rate: float = Field(1e-3, gt=0.0, le=1.0, description="Peak learning rate.")
     text_encoder_lr: float = Field(0.0, ge=0.0, le=1.0, description="Learning rate of a trained text "
                                    "encoder (0 = same as learning_rate).")
@@ -146,7 +175,9 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.01, ge=0.0, le=1.0, description="Weight decay.")
     eps: float = Field(1e-8, gt=0.0, le=1e-2, description="Optimizer epsilon.")
     lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "linear", "step",
-                          "reduce_on_plateau"] = Field("cosine", description="Learning-rate schedule.")
+                          "reduce_on_plateau", "cosine_with_restarts", "polynomial", "warmup_stable_decay",
+                          "rex", "piecewise"] = Field("cosine", description="Learning-rate schedule (after "
+                                                      "train.warmup_steps).")
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
     lr_step_size: int = Field(1000, ge=1, description="Step decay: steps between decays.")
     lr_gamma: float = Field(0.5, gt=0.0, le=1.0, description="Step decay / plateau factor.")
@@ -154,6 +185,23 @@ class TrainConfig(Section):
                                   "improvement before the LR drops.")
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="Cosine/linear: final LR as a "
                                 "fraction of the peak.")
+    lr_cycles: int = Field(1, ge=1, le=100, description="cosine_with_restarts: cosine cycles (hard restarts to "
+                           "the peak).")
+    lr_power: float = Field(1.0, gt=0.0, le=10.0, description="polynomial: power of the decay (1 = linear).")
+    lr_decay_fraction: float = Field(0.2, gt=0.0, le=1.0, description="warmup_stable_decay: fraction of the "
+                                     "steps after warm-up spent decaying (linearly to min_lr_ratio).")
+    lr_piecewise_steps: list[int] = Field(default_factory=list, description="piecewise: steps of the points, "
+                                          "increasing; the LR is linear between them and flat beyond.")
+    lr_piecewise_values: list[float] = Field(default_factory=list, description="piecewise: LR at each step of "
+                                             "lr_piecewise_steps as a fraction of learning_rate (0-1+).")
+    prodigy_d_coef: float = Field(1.0, gt=0.0, le=100.0, description="prodigy: d_coef, scales the estimated "
+                                  "step size (0.5 = half).")
+    prodigy_d0: float = Field(1e-6, gt=0.0, le=1.0, description="prodigy: initial step-size estimate d0.")
+    prodigy_safeguard_warmup: bool = Field(False, description="prodigy: safeguard_warmup (use with warm-up).")
+    prodigy_bias_correction: bool = Field(False, description="prodigy: use_bias_correction (Adam's).")
+    beta3: float = Field(0.9999, gt=0.0, lt=1.0, description="came: confidence beta; ademamix: the slow EMA's "
+                         "beta.")
+    ademamix_alpha: float = Field(5.0, ge=0.0, le=100.0, description="ademamix: weight of the slow EMA.")
     batch_size: int = Field(32, ge=1, le=4096, description="Images per step per process.")
     gradient_accumulation: int = Field(1, ge=1, le=1024, description="Batches accumulated per "
                                        "optimizer step.")
@@ -312,6 +360,7 @@ class RunConfig(BaseModel):
                             "embeddings change every step; turn one of them off")
         if self.export.ema and not t.ema:
             problems.append("export.ema: true needs train.ema = true")
+        problems += _schedule_problems(t)
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -345,6 +394,26 @@ class RunConfig(BaseModel):
 
     def resolved_timestep_range(self) -> tuple[int, int]:
         return self.loss.timestep_min, (self.loss.timestep_max or self.diffusion.num_timesteps)
+
+
+def _schedule_problems(t: TrainConfig) -> list[str]:
+    """Learning-rate schedule and optimizer settings that do not fit together."""
+    problems = []
+    if t.lr_scheduler == "piecewise":
+        steps, values = t.lr_piecewise_steps, t.lr_piecewise_values
+        if not steps or len(steps) != len(values):
+            problems.append(f"train.lr_piecewise_steps: {len(steps)} steps and {len(values)} values "
+                            "(train.lr_piecewise_values) given; the piecewise schedule needs one value per step, "
+                            "at least one point")
+        if any(b <= a for a, b in pairwise(steps)) or any(s < 0 for s in steps):
+            problems.append(f"train.lr_piecewise_steps: {steps}; steps must be >= 0 and increasing")
+        if any(v < 0 for v in values):
+            problems.append(f"train.lr_piecewise_values: {values}; values must be >= 0")
+    if t.optimizer == "adamw_schedulefree" and t.lr_scheduler not in ("constant", "constant_with_warmup"):
+        problems.append(f"train.lr_scheduler: {t.lr_scheduler!r} decays the LR, but train.optimizer = "
+                        "'adamw_schedulefree' replaces the schedule (it averages the weights instead); use "
+                        "'constant' or 'constant_with_warmup'")
+    return problems
 
 
 def _allowed(err: dict[str, Any]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -10,6 +11,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 from diffusers.training_utils import compute_snr
 
 from .config import DiffusionConfig, LossConfig
+from .timesteps import discrete_timesteps
 
 BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
 SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "euler": EulerDiscreteScheduler,
@@ -79,8 +81,11 @@ def target_for(sched: DDPMScheduler, clean: torch.Tensor, noise: torch.Tensor, t
 
 def sample_noise(clean: torch.Tensor, loss_cfg: LossConfig, gen: torch.Generator | None) -> tuple[torch.Tensor,
                                                                                                    torch.Tensor]:
-    """(noise for the target, noise added to the input): noise offset and input perturbation applied."""
+    """(noise for the target, noise added to the input): pyramid noise, noise offset and input perturbation
+    applied (each draws from ``gen`` only when on, so the defaults draw exactly what they always did)."""
     noise = torch.randn(clean.shape, generator=gen, device=clean.device, dtype=clean.dtype)
+    if loss_cfg.pyramid_noise_iterations:
+        noise = pyramid_noise(noise, loss_cfg.pyramid_noise_iterations, loss_cfg.pyramid_noise_discount, gen)
     if loss_cfg.noise_offset:
         noise = noise + loss_cfg.noise_offset * torch.randn(
             (clean.shape[0], clean.shape[1], 1, 1), generator=gen, device=clean.device, dtype=clean.dtype)
@@ -91,14 +96,56 @@ def sample_noise(clean: torch.Tensor, loss_cfg: LossConfig, gen: torch.Generator
     return noise, model_noise
 
 
-def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, loss_cfg: LossConfig) -> torch.Tensor:
+def pyramid_noise(noise: torch.Tensor, iterations: int, discount: float,
+                  gen: torch.Generator | None) -> torch.Tensor:
+    """Multi-resolution noise (kohya's ``multires_noise``): coarser noise at random scales (r in [2, 4) per
+    level) upsampled bilinearly and added with weight discount^level, then each sample rescaled to unit std."""
+    b, c, h, w = noise.shape
+    out = noise.float().clone()
+    for level in range(1, iterations + 1):
+        r = 2.0 + 2.0 * float(torch.rand((), generator=gen, device=noise.device))
+        hn, wn = max(1, int(h / r ** level)), max(1, int(w / r ** level))
+        coarse = torch.randn((b, c, hn, wn), generator=gen, device=noise.device, dtype=torch.float32)
+        out += F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False) * discount ** level
+        if hn == 1 or wn == 1:
+            break
+    out = out / out.flatten(1).std(dim=1).clamp_min(1e-12).view(b, 1, 1, 1)
+    return out.to(noise.dtype)
+
+
+def huber_deltas(sched: DDPMScheduler, t: torch.Tensor, loss_cfg: LossConfig) -> torch.Tensor:
+    """The Huber delta of each sample's timestep (kohya's scheduled huber_c), float32 of shape (batch,)."""
+    c = loss_cfg.huber_delta
+    if loss_cfg.huber_schedule == "exponential":
+        alpha = -math.log(c) / sched.config.num_train_timesteps
+        return torch.exp(-alpha * t.float())
+    if loss_cfg.huber_schedule == "snr":
+        ac = sched.alphas_cumprod.to(t.device)[t].float()
+        sigmas = ((1.0 - ac) / ac.clamp_min(1e-20)).sqrt()
+        return (1 - c) / (1 + sigmas) ** 2 + c
+    return torch.full(t.shape, c, dtype=torch.float32, device=t.device)
+
+
+def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, loss_cfg: LossConfig,
+                    deltas: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean loss of each sample; ``deltas``: a Huber delta per sample (None = loss.huber_delta)."""
     pred, target = pred.float(), target.float()
     if loss_cfg.kind == "mse":
         loss = F.mse_loss(pred, target, reduction="none")
     elif loss_cfg.kind == "l1":
         loss = F.l1_loss(pred, target, reduction="none")
-    else:
+    elif deltas is None and loss_cfg.kind == "huber":
         loss = F.huber_loss(pred, target, reduction="none", delta=loss_cfg.huber_delta)
+    else:
+        d = (deltas if deltas is not None
+             else torch.full((pred.shape[0],), loss_cfg.huber_delta, device=pred.device))
+        d = d.to(pred.device).view(-1, *([1] * (pred.ndim - 1)))
+        err = pred - target
+        if loss_cfg.kind == "huber":
+            a = err.abs()
+            loss = torch.where(a <= d, 0.5 * err ** 2, d * (a - 0.5 * d))
+        else:  # pseudo_huber, as kohya's "huber": 2c (sqrt(e^2 + c^2) - c)
+            loss = 2 * d * (torch.sqrt(err ** 2 + d ** 2) - d)
     return loss.mean(dim=tuple(range(1, loss.ndim)))
 
 
@@ -114,9 +161,35 @@ def min_snr_weights(sched: DDPMScheduler, t: torch.Tensor, gamma: float) -> torc
     return clipped
 
 
+def debiased_weights(sched: DDPMScheduler, t: torch.Tensor) -> torch.Tensor:
+    """Debiased estimation (kohya, after Yu et al. 2024): 1/sqrt(SNR) for epsilon, 1/(SNR + 1) for v
+    prediction; for sample prediction sqrt(SNR), the epsilon weight in sample terms (an epsilon error is
+    sqrt(SNR) times the sample error). SNR clamped to [1e-6, 1000] (t = 0 has SNR near infinity)."""
+    snr = compute_snr(sched, t).float().clamp(1e-6, 1000.0)
+    kind = sched.config.prediction_type
+    if kind == "epsilon":
+        return 1 / snr.sqrt()
+    if kind == "v_prediction":
+        return 1 / (snr + 1)
+    return snr.sqrt()
+
+
 def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, sched: DDPMScheduler,
                    loss_cfg: LossConfig) -> torch.Tensor:
-    loss = per_sample_loss(pred, target, loss_cfg)
+    deltas = None
+    if loss_cfg.kind in ("huber", "pseudo_huber") and loss_cfg.huber_schedule != "constant":
+        deltas = huber_deltas(sched, t, loss_cfg)
+    loss = per_sample_loss(pred, target, loss_cfg, deltas)
     if loss_cfg.min_snr_gamma > 0:
         loss = loss * min_snr_weights(sched, t, loss_cfg.min_snr_gamma).to(loss.device)
+    if loss_cfg.debiased_estimation:
+        loss = loss * debiased_weights(sched, t).to(loss.device)
     return loss.mean()
+
+
+def training_timesteps(n: int, loss_cfg: LossConfig, t_min: int, t_max: int, gen: torch.Generator | None,
+                       device: torch.device | str) -> torch.Tensor:
+    """``n`` training timesteps in [t_min, t_max) from loss.timestep_distribution and loss.timestep_shift."""
+    return discrete_timesteps(n, loss_cfg.timestep_distribution, t_min=t_min, t_max=t_max, gen=gen, device=device,
+                              logit_mean=loss_cfg.timestep_logit_mean, logit_std=loss_cfg.timestep_logit_std,
+                              mode_scale=loss_cfg.timestep_mode_scale, shift=loss_cfg.timestep_shift)

@@ -227,8 +227,16 @@ class MainWindow(QueueControl, QMainWindow):
         if config is not None:
             self.datasets.set_resolution(config.data.resolution)
             self.schedule.set_inputs(config.diffusion, resolution=config.data.resolution,
-                                     image=self.datasets.first_image())
+                                     image=self.datasets.first_image(), loss=config.loss, train=config.train,
+                                     images_per_epoch=self._images_per_epoch(config))
         self._update_can_train()
+
+    def _images_per_epoch(self, config: RunConfig) -> int | None:
+        """Training images per epoch of the open dataset (for the LR preview's step count), None unknown."""
+        report = self.datasets.report
+        if report is None or not same_folder(report["root"], self._config_dataset()):
+            return None
+        return max(1, round(report["counts"]["repeats_total"] * (1 - config.data.val_split)))
 
     def _update_can_train(self) -> None:
         problems = self.form.problems()
@@ -237,7 +245,9 @@ class MainWindow(QueueControl, QMainWindow):
             problems.append(f"dataset: {report['summary']} Pick another folder or fix the problems listed in "
                             "the health report.")
         if report is not None and same_folder(report["root"], self._config_dataset()):
-            self.schedule.set_inputs(image=self.datasets.first_image())
+            config = self.form.config()
+            self.schedule.set_inputs(image=self.datasets.first_image(),
+                                     images_per_epoch=self._images_per_epoch(config) if config else None)
         self.train_bar.set_can_train(problems)
 
     # -- training ---------------------------------------------------------------------------------------------

@@ -17,6 +17,10 @@ GIB = 1024 ** 3
 # Gradient checkpointing keeps roughly a quarter.
 CHECKPOINTING_FACTOR = 0.25
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adam": 8, "adamw8bit": 2, "rmsprop": 4, "sgd": 4, "adafactor": 1}
+# per parameter: prodigy keeps exp_avg, exp_avg_sq, s and the initial weights; schedule-free z and exp_avg_sq;
+# lion one momentum; came a momentum plus factored rows/columns; ademamix two momenta and exp_avg_sq
+OPTIMIZER_STATE_BYTES.update({"prodigy": 16, "adamw_schedulefree": 8, "lion": 4, "lion8bit": 1, "came": 5,
+                              "ademamix": 12, "ademamix8bit": 3})
 # A trained text encoder keeps its activations for the backward pass too. Per transformer layer and caption,
 # at 16 bit: s*h*(34 + 5*a*s/h) bytes (s tokens, h width, a heads; Korthikanti et al. 2022, "Reducing
 # activation recomputation in large transformer models"). 77 tokens: CLIP-L ~28 MB per caption, bigG ~0.13 GB.

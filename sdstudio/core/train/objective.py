@@ -11,7 +11,7 @@ from accelerate import Accelerator
 
 from ..config import RunConfig
 from ..data.dataset import collate
-from ..diffusion import diffusion_loss, sample_noise, target_for
+from ..diffusion import diffusion_loss, sample_noise, target_for, training_timesteps
 from ..models.bundle import ModelBundle
 from .batches import TrainingBatches
 from .caches import FeatureCaches
@@ -70,7 +70,7 @@ class DiffusionObjective:
     def _noised(self, clean: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(noisy input, target, timesteps) for clean samples, drawn from ``gen`` in a fixed order."""
         tmin, tmax = self.config.resolved_timestep_range()
-        t = torch.randint(tmin, tmax, (clean.shape[0],), generator=gen, device=self.device)
+        t = training_timesteps(clean.shape[0], self.config.loss, tmin, tmax, gen, self.device)
         noise, model_noise = sample_noise(clean, self.config.loss, gen)
         return self.sched.add_noise(clean, model_noise, t), target_for(self.sched, clean, noise, t), t
 

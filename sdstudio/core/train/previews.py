@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +42,14 @@ class Previews:
 
     def __init__(self, config: RunConfig, bundle: ModelBundle, sched: Any, model: Any, accelerator: Accelerator,
                  ema: EmaWeights | None, *, run_dir: Path | None, data_root: Path,
-                 train_records: list[ImageRecord]) -> None:
+                 train_records: list[ImageRecord],
+                 evaluation_weights: Callable[[], AbstractContextManager[None]] = nullcontext) -> None:
         self.config, self.bundle, self.sched, self.model, self.accelerator = config, bundle, sched, model, accelerator
         self.ema, self.run_dir, self.data_root = ema, run_dir, data_root
         self.device = accelerator.device
         self.prompts = list(config.sample.prompts) or default_prompts(bundle, train_records)
         self.last_images: np.ndarray | None = None  # of the last grid
+        self.evaluation_weights = evaluation_weights  # the optimizer's (schedule-free: its averaged weights)
 
     def prompt_adherence(self) -> dict[str, float]:
         """On the bundled demo data: how often the last grid shows each prompt's colour and shape."""
@@ -65,7 +67,8 @@ class Previews:
         and the raw weights are restored afterwards, so sampling never changes the training run."""
         model = self.accelerator.unwrap_model(self.model)
         was_training = model.training
-        with preserved_rng_state(), (self.ema.swapped_in() if self.ema is not None else nullcontext()):
+        with preserved_rng_state(), self.evaluation_weights(), \
+                (self.ema.swapped_in() if self.ema is not None else nullcontext()):
             model.eval()
             try:
                 yield model

@@ -35,7 +35,7 @@ from .ema import EmaWeights
 from .evaluation import RunEvaluation
 from .memory import estimate_memory, memory_advice
 from .objective import DiffusionObjective
-from .optim import LRSchedule, build_optimizer, param_groups
+from .optim import LRSchedule, build_optimizer, optimizer_warnings, param_groups
 from .previews import Previews
 from .progress import EarlyStopping, Progress
 from .setup import build_model, data_root, pick_device
@@ -55,7 +55,7 @@ class TrainingSession:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         precision = cfg.mixed_precision
-        self.init_warnings: list[str] = []
+        self.init_warnings: list[str] = optimizer_warnings(cfg)
         if device.type == "cpu" and precision != "no":
             # sd-training.md: fp32 throughout on a CPU (bf16 autocast there is slow and changes numerics)
             self.init_warnings.append(f"train.mixed_precision = {precision!r} ignored on the CPU: training in fp32")
@@ -151,7 +151,8 @@ class TrainingSession:
         self.objective = DiffusionObjective(cfg, self.bundle, sched, self.model, self.accelerator, self.caches,
                                             self.batches)
         self.previews = Previews(cfg, self.bundle, sched, self.model, self.accelerator, self.ema,
-                                 run_dir=self.run_dir, data_root=self.data_root, train_records=train_records)
+                                 run_dir=self.run_dir, data_root=self.data_root, train_records=train_records,
+                                 evaluation_weights=self.steps.evaluation_weights)
         self.ready = True
 
     def mark_best(self, val_loss: float) -> None:
@@ -211,7 +212,8 @@ class TrainingSession:
     # -- validation, sampling, checkpoints ----------------------------------------------------------------
     def validate(self) -> tuple[float, list[float]] | None:
         """Loss on the validation images at fixed timesteps with fixed noise: comparable across epochs."""
-        return self.objective.validation_loss()
+        with self.steps.evaluation_weights():
+            return self.objective.validation_loss()
 
     def generate_pairs(self, model: torch.nn.Module, pairs: list[tuple[str, int]], *, steps: int) -> np.ndarray:
         """One batch of FID/KID images, one per (caption, seed) pair (call inside ``previews.sampling_model``)."""
@@ -223,18 +225,20 @@ class TrainingSession:
         pos = self.progress.position()
         toml = config_to_toml(self.config)
         ema = self.ema
+        extra_state = {**self.early.state_dict(), **self.steps.extra_state()}
 
         def fill(folder: Path) -> None:
             ckpt_state.save_training_files(folder, self.bundle, optimizer=self.steps.optimizer,
                                            schedule=self.steps.schedule, scaler=self.accelerator.scaler,
                                            ema=ema.average if ema is not None else None,
                                            ema_names=ema.names if ema is not None else [],
-                                           position=pos, config_toml=toml, extra_state=self.early.state_dict(),
+                                           position=pos, config_toml=toml, extra_state=extra_state,
                                            save_optimizer=self.config.checkpoint.save_optimizer)
 
         extra = {"family": self.bundle.family, "step_in_epoch": pos.step_in_epoch,
                  "ema_optimization_step": ema.optimization_step if ema is not None else None}
-        path = write_checkpoint(root, pos.step, pos.epoch, fill, extra)
+        with self.steps.evaluation_weights():  # a schedule-free optimizer's averaged weights are the model
+            path = write_checkpoint(root, pos.step, pos.epoch, fill, extra)
         self.progress.checkpointed()
         best = self.best_checkpoint()
         prune_checkpoints(root, self.config.checkpoint.keep_last, protect={path} | ({best} if best else set()))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -15,10 +15,11 @@ from accelerate import Accelerator
 
 from ..config import TrainConfig
 from .ema import EmaWeights
-from .optim import LRSchedule
+from .optim import LRSchedule, evaluation_weights, restore_training_point, training_mode, training_point
 
 log = logging.getLogger("sdstudio")
 
+TRAINING_POINT = "schedule_free_y"
 LossFn = Callable[[dict[str, Any], int], torch.Tensor]  # (batch, micro-batch index) -> loss
 
 
@@ -44,6 +45,18 @@ class OptimizerStep:
         self.optimizer, self.schedule = optimizer, schedule
         self.bad_steps = 0
         self.oom_skips = 0
+        training_mode(optimizer)
+
+    def extra_state(self) -> dict[str, Any]:
+        """What a checkpoint keeps beside the optimizer's own state: a schedule-free optimizer's training point
+        (the saved weights are its averaged x)."""
+        point = training_point(self.optimizer)
+        return {TRAINING_POINT: point} if point else {}
+
+    def evaluation_weights(self) -> AbstractContextManager[None]:
+        """Inside: the weights to validate, sample and save (a schedule-free optimizer's average, x); the
+        training point y afterwards (bit-identical on both sides of a resume: the checkpoint holds x)."""
+        return evaluation_weights(self.optimizer)
 
     def run(self, group: list[dict[str, Any]], step: int, loss_fn: LossFn) -> tuple[float, float, float]:
         """Optimizer step ``step`` (0-based) over a group of micro-batches: (loss, grad norm, lr); NaN loss =
@@ -107,6 +120,9 @@ class OptimizerStep:
         """The optimizer (when the checkpoint kept it), schedule and loss scaler of a checkpoint's training state."""
         if state.get("optimizer") is not None:
             self.optimizer.load_state_dict(state["optimizer"])
+        training_mode(self.optimizer)  # a schedule-free optimizer was saved in evaluation mode
+        # ... and its exact training point beside the averaged weights (the checkpoint's model)
+        restore_training_point(self.optimizer, (state.get("extra") or {}).get(TRAINING_POINT) or [])
         self.schedule.load_state_dict(state["schedule"])
         if state.get("scaler") is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])

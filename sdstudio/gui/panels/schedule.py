@@ -1,5 +1,6 @@
 """The forward diffusion made visible: one dataset image noised at chosen timesteps with the current
-schedule, and the schedule's alpha-bar and SNR curves. Updates when the diffusion settings change."""
+schedule, the schedule's alpha-bar and SNR curves, how often training draws each timestep
+(loss.timestep_*), and the learning rate over the run (train.lr_scheduler). Updates when the settings change."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ from PySide6.QtCore import QRect, Qt, QTimer
 from PySide6.QtGui import QColor, QImage, QPainter
 from PySide6.QtWidgets import QHBoxLayout, QLabel, QLineEdit, QVBoxLayout, QWidget
 
-from sdstudio.core.config import DiffusionConfig
+from sdstudio.core.config import DiffusionConfig, LossConfig, TrainConfig
 from sdstudio.core.data.images import load_image_rgb
 from sdstudio.core.diffusion import snr_curve, training_scheduler
 from sdstudio.core.errors import UserError
+from sdstudio.core.timesteps import density
+from sdstudio.core.train.optim import LRSchedule
 
 from ..widgets.image_view import ImageView, array_to_qimage
 
@@ -70,6 +73,37 @@ def schedule_curves(config: DiffusionConfig) -> tuple[np.ndarray, np.ndarray]:
     return alpha_bar, np.log10(np.clip(snr, 1e-12, None))
 
 
+def timestep_frequencies(loss: LossConfig, diffusion: DiffusionConfig, bins: int = 100) -> tuple[np.ndarray,
+                                                                                              np.ndarray]:
+    """(timestep at each bin's centre, share of training draws per bin) for loss.timestep_* within
+    [timestep_min, timestep_max): what training draws, estimated from seeded samples."""
+    t_max = loss.timestep_max or diffusion.num_timesteps
+    t_min = min(loss.timestep_min, t_max - 1)
+    bins = max(1, min(bins, t_max - t_min))
+    shares = density(loss.timestep_distribution, bins=bins, logit_mean=loss.timestep_logit_mean,
+                     logit_std=loss.timestep_logit_std, mode_scale=loss.timestep_mode_scale,
+                     shift=loss.timestep_shift).numpy()
+    centres = t_min + (np.arange(bins) + 0.5) * (t_max - t_min) / bins
+    return centres, shares
+
+
+def planned_steps(train: TrainConfig, images_per_epoch: int | None) -> tuple[int, str]:
+    """The run's optimizer steps (train.max_steps, or the epochs over the dataset) and a note when guessed."""
+    if train.max_steps:
+        return train.max_steps, ""
+    per_step = train.batch_size * train.gradient_accumulation
+    if images_per_epoch:
+        return max(1, train.epochs * max(1, images_per_epoch // per_step)), ""
+    return max(1, train.epochs * 100), "steps guessed (100 per epoch) until a dataset is open"
+
+
+def lr_curve(train: TrainConfig, total_steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """(step 1..total, learning rate at that step) from train.lr_scheduler, as training applies it (the
+    reduce_on_plateau drops depend on validations and are not shown)."""
+    factors = np.asarray(LRSchedule(train, total_steps).curve(), dtype=np.float64)
+    return np.arange(1, len(factors) + 1, dtype=np.float64), factors * train.learning_rate
+
+
 def tile_strip(tiles: list[np.ndarray], labels: list[str]) -> QImage:
     """Tiles side by side, upscaled without blur, each with its label underneath."""
     gap = 6
@@ -90,6 +124,9 @@ class SchedulePanel(QWidget):
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self._config = DiffusionConfig()
+        self._loss = LossConfig()
+        self._train = TrainConfig()
+        self._images_per_epoch: int | None = None
         self._resolution = 32
         self._image_path: Path | None = None
         self._key: tuple[object, ...] | None = None
@@ -105,8 +142,17 @@ class SchedulePanel(QWidget):
         for plot in (self.alpha_plot, self.snr_plot):
             plot.showGrid(x=True, y=True, alpha=0.25)
             plot.setLabel("bottom", "timestep")
+        self.timestep_plot = self.curves.addPlot(row=1, col=0, title="training timesteps drawn (share)")
+        self.lr_plot = self.curves.addPlot(row=1, col=1, title="learning rate per step")
+        self.timestep_plot.setLabel("bottom", "timestep")
+        self.lr_plot.setLabel("bottom", "step")
+        for plot in (self.alpha_plot, self.snr_plot, self.timestep_plot, self.lr_plot):
+            plot.showGrid(x=True, y=True, alpha=0.25)
         self.alpha_curve = self.alpha_plot.plot(pen=pg.mkPen((25, 85, 190), width=2))
         self.snr_curve = self.snr_plot.plot(pen=pg.mkPen((220, 90, 20), width=2))
+        self.timestep_curve = self.timestep_plot.plot(pen=pg.mkPen((40, 150, 70), width=2))
+        self.lr_curve = self.lr_plot.plot(pen=pg.mkPen((150, 60, 170), width=2))
+        self.lr_note = ""
         self.summary = QLabel("")
         self.summary.setWordWrap(True)
         row = QHBoxLayout()
@@ -127,9 +173,16 @@ class SchedulePanel(QWidget):
         self._debounce.timeout.connect(self.update_now)
 
     def set_inputs(self, config: DiffusionConfig | None = None, *, resolution: int | None = None,
-                   image: Path | None = None) -> None:
+                   image: Path | None = None, loss: LossConfig | None = None, train: TrainConfig | None = None,
+                   images_per_epoch: int | None = None) -> None:
         if config is not None:
             self._config = config
+        if loss is not None:
+            self._loss = loss
+        if train is not None:
+            self._train = train
+        if images_per_epoch is not None:
+            self._images_per_epoch = images_per_epoch
         if resolution is not None:
             self._resolution = resolution
         if image is not None:
@@ -142,11 +195,17 @@ class SchedulePanel(QWidget):
     def update_now(self) -> None:
         cfg = self._config
         timesteps, note = parse_timesteps(self.timesteps.text(), cfg.num_timesteps)
-        key = (cfg.model_dump_json(), self._resolution, self._image_path, tuple(timesteps))
+        key = (cfg.model_dump_json(), self._loss.model_dump_json(), self._train.model_dump_json(),
+               self._images_per_epoch, self._resolution, self._image_path, tuple(timesteps))
         if key == self._key:
             return
         self._key = key
         self.note.setText(note)
+        self.timestep_curve.setData(*timestep_frequencies(self._loss, cfg))
+        total, self.lr_note = planned_steps(self._train, self._images_per_epoch)
+        self.lr_curve.setData(*lr_curve(self._train, total))
+        self.lr_plot.setTitle(f"learning rate per step ({self._train.lr_scheduler}"
+                              f"{'; ' + self.lr_note if self.lr_note else ''})")
         alpha_bar, log_snr = schedule_curves(cfg)
         steps = np.arange(len(alpha_bar), dtype=np.float64)
         self.alpha_curve.setData(steps, alpha_bar)

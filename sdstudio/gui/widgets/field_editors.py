@@ -95,7 +95,8 @@ def spec_for(key: str, annotation: Any, description: str, metadata: list[Any]) -
     if origin is list and args:
         if typing.get_origin(args[0]) is Literal:  # e.g. export.formats: a list of choices
             return FieldSpec(key, "str_list", description, tuple(str(a) for a in typing.get_args(args[0])))
-        return FieldSpec(key, {str: "str_list", int: "int_list", bool: "bool_list"}.get(args[0], "str"),
+        return FieldSpec(key, {str: "str_list", int: "int_list", bool: "bool_list",
+                               float: "float_tuple"}.get(args[0], "str"),  # float: comma-separated numbers
                          description)
     if origin is tuple and args:
         return FieldSpec(key, "float_tuple" if args[0] is float else "int_tuple", description)

@@ -1,0 +1,82 @@
+"""The schedule preview draws the learning-rate schedule and the training-timestep distribution of the
+current settings (train.lr_scheduler, loss.timestep_*)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from sdstudio.core.config import DiffusionConfig, LossConfig, TrainConfig
+
+
+@pytest.mark.parametrize(("kind", "extra", "expected_mid"), [
+    ("cosine_with_restarts", {"lr_cycles": 2}, 1.0),  # step 51 (index 50): the second cycle restarts
+    ("polynomial", {"lr_power": 2.0}, 0.25),
+    ("warmup_stable_decay", {"lr_decay_fraction": 0.2}, 1.0),
+    ("rex", {}, 0.5 / 0.75),
+    ("piecewise", {"lr_piecewise_steps": [0, 100], "lr_piecewise_values": [1.0, 0.0]}, 0.5),
+])
+def test_lr_curve_data_follow_each_schedule(kind: str, extra: dict, expected_mid: float) -> None:
+    from sdstudio.gui.panels.schedule import lr_curve, planned_steps
+
+    train = TrainConfig(lr_scheduler=kind, learning_rate=2e-4, max_steps=100, **extra)
+    total, note = planned_steps(train, None)
+    steps, lr = lr_curve(train, total)
+    assert (total, note) == (100, "") and len(steps) == len(lr) == 100 and steps[0] == 1
+    assert lr[50] == pytest.approx(2e-4 * expected_mid)
+    assert lr[0] == pytest.approx(2e-4)
+
+
+def test_planned_steps_from_epochs() -> None:
+    from sdstudio.gui.panels.schedule import planned_steps
+
+    train = TrainConfig(max_steps=0, epochs=3, batch_size=4, gradient_accumulation=2)
+    assert planned_steps(train, 80) == (30, "")
+    assert planned_steps(train, None)[1].startswith("steps guessed")
+
+
+def test_timestep_frequencies_show_the_distribution_within_the_range() -> None:
+    from sdstudio.gui.panels.schedule import timestep_frequencies
+
+    centres, shares = timestep_frequencies(LossConfig(), DiffusionConfig(num_timesteps=1000))
+    assert len(centres) == 100 and shares.sum() == pytest.approx(1.0)
+    assert np.allclose(shares, 0.01, atol=0.002), "uniform is flat"
+    lo = LossConfig(timestep_distribution="logit_normal", timestep_min=200, timestep_max=600)
+    centres, shares = timestep_frequencies(lo, DiffusionConfig(num_timesteps=1000))
+    assert centres[0] == pytest.approx(202) and centres[-1] == pytest.approx(598)
+    middle = shares[25:75].sum()  # [300, 500): the middle half of the range
+    assert middle == pytest.approx(math.erf(math.log(3) / math.sqrt(2)), abs=0.01)
+    shifted = timestep_frequencies(LossConfig(timestep_shift=3.0), DiffusionConfig())[1]
+    assert shifted[-10:].sum() > 0.2 > shifted[:10].sum(), "shift > 1: more weight at the noisy end"
+
+
+def test_schedule_panel_draws_lr_and_timesteps(qtbot) -> None:
+    from sdstudio.gui.panels.schedule import SchedulePanel
+
+    panel = SchedulePanel()
+    qtbot.addWidget(panel)
+    panel.set_inputs(DiffusionConfig(), train=TrainConfig(lr_scheduler="rex", max_steps=40, learning_rate=1e-3),
+                     loss=LossConfig(timestep_distribution="mode"))
+    panel.update_now()
+    lr = panel.lr_curve.yData
+    assert len(lr) == 40 and lr[0] == pytest.approx(1e-3) and lr[20] == pytest.approx(1e-3 * 0.5 / 0.75)
+    assert "rex" in panel.lr_plot.titleLabel.text
+    shares = panel.timestep_curve.yData
+    assert shares[45:55].sum() > shares[:10].sum(), "mode sampling: the middle is drawn more often"
+    panel.set_inputs(train=TrainConfig(lr_scheduler="constant", max_steps=10))
+    qtbot.waitUntil(lambda: len(panel.lr_curve.yData) == 10, timeout=5_000)
+    assert set(panel.lr_curve.yData.tolist()) == {1e-3}
+
+
+def test_piecewise_points_are_editable_in_the_settings_form(qtbot) -> None:
+    from sdstudio.gui.panels.settings_form import config_field_specs
+    from sdstudio.gui.widgets.field_editors import FieldEditor
+
+    specs = {s.key: s for s in config_field_specs()}
+    assert specs["train.lr_piecewise_steps"].kind == "int_list"
+    editor = FieldEditor(specs["train.lr_piecewise_values"])
+    qtbot.addWidget(editor)
+    editor.set_value([1.0, 0.5, 0.1])
+    assert editor.value() == [1.0, 0.5, 0.1]
