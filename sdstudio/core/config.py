@@ -107,6 +107,10 @@ class ModelConfig(Section):
                                     "(from-scratch text encoder).")
     prediction_type: Literal["auto", "epsilon", "v_prediction", "sample"] = Field(
         "auto", description="Override the prediction type the base model file says (auto = detect).")
+    quantize: Literal["none", "fp8", "int8", "nf4"] = Field(
+        "none", description="LoRA runs: store the frozen base weights of the denoiser's linear layers quantized "
+        "(fp8 e4m3fn or int8 with per-row scales; nf4 = QLoRA's 4 bit, needs pip install 'sdstudio[quant]'), "
+        "computed in the weight dtype; the LoRA stays fp32 and exports are unchanged.")
 
 
 class DiffusionConfig(Section):
@@ -136,8 +140,9 @@ class LossConfig(Section):
 
 
 class TrainConfig(Section):
-    optimizer: Literal["adamw", "adam", "rmsprop", "sgd", "adafactor", "adamw8bit"] = Field(
-        "adamw", description="Optimizer.")
+    optimizer: Literal["adamw", "adam", "rmsprop", "sgd", "adafactor", "adamw8bit", "paged_adamw8bit"] = Field(
+        "adamw", description="Optimizer. adamw8bit / paged_adamw8bit (bitsandbytes: pip install 'sdstudio[bnb]') "
+        "keep Adam's states in 8 bits; adafactor keeps factored second moments (least memory).")
     learning_rate: float = Field(1e-3, gt=0.0, le=1.0, description="Peak learning rate.")
     text_encoder_lr: float = Field(0.0, ge=0.0, le=1.0, description="Learning rate of a trained text "
                                    "encoder (0 = same as learning_rate).")
@@ -180,6 +185,19 @@ class TrainConfig(Section):
     threads: int = Field(0, ge=0, description="CPU threads for torch (0 = torch's default).")
     train_text_encoder: bool = Field(False, description="Full fine-tune (SD families): also train the text "
                                      "encoder(s), at train.text_encoder_lr. For a LoRA run use lora.text_encoder.")
+    blocks_to_swap: int = Field(0, ge=0, le=200, description="LoRA runs: keep this many of the denoiser's largest "
+                                "blocks in (pinned) CPU memory and move each to the GPU just before it runs, "
+                                "forward and backward (0 = off). Bit-exact; costs transfer time.")
+    fused_backward: bool = Field(False, description="Update each parameter as soon as its gradient is ready and "
+                                 "free the gradient (no full set of gradients in memory). Needs "
+                                 "train.gradient_accumulation = 1 and train.max_grad_norm = 0.")
+    offload_activations: bool = Field(False, description="Keep the activations saved for the backward pass in CPU "
+                                      "memory (torch's save_on_cpu); with gradient_checkpointing only the "
+                                      "checkpoints move. Bit-exact; costs transfer time.")
+    offload_frozen: bool = Field(False, description="Move the frozen VAE / text encoders to the CPU once the latent "
+                                 "/ text-embedding caches are complete (back to the GPU only for previews).")
+    fsdp: bool = Field(False, description="Several GPUs, full fine-tune: shard weights, gradients and optimizer "
+                       "states across the processes with FSDP (through accelerate) instead of copying them.")
     tensorboard: bool = Field(False, description="Also write TensorBoard event files into RUN_DIR/tensorboard "
                               "(needs the tensorboard package: pip install 'sdstudio[tensorboard]').")
 
@@ -310,6 +328,7 @@ class RunConfig(BaseModel):
             key = "lora.text_encoder" if self.lora.enabled else "train.train_text_encoder"
             problems.append(f"data.cache_text_embeddings: true, but {key} = true trains the text encoder, so its "
                             "embeddings change every step; turn one of them off")
+        problems += _memory_lever_problems(self)
         if self.export.ema and not t.ema:
             problems.append("export.ema: true needs train.ema = true")
         if problems:
@@ -345,6 +364,31 @@ class RunConfig(BaseModel):
 
     def resolved_timestep_range(self) -> tuple[int, int]:
         return self.loss.timestep_min, (self.loss.timestep_max or self.diffusion.num_timesteps)
+
+
+def _memory_lever_problems(c: RunConfig) -> list[str]:
+    """Combinations of the memory levers (model.quantize, train.blocks_to_swap, train.fused_backward, ...) that
+    cannot work, each with what to change."""
+    problems = []
+    t = c.train
+    if c.model.quantize != "none" and not c.lora.enabled:
+        problems.append(f"model.quantize: {c.model.quantize!r} stores the frozen base weights quantized, but this is "
+                        "a full fine-tune (lora.enabled = false); quantize only under a LoRA")
+    if t.blocks_to_swap and not c.lora.enabled:
+        problems.append(f"train.blocks_to_swap: {t.blocks_to_swap} swaps frozen weights only, but this is a full "
+                        "fine-tune (lora.enabled = false); use it with a LoRA (or train.fsdp on several GPUs)")
+    if t.fused_backward and t.gradient_accumulation > 1:
+        problems.append(f"train.fused_backward: true updates each weight during the backward pass, so gradients "
+                        f"cannot accumulate; set train.gradient_accumulation = 1 (now {t.gradient_accumulation})")
+    if t.fused_backward and t.max_grad_norm > 0:
+        problems.append(f"train.fused_backward: true updates each weight before the whole gradient is known, so it "
+                        f"cannot be clipped by norm; set train.max_grad_norm = 0 (now {t.max_grad_norm:g})")
+    if t.fsdp and c.lora.enabled:
+        problems.append("train.fsdp: true shards a full fine-tune; a LoRA run is small enough to copy to every GPU "
+                        "(set train.fsdp = false)")
+    if t.fsdp and (t.blocks_to_swap or t.fused_backward):
+        problems.append("train.fsdp: true cannot be combined with train.blocks_to_swap or train.fused_backward")
+    return problems
 
 
 def _allowed(err: dict[str, Any]) -> str:

@@ -32,15 +32,18 @@ def build_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig, *, device: t
         from transformers.optimization import Adafactor
         return Adafactor(groups, lr=lr, weight_decay=wd, scale_parameter=False, relative_step=False,
                          warmup_init=False)
-    if cfg.optimizer == "adamw8bit":
+    if cfg.optimizer in ("adamw8bit", "paged_adamw8bit"):
         try:
             import bitsandbytes as bnb  # type: ignore[import-not-found]
         except ImportError:
-            raise ConfigError("train.optimizer = 'adamw8bit' needs bitsandbytes: pip install "
-                              "'sdstudio[bnb]' (CUDA only), or choose adamw") from None
-        if device.type != "cuda":
-            raise ConfigError("train.optimizer = 'adamw8bit' runs on CUDA GPUs only; choose adamw on this device")
-        return bnb.optim.AdamW8bit(groups, lr=lr, betas=cfg.betas, eps=cfg.eps, weight_decay=wd)
+            raise ConfigError(f"train.optimizer = {cfg.optimizer!r} needs bitsandbytes: pip install "
+                              "'sdstudio[bnb]', or choose adamw") from None
+        if device.type not in ("cuda", "cpu"):  # bitsandbytes >= 0.45 has CPU kernels for its 8-bit optimizers
+            raise ConfigError(f"train.optimizer = {cfg.optimizer!r} runs on CUDA GPUs and the CPU only; choose "
+                              "adamw on this device")
+        # paged: the states live in unified memory that the driver pages out to the CPU under memory pressure
+        cls = bnb.optim.PagedAdamW8bit if cfg.optimizer == "paged_adamw8bit" else bnb.optim.AdamW8bit
+        return cls(groups, lr=lr, betas=cfg.betas, eps=cfg.eps, weight_decay=wd)
     raise ConfigError(f"train.optimizer = {cfg.optimizer!r} is not known")
 
 

@@ -22,7 +22,7 @@ from accelerate import Accelerator
 
 from ..config import RunConfig, TrainConfig
 from ..diffusion import training_scheduler
-from ..errors import DatasetError
+from ..errors import ConfigError, DatasetError
 from ..models.bundle import ModelBundle
 from ..presets import config_to_toml
 from ..runs import RunFolder
@@ -137,16 +137,36 @@ class TrainingSession:
         sched.alphas_cumprod = sched.alphas_cumprod.to(self.device)
         params = [p for p in self.bundle.trainable.parameters() if p.requires_grad]
         names = [n for n, p in self.bundle.trainable.named_parameters() if p.requires_grad]
-        optimizer = build_optimizer(_groups(self.bundle, params, cfg.train), cfg.train, device=self.device)
         schedule = LRSchedule(cfg.train, self.progress.total_steps)
-        self.model, optimizer = self.accelerator.prepare(self.bundle.trainable, optimizer)
+        if cfg.train.fused_backward:  # one optimizer per parameter, stepped in the backward pass (fused_backward.py)
+            if self.world > 1:
+                raise ConfigError("train.fused_backward: true works in one process only (gradients of several "
+                                  "processes are averaged after the backward pass); turn it off for this run")
+            from .fused_backward import FusedBackwardOptimizer
+
+            self.model = self.accelerator.prepare(self.bundle.trainable)
+            optimizer = FusedBackwardOptimizer(_groups(self.bundle, params, cfg.train),
+                                               lambda g: build_optimizer(g, cfg.train, device=self.device))
+        else:
+            optimizer = build_optimizer(_groups(self.bundle, params, cfg.train), cfg.train, device=self.device)
+            self.model, optimizer = self.accelerator.prepare(self.bundle.trainable, optimizer)
+        self.block_swap = None
+        if cfg.train.blocks_to_swap:  # after prepare (which places the whole model on the device)
+            from .blockswap import install_block_swap
+
+            self.block_swap = install_block_swap(self.bundle.trainable, cfg.train.blocks_to_swap, device=self.device)
         if cfg.train.compile:
             self.model = torch.compile(self.model)
         self.ema: EmaWeights | None = None
         if cfg.train.ema:
             self.ema = EmaWeights(params, names, decay=cfg.train.ema_decay,
                                   on_cpu=cfg.train.ema_on_cpu and self.device.type != "cpu")
-        self.steps = OptimizerStep(self.accelerator, self.model, optimizer, schedule, params, self.ema, cfg.train)
+        step_class = OptimizerStep
+        if cfg.train.fused_backward:
+            from .fused_backward import FusedOptimizerStep
+
+            step_class = FusedOptimizerStep
+        self.steps = step_class(self.accelerator, self.model, optimizer, schedule, params, self.ema, cfg.train)
         self.caches = FeatureCaches(cfg, self.bundle, self.accelerator)
         self.objective = DiffusionObjective(cfg, self.bundle, sched, self.model, self.accelerator, self.caches,
                                             self.batches)
@@ -197,6 +217,9 @@ class TrainingSession:
 
     # -- training (the loss and the step are methods here so that tests can wrap them) ---------------------
     def compute_loss(self, batch: dict[str, Any], micro: int) -> torch.Tensor:
+        if self.config.train.offload_activations:  # what the backward pass needs waits in CPU memory
+            with torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda"):
+                return self.objective.loss(batch, micro, self.step)
         return self.objective.loss(batch, micro, self.step)
 
     def optimizer_step(self, group: list[dict[str, Any]]) -> tuple[float, float, float]:
