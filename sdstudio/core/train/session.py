@@ -172,7 +172,25 @@ class TrainingSession:
                                             self.batches)
         self.previews = Previews(cfg, self.bundle, sched, self.model, self.accelerator, self.ema,
                                  run_dir=self.run_dir, data_root=self.data_root, train_records=train_records)
+        self.frozen_parts = None  # FrozenParts once park_frozen ran
         self.ready = True
+
+    def park_frozen(self) -> None:
+        """``train.offload_frozen``: the encoders whose work the complete caches hold go to CPU memory."""
+        if not self.config.train.offload_frozen:
+            return
+        from .offload import FrozenParts, frozen_encoders
+
+        latents = self.caches.feature_cache is not None
+        text = self.caches.text_cache is not None
+        parts = frozen_encoders(self.bundle, latents_cached=latents, text_cached=text)
+        if not parts:
+            log.warning("train.offload_frozen: nothing to move off the device (it needs data.cache_latents and/or "
+                        "data.cache_text_embeddings, with frozen text encoders)")
+            return
+        self.frozen_parts = FrozenParts(self.device)
+        self.frozen_parts.park(parts)
+        self.caches.frozen_parts = self.previews.frozen_parts = self.frozen_parts
 
     def mark_best(self, val_loss: float) -> None:
         assert self.run_dir is not None
