@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 log = logging.getLogger("sdstudio")
+POISON_EVICTED = False  # tests: fill dropped device copies with NaN (proves the backward pass never reads one)
 
 
 def swappable_blocks(model: nn.Module) -> list[nn.Module]:
@@ -133,7 +134,10 @@ class BlockSwapper:
     # -- moves --------------------------------------------------------------------------------------------
     def _copy_in(self, b: _Swapped, non_blocking: bool) -> None:
         for k, (slot, home) in enumerate(zip(b.slots, b.home)):
-            t = home.to(self.device, non_blocking=non_blocking) if self.cuda else home.clone()
+            if self.cuda:
+                t = home.to(self.device, non_blocking=non_blocking)
+            else:  # CPU only: a fresh copy stands for the device copy (tensor subclasses, e.g. nf4, are shared)
+                t = home.clone() if type(home) is torch.Tensor else home
             _set(slot, t)
             ptr = _ptr(t)
             if ptr is not None:
@@ -263,7 +267,7 @@ def _tensors(output: Any) -> list[torch.Tensor]:
 
 
 def install_block_swap(model: nn.Module, count: int, *, device: torch.device, offload: torch.device | None = None,
-                       poison: bool = False) -> BlockSwapper | None:
+                       poison: bool | None = None) -> BlockSwapper | None:
     """Swap the ``count`` largest blocks of ``model`` (0: nothing). Returns the swapper (its counters, bytes)."""
     if count <= 0:
         return None
@@ -276,6 +280,7 @@ def install_block_swap(model: nn.Module, count: int, *, device: torch.device, of
     sizes = [sum(t.numel() * t.element_size() for t in list(blk.parameters()) + list(blk.buffers())
                  if not t.requires_grad) for blk in blocks]
     largest = sorted(sorted(range(len(blocks)), key=lambda i: -sizes[i])[:count])
-    swapper = BlockSwapper([blocks[i] for i in largest], device=device, offload=offload, poison=poison)
+    swapper = BlockSwapper([blocks[i] for i in largest], device=device, offload=offload,
+                           poison=POISON_EVICTED if poison is None else poison)
     log.info("block swap: %d blocks (%.2f GiB) kept in CPU memory", len(largest), swapper.swapped_bytes / 2**30)
     return swapper

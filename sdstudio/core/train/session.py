@@ -69,8 +69,9 @@ class TrainingSession:
             from accelerate.utils import InitProcessGroupKwargs
 
             handlers.append(InitProcessGroupKwargs(timeout=timedelta(hours=6)))
+        fsdp = fsdp_plugin(cfg, self.init_warnings)
         self.accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=precision,
-                                       kwargs_handlers=handlers)
+                                       kwargs_handlers=handlers, **({"fsdp_plugin": fsdp} if fsdp else {}))
         self.device = self.accelerator.device
         if self.device.type == "cuda":
             # TF32 matmuls/convolutions: what the fp32 parts of a step use on Ampere and newer
@@ -285,6 +286,24 @@ class TrainingSession:
     def close(self) -> None:
         if self.device.type == "cuda":  # free_memory runs a full gc.collect(): seconds of GIL in the app
             self.accelerator.free_memory()
+
+
+def fsdp_plugin(cfg: TrainConfig, warnings: list[str]) -> Any:
+    """``train.fsdp``: accelerate's FSDP plugin (full sharding of weights, gradients and optimizer states, the
+    denoiser's blocks wrapped by size) when the run has several processes; one process has nothing to shard."""
+    if not cfg.fsdp:
+        return None
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        warnings.append("train.fsdp = true ignored: this run has one process, so there is nothing to shard (start "
+                        "it with accelerate launch / torchrun on several GPUs)")
+        return None
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    return FullyShardedDataParallelPlugin(sharding_strategy="FULL_SHARD", auto_wrap_policy="size_based_wrap",
+                                          min_num_params=1_000_000, use_orig_params=True,
+                                          state_dict_type="FULL_STATE_DICT")
 
 
 def _groups(bundle: ModelBundle, params: list[torch.nn.Parameter], cfg: TrainConfig) -> list[dict[str, Any]]:
