@@ -106,7 +106,8 @@ def test_block_swap_moves_blocks_and_is_bit_exact_on_a_small_stack() -> None:
     homes = [[t.data_ptr() for t in b.home] for b in swapper.blocks]
     net(x).sum().backward()
     assert torch.equal(x.grad, ref)  # the backward pass read live copies, never a poisoned one
-    assert swapper.loads >= 8 and swapper.evictions >= 4  # each block in for forward and again for backward
+    # 4 loads forward, 3 again for the backward pass (the last block is still there from its forward)
+    assert swapper.loads == 7 and swapper.evictions >= 5
     resident = [b for b in swapper.blocks if b.resident]
     assert len(resident) <= 2
     for b, ptrs in zip(swapper.blocks, homes):  # between uses the weights are the offload copies
