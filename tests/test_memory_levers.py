@@ -138,6 +138,7 @@ def test_fused_backward_equals_one_optimizer_and_frees_gradients() -> None:
         b(x).pow(2).mean().backward()
         assert all(p.grad is None for p in b.parameters())  # updated and freed during the backward pass
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert len(fused.optimizers) == 2  # one optimizer per parameter (weight, bias)
 
 
 def test_fused_backward_and_offloaded_activations_train_bit_exactly(tiny_sd1: Path, four_images: Path,
@@ -151,7 +152,7 @@ def test_fused_backward_and_offloaded_activations_train_bit_exactly(tiny_sd1: Pa
             super().__init__(pin_memory, device_type)
             pack = self.pack_hook
 
-            def counted(t: torch.Tensor):  # noqa: ANN202
+            def counted(t: torch.Tensor):
                 packed["n"] += 1
                 return pack(t)
             self.pack_hook = counted
@@ -187,7 +188,7 @@ def test_frozen_encoders_are_parked_once_cached(tiny_sd1: Path, four_images: Pat
     seen: dict[str, object] = {}
     original = session_module.TrainingSession.park_frozen
 
-    def spy(self):  # noqa: ANN001, ANN202
+    def spy(self):
         original(self)
         seen["parts"] = self.frozen_parts
     session_module.TrainingSession.park_frozen = spy
