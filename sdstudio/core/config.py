@@ -108,6 +108,10 @@ class ModelConfig(Section):
                                     "(from-scratch text encoder).")
     prediction_type: Literal["auto", "epsilon", "v_prediction", "sample"] = Field(
         "auto", description="Override the prediction type the base model file says (auto = detect).")
+    quantize: Literal["none", "fp8", "int8", "nf4"] = Field(
+        "none", description="LoRA runs: store the frozen base weights of the denoiser's linear layers quantized "
+        "(fp8 e4m3fn or int8 with per-row scales; nf4 = QLoRA's 4 bit, needs pip install 'sdstudio[quant]'), "
+        "computed in the weight dtype; the LoRA stays fp32 and exports are unchanged.")
 
 
 class DiffusionConfig(Section):
@@ -162,11 +166,12 @@ class LossConfig(Section):
 
 
 class TrainConfig(Section):
-    optimizer: Literal["adamw", "adam", "rmsprop", "sgd", "adafactor", "adamw8bit", "prodigy",
+    optimizer: Literal["adamw", "adam", "rmsprop", "sgd", "adafactor", "adamw8bit", "paged_adamw8bit", "prodigy",
                        "adamw_schedulefree", "lion", "lion8bit", "came", "ademamix", "ademamix8bit"] = Field(
         "adamw", description="Optimizer. prodigy (set learning_rate = 1.0), adamw_schedulefree (no decaying "
         "schedule), lion / came / ademamix need the optimizers extra: pip install 'sdstudio[optimizers]'; "
-        "the *8bit ones bitsandbytes: pip install 'sdstudio[bnb]'.")
+        "the *8bit ones bitsandbytes: pip install 'sdstudio[bnb]' (they keep optimizer states in 8 bits; paged_ "
+        "pages them out to the CPU under memory pressure); adafactor keeps factored second moments (least memory).")
     learning_rate: float = Field(1e-3, gt=0.0, le=1.0, description="Peak learning rate.")
     text_encoder_lr: float = Field(0.0, ge=0.0, le=1.0, description="Learning rate of a trained text "
                                    "encoder (0 = same as learning_rate).")
@@ -228,6 +233,19 @@ class TrainConfig(Section):
     threads: int = Field(0, ge=0, description="CPU threads for torch (0 = torch's default).")
     train_text_encoder: bool = Field(False, description="Full fine-tune (SD families): also train the text "
                                      "encoder(s), at train.text_encoder_lr. For a LoRA run use lora.text_encoder.")
+    blocks_to_swap: int = Field(0, ge=0, le=200, description="LoRA runs: keep this many of the denoiser's largest "
+                                "blocks in (pinned) CPU memory and move each to the GPU just before it runs, "
+                                "forward and backward (0 = off). Bit-exact; costs transfer time.")
+    fused_backward: bool = Field(False, description="Update each parameter as soon as its gradient is ready and "
+                                 "free the gradient (no full set of gradients in memory). Needs "
+                                 "train.gradient_accumulation = 1 and train.max_grad_norm = 0.")
+    offload_activations: bool = Field(False, description="Keep the activations saved for the backward pass in CPU "
+                                      "memory (torch's save_on_cpu); with gradient_checkpointing only the "
+                                      "checkpoints move. Bit-exact; costs transfer time.")
+    offload_frozen: bool = Field(False, description="Move the frozen VAE / text encoders to the CPU once the latent "
+                                 "/ text-embedding caches are complete (back to the GPU only for previews).")
+    fsdp: bool = Field(False, description="Several GPUs, full fine-tune: shard weights, gradients and optimizer "
+                       "states across the processes with FSDP (through accelerate) instead of copying them.")
     tensorboard: bool = Field(False, description="Also write TensorBoard event files into RUN_DIR/tensorboard "
                               "(needs the tensorboard package: pip install 'sdstudio[tensorboard]').")
 
@@ -358,6 +376,7 @@ class RunConfig(BaseModel):
             key = "lora.text_encoder" if self.lora.enabled else "train.train_text_encoder"
             problems.append(f"data.cache_text_embeddings: true, but {key} = true trains the text encoder, so its "
                             "embeddings change every step; turn one of them off")
+        problems += _memory_lever_problems(self)
         if self.export.ema and not t.ema:
             problems.append("export.ema: true needs train.ema = true")
         problems += _schedule_problems(t)
@@ -413,6 +432,31 @@ def _schedule_problems(t: TrainConfig) -> list[str]:
         problems.append(f"train.lr_scheduler: {t.lr_scheduler!r} decays the LR, but train.optimizer = "
                         "'adamw_schedulefree' replaces the schedule (it averages the weights instead); use "
                         "'constant' or 'constant_with_warmup'")
+    return problems
+
+
+def _memory_lever_problems(c: RunConfig) -> list[str]:
+    """Combinations of the memory levers (model.quantize, train.blocks_to_swap, train.fused_backward, ...) that
+    cannot work, each with what to change."""
+    problems = []
+    t = c.train
+    if c.model.quantize != "none" and not c.lora.enabled:
+        problems.append(f"model.quantize: {c.model.quantize!r} stores the frozen base weights quantized, but this is "
+                        "a full fine-tune (lora.enabled = false); quantize only under a LoRA")
+    if t.blocks_to_swap and not c.lora.enabled:
+        problems.append(f"train.blocks_to_swap: {t.blocks_to_swap} swaps frozen weights only, but this is a full "
+                        "fine-tune (lora.enabled = false); use it with a LoRA (or train.fsdp on several GPUs)")
+    if t.fused_backward and t.gradient_accumulation > 1:
+        problems.append(f"train.fused_backward: true updates each weight during the backward pass, so gradients "
+                        f"cannot accumulate; set train.gradient_accumulation = 1 (now {t.gradient_accumulation})")
+    if t.fused_backward and t.max_grad_norm > 0:
+        problems.append(f"train.fused_backward: true updates each weight before the whole gradient is known, so it "
+                        f"cannot be clipped by norm; set train.max_grad_norm = 0 (now {t.max_grad_norm:g})")
+    if t.fsdp and c.lora.enabled:
+        problems.append("train.fsdp: true shards a full fine-tune; a LoRA run is small enough to copy to every GPU "
+                        "(set train.fsdp = false)")
+    if t.fsdp and (t.blocks_to_swap or t.fused_backward):
+        problems.append("train.fsdp: true cannot be combined with train.blocks_to_swap or train.fused_backward")
     return problems
 
 

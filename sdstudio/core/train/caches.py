@@ -32,6 +32,7 @@ class FeatureCaches:
         self.text_cache: Any = None
         self._text_memo: dict[str, dict[str, torch.Tensor]] = {}
         self.warnings: list[str] = []  # augmentations the latent cache cannot apply
+        self.frozen_parts: Any = None  # FrozenParts (train.offload_frozen): parked encoders come back to encode
 
     def cache_latents(self, batches: TrainingBatches) -> Iterator[tuple[int, int]]:
         """Latent models with ``data.cache_latents``: encode missing entries (yields progress), then
@@ -74,6 +75,10 @@ class FeatureCaches:
         self.accelerator.wait_for_everyone()
 
     def _encode_text(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        if self.frozen_parts is not None:
+            with self.frozen_parts.on_device():
+                feats = self.bundle.text_features(list(texts), self.device)  # type: ignore[attr-defined]
+            return {k: v.float().to("cpu") for k, v in feats.items()}
         feats = self.bundle.text_features(list(texts), self.device)  # type: ignore[attr-defined]
         return {k: v.float().to("cpu") for k, v in feats.items()}
 
@@ -102,8 +107,13 @@ class FeatureCaches:
         if "features" in batch:
 
             return resolve_features(batch, self.encode_latents, self.feature_cache)["latents"].to(self.device)
+        if self.frozen_parts is not None:  # e.g. validation images (not in the latent cache) with a parked VAE
+            return self.encode_latents(batch["pixels"])["latents"].to(self.device)
         return self.bundle.to_model_space(batch["pixels"].to(self.device, non_blocking=True))
 
     def encode_latents(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.frozen_parts is not None:
+            with self.frozen_parts.on_device():
+                return {"latents": self.bundle.to_model_space(pixels.to(self.device)).to("cpu")}
         return {"latents": self.bundle.to_model_space(pixels.to(self.device)).to("cpu")}
 

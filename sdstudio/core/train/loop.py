@@ -151,6 +151,7 @@ def _run(s: TrainingSession, control: TrainingControl) -> Iterator[ev.Event]:
         yield ev.Status("caching", "caching text embeddings")
         for done, total in s.caches.cache_text(s.batches.data.train):
             yield ev.Progress(done, total, "caching text embeddings")
+    s.park_frozen()
     memory_warning = s.check_memory()
     if memory_warning:
         yield _warning(memory_warning)

@@ -15,7 +15,9 @@ from ..config import TrainConfig
 from ..errors import ConfigError
 
 # train.optimizer -> the bitsandbytes class (bitsandbytes >= 0.45 runs these on the CPU too)
-BNB_8BIT = {"adamw8bit": "AdamW8bit", "lion8bit": "Lion8bit", "ademamix8bit": "AdEMAMix8bit"}
+# paged_: the states live in unified memory that the driver pages out to the CPU under memory pressure
+BNB_8BIT = {"adamw8bit": "AdamW8bit", "paged_adamw8bit": "PagedAdamW8bit", "lion8bit": "Lion8bit",
+            "ademamix8bit": "AdEMAMix8bit"}
 # the import name -> the pip package
 PACKAGES = {"bitsandbytes": "bitsandbytes", "prodigyopt": "prodigyopt", "schedulefree": "schedulefree",
             "pytorch_optimizer": "pytorch-optimizer"}

@@ -50,6 +50,7 @@ class Previews:
         self.prompts = list(config.sample.prompts) or default_prompts(bundle, train_records)
         self.last_images: np.ndarray | None = None  # of the last grid
         self.evaluation_weights = evaluation_weights  # the optimizer's (schedule-free: its averaged weights)
+        self.frozen_parts: Any = None  # FrozenParts (train.offload_frozen): back on the device while sampling
 
     def prompt_adherence(self) -> dict[str, float]:
         """On the bundled demo data: how often the last grid shows each prompt's colour and shape."""
@@ -67,8 +68,9 @@ class Previews:
         and the raw weights are restored afterwards, so sampling never changes the training run."""
         model = self.accelerator.unwrap_model(self.model)
         was_training = model.training
+        parts = self.frozen_parts.on_device() if self.frozen_parts is not None else nullcontext()
         with preserved_rng_state(), self.evaluation_weights(), \
-                (self.ema.swapped_in() if self.ema is not None else nullcontext()):
+                (self.ema.swapped_in() if self.ema is not None else nullcontext()), parts:
             model.eval()
             try:
                 yield model

@@ -22,7 +22,7 @@ from accelerate import Accelerator
 
 from ..config import RunConfig, TrainConfig
 from ..diffusion import training_scheduler
-from ..errors import DatasetError
+from ..errors import ConfigError, DatasetError
 from ..models.bundle import ModelBundle
 from ..presets import config_to_toml
 from ..runs import RunFolder
@@ -69,8 +69,9 @@ class TrainingSession:
             from accelerate.utils import InitProcessGroupKwargs
 
             handlers.append(InitProcessGroupKwargs(timeout=timedelta(hours=6)))
+        fsdp = fsdp_plugin(cfg, self.init_warnings)
         self.accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=precision,
-                                       kwargs_handlers=handlers)
+                                       kwargs_handlers=handlers, **({"fsdp_plugin": fsdp} if fsdp else {}))
         self.device = self.accelerator.device
         if self.device.type == "cuda":
             # TF32 matmuls/convolutions: what the fp32 parts of a step use on Ampere and newer
@@ -137,23 +138,61 @@ class TrainingSession:
         sched.alphas_cumprod = sched.alphas_cumprod.to(self.device)
         params = [p for p in self.bundle.trainable.parameters() if p.requires_grad]
         names = [n for n, p in self.bundle.trainable.named_parameters() if p.requires_grad]
-        optimizer = build_optimizer(_groups(self.bundle, params, cfg.train), cfg.train, device=self.device)
         schedule = LRSchedule(cfg.train, self.progress.total_steps)
-        self.model, optimizer = self.accelerator.prepare(self.bundle.trainable, optimizer)
+        if cfg.train.fused_backward:  # one optimizer per parameter, stepped in the backward pass (fused_backward.py)
+            if self.world > 1:
+                raise ConfigError("train.fused_backward: true works in one process only (gradients of several "
+                                  "processes are averaged after the backward pass); turn it off for this run")
+            from .fused_backward import FusedBackwardOptimizer
+
+            self.model = self.accelerator.prepare(self.bundle.trainable)
+            optimizer = FusedBackwardOptimizer(_groups(self.bundle, params, cfg.train),
+                                               lambda g: build_optimizer(g, cfg.train, device=self.device))
+        else:
+            optimizer = build_optimizer(_groups(self.bundle, params, cfg.train), cfg.train, device=self.device)
+            self.model, optimizer = self.accelerator.prepare(self.bundle.trainable, optimizer)
+        self.block_swap = None
+        if cfg.train.blocks_to_swap:  # after prepare (which places the whole model on the device)
+            from .blockswap import install_block_swap
+
+            self.block_swap = install_block_swap(self.bundle.trainable, cfg.train.blocks_to_swap, device=self.device)
         if cfg.train.compile:
             self.model = torch.compile(self.model)
         self.ema: EmaWeights | None = None
         if cfg.train.ema:
             self.ema = EmaWeights(params, names, decay=cfg.train.ema_decay,
                                   on_cpu=cfg.train.ema_on_cpu and self.device.type != "cpu")
-        self.steps = OptimizerStep(self.accelerator, self.model, optimizer, schedule, params, self.ema, cfg.train)
+        step_class = OptimizerStep
+        if cfg.train.fused_backward:
+            from .fused_backward import FusedOptimizerStep
+
+            step_class = FusedOptimizerStep
+        self.steps = step_class(self.accelerator, self.model, optimizer, schedule, params, self.ema, cfg.train)
         self.caches = FeatureCaches(cfg, self.bundle, self.accelerator)
         self.objective = DiffusionObjective(cfg, self.bundle, sched, self.model, self.accelerator, self.caches,
                                             self.batches)
         self.previews = Previews(cfg, self.bundle, sched, self.model, self.accelerator, self.ema,
                                  run_dir=self.run_dir, data_root=self.data_root, train_records=train_records,
                                  evaluation_weights=self.steps.evaluation_weights)
+        self.frozen_parts = None  # FrozenParts once park_frozen ran
         self.ready = True
+
+    def park_frozen(self) -> None:
+        """``train.offload_frozen``: the encoders whose work the complete caches hold go to CPU memory."""
+        if not self.config.train.offload_frozen:
+            return
+        from .offload import FrozenParts, frozen_encoders
+
+        latents = self.caches.feature_cache is not None
+        text = self.caches.text_cache is not None
+        parts = frozen_encoders(self.bundle, latents_cached=latents, text_cached=text)
+        if not parts:
+            log.warning("train.offload_frozen: nothing to move off the device (it needs data.cache_latents and/or "
+                        "data.cache_text_embeddings, with frozen text encoders)")
+            return
+        self.frozen_parts = FrozenParts(self.device)
+        self.frozen_parts.park(parts)
+        self.caches.frozen_parts = self.previews.frozen_parts = self.frozen_parts
 
     def mark_best(self, val_loss: float) -> None:
         assert self.run_dir is not None
@@ -198,6 +237,9 @@ class TrainingSession:
 
     # -- training (the loss and the step are methods here so that tests can wrap them) ---------------------
     def compute_loss(self, batch: dict[str, Any], micro: int) -> torch.Tensor:
+        if self.config.train.offload_activations:  # what the backward pass needs waits in CPU memory
+            with torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda"):
+                return self.objective.loss(batch, micro, self.step)
         return self.objective.loss(batch, micro, self.step)
 
     def optimizer_step(self, group: list[dict[str, Any]]) -> tuple[float, float, float]:
@@ -248,6 +290,24 @@ class TrainingSession:
     def close(self) -> None:
         if self.device.type == "cuda":  # free_memory runs a full gc.collect(): seconds of GIL in the app
             self.accelerator.free_memory()
+
+
+def fsdp_plugin(cfg: TrainConfig, warnings: list[str]) -> Any:
+    """``train.fsdp``: accelerate's FSDP plugin (full sharding of weights, gradients and optimizer states, the
+    denoiser's blocks wrapped by size) when the run has several processes; one process has nothing to shard."""
+    if not cfg.fsdp:
+        return None
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        warnings.append("train.fsdp = true ignored: this run has one process, so there is nothing to shard (start "
+                        "it with accelerate launch / torchrun on several GPUs)")
+        return None
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    return FullyShardedDataParallelPlugin(sharding_strategy="FULL_SHARD", auto_wrap_policy="size_based_wrap",
+                                          min_num_params=1_000_000, use_orig_params=True,
+                                          state_dict_type="FULL_STATE_DICT")
 
 
 def _groups(bundle: ModelBundle, params: list[torch.nn.Parameter], cfg: TrainConfig) -> list[dict[str, Any]]:

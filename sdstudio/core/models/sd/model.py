@@ -359,6 +359,10 @@ def build_sd_model(config: RunConfig, device: torch.device) -> SDBundle:
         for p in unet.parameters():
             if p.requires_grad:
                 p.data = p.data.float()  # trainable parameters are always fp32
+        if m.quantize != "none":  # frozen base linears (peft's base layers included) stored in 8 / 4 bits
+            from ..quantize import quantize_frozen_linears
+
+            quantize_frozen_linears(unet, m.quantize)
     else:
         unet.requires_grad_(True)
         unet.to(device, dtype=torch.float32)
@@ -367,7 +371,8 @@ def build_sd_model(config: RunConfig, device: torch.device) -> SDBundle:
     arch = {"family": comps.family, "base": str(Path(m.path).expanduser().resolve()),
             "vae": str(Path(m.vae_path).expanduser().resolve()) if m.vae_path else "", "lora": config.lora.model_dump() if lora else None,
             "prediction_type": comps.prediction_type, "zero_terminal_snr": comps.zero_terminal_snr,
-            "layers_per_block": int(unet.config.layers_per_block)}
+            "layers_per_block": int(unet.config.layers_per_block),
+            "quantize": m.quantize}
     if train_text:
         arch["train_text_encoder"] = True
         if lora:

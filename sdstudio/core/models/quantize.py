@@ -1,0 +1,146 @@
+"""Quantized frozen base weights under a LoRA (``model.quantize``): every frozen ``nn.Linear`` of the denoiser
+(the base layers peft wraps included) becomes a ``QuantizedLinear`` that stores its weight in 8 or 4 bits and
+computes in the activations' dtype (bf16 on a GPU, fp32 on the CPU).
+
+- ``fp8``: float8 e4m3fn storage with one fp32 scale per output row (absmax / 448); torch's own dtype, any device.
+- ``int8``: symmetric int8 with one fp32 scale per output row (absmax / 127), the scheme of torchao's and
+  bitsandbytes' int8 weight-only modes, in a few lines here so it runs (and is tested) on every device.
+- ``nf4``: QLoRA's 4-bit NormalFloat with double-quantized block scales, through torchao's ``NF4Tensor``
+  (extra ``sdstudio[quant]``).
+
+The matmul runs in a custom autograd function that saves the *stored* (quantized) weight for the backward pass,
+never a dequantized copy: otherwise every layer's full-precision weight would stay alive from the forward to the
+backward pass and the memory won back would be lost again. The trainable LoRA weights stay fp32; checkpoints
+and exports hold only them, so their keys are the same as without quantization.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+QUANTIZE_CHOICES = ("none", "fp8", "int8", "nf4")
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+NF4_BLOCK = 64  # weights per 4-bit block (QLoRA's)
+NF4_SCALER_BLOCK = 256  # block scales per double-quantized scale
+
+
+def _require_torchao() -> Any:
+    try:
+        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+    except ImportError:
+        raise ConfigError("model.quantize = 'nf4' needs torchao: pip install 'sdstudio[quant]'") from None
+    return to_nf4
+
+
+def quantize_tensor(weight: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(stored, scale): ``weight`` (out, in) in ``kind``'s storage; ``scale`` is per output row (empty for nf4)."""
+    w = weight.detach().float()
+    if kind == "nf4":
+        to_nf4 = _require_torchao()
+        if w.numel() % NF4_BLOCK:
+            return quantize_tensor(weight, "int8")  # not a whole number of 4-bit blocks (odd, tiny layers): int8
+        # the block scales are quantized in groups of NF4_SCALER_BLOCK (fewer when the layer has fewer blocks)
+        scaler_block = math.gcd(w.numel() // NF4_BLOCK, NF4_SCALER_BLOCK)
+        return to_nf4(w, block_size=NF4_BLOCK, scaler_block_size=scaler_block), torch.empty(0)
+    absmax = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
+    if kind == "fp8":
+        scale = absmax / FP8_MAX
+        return (w / scale).to(torch.float8_e4m3fn), scale
+    if kind == "int8":
+        scale = absmax / 127.0
+        return torch.round(w / scale).clamp(-127, 127).to(torch.int8), scale
+    raise ConfigError(f"model.quantize = {kind!r} is not known (allowed: {', '.join(QUANTIZE_CHOICES)})")
+
+
+def dequantize(stored: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if stored.dtype in (torch.float8_e4m3fn, torch.int8):
+        return (stored.to(torch.float32) * scale).to(dtype)
+    return stored.to(dtype)  # NF4Tensor: torchao dequantizes
+
+
+class _QuantizedMatmul(torch.autograd.Function):
+    """y = x W^T with W dequantized on the fly; the backward pass re-dequantizes the saved stored weight."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, stored: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(stored, scale)
+        ctx.x_dtype = x.dtype
+        return x @ dequantize(stored, scale, x.dtype).t()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+        stored, scale = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        return grad @ dequantize(stored, scale, grad.dtype), None, None
+
+
+class QuantizedLinear(nn.Module):
+    """A frozen linear layer whose weight is stored quantized (buffers ``stored`` and ``scale``); the bias (small)
+    keeps the weight dtype."""
+
+    def __init__(self, linear: nn.Linear, kind: str) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.kind = linear.in_features, linear.out_features, kind
+        stored, scale = quantize_tensor(linear.weight, kind)
+        device = linear.weight.device
+        self.register_buffer("stored", stored.to(device))
+        self.register_buffer("scale", scale.to(device))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+        self.compute_dtype = linear.weight.dtype
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight (for code that reads ``layer.weight``, e.g. its dtype; not used by forward)."""
+        return dequantize(self.stored, self.scale, self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _QuantizedMatmul.apply(x, self.stored, self.scale)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, quantize={self.kind}"
+
+
+def quantize_frozen_linears(module: nn.Module, kind: str) -> int:
+    """Replace every frozen ``nn.Linear`` inside ``module`` (peft's base layers included) by a QuantizedLinear;
+    returns how many. Trainable linears (LoRA's A/B) are left as they are."""
+    if kind == "none":
+        return 0
+    if kind == "nf4":
+        _require_torchao()
+    count = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear and not any(p.requires_grad for p in child.parameters()):
+                setattr(parent, name, QuantizedLinear(child, kind))
+                count += 1
+    return count
+
+
+def linear_bytes(module: nn.Module) -> float:
+    """Bytes of the quantized storage in ``module`` (for the memory estimate)."""
+    total = 0.0
+    for m in module.modules():
+        if isinstance(m, QuantizedLinear):
+            for t in (m.stored, m.scale, m.bias):
+                if t is not None:
+                    total += _storage_bytes(t)
+    return total
+
+
+def _storage_bytes(t: torch.Tensor) -> float:
+    inner = [getattr(t, name) for name in ("quantized_data", "quantized_scalers", "quantization_factor",
+                                           "scaler_mean", "nf4") if isinstance(getattr(t, name, None), torch.Tensor)]
+    if inner:
+        return float(sum(x.numel() * x.element_size() for x in inner))
+    return float(t.numel() * t.element_size())
+
