@@ -61,7 +61,6 @@ def sample_sigmas(n: int, cfg: FlowConfig, shift: float, generator: torch.Genera
     u = compute_density_for_timestep_sampling(cfg.timestep_sampling, n, logit_mean=cfg.logit_mean,
                                               logit_std=cfg.logit_std, mode_scale=cfg.mode_scale,
                                               device=device, generator=generator)
-    u = u.clamp(cfg.t_min, cfg.t_max)
     return shift_sigmas(u.float(), shift)
 
 
