@@ -41,6 +41,8 @@ def load_flux_for_sampling(family: ModelFamily, path: Path, device: torch.device
     bundle.weight_dtype = wdtype
     bundle.trainable.weight_dtype = wdtype  # type: ignore[assignment]
     bundle.trainable.eval()
+    down = 2 ** (len(c.vae.config.block_out_channels) - 1)
+    bundle.sample_size = int(c.vae.config.sample_size) // down  # the model's native size (1024 px)
     bundle.train_guidance = family.sampling.guidance if bundle.train_guidance is not None else None
     assert family.flow is not None
     return LoadedBaseModel(bundle, FlowSchedule(config.flow, family.flow), device, path, family.name,
