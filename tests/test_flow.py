@@ -11,8 +11,17 @@ import pytest
 import torch
 
 from sdstudio.core.config import FlowConfig, LossConfig, RunConfig
-from sdstudio.core.flow import (FlowSchedule, flow_loss, loss_weights, noised, resolution_shift, sample_sigmas,
-                                shift_sigmas, training_shift, velocity)
+from sdstudio.core.flow import (
+    FlowSchedule,
+    flow_loss,
+    loss_weights,
+    noised,
+    resolution_shift,
+    sample_sigmas,
+    shift_sigmas,
+    training_shift,
+    velocity,
+)
 from sdstudio.core.models.bundle import ModelBundle
 from sdstudio.core.models.registry import get_family
 
@@ -138,7 +147,7 @@ def _objective(overrides: dict) -> object:
 def _drawn(overrides: dict, side: int = 64) -> torch.Tensor:
     obj = _objective(overrides)
     clean = torch.zeros(256, 16, side, side)
-    _, target, t = obj.noised(clean, obj._noise_generator(0, 0))
+    _, _, t = obj.noised(clean, obj._noise_generator(0, 0))
     return t
 
 

@@ -4,7 +4,6 @@ the kohya and diffusers exports (the latter reloaded with diffusers' own load_lo
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 from types import SimpleNamespace
@@ -302,3 +301,28 @@ def test_sample_a_flux_folder_with_the_exported_lora(trained: tuple[Path, list[f
     assert a.shape == b.shape == (1, 64, 64, 3)  # the model's native size (its VAE config's sample_size)
     assert (a != b).any()
     assert not (plain.generate(["a red circle"], [0], steps=3, guidance=1.0) == a).all()  # guidance is an input
+
+
+def test_config_keys_of_the_text_conditioning(flux_dev: Path) -> None:
+    """model.t5_max_length sets the T5 sequence; flow.guidance is what a dev model is fed while training
+    (and changes its prediction); a full fine-tune is refused when the model is built."""
+    family = get_family("flux-dev")
+    base = {"model.family": "flux-dev", "lora.enabled": True, "model.path": str(flux_dev), "data.resolution": 64}
+    short = family.build(RunConfig().with_overrides({**base, "model.t5_max_length": 8}), [])
+    cond = short.encode_captions(["a red circle"], torch.device("cpu"))
+    assert cond["states"].shape[1] == 8 and cond["pooled"].shape == (1, 32)
+    assert short.text_features(["x"], torch.device("cpu"))["states"].shape[1] == 8
+    default = family.build(RunConfig().with_overrides(base), [])
+    assert default.encode_captions(["x"], torch.device("cpu"))["states"].shape[1] == 512  # dev's default
+    guided = family.build(RunConfig().with_overrides({**base, "model.t5_max_length": 8, "flow.guidance": 4.0}), [])
+    cond4 = guided.encode_captions(["a red circle"], torch.device("cpu"))
+    assert float(cond["guidance"][0]) == 1.0 and float(cond4["guidance"][0]) == 4.0
+    x, t = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([0.5])
+    with torch.no_grad():
+        assert (short.trainable(x, t, cond) - guided.trainable(x, t, cond4)).abs().max() > 1e-4
+    from sdstudio.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="lora.enabled"):
+        family.build(RunConfig().with_overrides({**base, "lora.enabled": False}), [])
+    with pytest.raises(Exception, match="multiple of 16"):
+        RunConfig().with_overrides({**base, "data.resolution": 72})

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from tiny_models import TINY_TEXT_HIDDEN, tiny_text_config, tiny_tokenizer
+from tests.tiny_models import TINY_TEXT_HIDDEN, tiny_text_config, tiny_tokenizer
 
 T5_WIDTH = 32
 

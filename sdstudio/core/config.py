@@ -81,10 +81,11 @@ class ModelConfig(Section):
     # the registry's families (core/models/registry.py)
     family: Literal[FAMILY_NAMES] = Field(  # type: ignore[valid-type]
         "pixel", description="pixel: a small model trained from scratch in pixel space; sd1/sd2/sdxl: Stable "
-        "Diffusion fine-tunes.")
+        "Diffusion fine-tunes; flux-dev/flux-schnell: Flux.1 LoRAs (flow matching).")
     path: str = Field("", description="Base model: a diffusers folder or a .safetensors/.ckpt file "
-                      "(SD families).")
-    vae_path: str = Field("", description="Optional separate VAE file or folder.")
+                      "(SD families; Flux: the transformer file, e.g. flux1-dev.safetensors, bf16 or fp8).")
+    vae_path: str = Field("", description="Optional separate VAE file or folder (Flux as split files: "
+                          "ae.safetensors, required).")
     config_folder: str = Field("", description="diffusers config folder for a single-file model (empty = the "
                                "one sdstudio ships for the detected family).")
     conditional: bool = Field(True, description="Condition on captions (pixel family).")

@@ -150,7 +150,7 @@ def export_diffusers_lora(source: ExportSource, path: Path, *, dtype: torch.dtyp
                                        transformer_lora_adapter_metadata=adapter, safe_serialization=True,
                                        weight_name="lora.safetensors")
         with safe_open(str(Path(tmp) / "lora.safetensors"), framework="pt") as fh:
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 - safe_open is no mapping
             written = dict(fh.metadata() or {})
     meta = {**_metadata(source, path), **written, "ss_network_alpha": str(lora_rank(source))}
     return write_safetensors(tensors, path, meta, force=force)

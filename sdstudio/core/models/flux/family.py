@@ -64,8 +64,12 @@ class FluxFamily(ModelFamily):
               device: torch.device | None = None) -> FluxBundle:
         import torch
 
+        from ...errors import ConfigError
         from .model import build_flux_model
 
+        if not config.lora.enabled:  # refused here, not in config_problems: a new config is valid before it is set
+            raise ConfigError(f"lora.enabled: false, but {self.short_title} trains a LoRA (a full fine-tune of the "
+                              "12B transformer is not supported yet); set lora.enabled = true")
         bundle = build_flux_model(config, device or torch.device("cpu"))
         if bundle.family != self.name:
             raise ModelFileError(f"model.path {config.model.path}: a {bundle.model_family.title} model, but "
@@ -76,9 +80,6 @@ class FluxFamily(ModelFamily):
         problems = []
         if config.model.family != self.name:
             return problems
-        if not config.lora.enabled:
-            problems.append(f"lora.enabled: false, but {self.short_title} trains a LoRA (a full fine-tune of the "
-                            "12B transformer is not supported yet); set lora.enabled = true")
         if config.lora.text_encoder or config.train.train_text_encoder:
             problems.append(f"lora.text_encoder / train.train_text_encoder: {self.short_title} trains the transformer "
                             "only for now; turn them off")

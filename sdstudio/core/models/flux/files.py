@@ -55,7 +55,7 @@ def describe_keys(keys: list[str]) -> str:
 def _strip_prefix(state: Tensors) -> Tensors:
     for prefix in _PREFIXES:
         if any(k.startswith(prefix) for k in state):
-            return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+            return {k.removeprefix(prefix): v for k, v in state.items()}
     return state
 
 

@@ -14,8 +14,14 @@ import torch
 from ...config import RunConfig
 from ...errors import ConfigError
 from ...flow import FlowSchedule
-from ...sampling.from_files import LoadedBaseModel, LoraFileError, _first_reason, _lora_modules_in_file, cast_module
-from ..family import ModelFileError, ModelFamily
+from ...sampling.from_files import (
+    LoadedBaseModel,
+    LoraFileError,
+    _first_reason,
+    _lora_modules_in_file,
+    cast_module,
+)
+from ..family import ModelFamily, ModelFileError
 from ..registry import family_of_lora
 from .model import make_bundle
 
