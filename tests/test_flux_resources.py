@@ -25,7 +25,7 @@ def test_shipped_configs_have_the_published_sizes() -> None:
         t5 = T5EncoderModel(T5Config(**offline.T5_CONFIG))
         clip = CLIPTextModel(CLIPTextConfig(**offline.CLIP_L_CONFIG))
         vae = AutoencoderKL(**{k: v for k, v in offline.VAE_CONFIG.items() if not k.startswith("_")})
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    count = lambda m: sum(p.numel() for p in m.parameters())
     assert count(t5) == 4_893_906_944  # t5xxl_fp16.safetensors: 9.79 GB
     assert count(clip) == 123_060_480
     assert count(vae) == 83_819_683  # ae.safetensors
