@@ -326,6 +326,8 @@ def test_config_keys_of_the_text_conditioning(flux_dev: Path) -> None:
         family.build(RunConfig().with_overrides({**base, "lora.enabled": False}), [])
     with pytest.raises(Exception, match="multiple of 16"):
         RunConfig().with_overrides({**base, "data.resolution": 72})
+    with pytest.raises(Exception, match="flow.weighting"):
+        RunConfig().with_overrides({**base, "loss.min_snr_gamma": 5.0})
 
 
 @pytest.fixture(scope="module")

@@ -83,6 +83,9 @@ class FluxFamily(ModelFamily):
         if config.lora.text_encoder or config.train.train_text_encoder:
             problems.append(f"lora.text_encoder / train.train_text_encoder: {self.short_title} trains the transformer "
                             "only for now; turn them off")
+        if config.loss.min_snr_gamma > 0:
+            problems.append(f"loss.min_snr_gamma: {config.loss.min_snr_gamma} is a DDPM weighting; {self.short_title} "
+                            "trains by flow matching: set it to 0 and use flow.weighting")
         if config.data.resolution % 16:
             problems.append(f"data.resolution: {config.data.resolution} is not a multiple of 16 (Flux packs 2x2 "
                             "latent patches); use 512, 768, 1024, ...")
