@@ -82,10 +82,11 @@ class ModelConfig(Section):
     # the registry's families (core/models/registry.py)
     family: Literal[FAMILY_NAMES] = Field(  # type: ignore[valid-type]
         "pixel", description="pixel: a small model trained from scratch in pixel space; sd1/sd2/sdxl: Stable "
-        "Diffusion fine-tunes.")
+        "Diffusion fine-tunes; flux-dev/flux-schnell: Flux.1 LoRAs (flow matching).")
     path: str = Field("", description="Base model: a diffusers folder or a .safetensors/.ckpt file "
-                      "(SD families).")
-    vae_path: str = Field("", description="Optional separate VAE file or folder.")
+                      "(SD families; Flux: the transformer file, e.g. flux1-dev.safetensors, bf16 or fp8).")
+    vae_path: str = Field("", description="Optional separate VAE file or folder (Flux as split files: "
+                          "ae.safetensors, required).")
     config_folder: str = Field("", description="diffusers config folder for a single-file model (empty = the "
                                "one sdstudio ships for the detected family).")
     conditional: bool = Field(True, description="Condition on captions (pixel family).")
@@ -112,6 +113,15 @@ class ModelConfig(Section):
         "none", description="LoRA runs: store the frozen base weights of the denoiser's linear layers quantized "
         "(fp8 e4m3fn or int8 with per-row scales; nf4 = QLoRA's 4 bit, needs pip install 'sdstudio[quant]'), "
         "computed in the weight dtype; the LoRA stays fp32 and exports are unchanged.")
+    text_encoder_path: str = Field("", description="Flow-matching families given as split files: the CLIP-L "
+                                   "text-encoder file (clip_l.safetensors); empty = from model.path (a diffusers "
+                                   "folder).")
+    text_encoder_2_path: str = Field("", description="Flow-matching families given as split files: the T5-XXL "
+                                     "text-encoder file (t5xxl_fp16.safetensors, t5xxl_fp8_e4m3fn.safetensors); "
+                                     "empty = from model.path (a diffusers folder).")
+    t5_max_length: int = Field(0, ge=0, le=512, description="Caption length in T5 tokens (Flux: 0 = the "
+                               "family's default, 512 for dev, 256 for schnell); shorter is faster and smaller "
+                               "in the text cache.")
 
 
 class DiffusionConfig(Section):
@@ -163,6 +173,34 @@ class LossConfig(Section):
                                      "class images (data.reg_path).")
     timestep_min: int = Field(0, ge=0, description="Lowest training timestep.")
     timestep_max: int = Field(0, ge=0, description="Highest training timestep + 1 (0 = num_timesteps).")
+
+
+class FlowConfig(Section):
+    """Flow-matching families (Flux, SD3): how training timesteps are drawn and weighted (core/flow.py)."""
+
+    timestep_sampling: Literal["logit_normal", "uniform", "mode"] = Field(
+        "logit_normal", description="How training timesteps t in (0, 1) are drawn (SD3 paper): logit-normal "
+        "(flow.logit_mean / flow.logit_std), uniform, or mode (flow.mode_scale).")
+    logit_mean: float = Field(0.0, ge=-5.0, le=5.0, description="Mean of the logit-normal timestep density "
+                              "(above 0 = more time near noise).")
+    logit_std: float = Field(1.0, gt=0.0, le=5.0, description="Std of the logit-normal timestep density.")
+    mode_scale: float = Field(1.29, ge=-1.0, le=1.75, description="Scale of the 'mode' timestep density "
+                              "(SD3 paper: 1.29; 0 = uniform).")
+    shift: Literal["auto", "none", "fixed", "resolution"] = Field(
+        "auto", description="Shift of the drawn timesteps towards noise: auto = as the base model samples (Flux "
+        "dev: by resolution; schnell: none), fixed = flow.shift_value (SD3's shift), resolution = Flux's "
+        "shift from flow.base_shift .. flow.max_shift by image size.")
+    shift_value: float = Field(3.0, gt=0.0, le=20.0, description="The fixed shift (flow.shift = 'fixed'; "
+                               "1 = none, SD3 uses 3).")
+    base_shift: float = Field(0.5, ge=0.0, le=3.0, description="Resolution shift: log-shift at 256 image "
+                              "tokens (256 px).")
+    max_shift: float = Field(1.15, ge=0.0, le=3.0, description="Resolution shift: log-shift at 4096 image "
+                             "tokens (1024 px).")
+    weighting: Literal["none", "sigma_sqrt", "cosmap"] = Field(
+        "none", description="Loss weighting over timesteps (SD3 paper): none, sigma_sqrt (1/t^2), cosmap.")
+    guidance: float = Field(1.0, ge=0.0, le=20.0, description="Guidance-distilled models (Flux dev): the guidance "
+                            "value fed to the model while training (1.0 is what kohya / ai-toolkit users train "
+                            "with; sampling uses sample.guidance).")
 
 
 class TrainConfig(Section):
@@ -324,6 +362,7 @@ class RunConfig(BaseModel):
     sample: SampleConfig = Field(default_factory=SampleConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    flow: FlowConfig = Field(default_factory=FlowConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
 

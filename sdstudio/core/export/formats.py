@@ -23,7 +23,7 @@ class ExportFormat:
     name: str  # export.formats, --format
     label: str  # what the app's dialog shows
     folder: bool  # a folder (else one .safetensors file)
-    writer: str  # "module:function" in core/export/, unless the family names its own (export_writers)
+    writer: str  # "module:function" in core/export/, unless the family names its own (export_writers, full path)
     lora_only: bool = False  # only a LoRA run has something to write
     merges_lora: bool = False  # a LoRA run is merged into its base model
 
@@ -77,4 +77,6 @@ def writer_for(fmt: str, family: ModelFamily) -> Callable[..., Any]:
     """The function that writes ``fmt`` for ``family``: ``writer(source, out, *, dtype, force) -> Path``."""
     spec = family.export_writers.get(fmt) or get_format(fmt).writer
     module, _, function = spec.partition(":")
-    return getattr(importlib.import_module(f"{__package__}.{module}"), function)
+    # a family's own writer is named by its full module path ("sdstudio.core.models.flux.export:...")
+    module = module if module.startswith("sdstudio.") else f"{__package__}.{module}"
+    return getattr(importlib.import_module(module), function)

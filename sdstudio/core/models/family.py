@@ -51,6 +51,19 @@ class SingleFileTextEncoder:
     prefix: str
 
 
+@dataclass(frozen=True)
+class FlowDefaults:
+    """A flow-matching family's schedule, as its base model's scheduler config says (core/flow.py): the shift
+    its pipelines sample with, and train with under ``flow.shift = "auto"``."""
+
+    shift: float = 1.0  # the fixed (SD3) shift; 1.0 = none
+    dynamic: bool = False  # Flux dev: the shift follows the image size (exp of base_shift .. max_shift)
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_seq_len: int = 256
+    max_seq_len: int = 4096
+
+
 class ModelFamily:
     """One model family. Subclasses set the facts; the hooks at the bottom load and build its models."""
 
@@ -63,10 +76,11 @@ class ModelFamily:
     # -- how it trains --------------------------------------------------------------------------------------
     space: ClassVar[Literal["pixel", "latent"]] = "latent"  # what the denoiser sees
     latent_downscale: ClassVar[int] = 8  # image side / model-space side
-    # "diffusion": DDPM noise schedule, predicts epsilon / v / sample. Flow-matching families (Flux, SD3)
-    # will say "flow_matching" and bring their own schedule.
+    # "diffusion": DDPM noise schedule, predicts epsilon / v / sample. "flow_matching" (Flux, SD3): rectified
+    # flow, predicts the velocity (core/flow.py), with the schedule in ``flow``.
     objective: ClassVar[Literal["diffusion", "flow_matching"]] = "diffusion"
     default_prediction_type: ClassVar[str] = "epsilon"
+    flow: ClassVar[FlowDefaults | None] = None  # the schedule of a flow-matching family
     # True: the base model decides prediction type / zero terminal SNR (``ModelBundle.diffusion_for``);
     # False: the run's own diffusion settings apply (a model trained from scratch)
     base_model_decides_prediction: ClassVar[bool] = True

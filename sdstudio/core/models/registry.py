@@ -20,6 +20,9 @@ _PLUGINS: dict[str, str] = {
     "sd1": "sdstudio.core.models.sd.family:SD1Family",
     "sd2": "sdstudio.core.models.sd.family:SD2Family",
     "sdxl": "sdstudio.core.models.sd.family:SDXLFamily",
+    # schnell first: its LoRA marker ("flux1_schnell") is more specific than dev's ("flux1")
+    "flux-schnell": "sdstudio.core.models.flux.family:FluxSchnellFamily",
+    "flux-dev": "sdstudio.core.models.flux.family:FluxDevFamily",
 }
 FAMILY_NAMES: tuple[str, ...] = tuple(_PLUGINS)
 

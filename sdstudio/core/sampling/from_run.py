@@ -11,12 +11,12 @@ import numpy as np
 import torch
 
 from ..config import RunConfig
-from ..diffusion import training_scheduler
 from ..models.bundle import ModelBundle
 from ..presets import load_config_file
 from ..runs import resolve_checkpoint
 from ..runs.checkpoints import TOKENIZER
 from ..train import state as ckpt_state
+from ..train.objective import training_schedule
 from ..train.setup import build_model, pick_device
 from .sampler import generate
 
@@ -68,5 +68,5 @@ def load_trained(run_or_checkpoint: Path, checkpoint: Path | None = None, *, use
                     params[name].copy_(tensor)
         ema_used = True
     bundle.trainable.to(dev).eval()
-    sched = training_scheduler(bundle.diffusion_for(config.diffusion), pixel_space=bundle.model_family.pixel_space)
+    sched = training_schedule(config, bundle, dev)  # what its previews sampled with
     return LoadedModel(config, bundle, sched, dev, folder, ema_used)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..diffusion import sampling_scheduler, set_sampling_timesteps
+from ..flow import FlowSchedule
 from ..models.bundle import ModelBundle
 
 
@@ -54,6 +55,8 @@ def generate_pairs(bundle: ModelBundle, model: torch.nn.Module, train_sched: Any
                    steps: int, guidance: float, sampler: str, negative: str, device: torch.device,
                    autocast_dtype: torch.dtype | None) -> np.ndarray:
     """One batch: an image per (prompt, seed) pair, in order (the model in eval mode, under no_grad)."""
+    if bundle.model_family.objective == "flow_matching":
+        return flow_pairs(bundle, model, train_sched, pairs, steps, guidance, negative, device, autocast_dtype)
     sched = sampling_scheduler(train_sched, sampler)
     set_sampling_timesteps(sched, train_sched, steps, device)
     c, side = bundle.in_channels, bundle.sample_size
@@ -77,9 +80,47 @@ def generate_pairs(bundle: ModelBundle, model: torch.nn.Module, train_sched: Any
             else:
                 pred = model(inp, tt, cond).float()
         x = sched.step(pred, t, x, generator=gen).prev_sample
+    return _to_uint8(bundle, x)
+
+
+def _to_uint8(bundle: ModelBundle, x: torch.Tensor) -> np.ndarray:
     pixels = bundle.to_pixels(x).float().clamp(-1, 1)
-    arr = ((pixels + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return arr
+    return ((pixels + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def flow_pairs(bundle: ModelBundle, model: torch.nn.Module, schedule: FlowSchedule, pairs: list[tuple[str, int]],
+               steps: int, guidance: float, negative: str, device: torch.device,
+               autocast_dtype: torch.dtype | None) -> np.ndarray:
+    """A flow-matching model: Euler steps of diffusers' FlowMatchEulerDiscreteScheduler from t = 1 (noise),
+    shifted as the base model's pipeline does. A guidance-distilled model (its conditioning holds
+    ``guidance``, Flux dev) gets ``guidance`` as its guidance input; others use classifier-free guidance with
+    ``negative`` when guidance > 1 (``sample.sampler`` does not apply: there is one flow sampler)."""
+    c, side = bundle.in_channels, bundle.sample_size
+    x = torch.cat([torch.randn((1, c, side, side), generator=torch.Generator().manual_seed(int(s)))
+                   for _, s in pairs]).to(device)
+    patch = int(bundle.architecture.get("patch_size", 2))
+    sched = schedule.sampling_timesteps(max(1, int(steps)), (side // patch) ** 2, device)
+    prompts = [p for p, _ in pairs]
+    cond = bundle.encode_captions(prompts, device)
+    distilled = "guidance" in cond
+    use_cfg = not distilled and guidance > 1.0
+    if distilled:
+        cond["guidance"] = torch.full_like(cond["guidance"], float(guidance))
+    if use_cfg:
+        cond = bundle.encode_captions(prompts + [negative] * len(pairs), device)
+    ctx = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+           else torch.autocast(device.type, enabled=False))
+    for t in sched.timesteps:
+        tt = torch.full((x.shape[0],), float(t) / 1000.0, device=device)
+        with ctx:
+            if use_cfg:
+                pred = model(torch.cat([x, x]), torch.cat([tt, tt]), cond).float()
+                p_cond, p_uncond = pred.chunk(2)
+                pred = p_uncond + guidance * (p_cond - p_uncond)
+            else:
+                pred = model(x, tt, cond).float()
+        x = sched.step(pred, t, x).prev_sample
+    return _to_uint8(bundle, x)
 
 
 def make_grid(images: np.ndarray, rows: int, pad: int = 2, fill: int = 255) -> np.ndarray:

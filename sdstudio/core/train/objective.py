@@ -3,6 +3,7 @@ and the validation loss at fixed timesteps with fixed noise."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -11,12 +12,13 @@ from accelerate import Accelerator
 
 from ..config import RunConfig
 from ..data.dataset import collate
-from ..diffusion import diffusion_loss, sample_noise, target_for, training_timesteps
+from ..diffusion import diffusion_loss, sample_noise, target_for, training_scheduler, training_timesteps
 from ..models.bundle import ModelBundle
 from .batches import TrainingBatches
 from .caches import FeatureCaches
 
 VAL_BUCKETS = 10
+log = logging.getLogger("sdstudio")
 
 
 def _concat(a: Any, b: Any) -> Any:
@@ -33,6 +35,16 @@ class DiffusionObjective:
         self.caches, self.batches = caches, batches
         self.device = accelerator.device
         self.rank = accelerator.process_index
+
+    @staticmethod
+    def schedule(config: RunConfig, bundle: ModelBundle, device: torch.device) -> Any:
+        """The training noise schedule (a DDPMScheduler) as the base model needs it."""
+        diffusion = bundle.diffusion_for(config.diffusion)
+        if diffusion.zero_terminal_snr and not config.diffusion.zero_terminal_snr:
+            log.info("the base model is a zero-terminal-SNR model: training with a rescaled schedule")
+        sched = training_scheduler(diffusion, pixel_space=bundle.model_family.pixel_space)
+        sched.alphas_cumprod = sched.alphas_cumprod.to(device)
+        return sched
 
     def _noise_generator(self, step: int, micro: int) -> torch.Generator:
         # Seeded from (seed, step, micro-batch, rank): exact after a resume with no state to save.
@@ -109,3 +121,21 @@ class DiffusionObjective:
             model.train(was_training)
         per_bucket = [s / len(val) for s in sums]
         return float(np.mean(per_bucket)), per_bucket
+
+
+def _objectives() -> dict[str, Any]:
+    """ModelFamily.objective -> the class that trains it (its ``schedule`` makes the run's schedule)."""
+    from .flow_objective import FlowMatchingObjective
+
+    return {"diffusion": DiffusionObjective, "flow_matching": FlowMatchingObjective}
+
+
+def training_schedule(config: RunConfig, bundle: ModelBundle, device: torch.device) -> Any:
+    """What the run trains and samples with: a DDPM schedule, or a flow-matching ``FlowSchedule``."""
+    return _objectives()[bundle.model_family.objective].schedule(config, bundle, device)
+
+
+def make_objective(config: RunConfig, bundle: ModelBundle, sched: Any, model: Any, accelerator: Accelerator,
+                   caches: FeatureCaches, batches: TrainingBatches) -> Any:
+    """The objective the bundle's family trains (``ModelFamily.objective``)."""
+    return _objectives()[bundle.model_family.objective](config, bundle, sched, model, accelerator, caches, batches)

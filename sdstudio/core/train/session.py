@@ -3,7 +3,8 @@
 - ``progress`` (Progress) and ``early`` (EarlyStopping): where the run stands; advanced by the loop.
 - ``batches`` (TrainingBatches): the data, epoch order and loader (``prepare_data``).
 - ``caches`` (FeatureCaches): latent / text-embedding caches and a batch's conditioning.
-- ``objective`` (DiffusionObjective): the training and validation losses.
+- ``objective`` (DiffusionObjective / FlowMatchingObjective, as the family trains): the training and
+  validation losses.
 - ``steps`` (OptimizerStep): one guarded optimizer step (+ schedule, scaler, EMA update).
 - ``previews`` (Previews): sample grids and FID/KID images under the EMA weights.
 - ``evaluation`` (RunEvaluation): FID/KID during the run.
@@ -21,7 +22,6 @@ import torch
 from accelerate import Accelerator
 
 from ..config import RunConfig, TrainConfig
-from ..diffusion import training_scheduler
 from ..errors import ConfigError, DatasetError
 from ..models.bundle import ModelBundle
 from ..presets import config_to_toml
@@ -34,7 +34,7 @@ from .checkpoint import CheckpointInfo, prune_checkpoints, write_checkpoint
 from .ema import EmaWeights
 from .evaluation import RunEvaluation
 from .memory import estimate_memory, memory_advice
-from .objective import DiffusionObjective
+from .objective import make_objective, training_schedule
 from .optim import LRSchedule, build_optimizer, optimizer_warnings, param_groups
 from .previews import Previews
 from .progress import EarlyStopping, Progress
@@ -131,11 +131,7 @@ class TrainingSession:
                     if hasattr(module, fn):
                         getattr(module, fn)()
                         break
-        diffusion = self.bundle.diffusion_for(cfg.diffusion)
-        if diffusion.zero_terminal_snr and not cfg.diffusion.zero_terminal_snr:
-            log.info("the base model is a zero-terminal-SNR model: training with a rescaled schedule")
-        sched = training_scheduler(diffusion, pixel_space=self.bundle.model_family.pixel_space)
-        sched.alphas_cumprod = sched.alphas_cumprod.to(self.device)
+        sched = training_schedule(cfg, self.bundle, self.device)  # the family's objective says which
         params = [p for p in self.bundle.trainable.parameters() if p.requires_grad]
         names = [n for n, p in self.bundle.trainable.named_parameters() if p.requires_grad]
         schedule = LRSchedule(cfg.train, self.progress.total_steps)
@@ -169,8 +165,8 @@ class TrainingSession:
             step_class = FusedOptimizerStep
         self.steps = step_class(self.accelerator, self.model, optimizer, schedule, params, self.ema, cfg.train)
         self.caches = FeatureCaches(cfg, self.bundle, self.accelerator)
-        self.objective = DiffusionObjective(cfg, self.bundle, sched, self.model, self.accelerator, self.caches,
-                                            self.batches)
+        self.objective = make_objective(cfg, self.bundle, sched, self.model, self.accelerator, self.caches,
+                                        self.batches)
         self.previews = Previews(cfg, self.bundle, sched, self.model, self.accelerator, self.ema,
                                  run_dir=self.run_dir, data_root=self.data_root, train_records=train_records,
                                  evaluation_weights=self.steps.evaluation_weights)

@@ -21,7 +21,7 @@ ESSENTIALS = ("data.path", "model.family", "model.path", "data.resolution", "tra
               "train.batch_size", "train.max_steps", "train.epochs", "name")
 SECTION_TITLES = {"data": "Data", "model": "Model", "diffusion": "Diffusion (noise schedule)", "loss": "Loss",
                   "train": "Training", "sample": "Samples", "checkpoint": "Checkpoints", "lora": "LoRA",
-                  "eval": "Evaluation (FID / KID)", "export": "Automatic export"}
+                  "flow": "Flow matching (Flux)", "eval": "Evaluation (FID / KID)", "export": "Automatic export"}
 EXPANDED = {"train", "sample"}
 HIDDEN = {"schema_version"}
 _KEY_RE = re.compile(r"\b([a-z_]+\.[a-z_]+)\b")

@@ -1,0 +1,161 @@
+"""Flux LoRA exports.
+
+- **kohya** (sd-scripts' names; ComfyUI, Forge and diffusers load them): ``lora_unet_double_blocks_0_img_attn_qkv``,
+  ``..._img_attn_proj``, ``..._img_mlp_0``, ``..._img_mod_lin``, ``lora_unet_single_blocks_0_linear1`` /
+  ``_linear2`` / ``_modulation_lin``, each ``.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``. The original
+  layout fuses q/k/v (and a single block's MLP input into ``linear1``); the LoRAs trained on diffusers' split
+  layers are stacked into one LoRA of the fused weight: downs concatenated, ups block-diagonal (sd-scripts'
+  split-qkv files are written so). Its rank is the sum of the parts' ranks, so the up weights carry the factor
+  that keeps alpha / rank exactly the trained scale: every consumer applies the trained strength.
+- **diffusers** (``transformer.<module>.lora_A/B.weight``, written by FluxPipeline.save_lora_weights): alpha /
+  rank is folded into lora_B and alpha = rank is recorded, since ComfyUI never reads the adapter metadata
+  (reference/formats.md). This is the default: diffusers and ComfyUI load all of it at the same strength.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from ...errors import UserError
+from ...export.metadata import cast, training_metadata, write_safetensors
+from ...export.source import ExportSource, lora_peft_state
+from .files import DOUBLE_FUSED, DOUBLE_NAMES, SINGLE_FUSED, SINGLE_NAMES
+
+_PEFT_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
+_BLOCK = re.compile(r"^(?P<kind>transformer_blocks|single_transformer_blocks)\.(?P<i>\d+)\.(?P<rest>.+)$")
+
+
+def _pairs(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """module -> {"A": down, "B": up} from PEFT-named tensors."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        m = _PEFT_KEY.match(key)
+        if m is None:
+            raise UserError(f"Flux LoRA export: unexpected LoRA tensor {key!r}")
+        out.setdefault(m["module"], {})[m["ab"]] = tensor
+    return out
+
+
+def _stack(parts: list[dict[str, torch.Tensor] | None], outs: list[int], scale: float
+           ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One LoRA of a fused weight from the LoRAs of its parts (None: a part without a LoRA, zero rows):
+    down = the parts' downs concatenated, up = block-diagonal, times ``scale`` (the parts' alpha / rank over the
+    stacked alpha / rank). Returns (down, up, rank)."""
+    downs = [p["A"].float() for p in parts if p is not None]
+    rank = sum(d.shape[0] for d in downs)
+    up = torch.zeros(sum(outs), rank)
+    row = col = 0
+    for part, n in zip(parts, outs):
+        if part is not None:
+            r = part["A"].shape[0]
+            up[row:row + n, col:col + r] = part["B"].float()
+            col += r
+        row += n
+    return torch.cat(downs), up * scale, rank
+
+
+def kohya_state(source: ExportSource, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The run's transformer LoRA in sd-scripts' Flux key names (fused q/k/v stacked, the real alpha)."""
+    lora = source.lora
+    assert lora is not None
+    alpha, rank = float(lora["alpha"]), int(lora["rank"])
+    pairs = _pairs(lora_peft_state(source, "transformer."))
+    out: dict[str, torch.Tensor] = {}
+
+    def put(name: str, down: torch.Tensor, up: torch.Tensor) -> None:
+        out[f"lora_unet_{name}.lora_down.weight"] = down
+        out[f"lora_unet_{name}.lora_up.weight"] = up
+        out[f"lora_unet_{name}.alpha"] = torch.tensor(alpha)
+
+    blocks: dict[tuple[str, int], dict[str, dict[str, torch.Tensor]]] = {}
+    for module, pair in pairs.items():
+        m = _BLOCK.match(module)
+        if m is None:
+            raise UserError(f"Flux kohya export: the LoRA module {module!r} is outside the transformer blocks")
+        blocks.setdefault((m["kind"], int(m["i"])), {})[m["rest"]] = pair
+    for (kind, i), modules in sorted(blocks.items()):
+        double = kind == "transformer_blocks"
+        prefix = f"double_blocks_{i}" if double else f"single_blocks_{i}"
+        names, fused = (DOUBLE_NAMES, DOUBLE_FUSED) if double else (SINGLE_NAMES, SINGLE_FUSED)
+        done: set[str] = set()
+        for original, parts in fused.items():
+            present = [modules.get(p) for p in parts]
+            if not any(present):
+                continue
+            outs = [_out_features(source, kind, p, modules.get(p)) for p in parts]
+            n = sum(1 for p in present if p is not None)
+            down, up, _ = _stack(present, outs, scale=float(n))  # alpha / (n r) * (n up) = alpha / r * up
+            put(f"{prefix}_{original.replace('.', '_')}", down, up)
+            done.update(p for p in parts if p in modules)
+        for rest, pair in modules.items():
+            if rest in done:
+                continue
+            if rest not in names:
+                raise UserError(f"Flux kohya export: no original-layout name for {kind}.{i}.{rest}")
+            put(f"{prefix}_{names[rest].replace('.', '_')}", pair["A"], pair["B"])
+    del rank
+    return cast(out, dtype)
+
+
+def _out_features(source: ExportSource, kind: str, part: str, pair: dict[str, torch.Tensor] | None) -> int:
+    """Rows of a part of a fused weight: from its LoRA when trained, else from the model's widths."""
+    if pair is not None:
+        return int(pair["B"].shape[0])
+    arch = source.architecture
+    inner = int(arch.get("inner_dim", 3072))
+    return int(inner * 4) if part == "proj_mlp" else inner
+
+
+def _metadata(source: ExportSource, path: Path) -> dict[str, str]:
+    meta = training_metadata(source, title=path.stem, lora=True)
+    meta.pop("modelspec.prediction_type", None)  # flow matching: no epsilon / v
+    meta["modelspec.implementation"] = "https://github.com/black-forest-labs/flux"
+    meta["ss_network_module"] = "networks.lora_flux"
+    return meta
+
+
+def export_kohya_lora(source: ExportSource, path: Path, *, dtype: torch.dtype = torch.float16,
+                      force: bool = False) -> Path:
+    return write_safetensors(kohya_state(source, dtype), path, _metadata(source, path), force=force)
+
+
+def diffusers_state(source: ExportSource) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """PEFT tensors with alpha / rank folded into lora_B, and the adapter config with alpha = rank."""
+    from peft import LoraConfig
+
+    from .model import LORA_TARGETS
+
+    lora = source.lora
+    assert lora is not None
+    scale = float(lora["alpha"]) / int(lora["rank"])
+    state = {k: (v.float() * scale if ".lora_B." in k else v) for k, v in lora_peft_state(source, "transformer.").items()}
+    cfg = LoraConfig(r=int(lora["rank"]), lora_alpha=float(lora["rank"]), target_modules=LORA_TARGETS[lora["targets"]],
+                     init_lora_weights="gaussian").to_dict()
+    return state, {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
+
+
+def export_diffusers_lora(source: ExportSource, path: Path, *, dtype: torch.dtype = torch.float16,
+                          force: bool = False) -> Path:
+    from diffusers import FluxPipeline
+
+    state, adapter = diffusers_state(source)
+    with tempfile.TemporaryDirectory(prefix="sdstudio-export-") as tmp:
+        FluxPipeline.save_lora_weights(tmp, transformer_lora_layers=cast(state, dtype),
+                                       transformer_lora_adapter_metadata=adapter, safe_serialization=True,
+                                       weight_name="lora.safetensors")
+        with safe_open(str(Path(tmp) / "lora.safetensors"), framework="pt") as fh:
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 - safe_open is no mapping
+            written = dict(fh.metadata() or {})
+    meta = {**_metadata(source, path), **written, "ss_network_alpha": str(lora_rank(source))}
+    return write_safetensors(tensors, path, meta, force=force)
+
+
+def lora_rank(source: ExportSource) -> int:
+    assert source.lora is not None
+    return int(source.lora["rank"])

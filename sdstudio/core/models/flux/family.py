@@ -1,0 +1,139 @@
+"""The Flux.1 families: dev (guidance-distilled: a guidance input, trained with a fixed guidance value) and
+schnell (timestep-distilled, no guidance input). One code base (``files.py``, ``model.py``, ``export.py``),
+different data. Both train by flow matching (``core/flow.py``); SD3.5 and Chroma will be families of the same
+shape (their own sub-packages, ``objective = "flow_matching"`` and their ``FlowDefaults``)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ..family import FlowDefaults, ModelFamily, ModelFileError, SamplingDefaults
+from .model import LORA_TARGETS
+
+if TYPE_CHECKING:
+    import torch
+
+    from ...config import RunConfig
+    from ...sampling.from_files import LoadedBaseModel
+    from .model import FluxBundle
+
+_NO_FULL_EXPORT = ("Flux runs train a LoRA; merging it into a Flux model file is not supported yet: export "
+                   "it as kohya or diffusers.")
+
+
+@functools.lru_cache(maxsize=16)
+def _variant(path: str, mtime_ns: int, size: int) -> str | None:
+    from .files import model_variant
+
+    return model_variant(Path(path))
+
+
+class FluxFamily(ModelFamily):
+    """What Flux.1 dev and schnell share: a flow-matching transformer on 16-channel latents, CLIP-L + T5."""
+
+    variant: ClassVar[str]
+    space = "latent"
+    latent_downscale = 8
+    objective = "flow_matching"
+    default_prediction_type = "flow"
+    text_encoders = ("text_encoder", "text_encoder_2")  # CLIP-L (pooled), T5-XXL (states)
+    lora_targets = LORA_TARGETS  # type: ignore[assignment]  # peft regexes
+    default_lora_targets = "attention_ff"
+    # kohya names: lora_te1_ = CLIP-L, lora_te3_ = T5 (as sd-scripts writes them for Flux)
+    kohya_text_prefixes: ClassVar[Mapping[str, str]] = {"text_encoder": "lora_te1", "text_encoder_2": "lora_te3"}
+    activation_bytes_per_pixel = 1.2e6  # not measured on a GPU yet: an upper guess (transformer, bf16)
+    unsupported_exports: ClassVar[Mapping[str, str]] = {"single-file": _NO_FULL_EXPORT,
+                                                         "diffusers-folder": _NO_FULL_EXPORT}
+    export_writers: ClassVar[Mapping[str, str]] = {
+        "kohya": "sdstudio.core.models.flux.export:export_kohya_lora",
+        "diffusers": "sdstudio.core.models.flux.export:export_diffusers_lora"}
+
+    def recognise(self, path: Path) -> bool:
+        if path.is_dir():
+            if not (path / "transformer" / "config.json").is_file():
+                return False
+        elif path.suffix.lower() != ".safetensors":
+            return False
+        stat = path.stat()
+        return _variant(str(path), stat.st_mtime_ns, stat.st_size) == self.variant
+
+    def build(self, config: RunConfig, captions: list[str], *, tokenizer_file: Path | None = None,
+              device: torch.device | None = None) -> FluxBundle:
+        import torch
+
+        from ...errors import ConfigError
+        from .model import build_flux_model
+
+        if not config.lora.enabled:  # refused here, not in config_problems: a new config is valid before it is set
+            raise ConfigError(f"lora.enabled: false, but {self.short_title} trains a LoRA (a full fine-tune of the "
+                              "12B transformer is not supported yet); set lora.enabled = true")
+        bundle = build_flux_model(config, device or torch.device("cpu"))
+        if bundle.family != self.name:
+            raise ModelFileError(f"model.path {config.model.path}: a {bundle.model_family.title} model, but "
+                                 f"model.family = {self.name!r}; set model.family = {bundle.family!r}")
+        return bundle
+
+    def config_problems(self, config: RunConfig) -> list[str]:
+        problems = []
+        if config.model.family != self.name:
+            return problems
+        if config.lora.text_encoder or config.train.train_text_encoder:
+            problems.append(f"lora.text_encoder / train.train_text_encoder: {self.short_title} trains the transformer "
+                            "only for now; turn them off")
+        if config.loss.min_snr_gamma > 0:
+            problems.append(f"loss.min_snr_gamma: {config.loss.min_snr_gamma} is a DDPM weighting; {self.short_title} "
+                            "trains by flow matching: set it to 0 and use flow.weighting")
+        if config.data.resolution % 16:
+            problems.append(f"data.resolution: {config.data.resolution} is not a multiple of 16 (Flux packs 2x2 "
+                            "latent patches); use 512, 768, 1024, ...")
+        return problems
+
+    def load_for_sampling(self, path: Path, device: torch.device, *, lora: Path | None = None,
+                          config_folder: Path | None = None, prediction_type: str = "auto") -> LoadedBaseModel:
+        from .sampling import load_flux_for_sampling
+
+        return load_flux_for_sampling(self, path, device, lora=lora, config_folder=config_folder)
+
+    def pipeline(self, bundle: Any) -> Any:
+        """A diffusers FluxPipeline around the bundle's modules (shared, not copied)."""
+        from diffusers import FluxPipeline
+
+        c = bundle.components
+        return FluxPipeline(scheduler=self.flow_scheduler(), vae=c.vae, text_encoder=c.text_encoder,
+                            tokenizer=c.tokenizer, text_encoder_2=c.text_encoder_2, tokenizer_2=c.tokenizer_2,
+                            transformer=c.transformer)
+
+    def flow_scheduler(self) -> Any:
+        from ...config import FlowConfig
+        from ...flow import FlowSchedule
+
+        assert self.flow is not None
+        return FlowSchedule(FlowConfig(), self.flow).sampler()
+
+
+class FluxDevFamily(FluxFamily):
+    name = "flux-dev"
+    variant = "dev"
+    title = "Flux.1 dev"
+    short_title = "Flux.1 dev"
+    # FLUX.1-dev's scheduler: the shift follows the image size (exp(0.5) at 256 px .. exp(1.15) at 1024 px)
+    flow = FlowDefaults(shift=3.0, dynamic=True, base_shift=0.5, max_shift=1.15)
+    sampling = SamplingDefaults(sampler="euler", steps=28, guidance=3.5)
+    kohya_base_version = "flux1"
+    modelspec_architecture = "flux-1-dev"
+    lora_metadata_markers = ("flux1", "flux-1-dev")
+
+
+class FluxSchnellFamily(FluxFamily):
+    name = "flux-schnell"
+    variant = "schnell"
+    title = "Flux.1 schnell"
+    short_title = "Flux.1 schnell"
+    flow = FlowDefaults(shift=1.0, dynamic=False)  # FLUX.1-schnell's scheduler: no shift
+    sampling = SamplingDefaults(sampler="euler", steps=4, guidance=0.0)
+    kohya_base_version = "flux1_schnell"
+    modelspec_architecture = "flux-1-schnell"
+    lora_metadata_markers = ("flux1_schnell", "flux-1-schnell")

@@ -1,0 +1,90 @@
+"""`sdstudio sample --model` for Flux: a diffusers Flux folder (or a transformer file with its text encoders
+and VAE in a config folder's layout), with an optional LoRA (kohya or diffusers names) applied by diffusers'
+own FluxPipeline.load_lora_weights."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ...config import RunConfig
+from ...errors import ConfigError
+from ...flow import FlowSchedule
+from ...sampling.from_files import (
+    LoadedBaseModel,
+    LoraFileError,
+    _first_reason,
+    _lora_modules_in_file,
+    cast_module,
+)
+from ..family import ModelFamily, ModelFileError
+from ..registry import family_of_lora
+from .model import make_bundle
+
+
+def load_flux_for_sampling(family: ModelFamily, path: Path, device: torch.device, *, lora: Path | None,
+                           config_folder: Path | None) -> LoadedBaseModel:
+    from .model import load_components
+
+    overrides: dict[str, Any] = {"model.family": family.name, "model.path": str(path), "train.device": "cpu",
+                                 "train.mixed_precision": "no", "lora.enabled": True, "data.resolution": 1024}
+    if config_folder is not None:
+        overrides["model.config_folder"] = str(config_folder)
+    try:
+        config = RunConfig().with_overrides(overrides)
+    except ConfigError as exc:
+        raise ModelFileError(f"model.path {path}: {exc}") from None
+    bundle = make_bundle(load_components(config), config, torch.device("cpu"), lora=False)
+    modules = apply_flux_lora(family, bundle, lora, path) if lora is not None else 0
+    wdtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    c = bundle.components
+    for module in (c.transformer, c.text_encoder, c.text_encoder_2, c.vae):
+        cast_module(module, device, wdtype).eval()
+    bundle.weight_dtype = wdtype
+    bundle.trainable.weight_dtype = wdtype  # type: ignore[assignment]
+    bundle.trainable.eval()
+    down = 2 ** (len(c.vae.config.block_out_channels) - 1)
+    bundle.sample_size = int(c.vae.config.sample_size) // down  # the model's native size (1024 px)
+    bundle.train_guidance = family.sampling.guidance if bundle.train_guidance is not None else None
+    assert family.flow is not None
+    return LoadedBaseModel(bundle, FlowSchedule(config.flow, family.flow), device, path, family.name,
+                           family.sampling.as_dict(), lora, modules,
+                           autocast_dtype=wdtype if wdtype != torch.float32 else None)
+
+
+def apply_flux_lora(family: ModelFamily, bundle: Any, lora: Path, model: Path) -> int:
+    """Load a Flux LoRA file onto the bundle's transformer with diffusers' own loader; the patched modules."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from safetensors import safe_open
+
+    if not lora.is_file() or lora.suffix.lower() != ".safetensors":
+        raise LoraFileError(f"lora {lora}: expected a .safetensors LoRA file")
+    with safe_open(str(lora), framework="pt") as fh:
+        keys = list(fh.keys())
+        meta = dict(fh.metadata() or {})
+    claimed = family_of_lora(meta)
+    if claimed is not None and claimed.objective != family.objective:  # a dev LoRA on schnell is fine
+        raise LoraFileError(f"lora {lora}: a LoRA for {claimed.title} models, but {model} is {family.title}")
+    from diffusers.utils import logging as diffusers_logging
+
+    pipe = family.pipeline(bundle)  # type: ignore[attr-defined]
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="sdstudio")
+    except Exception as exc:  # noqa: BLE001 - diffusers / peft raise many kinds for a LoRA that does not fit
+        raise LoraFileError(f"lora {lora}: does not fit the {family.title} model {model} ({_first_reason(exc)})") \
+            from None
+    finally:
+        diffusers_logging.set_verbosity(level)
+    patched = sum(1 for sub in bundle.components.transformer.modules() if isinstance(sub, BaseTunerLayer))
+    if patched == 0:
+        raise LoraFileError(f"lora {lora}: none of its {_lora_modules_in_file(keys)} modules matches a layer of "
+                            f"{model}; is it a LoRA for another model family?")
+    return patched
