@@ -16,8 +16,9 @@ from torch.utils.data import Dataset
 from ..config import RunConfig
 from ..errors import DatasetError
 from .buckets import BucketSize
+from .captions import decorate_caption, folder_trigger, process_caption
 from .images import load_with_info
-from .scan import ImageRecord, process_caption
+from .scan import ImageRecord
 from .transforms import AugmentSettings, Prepared, prepare, to_tensor_array
 
 
@@ -37,8 +38,10 @@ class ImageCaptionDataset(Dataset):
     """Items are dicts: ``pixels`` (3xHxW float32 in [-1, 1]), ``caption``, and for SDXL's size
     conditioning ``original_size`` (h, w), ``crop_top_left`` (y, x), ``target_size`` (h, w)."""
 
-    def __init__(self, records: Sequence[ImageRecord], config: RunConfig, *, train: bool = True) -> None:
+    def __init__(self, records: Sequence[ImageRecord], config: RunConfig, *, train: bool = True,
+                 decorate: bool = True) -> None:
         self.records = list(records)
+        self.decorate = decorate  # trigger word / prefix / suffix (not on DreamBooth class images)
         self.config = config
         self.train = train
         self.aug = AugmentSettings.from_config(config.data)
@@ -75,23 +78,35 @@ class ImageCaptionDataset(Dataset):
             self._cache[cache_key] = result
         return result
 
-    def caption(self, index: int, rng: random.Random | None) -> str:
-        caps = self.records[index].captions
-        if not caps:
-            return ""
-        if rng is None:
-            return caps[0]
-        text = caps[rng.randrange(len(caps))] if len(caps) > 1 else caps[0]
+    def caption(self, index: int, rng: random.Random | None, epoch: int = 0) -> str:
+        """The caption of record ``index`` for one step: one of its alternative captions (one line each),
+        picked once per epoch from (seed, epoch, index), so every repeat of an epoch and a resumed run pick
+        the same; then the folder trigger word, prefix and suffix; then dropout, tag shuffling and tag
+        dropout from ``rng``. ``rng=None`` (validation, previews): the first caption, decorated, as written."""
+        record = self.records[index]
+        caps = record.captions
         d = self.config.data
+        if rng is None or len(caps) < 2:
+            text = caps[0] if caps else ""
+        else:
+            text = caps[_rng(self.seed, epoch, index, 0x5EED).randrange(len(caps))]
+        if self.decorate:
+            folder_tag = folder_trigger(record.concept) if d.folder_trigger else ""
+            if folder_tag and record.caption_source == "folder":
+                text = ""  # the folder's name is the caption already: it becomes the trigger tag, once
+            text = decorate_caption(text, prefix=d.caption_prefix, suffix=d.caption_suffix,
+                                    folder_tag=folder_tag)
+        if rng is None or not text:
+            return text
         return process_caption(text, rng, shuffle_tags=d.shuffle_tags, keep_tokens=d.keep_tokens,
-                               dropout=d.caption_dropout if self.train else 0.0)
+                               dropout=d.caption_dropout if self.train else 0.0, tag_dropout=d.tag_dropout)
 
     def __getitem__(self, key: SampleKey | int) -> dict[str, object]:
         if isinstance(key, int):
             key = SampleKey(key, 0, key)
         rng = _rng(self.seed, key.epoch, key.position, key.index) if self.train else None
         item = self.prepared(key.index, rng, key.size)
-        return {"pixels": torch.from_numpy(to_tensor_array(item.array)), "caption": self.caption(key.index, rng),
+        return {"pixels": torch.from_numpy(to_tensor_array(item.array)), "caption": self.caption(key.index, rng, key.epoch),
                 "original_size": item.original_size, "crop_top_left": item.crop_top_left,
                 "target_size": item.target_size}
 

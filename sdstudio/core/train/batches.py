@@ -72,7 +72,7 @@ class TrainingBatches:
             if not reg.records:
                 raise DatasetError(f"data.reg_path {cfg.data.reg_path}: no usable class image; fix the folder or "
                                    "leave data.reg_path empty")
-            self.reg_dataset = ImageCaptionDataset(reg.records, cfg, train=True)
+            self.reg_dataset = ImageCaptionDataset(reg.records, cfg, train=True, decorate=False)
             log.info("DreamBooth: %d class images, prior loss weight %g", len(reg.records),
                      cfg.loss.prior_loss_weight)
         self.val_dataset = ImageCaptionDataset(self.data.val, cfg, train=False)

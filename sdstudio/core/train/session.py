@@ -121,6 +121,7 @@ class TrainingSession:
         train_records = self.batches.data.train
         captions = sorted({c for r in train_records for c in r.captions}) + list(cfg.sample.prompts)
         captions += [cfg.data.instance_prompt, cfg.sample.negative_prompt]
+        captions += [self.batches.images.caption(i, None) for i in range(len(self.batches.images))]  # + trigger words
         self.bundle = build_model(cfg, captions, tokenizer_file=tokenizer_file, device=self.device)
         if cfg.train.gradient_checkpointing:
             for module in self.bundle.save_modules.values():
