@@ -51,6 +51,8 @@ class DataConfig(Section):
                                   "text encoders read: 75 (one window), 150 or 225 (the caption cut into windows "
                                   "of 75 tokens, encoded apart and concatenated, as A1111 and kohya do); "
                                   "families with CLIP encoders.")
+    mask_from_alpha: bool = Field(False, description="Masked training (loss.masked): an image without a mask "
+                                  "file uses its alpha channel as the mask (transparent = not trained).")
     folder_trigger: bool = Field(False, description="kohya layout: put each folder's name without the repeats "
                                  "('10_sks dog' -> 'sks dog') in front of its images' captions, as their first "
                                  "tag (a per-folder trigger word).")
@@ -148,6 +150,12 @@ class LossConfig(Section):
                                       "(0.1 is usual).")
     prior_loss_weight: float = Field(1.0, ge=0.0, le=10.0, description="DreamBooth: weight of the loss on "
                                      "class images (data.reg_path).")
+    masked: bool = Field(False, description="Masked training: weigh each pixel's loss by the image's mask "
+                         "(name.mask.png beside it, masks/<name> beside the images, or its alpha channel with "
+                         "data.mask_from_alpha; white = train, black = ignore), cropped and flipped with the "
+                         "image, scaled to the latents, cached with them. Images without a mask train fully.")
+    unmasked_weight: float = Field(0.0, ge=0.0, le=1.0, description="Masked training: loss weight of the "
+                                   "masked-out (black) pixels (0 = ignored; 0.1 keeps some background).")
     timestep_min: int = Field(0, ge=0, description="Lowest training timestep.")
     timestep_max: int = Field(0, ge=0, description="Highest training timestep + 1 (0 = num_timesteps).")
 

@@ -19,6 +19,7 @@ from .buckets import BucketSize
 from .captions import decorate_caption, folder_trigger, process_caption
 from .images import load_with_info
 from .scan import ImageRecord
+from .training_masks import MaskSource, find_mask, load_mask
 from .transforms import AugmentSettings, Prepared, prepare, to_tensor_array
 
 
@@ -48,6 +49,10 @@ class ImageCaptionDataset(Dataset):
         self.seed = config.train.seed
         self._cache: dict[tuple[int, BucketSize | None], Prepared] = {}
         self.cache_enabled = config.data.cache_in_memory
+        # masked training (loss.masked): each record's mask, None where it has none (it then trains fully)
+        self.masked = bool(config.loss.masked) and train
+        self.mask_sources: list[MaskSource | None] = (
+            [find_mask(r.path, from_alpha=config.data.mask_from_alpha) for r in self.records] if self.masked else [])
 
     def __len__(self) -> int:
         return len(self.records)
@@ -73,7 +78,9 @@ class ImageCaptionDataset(Dataset):
             return self._cache[cache_key]
         target = size or BucketSize(self.aug.resolution, self.aug.resolution)
         img, original = self._load(index, target)
-        result = prepare(img, self.aug, None if static else rng, target, original=original)
+        source = self.mask_sources[index] if self.masked else None
+        mask = load_mask(source, original) if source is not None else None
+        result = prepare(img, self.aug, None if static else rng, target, original=original, mask=mask)
         if static and self.cache_enabled:
             self._cache[cache_key] = result
         return result
@@ -106,9 +113,14 @@ class ImageCaptionDataset(Dataset):
             key = SampleKey(key, 0, key)
         rng = _rng(self.seed, key.epoch, key.position, key.index) if self.train else None
         item = self.prepared(key.index, rng, key.size)
-        return {"pixels": torch.from_numpy(to_tensor_array(item.array)), "caption": self.caption(key.index, rng, key.epoch),
-                "original_size": item.original_size, "crop_top_left": item.crop_top_left,
-                "target_size": item.target_size}
+        out: dict[str, object] = {"pixels": torch.from_numpy(to_tensor_array(item.array)),
+                                  "caption": self.caption(key.index, rng, key.epoch),
+                                  "original_size": item.original_size, "crop_top_left": item.crop_top_left,
+                                  "target_size": item.target_size}
+        if self.masked:  # 1xHxW in [0, 1]; all ones for an image without a mask
+            out["mask"] = (torch.from_numpy(item.mask.astype("float32") / 255.0)[None] if item.mask is not None
+                           else torch.ones((1, *item.array.shape[:2])))
+        return out
 
 
 def collate(items: list[dict[str, object]]) -> dict[str, object]:
@@ -117,11 +129,14 @@ def collate(items: list[dict[str, object]]) -> dict[str, object]:
     shapes = {tuple(i["pixels"].shape) for i in items}  # type: ignore[union-attr]
     if len(shapes) > 1:
         raise DatasetError(f"a batch mixes image sizes {sorted(shapes)}; batches must come from one bucket")
-    return {"pixels": torch.stack([i["pixels"] for i in items]),  # type: ignore[misc]
-            "captions": [i["caption"] for i in items],
-            "original_size": torch.tensor([i["original_size"] for i in items], dtype=torch.long),
-            "crop_top_left": torch.tensor([i["crop_top_left"] for i in items], dtype=torch.long),
-            "target_size": torch.tensor([i["target_size"] for i in items], dtype=torch.long)}
+    out = {"pixels": torch.stack([i["pixels"] for i in items]),  # type: ignore[misc]
+           "captions": [i["caption"] for i in items],
+           "original_size": torch.tensor([i["original_size"] for i in items], dtype=torch.long),
+           "crop_top_left": torch.tensor([i["crop_top_left"] for i in items], dtype=torch.long),
+           "target_size": torch.tensor([i["target_size"] for i in items], dtype=torch.long)}
+    if "mask" in items[0]:  # masked training: Bx1xHxW
+        out["masks"] = torch.stack([i["mask"] for i in items])  # type: ignore[misc]
+    return out
 
 
 class EpochOrder:
