@@ -211,6 +211,9 @@ class TrainConfig(Section):
 
 class SampleConfig(Section):
     prompts: list[str] = Field(default_factory=list, description="Prompts of the preview grid.")
+    prompts_file: str = Field("", description="A prompts file in kohya's format, its prompts shown after "
+                              "sample.prompts: one a line, '#' comments, options --n negative prompt, --w / --h "
+                              "size, --s steps, --l guidance, --d seed (see docs/cli.md).")
     negative_prompt: str = Field("", description="Negative prompt (with guidance).")
     seeds: list[int] = Field([0, 1, 2, 3], min_length=1, description="Seeds: one image per seed and "
                              "prompt.")
