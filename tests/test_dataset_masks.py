@@ -53,7 +53,7 @@ def test_mask_files_are_not_images_and_the_report_lists_them(tmp_path: Path) -> 
     scan = scan_dataset(root, decode=True)
     assert sorted(r.path.name for r in scan.records) == ["cut.png", "opaque.png", "plain.jpg"]
     report = build_report(scan)
-    assert report["counts"]["masked"] == 1 and report["masks"] == {"images": ["plain.jpg"]}
+    assert report["counts"]["masked"] == 1 and report["masks"]["images"] == ["plain.jpg"]
     assert "Masks:   1 of 3 images have a training mask" in format_report(report)
     kohya = tmp_path / "k"
     (kohya / "2_dog").mkdir(parents=True)

@@ -294,14 +294,14 @@ def test_huber_and_pseudo_huber_with_per_sample_deltas() -> None:
     err = torch.tensor([0.05, 2.0]).view(2, 1, 1, 1)
     zero = torch.zeros_like(err)
     deltas = torch.tensor([0.1, 0.5])
-    huber = per_sample_loss(err, zero, LossConfig(kind="huber"), deltas)
+    huber = per_sample_loss(err, zero, LossConfig(kind="huber"), deltas=deltas)
     assert torch.allclose(huber, torch.tensor([0.5 * 0.05 ** 2, 0.5 * (2.0 - 0.25)]))
-    pseudo = per_sample_loss(err, zero, LossConfig(kind="pseudo_huber"), deltas)
+    pseudo = per_sample_loss(err, zero, LossConfig(kind="pseudo_huber"), deltas=deltas)
     assert torch.allclose(pseudo, 2 * deltas * (torch.sqrt(err.flatten() ** 2 + deltas ** 2) - deltas))
     # a constant schedule keeps torch's huber_loss; per-sample deltas of the same value agree with it
     x, y = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
     cfg = LossConfig(kind="huber", huber_delta=0.3)
-    assert torch.allclose(per_sample_loss(x, y, cfg), per_sample_loss(x, y, cfg, torch.full((3,), 0.3)))
+    assert torch.allclose(per_sample_loss(x, y, cfg), per_sample_loss(x, y, cfg, deltas=torch.full((3,), 0.3)))
     # the scheduled loss weighs the same error differently at different timesteps
     sched = _sched()
     scheduled = LossConfig(kind="pseudo_huber", huber_delta=0.1, huber_schedule="snr")

@@ -33,6 +33,10 @@ def register(subparsers: Any) -> None:
     check.add_argument("dir", metavar="DIR", type=Path, help="the dataset folder")
     check.add_argument("--json", action="store_true",
                        help="print the report as JSON (see docs/dataset-report.md)")
+    check.add_argument("--masked", action="store_true",
+                       help="check for masked training (loss.masked): list the images without a mask")
+    check.add_argument("--mask-from-alpha", action="store_true",
+                       help="with --masked: an image's alpha channel counts as its mask (data.mask_from_alpha)")
     check.add_argument("--resolution", type=int, default=DEFAULT_RESOLUTION, metavar="N",
                        help=f"training resolution, for the too-small check (default {DEFAULT_RESOLUTION}; "
                        "0 turns that check off)")
@@ -74,6 +78,7 @@ def run_check(args: argparse.Namespace) -> int:
     except UserError as exc:
         print(f"sdstudio dataset check: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    report = build_report(scan, resolution)
+    report = build_report(scan, resolution, masked=bool(getattr(args, "masked", False)),
+                          mask_from_alpha=bool(getattr(args, "mask_from_alpha", False)))
     print(json.dumps(report, indent=2) if as_json else format_report(report))
     return EXIT_OK

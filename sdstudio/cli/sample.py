@@ -4,6 +4,7 @@ LoRA), with fixed seeds, plus a grid."""
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,10 @@ def register(sub: Any) -> None:
     p.add_argument("--prediction-type", choices=["auto", "epsilon", "v_prediction", "sample"], default="auto",
                    help="with --model: override what the model file says (e.g. a v-prediction SD2/SDXL file "
                    "without the marker keys); default: detect")
-    p.add_argument("--prompt", action="append", required=True, help="prompt (repeatable: one grid row each)")
+    p.add_argument("--prompt", action="append", default=[], help="prompt (repeatable: one grid row each)")
+    p.add_argument("--prompts-file", type=Path, default=None, metavar="FILE",
+                   help="prompts in kohya's format, after any --prompt: one a line, '#' comments, per-prompt "
+                   "--n negative, --w/--h size, --s steps, --l guidance, --d seed (docs/cli.md)")
     p.add_argument("--negative", default=None, help="negative prompt")
     p.add_argument("--n", type=int, default=4, help="images per prompt (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of image 0; image k uses seed+k")
@@ -53,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--prediction-type {args.prediction_type}: only for --model (a run knows what it predicts)")
     if args.model is None and args.config_folder is not None:
         raise UserError(f"--config-folder {args.config_folder}: only for --model with a single-file model")
+    if not args.prompt and args.prompts_file is None:
+        raise UserError("give at least one --prompt or a --prompts-file")
     if args.n < 1:
         raise UserError(f"--n {args.n}: give at least 1 image per prompt")
     if args.steps is not None and args.steps < 1:
@@ -75,15 +81,39 @@ def run(args: argparse.Namespace) -> int:
 
         loaded = load_trained(args.run, args.checkpoint, use_ema=not args.raw)
         what = f"checkpoint {loaded.checkpoint.name}{', EMA weights' if loaded.ema_used else ''}"
-    seeds = [args.seed + k for k in range(args.n)]
-    images = loaded.generate(args.prompt, seeds, steps=args.steps, guidance=args.guidance, sampler=args.sampler,
-                             negative_prompt=args.negative)
+    from ..core.sampling.prompts_file import PromptSpec, read_prompts_file
+    from ..core.sampling.sampler import stack_padded
+
+    specs = [PromptSpec(p) for p in args.prompt]
+    if args.prompts_file is not None:
+        specs += read_prompts_file(args.prompts_file)
+        for spec in specs:
+            if spec.ignored:
+                print(f"note: {', '.join(spec.ignored)} ignored for prompt {spec.prompt!r}", file=sys.stderr)
+    if any(spec.settings() for spec in specs):
+        rows = []
+        for spec in specs:  # the line's own settings; the flags, then the model's defaults, for the rest
+            first = args.seed if spec.seed is None else spec.seed
+            side = loaded.bundle.sample_size * loaded.bundle.model_family.latent_downscale
+            size = (spec.width or side, spec.height or side) if (spec.width or spec.height) else None
+            rows.append(loaded.generate(
+                [spec.prompt], [first + k for k in range(args.n)], steps=spec.steps or args.steps,
+                guidance=args.guidance if spec.guidance is None else spec.guidance,
+                sampler=spec.sampler or args.sampler,
+                negative_prompt=args.negative if spec.negative is None else spec.negative, size=size))
+        images = stack_padded(rows)
+        singles = [image for row in rows for image in row]  # each at its own size
+    else:
+        seeds = [args.seed + k for k in range(args.n)]
+        images = loaded.generate([s.prompt for s in specs], seeds, steps=args.steps, guidance=args.guidance,
+                                 sampler=args.sampler, negative_prompt=args.negative)
+        singles = list(images)
     try:
         args.out.mkdir(parents=True, exist_ok=True)
-        for i in range(len(args.prompt)):
+        for i in range(len(specs)):
             for k in range(args.n):
-                _save(Image.fromarray(images[i * args.n + k]), args.out / f"{i}-{k}.png")
-        _save(Image.fromarray(make_grid(images, rows=len(args.prompt))), args.out / "grid.png")
+                _save(Image.fromarray(singles[i * args.n + k]), args.out / f"{i}-{k}.png")
+        _save(Image.fromarray(make_grid(images, rows=len(specs))), args.out / "grid.png")
     except OSError as exc:
         raise UserError(f"--out {args.out}: cannot write images ({exc.strerror or exc})") from None
     print(f"{len(images)} images and grid.png written to {args.out} ({what})")

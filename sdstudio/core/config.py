@@ -40,7 +40,23 @@ class DataConfig(Section):
     caption_template: str = Field("", description="Template applied to every caption, e.g. "
                                   "'a photo of {caption}'. Empty = captions as written.")
     shuffle_tags: bool = Field(False, description="Shuffle comma-separated tags each step.")
-    keep_tokens: int = Field(0, ge=0, le=100, description="Tags kept in place at the start when shuffling.")
+    keep_tokens: int = Field(0, ge=0, le=100, description="Tags (comma-separated) kept in place at the start "
+                             "when shuffling or dropping tags (the trigger word, prefix and folder tag count).")
+    tag_dropout: float = Field(0.0, ge=0.0, le=1.0, description="Probability of dropping each comma-separated "
+                               "tag (after the first data.keep_tokens) from a caption each step (0 = off).")
+    caption_prefix: str = Field("", description="Text put in front of every caption (a trigger word), "
+                                "joined with ', '; not on DreamBooth class images.")
+    caption_suffix: str = Field("", description="Text put after every caption, joined with ', '; not on "
+                                "DreamBooth class images.")
+    max_token_length: int = Field(75, ge=75, le=225, multiple_of=75, description="Caption tokens the CLIP "
+                                  "text encoders read: 75 (one window), 150 or 225 (the caption cut into windows "
+                                  "of 75 tokens, encoded apart and concatenated, as A1111 and kohya do); "
+                                  "families with CLIP encoders.")
+    mask_from_alpha: bool = Field(False, description="Masked training (loss.masked): an image without a mask "
+                                  "file uses its alpha channel as the mask (transparent = not trained).")
+    folder_trigger: bool = Field(False, description="kohya layout: put each folder's name without the repeats "
+                                 "('10_sks dog' -> 'sks dog') in front of its images' captions, as their first "
+                                 "tag (a per-folder trigger word).")
     caption_dropout: float = Field(0.1, ge=0.0, le=1.0, description="Probability of training with an "
                                    "empty caption (enables classifier-free guidance at sampling).")
     flip_p: float = Field(0.0, ge=0.0, le=1.0, description="Probability of a horizontal flip.")
@@ -107,6 +123,9 @@ class ModelConfig(Section):
     text_heads: int = Field(4, ge=1, le=16, description="Attention heads of the from-scratch text encoder.")
     max_caption_tokens: int = Field(16, ge=4, le=77, description="Caption length in tokens "
                                     "(from-scratch text encoder).")
+    clip_skip: int = Field(1, ge=1, le=12, description="CLIP layer the captions are read from, counted from "
+                           "the end as A1111 / kohya do: 1 = the last (off), 2 = the penultimate (usual for "
+                           "anime models); families whose CLIP output is the last layer (SD1, SD2).")
     prediction_type: Literal["auto", "epsilon", "v_prediction", "sample"] = Field(
         "auto", description="Override the prediction type the base model file says (auto = detect).")
     quantize: Literal["none", "fp8", "int8", "nf4"] = Field(
@@ -171,6 +190,12 @@ class LossConfig(Section):
                                       "(0.1 is usual).")
     prior_loss_weight: float = Field(1.0, ge=0.0, le=10.0, description="DreamBooth: weight of the loss on "
                                      "class images (data.reg_path).")
+    masked: bool = Field(False, description="Masked training: weigh each pixel's loss by the image's mask "
+                         "(name.mask.png beside it, masks/<name> beside the images, or its alpha channel with "
+                         "data.mask_from_alpha; white = train, black = ignore), cropped and flipped with the "
+                         "image, scaled to the latents, cached with them. Images without a mask train fully.")
+    unmasked_weight: float = Field(0.0, ge=0.0, le=1.0, description="Masked training: loss weight of the "
+                                   "masked-out (black) pixels (0 = ignored; 0.1 keeps some background).")
     timestep_min: int = Field(0, ge=0, description="Lowest training timestep.")
     timestep_max: int = Field(0, ge=0, description="Highest training timestep + 1 (0 = num_timesteps).")
 
@@ -290,6 +315,9 @@ class TrainConfig(Section):
 
 class SampleConfig(Section):
     prompts: list[str] = Field(default_factory=list, description="Prompts of the preview grid.")
+    prompts_file: str = Field("", description="A prompts file in kohya's format, its prompts shown after "
+                              "sample.prompts: one a line, '#' comments, options --n negative prompt, --w / --h "
+                              "size, --s steps, --l guidance, --d seed (see docs/cli.md).")
     negative_prompt: str = Field("", description="Negative prompt (with guidance).")
     seeds: list[int] = Field([0, 1, 2, 3], min_length=1, description="Seeds: one image per seed and "
                              "prompt.")
@@ -416,6 +444,12 @@ class RunConfig(BaseModel):
             problems.append(f"data.cache_text_embeddings: true, but {key} = true trains the text encoder, so its "
                             "embeddings change every step; turn one of them off")
         problems += _memory_lever_problems(self)
+        if m.clip_skip > 1 and not family.clip_skip_applies:
+            problems.append(f"model.clip_skip: {m.clip_skip}, but the {family.short_title} family has no CLIP "
+                            "layer to skip (it fixes which layer it reads); leave it at 1")
+        if self.data.max_token_length > 75 and not family.long_captions:
+            problems.append(f"data.max_token_length: {self.data.max_token_length}, but the {family.short_title} "
+                            "family does not read captions in CLIP windows; leave it at 75")
         if self.export.ema and not t.ema:
             problems.append("export.ema: true needs train.ema = true")
         problems += _schedule_problems(t)

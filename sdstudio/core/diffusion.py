@@ -70,6 +70,13 @@ def snr_curve(sched: DDPMScheduler) -> torch.Tensor:
     return ac / (1 - ac).clamp_min(1e-20)
 
 
+def mask_to_model_space(masks: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """Pixel masks (Bx1xHxW in [0, 1]) at the model's spatial size: the mean of each latent cell's pixels."""
+    if tuple(masks.shape[-2:]) == tuple(size):
+        return masks.float()
+    return F.adaptive_avg_pool2d(masks.float(), tuple(size))
+
+
 def target_for(sched: DDPMScheduler, clean: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     kind = sched.config.prediction_type
     if kind == "epsilon":
@@ -126,9 +133,12 @@ def huber_deltas(sched: DDPMScheduler, t: torch.Tensor, loss_cfg: LossConfig) ->
     return torch.full(t.shape, c, dtype=torch.float32, device=t.device)
 
 
-def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, loss_cfg: LossConfig,
-                    deltas: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean loss of each sample; ``deltas``: a Huber delta per sample (None = loss.huber_delta)."""
+def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, loss_cfg: LossConfig, *,
+                    deltas: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The loss of each sample, averaged over its elements; ``deltas``: a Huber delta per sample (None =
+    loss.huber_delta). With ``mask`` (Bx1xhxw at the model's size, in [0, 1]) a weighted average:
+    sum(loss * m) / sum(m) per sample, so a full mask gives exactly the unmasked loss and an image half masked
+    out weighs as much as any other."""
     pred, target = pred.float(), target.float()
     if loss_cfg.kind == "mse":
         loss = F.mse_loss(pred, target, reduction="none")
@@ -146,7 +156,15 @@ def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, loss_cfg: LossConf
             loss = torch.where(a <= d, 0.5 * err ** 2, d * (a - 0.5 * d))
         else:  # pseudo_huber, as kohya's "huber": 2c (sqrt(e^2 + c^2) - c)
             loss = 2 * d * (torch.sqrt(err ** 2 + d ** 2) - d)
-    return loss.mean(dim=tuple(range(1, loss.ndim)))
+    dims = tuple(range(1, loss.ndim))
+    if mask is None:
+        return loss.mean(dim=dims)
+    weights = mask.to(loss.device, torch.float32)
+    if loss_cfg.unmasked_weight:
+        weights = loss_cfg.unmasked_weight + (1.0 - loss_cfg.unmasked_weight) * weights
+    weights = weights.expand_as(loss)
+    # mean(loss * w) / mean(w): with w == 1 both means are exact, so a full mask is the unmasked loss bit for bit
+    return (loss * weights).mean(dim=dims) / weights.mean(dim=dims).clamp_min(1e-8)
 
 
 def min_snr_weights(sched: DDPMScheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -175,11 +193,11 @@ def debiased_weights(sched: DDPMScheduler, t: torch.Tensor) -> torch.Tensor:
 
 
 def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, sched: DDPMScheduler,
-                   loss_cfg: LossConfig) -> torch.Tensor:
+                   loss_cfg: LossConfig, mask: torch.Tensor | None = None) -> torch.Tensor:
     deltas = None
     if loss_cfg.kind in ("huber", "pseudo_huber") and loss_cfg.huber_schedule != "constant":
         deltas = huber_deltas(sched, t, loss_cfg)
-    loss = per_sample_loss(pred, target, loss_cfg, deltas)
+    loss = per_sample_loss(pred, target, loss_cfg, deltas=deltas, mask=mask)
     if loss_cfg.min_snr_gamma > 0:
         loss = loss * min_snr_weights(sched, t, loss_cfg.min_snr_gamma).to(loss.device)
     if loss_cfg.debiased_estimation:

@@ -36,6 +36,7 @@ from ..checksums import sha256_file
 from ..errors import UserError
 from .filememo import FileMemo
 from .images import load_with_info
+from .training_masks import MaskSource, find_mask, load_mask, mask_content_sha256
 from .transforms import AugmentSettings, center_crop_position, fit_to_size, to_tensor_array
 
 log = logging.getLogger("sdstudio")
@@ -91,11 +92,19 @@ class ImageItem:
     flip: bool = False
     original_size: tuple[int, int] = (0, 0)  # (height, width) as displayed
     params: tuple[tuple[str, Any], ...] = ()  # other preparation parameters, e.g. the background colour
+    # masked training: the loss mask's source ("file" | "alpha", path) and content hash; the entry then also
+    # holds the mask at latent size ("mask")
+    mask_kind: str = ""
+    mask_path: str = ""
+    mask_sha256: str = ""
 
     def key_parts(self) -> dict[str, Any]:
-        return {"kind": "image", "sha256": self.content_sha256, "size": list(self.size),
-                "crop": list(self.crop_top_left), "flip": self.flip, "params": [list(p) for p in self.params],
-                "prep": PREPARATION_VERSION}
+        parts = {"kind": "image", "sha256": self.content_sha256, "size": list(self.size),
+                 "crop": list(self.crop_top_left), "flip": self.flip, "params": [list(p) for p in self.params],
+                 "prep": PREPARATION_VERSION}
+        if self.mask_sha256:  # (absent without a mask: entries of unmasked runs keep their keys)
+            parts["mask"] = self.mask_sha256
+        return parts
 
     def group(self) -> tuple[int, int]:
         return self.size
@@ -117,9 +126,11 @@ CacheItem = ImageItem | TextItem
 
 def image_items(records: Sequence[Any], sizes: Sequence[tuple[int, int]] | None, resolution: int, *,
                 flip_variants: bool = False, background: tuple[int, int, int] = (255, 255, 255),
-                hashes: ContentHashes | None = None) -> list[ImageItem]:
+                hashes: ContentHashes | None = None, masked: bool = False,
+                mask_from_alpha: bool = False) -> list[ImageItem]:
     """Cache items for scanned records (centre crop at each record's bucket, or the square resolution);
-    with ``flip_variants`` a flipped twin follows each item."""
+    with ``flip_variants`` a flipped twin follows each item. ``masked``: each image's loss mask (see
+    ``training_masks.find_mask``) is cached with it, its content part of the key."""
     hashes = hashes or ContentHashes()
     digests = hashes.many([r.path for r in records])
     params = (("background", tuple(background)),)
@@ -127,25 +138,36 @@ def image_items(records: Sequence[Any], sizes: Sequence[tuple[int, int]] | None,
     for i, (record, digest) in enumerate(zip(records, digests, strict=True)):
         width, height = sizes[i] if sizes is not None else (resolution, resolution)
         crop = center_crop_position(record.width, record.height, width, height)
+        source = find_mask(Path(record.path), from_alpha=mask_from_alpha) if masked else None
+        mask = (source.kind, str(source.path), mask_content_sha256(source)) if source is not None else ("", "", "")
         for flip in (False, True) if flip_variants else (False,):
             items.append(ImageItem(Path(record.path), digest, (width, height), crop, flip,
-                                   (record.height, record.width), params))
+                                   (record.height, record.width), params, *mask))
     return items
 
 
 def load_item_pixels(item: ImageItem) -> torch.Tensor:
-    """The 3xHxW float tensor in [-1, 1] the encoder gets for ``item`` (same preparation as training)."""
+    """The 3xHxW float tensor in [-1, 1] the encoder gets for ``item`` (same preparation as training); an
+    item with a loss mask gets it as a 4th channel in [0, 1], cropped and flipped the same way."""
+    from PIL import Image
+
     background = dict(item.params).get("background", (255, 255, 255))
     width, height = item.size
     info, img = load_with_info(item.path, background=tuple(background), min_size=(width + 1, height + 1))
     img, _ = fit_to_size(img, width, height, crop=item.crop_top_left, original=(info.width, info.height))
+    mask = None
+    if item.mask_sha256:
+        full = load_mask(MaskSource(item.mask_kind, Path(item.mask_path)), (info.width, info.height))
+        mask, _ = fit_to_size(full, width, height, crop=item.crop_top_left, original=(info.width, info.height))
     if item.flip:
-        from PIL import Image
-
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        mask = mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if mask is not None else None
     import numpy as np
 
-    return torch.from_numpy(to_tensor_array(np.asarray(img, dtype=np.uint8)))
+    pixels = torch.from_numpy(to_tensor_array(np.asarray(img, dtype=np.uint8)))
+    if mask is None:
+        return pixels
+    return torch.cat([pixels, torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None]])
 
 
 # -- the cache -----------------------------------------------------------------------------------------

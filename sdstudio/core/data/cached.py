@@ -39,7 +39,7 @@ class CachedLatentDataset(Dataset):
         if isinstance(key, int):
             key = SampleKey(key, 0, key)
         rng = _rng(self.base.seed, key.epoch, key.position, key.index) if self.base.train else None
-        caption = self.base.caption(key.index, rng)
+        caption = self.base.caption(key.index, rng, key.epoch)
         flip_p = self.base.aug.flip_p
         flip = bool(rng is not None and self.flip_variants and flip_p and rng.random() < flip_p)
         item = self.by_record[key.index][flip]

@@ -16,8 +16,10 @@ from torch.utils.data import Dataset
 from ..config import RunConfig
 from ..errors import DatasetError
 from .buckets import BucketSize
+from .captions import decorate_caption, folder_trigger, process_caption
 from .images import load_with_info
-from .scan import ImageRecord, process_caption
+from .scan import ImageRecord
+from .training_masks import MaskSource, find_mask, load_mask
 from .transforms import AugmentSettings, Prepared, prepare, to_tensor_array
 
 
@@ -37,14 +39,20 @@ class ImageCaptionDataset(Dataset):
     """Items are dicts: ``pixels`` (3xHxW float32 in [-1, 1]), ``caption``, and for SDXL's size
     conditioning ``original_size`` (h, w), ``crop_top_left`` (y, x), ``target_size`` (h, w)."""
 
-    def __init__(self, records: Sequence[ImageRecord], config: RunConfig, *, train: bool = True) -> None:
+    def __init__(self, records: Sequence[ImageRecord], config: RunConfig, *, train: bool = True,
+                 decorate: bool = True) -> None:
         self.records = list(records)
+        self.decorate = decorate  # trigger word / prefix / suffix (not on DreamBooth class images)
         self.config = config
         self.train = train
         self.aug = AugmentSettings.from_config(config.data)
         self.seed = config.train.seed
         self._cache: dict[tuple[int, BucketSize | None], Prepared] = {}
         self.cache_enabled = config.data.cache_in_memory
+        # masked training (loss.masked): each record's mask, None where it has none (it then trains fully)
+        self.masked = bool(config.loss.masked) and train
+        self.mask_sources: list[MaskSource | None] = (
+            [find_mask(r.path, from_alpha=config.data.mask_from_alpha) for r in self.records] if self.masked else [])
 
     def __len__(self) -> int:
         return len(self.records)
@@ -70,30 +78,49 @@ class ImageCaptionDataset(Dataset):
             return self._cache[cache_key]
         target = size or BucketSize(self.aug.resolution, self.aug.resolution)
         img, original = self._load(index, target)
-        result = prepare(img, self.aug, None if static else rng, target, original=original)
+        source = self.mask_sources[index] if self.masked else None
+        mask = load_mask(source, original) if source is not None else None
+        result = prepare(img, self.aug, None if static else rng, target, original=original, mask=mask)
         if static and self.cache_enabled:
             self._cache[cache_key] = result
         return result
 
-    def caption(self, index: int, rng: random.Random | None) -> str:
-        caps = self.records[index].captions
-        if not caps:
-            return ""
-        if rng is None:
-            return caps[0]
-        text = caps[rng.randrange(len(caps))] if len(caps) > 1 else caps[0]
+    def caption(self, index: int, rng: random.Random | None, epoch: int = 0) -> str:
+        """The caption of record ``index`` for one step: one of its alternative captions (one line each),
+        picked once per epoch from (seed, epoch, index), so every repeat of an epoch and a resumed run pick
+        the same; then the folder trigger word, prefix and suffix; then dropout, tag shuffling and tag
+        dropout from ``rng``. ``rng=None`` (validation, previews): the first caption, decorated, as written."""
+        record = self.records[index]
+        caps = record.captions
         d = self.config.data
+        if rng is None or len(caps) < 2:
+            text = caps[0] if caps else ""
+        else:
+            text = caps[_rng(self.seed, epoch, index, 0x5EED).randrange(len(caps))]
+        if self.decorate:
+            folder_tag = folder_trigger(record.concept) if d.folder_trigger else ""
+            if folder_tag and record.caption_source == "folder":
+                text = ""  # the folder's name is the caption already: it becomes the trigger tag, once
+            text = decorate_caption(text, prefix=d.caption_prefix, suffix=d.caption_suffix,
+                                    folder_tag=folder_tag)
+        if rng is None or not text:
+            return text
         return process_caption(text, rng, shuffle_tags=d.shuffle_tags, keep_tokens=d.keep_tokens,
-                               dropout=d.caption_dropout if self.train else 0.0)
+                               dropout=d.caption_dropout if self.train else 0.0, tag_dropout=d.tag_dropout)
 
     def __getitem__(self, key: SampleKey | int) -> dict[str, object]:
         if isinstance(key, int):
             key = SampleKey(key, 0, key)
         rng = _rng(self.seed, key.epoch, key.position, key.index) if self.train else None
         item = self.prepared(key.index, rng, key.size)
-        return {"pixels": torch.from_numpy(to_tensor_array(item.array)), "caption": self.caption(key.index, rng),
-                "original_size": item.original_size, "crop_top_left": item.crop_top_left,
-                "target_size": item.target_size}
+        out: dict[str, object] = {"pixels": torch.from_numpy(to_tensor_array(item.array)),
+                                  "caption": self.caption(key.index, rng, key.epoch),
+                                  "original_size": item.original_size, "crop_top_left": item.crop_top_left,
+                                  "target_size": item.target_size}
+        if self.masked:  # 1xHxW in [0, 1]; all ones for an image without a mask
+            out["mask"] = (torch.from_numpy(item.mask.astype("float32") / 255.0)[None] if item.mask is not None
+                           else torch.ones((1, *item.array.shape[:2])))
+        return out
 
 
 def collate(items: list[dict[str, object]]) -> dict[str, object]:
@@ -102,11 +129,14 @@ def collate(items: list[dict[str, object]]) -> dict[str, object]:
     shapes = {tuple(i["pixels"].shape) for i in items}  # type: ignore[union-attr]
     if len(shapes) > 1:
         raise DatasetError(f"a batch mixes image sizes {sorted(shapes)}; batches must come from one bucket")
-    return {"pixels": torch.stack([i["pixels"] for i in items]),  # type: ignore[misc]
-            "captions": [i["caption"] for i in items],
-            "original_size": torch.tensor([i["original_size"] for i in items], dtype=torch.long),
-            "crop_top_left": torch.tensor([i["crop_top_left"] for i in items], dtype=torch.long),
-            "target_size": torch.tensor([i["target_size"] for i in items], dtype=torch.long)}
+    out = {"pixels": torch.stack([i["pixels"] for i in items]),  # type: ignore[misc]
+           "captions": [i["caption"] for i in items],
+           "original_size": torch.tensor([i["original_size"] for i in items], dtype=torch.long),
+           "crop_top_left": torch.tensor([i["crop_top_left"] for i in items], dtype=torch.long),
+           "target_size": torch.tensor([i["target_size"] for i in items], dtype=torch.long)}
+    if "mask" in items[0]:  # masked training: Bx1xHxW
+        out["masks"] = torch.stack([i["mask"] for i in items])  # type: ignore[misc]
+    return out
 
 
 class EpochOrder:

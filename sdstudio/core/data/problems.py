@@ -22,6 +22,8 @@ PROBLEM_KINDS: dict[str, str] = {  # in the order reports list them
     "near_duplicate": "warning",
     "too_small": "warning",
     "extreme_aspect": "warning",
+    "missing_mask": "warning",  # masked training (loss.masked) and an image without a mask
+    "mask_size": "warning",  # a mask of another size than its image (or unreadable)
 }
 KIND_ORDER = {kind: i for i, kind in enumerate(PROBLEM_KINDS)}
 

@@ -8,7 +8,9 @@ from typing import Any
 
 from sdstudio.core.data.buckets import DEFAULT_STEP, format_bucket_stats, plan_buckets
 from sdstudio.core.data.mask_files import mask_path
+from sdstudio.core.data.problems import KIND_ORDER, ProblemList
 from sdstudio.core.data.scan import ImageRecord, ScanResult
+from sdstudio.core.data.training_masks import mask_problems
 
 REPORT_VERSION = 1
 TOP_TAGS = 50
@@ -81,16 +83,24 @@ def _rel(scan: ScanResult, path: Any) -> str:
         return str(path)
 
 
-def build_report(scan: ScanResult, resolution: int = 0) -> dict[str, Any]:
-    """The health report of a scan: counts, histograms, captions and problems (keys documented)."""
+def build_report(scan: ScanResult, resolution: int = 0, *, masked: bool = False,
+                 mask_from_alpha: bool = False) -> dict[str, Any]:
+    """The health report of a scan: counts, histograms, captions and problems (keys documented).
+
+    Masks of another size than their image are always reported; with ``masked`` (masked training,
+    loss.masked) images without a mask are too; ``mask_from_alpha``: an alpha channel counts as a mask."""
     records = scan.records
-    errors = sum(p.severity == "error" for p in scan.problems)
+    found = ProblemList(scan.root)
+    for kind, path, message, fix in mask_problems(records, masked=masked, from_alpha=mask_from_alpha):
+        found.add(kind, path, message, fix)
+    problems = sorted([*scan.problems, *found], key=lambda p: (KIND_ORDER[p.kind], p.path))
+    errors = sum(p.severity == "error" for p in problems)
     per_concept = Counter(r.concept for r in records)
     concepts = [{"name": name, "repeats": repeats, "images": per_concept.get(name, 0)}
                 for name, repeats in sorted(scan.concepts.items())]
     shorter = [min(r.width, r.height) for r in records]
     captioned = sum(r.caption_source in _OWN_CAPTION for r in records)
-    masked = [_rel(scan, r.path) for r in records if mask_path(r.path).is_file()]
+    with_masks = [_rel(scan, r.path) for r in records if mask_path(r.path).is_file()]
     report: dict[str, Any] = {
         "version": REPORT_VERSION,
         "root": str(scan.root),
@@ -100,13 +110,13 @@ def build_report(scan: ScanResult, resolution: int = 0) -> dict[str, Any]:
             "images": len(records),
             "captioned": captioned,
             "uncaptioned": len(records) - captioned,
-            "masked": len(masked),
-            "problems": len(scan.problems),
+            "masked": len(with_masks),
+            "problems": len(problems),
             "errors": errors,
-            "warnings": len(scan.problems) - errors,
+            "warnings": len(problems) - errors,
             "repeats_total": scan.images_per_epoch,
             "concepts": concepts,
-            "problems_by_kind": dict(sorted(Counter(p.kind for p in scan.problems).items())),
+            "problems_by_kind": dict(sorted(Counter(p.kind for p in problems).items())),
         },
         "sizes": {
             "bins": _histogram([float(s) for s in shorter], SIZE_BINS),
@@ -118,12 +128,14 @@ def build_report(scan: ScanResult, resolution: int = 0) -> dict[str, Any]:
             "bins": _histogram([r.width / r.height for r in records if r.height], ASPECT_BINS),
         },
         "captions": _caption_stats(records),
-        "masks": {"images": masked},  # images with a name.mask.png beside them
+        # images with a name.mask.png beside them; masks missing (masked training) / of the wrong size
+        "masks": {"images": with_masks, "missing": [_rel(scan, p.path) for p in found if p.kind == "missing_mask"],
+                  "wrong_size": [_rel(scan, p.path) for p in found if p.kind == "mask_size"]},
         "buckets": _buckets(records, resolution),
         "problems": [
             {"kind": p.kind, "severity": p.severity, "path": _rel(scan, p.path), "message": p.message,
              "fix": p.fix}
-            for p in scan.problems
+            for p in problems
         ],
         "usable": bool(records),
     }

@@ -34,6 +34,7 @@ from sdstudio.core.data.images import (
 from sdstudio.core.data.mask_files import is_mask_file
 from sdstudio.core.data.metadata import path_key, read_metadata
 from sdstudio.core.data.problems import KIND_ORDER, PROBLEM_KINDS, Problem, ProblemList
+from sdstudio.core.data.training_masks import MASKS_FOLDER
 from sdstudio.core.errors import DatasetError, UserError
 
 __all__ = [  # the public names, importable from here as before the split
@@ -147,7 +148,8 @@ def _walk(top: Path, caption_exts: Sequence[str], visited: set[tuple[int, int]],
             except OSError:
                 is_dir = False
             if is_dir:
-                subfolders.append(Path(entry.path))
+                if entry.name.lower() != MASKS_FOLDER:  # training masks (masked loss), not images
+                    subfolders.append(Path(entry.path))
                 continue
             stem, ext = os.path.splitext(entry.name)
             ext = ext.lower()

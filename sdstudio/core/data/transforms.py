@@ -64,6 +64,7 @@ class Prepared:
     original_size: tuple[int, int]  # the image as loaded (EXIF-rotated)
     crop_top_left: tuple[int, int]  # the crop's corner in the resized image (mirrored when flipped)
     flipped: bool = False
+    mask: np.ndarray | None = None  # HxW uint8 loss mask, cropped / rotated / flipped with the image
 
     @property
     def target_size(self) -> tuple[int, int]:
@@ -112,12 +113,14 @@ def fit_to_size(img: Image.Image, width: int, height: int, *, crop: tuple[int, i
 
 def prepare(img: Image.Image, aug: AugmentSettings, rng: random.Random | None,
             size: tuple[int, int] | None = None, *, flip: bool | None = None,
-            original: tuple[int, int] | None = None) -> Prepared:
+            original: tuple[int, int] | None = None, mask: Image.Image | None = None) -> Prepared:
     """Resized, cropped, augmented image at ``size`` = (width, height) (default: the square resolution).
 
     ``rng=None``: no randomness (validation, caches): centre crop, no augmentation; ``flip`` then forces the
     horizontal flip on or off (a cache's second variant). ``original``: the image's full (width, height)
-    when ``img`` was decoded at a reduced scale.
+    when ``img`` was decoded at a reduced scale. ``mask``: an L image at ``original`` size, given exactly the
+    same crop, zoom, rotation and flip (not the colour jitter); the random draws are the same with or
+    without it.
     """
     width, height = size or (aug.resolution, aug.resolution)
     ow, oh = original or img.size
@@ -127,21 +130,29 @@ def prepare(img: Image.Image, aug: AugmentSettings, rng: random.Random | None,
         zoom = 1.0 / (1.0 - rng.uniform(0.0, aug.random_scale))
     random_crop = rng if rng is not None and not aug.center_crop else None
     img, (y, x) = fit_to_size(img, width, height, rng=random_crop, zoom=zoom, original=(ow, oh))
+    if mask is not None:
+        mask, _ = fit_to_size(mask, width, height, crop=(y, x), zoom=zoom, original=(ow, oh))
     flipped = bool(flip)
     if rng is not None:
-        img = augment(img, aug, rng)
+        img, mask = augment(img, aug, rng, mask)
         flipped = bool(aug.flip_p) and rng.random() < aug.flip_p
     if flipped:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        mask = mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if mask is not None else None
         x = cover_size(ow, oh, width, height, zoom)[0] - x - width  # the corner in the mirrored image
-    return Prepared(np.asarray(img, dtype=np.uint8), (oh, ow), (y, x), flipped)
+    return Prepared(np.asarray(img, dtype=np.uint8), (oh, ow), (y, x), flipped,
+                    None if mask is None else np.asarray(mask, dtype=np.uint8))
 
 
-def augment(img: Image.Image, aug: AugmentSettings, rng: random.Random) -> Image.Image:
-    """Rotation and colour jitter (the flip is applied by ``prepare``, which tracks the crop position)."""
+def augment(img: Image.Image, aug: AugmentSettings, rng: random.Random,
+            mask: Image.Image | None = None) -> tuple[Image.Image, Image.Image | None]:
+    """Rotation and colour jitter (the flip is applied by ``prepare``, which tracks the crop position); a
+    loss mask turns with the image (the corners the rotation fills are not trained: 0)."""
     if aug.rotation_degrees:
         angle = rng.uniform(-aug.rotation_degrees, aug.rotation_degrees)
         img = img.rotate(angle, resample=Image.Resampling.BICUBIC, fillcolor=img.getpixel((0, 0)))
+        if mask is not None:
+            mask = mask.rotate(angle, resample=Image.Resampling.BILINEAR, fillcolor=0)
     if aug.color_jitter:
         s = aug.color_jitter
         img = ImageEnhance.Brightness(img).enhance(rng.uniform(1 - s, 1 + s))
@@ -152,7 +163,7 @@ def augment(img: Image.Image, aug: AugmentSettings, rng: random.Random) -> Image
         hsv = np.asarray(img.convert("HSV"), dtype=np.uint8).copy()
         hsv[..., 0] = (hsv[..., 0].astype(np.int16) + shift) % 256
         img = Image.fromarray(hsv, "HSV").convert("RGB")
-    return img
+    return img, mask
 
 
 def to_tensor_array(image: np.ndarray) -> np.ndarray:

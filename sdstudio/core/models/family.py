@@ -88,6 +88,8 @@ class ModelFamily:
     text_encoders_in_activations: ClassVar[bool] = False  # a trained text encoder is inside the measured
     #                                                       per-pixel activations (small ones, pixel family)
     text_embeddings_cacheable: ClassVar[bool] = True  # data.cache_text_embeddings applies (frozen encoders)
+    clip_skip_applies: ClassVar[bool] = False  # model.clip_skip picks an earlier CLIP layer (SD1/SD2)
+    long_captions: ClassVar[bool] = False  # data.max_token_length > 75: CLIP chunks of 75 tokens, concatenated
     supports_lora: ClassVar[bool] = True
     no_lora_reason: ClassVar[str] = ""  # why not, for people, when supports_lora is False
     lora_targets: ClassVar[Mapping[str, list[str]]] = {}  # lora.targets -> peft target_modules

@@ -51,7 +51,7 @@ class LoadedBaseModel:
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int], *, steps: int | None = None,
                  guidance: float | None = None, sampler: str | None = None,
-                 negative_prompt: str | None = None) -> np.ndarray:
+                 negative_prompt: str | None = None, size: tuple[int, int] | None = None) -> np.ndarray:
         from .sampler import generate
 
         d = self.defaults
@@ -59,7 +59,7 @@ class LoadedBaseModel:
                         steps=steps or int(d["steps"]), guidance=float(d["guidance"]) if guidance is None else guidance,
                         sampler=sampler or str(d["sampler"]),
                         negative_prompt=str(d["negative_prompt"]) if negative_prompt is None else negative_prompt,
-                        device=self.device, autocast_dtype=self.autocast_dtype)
+                        device=self.device, autocast_dtype=self.autocast_dtype, size=size)
 
     def describe(self) -> str:
         what = get_family(self.kind).short_title

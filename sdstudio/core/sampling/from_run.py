@@ -34,13 +34,13 @@ class LoadedModel:
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int], *, steps: int | None = None,
                  guidance: float | None = None, sampler: str | None = None,
-                 negative_prompt: str | None = None) -> np.ndarray:
+                 negative_prompt: str | None = None, size: tuple[int, int] | None = None) -> np.ndarray:
         s = self.config.sample
         return generate(self.bundle, self.bundle.trainable, self.scheduler, list(prompts), list(seeds),
                         steps=steps or s.steps, guidance=s.guidance if guidance is None else guidance,
                         sampler=sampler or s.sampler,
                         negative_prompt=s.negative_prompt if negative_prompt is None else negative_prompt,
-                        device=self.device, autocast_dtype=self.autocast_dtype)
+                        device=self.device, autocast_dtype=self.autocast_dtype, size=size)
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:

@@ -36,8 +36,9 @@ def preserved_rng_state() -> Iterator[None]:
 def generate(bundle: ModelBundle, model: torch.nn.Module, train_sched: Any, prompts: Sequence[str],
              seeds: Sequence[int], *, steps: int, guidance: float, sampler: str, negative_prompt: str = "",
              device: torch.device, autocast_dtype: torch.dtype | None = None,
-             max_batch: int = 64) -> np.ndarray:
-    """Images for every (prompt, seed) pair, prompt-major: uint8 array (P*S, H, W, 3)."""
+             max_batch: int = 64, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Images for every (prompt, seed) pair, prompt-major: uint8 array (P*S, H, W, 3); ``size``: (width,
+    height) in pixels (default: the model's square training size)."""
     was_training = model.training
     model.eval()
     try:
@@ -45,7 +46,7 @@ def generate(bundle: ModelBundle, model: torch.nn.Module, train_sched: Any, prom
         out = []
         for i in range(0, len(pairs), max_batch):
             out.append(generate_pairs(bundle, model, train_sched, pairs[i:i + max_batch], steps, guidance,
-                                       sampler, negative_prompt, device, autocast_dtype))
+                                       sampler, negative_prompt, device, autocast_dtype, size))
         return np.concatenate(out, axis=0)
     finally:
         model.train(was_training)
@@ -53,19 +54,29 @@ def generate(bundle: ModelBundle, model: torch.nn.Module, train_sched: Any, prom
 
 def generate_pairs(bundle: ModelBundle, model: torch.nn.Module, train_sched: Any, pairs: list[tuple[str, int]],
                    steps: int, guidance: float, sampler: str, negative: str, device: torch.device,
-                   autocast_dtype: torch.dtype | None) -> np.ndarray:
-    """One batch: an image per (prompt, seed) pair, in order (the model in eval mode, under no_grad)."""
+                   autocast_dtype: torch.dtype | None, size: tuple[int, int] | None = None) -> np.ndarray:
+    """One batch: an image per (prompt, seed) pair, in order (the model in eval mode, under no_grad);
+    ``size``: (width, height) in pixels, default the model's square training size (flow families: always)."""
     if bundle.model_family.objective == "flow_matching":
         return flow_pairs(bundle, model, train_sched, pairs, steps, guidance, negative, device, autocast_dtype)
     sched = sampling_scheduler(train_sched, sampler)
     set_sampling_timesteps(sched, train_sched, steps, device)
     c, side = bundle.in_channels, bundle.sample_size
-    noise = torch.cat([torch.randn((1, c, side, side), generator=torch.Generator().manual_seed(int(s)))
+    height, width = side, side
+    family = bundle.model_family
+    if size is not None:
+        width, height = max(1, size[0] // family.latent_downscale), max(1, size[1] // family.latent_downscale)
+    noise = torch.cat([torch.randn((1, c, height, width), generator=torch.Generator().manual_seed(int(s)))
                        for _, s in pairs]).to(device)
     x = noise * sched.init_noise_sigma
     use_cfg = guidance > 1.0 and bundle.tokenizer is not None
     prompts = [p for p, _ in pairs]
-    cond = bundle.encode_captions(prompts + ([negative] * len(pairs) if use_cfg else []), device)
+    texts = prompts + ([negative] * len(pairs) if use_cfg else [])
+    if size is not None and family.unet_addition_embed_type == "text_time":  # SDXL: the size conditioning
+        px = (height * family.latent_downscale, width * family.latent_downscale)
+        cond = bundle.encode_captions(texts, device, [(px, (0, 0), px)] * len(texts))  # type: ignore[call-arg]
+    else:
+        cond = bundle.encode_captions(texts, device)
     gen = torch.Generator(device=device).manual_seed(int(pairs[0][1]) + 7919)
     ctx = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
            else torch.autocast(device.type, enabled=False))
@@ -121,6 +132,20 @@ def flow_pairs(bundle: ModelBundle, model: torch.nn.Module, schedule: FlowSchedu
                 pred = model(x, tt, cond).float()
         x = sched.step(pred, t, x).prev_sample
     return _to_uint8(bundle, x)
+
+
+def stack_padded(rows: Sequence[np.ndarray], fill: int = 255) -> np.ndarray:
+    """(N_i, H_i, W_i, 3) image arrays of possibly different sizes as one (N, H, W, 3) array: each image
+    centred on ``fill`` at the largest height and width (a grid of prompts sampled at their own sizes)."""
+    h = max(r.shape[1] for r in rows)
+    w = max(r.shape[2] for r in rows)
+    out = []
+    for r in rows:
+        padded = np.full((r.shape[0], h, w, 3), fill, dtype=np.uint8)
+        y, x = (h - r.shape[1]) // 2, (w - r.shape[2]) // 2
+        padded[:, y:y + r.shape[1], x:x + r.shape[2]] = r
+        out.append(padded)
+    return np.concatenate(out, axis=0)
 
 
 def make_grid(images: np.ndarray, rows: int, pad: int = 2, fill: int = 255) -> np.ndarray:

@@ -72,9 +72,15 @@ class TrainingBatches:
             if not reg.records:
                 raise DatasetError(f"data.reg_path {cfg.data.reg_path}: no usable class image; fix the folder or "
                                    "leave data.reg_path empty")
-            self.reg_dataset = ImageCaptionDataset(reg.records, cfg, train=True)
+            self.reg_dataset = ImageCaptionDataset(reg.records, cfg, train=True, decorate=False)
             log.info("DreamBooth: %d class images, prior loss weight %g", len(reg.records),
                      cfg.loss.prior_loss_weight)
+        if self.images.masked:
+            missing = [r.path for r, m in zip(self.images.records, self.images.mask_sources, strict=True) if m is None]
+            if missing:
+                warn(f"loss.masked: {len(missing)} of {len(self.images.records)} images have no mask (e.g. "
+                     f"{missing[0].name}); they train on every pixel. The dataset check with masked training on "
+                     "lists them")
         self.val_dataset = ImageCaptionDataset(self.data.val, cfg, train=False)
         self.seed = cfg.train.seed
         self.keys = _KeySource(self.order, cfg.train.batch_size, rank)

@@ -14,6 +14,7 @@ from ..config import RunConfig
 from ..data.cache import FeatureCache, TextItem, augmentations_with_cache, image_items
 from ..data.cached import CachedLatentDataset, collate_cached, resolve_features
 from ..data.scan import ImageRecord
+from ..diffusion import mask_to_model_space
 from ..models.bundle import ModelBundle
 from .batches import TrainingBatches
 
@@ -45,7 +46,8 @@ class FeatureCaches:
         self.feature_cache = FeatureCache(self.bundle.encoder_identity())
         sizes = batches.buckets.sizes if batches.buckets else None
         items = image_items(batches.data.train, sizes, cfg.resolution, flip_variants=cfg.cache_flip_variants,
-                            background=tuple(cfg.background))  # type: ignore[arg-type]
+                            background=tuple(cfg.background),  # type: ignore[arg-type]
+                            masked=self.config.loss.masked, mask_from_alpha=cfg.mask_from_alpha)
         todo = [i for i in items if i not in self.feature_cache]
         if self.is_main and todo:
             progress: list[tuple[int, int]] = []
@@ -105,15 +107,25 @@ class FeatureCaches:
     def clean_latents(self, batch: dict[str, Any]) -> torch.Tensor:
         """The clean model-space samples of a batch: read from the latent cache or encoded now."""
         if "features" in batch:
-
-            return resolve_features(batch, self.encode_latents, self.feature_cache)["latents"].to(self.device)
+            features = resolve_features(batch, self.encode_latents, self.feature_cache)
+            if "mask" in features:  # masked training: the loss masks cached with the latents
+                batch["masks"] = features["mask"]
+            return features["latents"].to(self.device)
         if self.frozen_parts is not None:  # e.g. validation images (not in the latent cache) with a parked VAE
             return self.encode_latents(batch["pixels"])["latents"].to(self.device)
         return self.bundle.to_model_space(batch["pixels"].to(self.device, non_blocking=True))
 
     def encode_latents(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Latents of a batch; a 4th channel is the loss mask (``load_item_pixels``), stored at latent size.
+        With train.offload_frozen the parked VAE comes back to the device for the call."""
         if self.frozen_parts is not None:
             with self.frozen_parts.on_device():
-                return {"latents": self.bundle.to_model_space(pixels.to(self.device)).to("cpu")}
+                return self._encode(pixels)
+        return self._encode(pixels)
+
+    def _encode(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        if pixels.shape[1] == 4:
+            latents = self.bundle.to_model_space(pixels[:, :3].to(self.device)).to("cpu")
+            return {"latents": latents, "mask": mask_to_model_space(pixels[:, 3:], tuple(latents.shape[-2:]))}
         return {"latents": self.bundle.to_model_space(pixels.to(self.device)).to("cpu")}
 

@@ -12,7 +12,14 @@ from accelerate import Accelerator
 
 from ..config import RunConfig
 from ..data.dataset import collate
-from ..diffusion import diffusion_loss, sample_noise, target_for, training_scheduler, training_timesteps
+from ..diffusion import (
+    diffusion_loss,
+    mask_to_model_space,
+    sample_noise,
+    target_for,
+    training_scheduler,
+    training_timesteps,
+)
 from ..models.bundle import ModelBundle
 from .batches import TrainingBatches
 from .caches import FeatureCaches
@@ -58,10 +65,11 @@ class DiffusionObjective:
         gen = self._noise_generator(step, micro)
         noisy, target, t = self._noised(clean, gen)
         reg = self.batches.class_batch(step, micro, len(batch["captions"]))
+        mask = self._loss_mask(batch, clean)
         if reg is None:
             with self.accelerator.autocast():
                 pred = self.model(noisy, t, self.caches.condition(batch))
-            return diffusion_loss(pred, target, t, self.sched, self.config.loss)
+            return diffusion_loss(pred, target, t, self.sched, self.config.loss, mask)
         # DreamBooth prior preservation: instance and class images in one forward, losses weighted apart
         reg_clean = self.bundle.to_model_space(reg["pixels"].to(self.device))
         reg_noisy, reg_target, reg_t = self._noised(reg_clean, gen)
@@ -75,9 +83,17 @@ class DiffusionObjective:
             else:  # a non-square bucket: class images are square, so two forwards
                 pred = self.model(noisy, t, self.caches.condition(batch))
                 reg_pred = self.model(reg_noisy, reg_t, self.caches.condition(reg))
-        loss = diffusion_loss(pred, target, t, self.sched, self.config.loss)
-        prior = diffusion_loss(reg_pred, reg_target, reg_t, self.sched, self.config.loss)
+        loss = diffusion_loss(pred, target, t, self.sched, self.config.loss, mask)
+        prior = diffusion_loss(reg_pred, reg_target, reg_t, self.sched, self.config.loss,
+                               self._loss_mask(reg, reg_clean))
         return loss + self.config.loss.prior_loss_weight * prior
+
+    def _loss_mask(self, batch: dict[str, Any], clean: torch.Tensor) -> torch.Tensor | None:
+        """Masked training (loss.masked): the batch's masks at the model's size (None: no mask, full loss)."""
+        masks = batch.get("masks")
+        if not self.config.loss.masked or masks is None:
+            return None
+        return mask_to_model_space(masks.to(self.device), tuple(clean.shape[-2:]))
 
     def _noised(self, clean: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(noisy input, target, timesteps) for clean samples, drawn from ``gen`` in a fixed order."""

@@ -22,7 +22,8 @@ from ..data.scan import ImageRecord
 from ..demo_shapes import parse_prompt, prompt_adherence
 from ..models.bundle import ModelBundle
 from ..runs import RunFolder
-from ..sampling.sampler import generate, generate_pairs, make_grid, preserved_rng_state
+from ..sampling.prompts_file import PromptSpec, read_prompts_file
+from ..sampling.sampler import generate, generate_pairs, make_grid, preserved_rng_state, stack_padded
 from .ema import EmaWeights
 
 log = logging.getLogger("sdstudio")
@@ -47,7 +48,15 @@ class Previews:
         self.config, self.bundle, self.sched, self.model, self.accelerator = config, bundle, sched, model, accelerator
         self.ema, self.run_dir, self.data_root = ema, run_dir, data_root
         self.device = accelerator.device
-        self.prompts = list(config.sample.prompts) or default_prompts(bundle, train_records)
+        self.specs = [PromptSpec(p) for p in config.sample.prompts]
+        if config.sample.prompts_file:  # kohya's format: per-prompt negative, size, steps, guidance, seed
+            self.specs += read_prompts_file(config.sample.prompts_file)
+            for spec in self.specs:
+                if spec.ignored:
+                    log.warning("sample.prompts_file: %s ignored for prompt %r", ", ".join(spec.ignored), spec.prompt)
+        if not self.specs:
+            self.specs = [PromptSpec(p) for p in default_prompts(bundle, train_records)]
+        self.prompts = [spec.prompt for spec in self.specs]
         self.last_images: np.ndarray | None = None  # of the last grid
         self.evaluation_weights = evaluation_weights  # the optimizer's (schedule-free: its averaged weights)
         self.frozen_parts: Any = None  # FrozenParts (train.offload_frozen): back on the device while sampling
@@ -96,11 +105,34 @@ class Previews:
         return generate_pairs(self.bundle, model, self.sched, pairs, steps, cfg.guidance, cfg.sampler,
                                cfg.negative_prompt, self.device, self._autocast_dtype())
 
+    def sample_rows(self, seeds: list[int]) -> np.ndarray:
+        """One row of images per prompt, one per seed; a prompt of the prompts file samples with its own
+        negative prompt, size, steps, guidance, sampler and seeds (``--d`` D: seeds D, D+1, ...); rows of
+        other sizes are centred on white at the largest size."""
+        if not any(spec.settings() for spec in self.specs):
+            return self.sample_images(self.prompts, seeds)
+        cfg = self.config.sample
+        rows = []
+        with self.sampling_model() as model:
+            for spec in self.specs:
+                row_seeds = [spec.seed + k for k in range(len(seeds))] if spec.seed is not None else seeds
+                size = None
+                if spec.width is not None or spec.height is not None:
+                    side = self.bundle.sample_size * self.bundle.model_family.latent_downscale
+                    size = (spec.width or side, spec.height or side)
+                rows.append(generate(
+                    self.bundle, model, self.sched, [spec.prompt], row_seeds, steps=spec.steps or cfg.steps,
+                    guidance=cfg.guidance if spec.guidance is None else spec.guidance,
+                    sampler=spec.sampler or cfg.sampler,
+                    negative_prompt=cfg.negative_prompt if spec.negative is None else spec.negative,
+                    device=self.device, autocast_dtype=self._autocast_dtype(), size=size))
+        return stack_padded(rows)
+
     def grid(self, step: int, epoch: int) -> tuple[np.ndarray, Path | None]:
         """The preview grid of ``step`` (one row per prompt, one column per seed) and where it was saved
         (None without a run folder or when it could not be written: a warning, training goes on)."""
         seeds = list(self.config.sample.seeds)
-        images = self.sample_images(self.prompts, seeds)
+        images = self.sample_rows(seeds)
         self.last_images = images
         grid = make_grid(images, rows=len(self.prompts))
         if self.run_dir is None:
@@ -113,7 +145,8 @@ class Previews:
             write_text_atomic(path.with_suffix(".json"), json.dumps(
                 {"step": step, "epoch": epoch, "prompts": self.prompts, "seeds": seeds,
                  "sampler": self.config.sample.sampler, "steps": self.config.sample.steps,
-                 "guidance": self.config.sample.guidance, "ema": self.ema is not None}, indent=1))
+                 "guidance": self.config.sample.guidance, "ema": self.ema is not None,
+                 "prompt_settings": [spec.settings() for spec in self.specs]}, indent=1))
         except OSError as exc:
             log.warning("could not save the sample grid %s: %s (training goes on)", path, exc)
             return grid, None

@@ -122,6 +122,11 @@ class TrainingSession:
         train_records = self.batches.data.train
         captions = sorted({c for r in train_records for c in r.captions}) + list(cfg.sample.prompts)
         captions += [cfg.data.instance_prompt, cfg.sample.negative_prompt]
+        captions += [self.batches.images.caption(i, None) for i in range(len(self.batches.images))]  # + trigger words
+        if cfg.sample.prompts_file:
+            from ..sampling.prompts_file import read_prompts_file
+
+            captions += [t for spec in read_prompts_file(cfg.sample.prompts_file) for t in (spec.prompt, spec.negative or "")]
         self.bundle = build_model(cfg, captions, tokenizer_file=tokenizer_file, device=self.device)
         if cfg.train.gradient_checkpointing:
             for module in self.bundle.save_modules.values():

@@ -51,6 +51,7 @@ class StableDiffusionFamily(ModelFamily):
     lora_targets = LORA_TARGETS
     default_lora_targets = "attention"
     sampling = SamplingDefaults(sampler="dpmpp_2m", steps=25, guidance=7.0)
+    long_captions = True
     pipeline_class_name: ClassVar[str] = "StableDiffusionPipeline"
     # what the diffusers pipeline of this family is built with besides the models
     pipeline_extras: ClassVar[Mapping[str, Any]] = {"safety_checker": None, "feature_extractor": None,
@@ -114,6 +115,7 @@ class SD1Family(StableDiffusionFamily):
     modelspec_architecture = "stable-diffusion-v1"
     lora_metadata_markers = ("sd_v1", "stable-diffusion-v1")
     single_file_text_encoders = (_SD1_CLIP,)
+    clip_skip_applies = True
 
 
 class SD2Family(StableDiffusionFamily):
@@ -125,6 +127,7 @@ class SD2Family(StableDiffusionFamily):
     modelspec_architecture = "stable-diffusion-v2-768-v"
     lora_metadata_markers = ("sd_v2", "stable-diffusion-v2")
     single_file_text_encoders = (_SD2_OPEN_CLIP,)
+    clip_skip_applies = True
 
     def base_model_version(self, prediction_type: str) -> str:
         # kohya tells the 768 px v-prediction SD2.x from the 512 px epsilon one

@@ -25,6 +25,7 @@ TEXT_LORA_TARGETS = {
     "all": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
 }
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+CLIP_WINDOW = 77  # CLIP's context: BOS + 75 tokens + EOS
 
 Sizes = list[tuple[tuple[int, int], tuple[int, int], tuple[int, int]]]
 
@@ -52,15 +53,44 @@ def text_lora_config(lora: dict[str, Any], target_modules: list[str] | str) -> A
 
 
 def run_text_encoders(family: str, text_encoder: nn.Module, text_encoder_2: nn.Module | None, ids: torch.Tensor,
-                      ids_2: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """Per-token states (+ SDXL's pooled embedding) from token ids: SD1/SD2 the last hidden state; SDXL the
-    penultimate hidden states of both encoders concatenated, pooled (projected) from the second."""
+                      ids_2: torch.Tensor | None, clip_skip: int = 1) -> dict[str, torch.Tensor]:
+    """Per-token states (+ SDXL's pooled embedding) from token ids: SD1/SD2 the last hidden state (with
+    ``clip_skip`` = k > 1: the k-th last, through the final layer norm, as A1111 / kohya); SDXL the
+    penultimate hidden states of both encoders concatenated, pooled (projected) from the second.
+
+    Ids longer than one CLIP window (``chunk_ids``: n windows of 77) are encoded window by window and joined
+    as kohya does: the first window's BOS, every window's 75 inner tokens, the last window's last token;
+    SDXL's pooled embedding comes from the first window."""
     if family != "sdxl":
-        return {"states": text_encoder(ids)[0]}
+        return {"states": _clip_states(text_encoder, ids, clip_skip, final_norm=True)}
     assert text_encoder_2 is not None and ids_2 is not None
-    out1 = text_encoder(ids, output_hidden_states=True)
-    out2 = text_encoder_2(ids_2, output_hidden_states=True)
-    return {"states": torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1), "pooled": out2[0]}
+    states1 = _clip_states(text_encoder, ids, 2, final_norm=False)
+    states2, pooled = _clip_states(text_encoder_2, ids_2, 2, final_norm=False, pooled=True)
+    return {"states": torch.cat([states1, states2], dim=-1), "pooled": pooled}
+
+
+def _clip_states(text_encoder: nn.Module, ids: torch.Tensor, skip: int, *, final_norm: bool,
+                 pooled: bool = False) -> Any:
+    # one window: the encoder's context (77); longer ids are n windows of it (``_tokenize``)
+    width = int(getattr(getattr(text_encoder, "config", None), "max_position_embeddings", CLIP_WINDOW))
+    batch, n = ids.shape[0], (ids.shape[1] // width if ids.shape[1] > width else 1)
+    flat = ids.reshape(batch * n, width) if n > 1 else ids
+    if skip <= 1 and final_norm:
+        out = text_encoder(flat)
+        states = out[0]
+    else:
+        out = text_encoder(flat, output_hidden_states=True)
+        states = out.hidden_states[-skip]
+        if final_norm:
+            states = _clip_text_model(text_encoder).final_layer_norm(states)
+    if n > 1:
+        states = states.reshape(batch, n, width, -1)
+        states = torch.cat([states[:, 0, :1]] + [states[:, k, 1:width - 1] for k in range(n)]
+                           + [states[:, n - 1, width - 1:]], dim=1)
+    if not pooled:
+        return states
+    pool = out[0] if n == 1 else out[0].reshape(batch, n, -1)[:, 0]
+    return states, pool
 
 
 def _time_ids(sizes: Sizes | None, n: int, side: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -80,18 +110,19 @@ class SDDenoiser(nn.Module):
     """
 
     def __init__(self, unet: nn.Module, text_encoders: dict[str, nn.Module] | None = None, *, family: str = "sd1",
-                 weight_dtype: torch.dtype = torch.float32) -> None:
+                 weight_dtype: torch.dtype = torch.float32, clip_skip: int = 1) -> None:
         super().__init__()
         self.unet = unet
         for name, module in (text_encoders or {}).items():
             setattr(self, name, module)
         self.family = family
         self.weight_dtype = weight_dtype
+        self.clip_skip = clip_skip
 
     def encode_tokens(self, cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Token ids -> UNet conditioning, through the trained text encoder(s) (with gradients)."""
         feats = run_text_encoders(self.family, self.text_encoder, getattr(self, "text_encoder_2", None),
-                                  cond["input_ids"], cond.get("input_ids_2"))
+                                  cond["input_ids"], cond.get("input_ids_2"), self.clip_skip)
         out = {"encoder_hidden_states": feats["states"].to(self.weight_dtype)}
         if self.family == "sdxl":
             out.update(text_embeds=feats["pooled"].to(self.weight_dtype), time_ids=cond["time_ids"])
@@ -112,6 +143,8 @@ class SDBundle(ModelBundle):
     weight_dtype: torch.dtype
     lora: bool
     train_text: bool = False  # the text encoder(s) train (lora.text_encoder or train.train_text_encoder)
+    clip_skip: int = 1  # model.clip_skip (SD1/SD2)
+    max_token_length: int = 75  # data.max_token_length: tokens per caption (75 = one CLIP window)
 
     def text_encoders(self) -> dict[str, nn.Module]:
         """name -> text encoder module (text_encoder, and text_encoder_2 for SDXL)."""
@@ -120,9 +153,9 @@ class SDBundle(ModelBundle):
     # -- conditioning -----------------------------------------------------------------------------------
     def token_ids(self, captions: list[str], device: torch.device) -> dict[str, torch.Tensor]:
         c = self.components
-        out = {"input_ids": _tokenize(c.tokenizer, captions).to(device)}
+        out = {"input_ids": _tokenize(c.tokenizer, captions, self.max_token_length).to(device)}
         if c.family == "sdxl":
-            out["input_ids_2"] = _tokenize(c.tokenizer_2, captions).to(device)
+            out["input_ids_2"] = _tokenize(c.tokenizer_2, captions, self.max_token_length).to(device)
         return out
 
     @torch.no_grad()
@@ -133,7 +166,7 @@ class SDBundle(ModelBundle):
         c = self.components
         ids = self.token_ids(captions, device)
         return run_text_encoders(c.family, c.text_encoder, c.text_encoder_2, ids["input_ids"],
-                                 ids.get("input_ids_2"))
+                                 ids.get("input_ids_2"), self.clip_skip)
 
     def assemble(self, features: dict[str, torch.Tensor], device: torch.device, sizes: Sizes | None = None
                  ) -> dict[str, torch.Tensor]:
@@ -177,6 +210,8 @@ class SDBundle(ModelBundle):
         if c.text_encoder_2 is not None:
             parts.append(json.dumps(c.text_encoder_2.config.to_dict(), sort_keys=True, default=str))
         parts += _file_stamps(self.architecture.get("base", ""))
+        if self.clip_skip != 1 or self.max_token_length != 75:  # (absent at the defaults: older caches stay valid)
+            parts.append(f"clip_skip={self.clip_skip}|max_token_length={self.max_token_length}")
         return f"text-{self.family}-{hashlib.sha256('|'.join(parts).encode()).hexdigest()[:16]}"
 
     # -- latents ----------------------------------------------------------------------------------------
@@ -269,9 +304,26 @@ def _file_stamps(source: str) -> list[str]:
     return [f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.exists()]
 
 
-def _tokenize(tokenizer: Any, captions: list[str]) -> torch.Tensor:
-    return tokenizer(captions, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
-                     return_tensors="pt").input_ids
+def _tokenize(tokenizer: Any, captions: list[str], max_tokens: int = 75) -> torch.Tensor:
+    """Token ids, B x 77; with ``max_tokens`` > 75 (data.max_token_length), B x (n * 77): the caption's first
+    ``max_tokens`` tokens cut into n windows of 75, each framed BOS ... EOS and padded (kohya's layout)."""
+    width = tokenizer.model_max_length
+    if max_tokens <= width - 2:
+        return tokenizer(captions, padding="max_length", truncation=True, max_length=width,
+                         return_tensors="pt").input_ids
+    inner = width - 2
+    windows = -(-max_tokens // inner)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    rows = []
+    for seq in tokenizer(captions, truncation=True, max_length=max_tokens + 2).input_ids:
+        body = list(seq[1:-1])
+        row: list[int] = []
+        for k in range(windows):
+            chunk = [bos, *body[k * inner:(k + 1) * inner], eos]
+            row += chunk + [pad] * (width - len(chunk))
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.long)
 
 
 def _weight_dtype(config: RunConfig, device: torch.device) -> torch.dtype:
@@ -379,7 +431,8 @@ def build_sd_model(config: RunConfig, device: torch.device) -> SDBundle:
             arch["text_encoder_lora_targets"] = text_targets
     text_encoders = _text_encoders(comps) if train_text else {}
     bundle = SDBundle(family=comps.family,
-                      trainable=SDDenoiser(unet, text_encoders, family=comps.family, weight_dtype=wdtype),
+                      trainable=SDDenoiser(unet, text_encoders, family=comps.family, weight_dtype=wdtype,
+                                                   clip_skip=config.model.clip_skip),
                       save_modules={"unet": unet, **text_encoders},
                       prediction_type=comps.prediction_type, in_channels=int(unet.config.in_channels),
                       sample_size=config.data.resolution // 8, architecture=arch, tokenizer=comps.tokenizer)
@@ -387,4 +440,6 @@ def build_sd_model(config: RunConfig, device: torch.device) -> SDBundle:
     bundle.weight_dtype = wdtype
     bundle.lora = lora
     bundle.train_text = train_text
+    bundle.clip_skip = config.model.clip_skip
+    bundle.max_token_length = config.data.max_token_length
     return bundle
