@@ -59,9 +59,9 @@ def model_parts(components: Any, family: str) -> dict[str, nn.Module]:
 
 
 def apply_adapter_file(file: AdapterFile, parts: dict[str, nn.Module], *, family: str, layers_per_block: int = 2,
-                       weight: float = 1.0) -> int:
+                       weight: float = 1.0, strict: bool = True) -> int:
     """Add ``weight`` x each module's delta to the matching weights of ``parts``; returns the modules applied.
-    A file module that matches no weight is a UserError (a LoRA for another model)."""
+    With ``strict`` a file module that matches no weight is a UserError (a LoRA for another model)."""
     used: set[str] = set()
     with torch.no_grad():
         for component, root in parts.items():
@@ -74,7 +74,7 @@ def apply_adapter_file(file: AdapterFile, parts: dict[str, nn.Module], *, family
                 module.weight.add_((weight * delta).to(module.weight.dtype))
                 used.add(name)
     unmatched = sorted(set(file.modules) - used)
-    if unmatched:
+    if unmatched and strict:
         raise UserError(f"{file.path}: {len(unmatched)} of its {len(file.modules)} modules fit no layer of this "
                         f"{family} model (e.g. {unmatched[0]}); is it a LoRA for another model?")
     return len(used)
