@@ -350,6 +350,20 @@ class LoraConfig(Section):
                                                                  "layers get adapters.")
     text_encoder: bool = Field(False, description="Also train a LoRA on the text encoder(s) (both for SDXL), at "
                                "train.text_encoder_lr; exported as lora_te_ / lora_te1_ / lora_te2_ keys.")
+    type: Literal["lora", "loha", "lokr", "dora", "oft"] = Field(
+        "lora", description="Adapter kind (peft): lora; loha (Hadamard product of two low-rank pairs); lokr "
+        "(Kronecker product, see lora.factor); dora (LoRA with a learned per-row magnitude); oft (orthogonal "
+        "rotation of the input features, see lora.oft_block_size; lora.rank and lora.alpha unused). Exported in "
+        "the LyCORIS key formats A1111 / Forge / ComfyUI read (ss_network_module = lycoris.kohya).")
+    factor: int = Field(-1, ge=-1, le=1024, description="LoKr: the Kronecker factor the layer sizes are split "
+                        "by (-1 = as square as possible, as LyCORIS' default).")
+    decompose_both: bool = Field(False, description="LoKr: also factor the smaller Kronecker matrix into a "
+                                 "low-rank pair (LyCORIS' decompose_both).")
+    oft_block_size: int = Field(32, ge=1, le=1024, description="OFT: size of the orthogonal blocks; it must "
+                                "divide the input size of every targeted layer (320, 640, 1280, 768 all take 32).")
+    init_from: str = Field("", description="Start the adapter from this LoRA / LyCORIS file (kohya, LyCORIS or "
+                           "diffusers keys, from any trainer): its type, rank, alpha and layers replace "
+                           "lora.type / rank / alpha / targets (a mismatch is logged). Empty = a new adapter.")
 
 
 class EvalConfig(Section):
@@ -432,6 +446,9 @@ class RunConfig(BaseModel):
             reason = export_problem(fmt, family, lora=self.lora.enabled)
             if reason:
                 problems.append(f"export.formats: {fmt!r} does not fit this run. {reason}")
+        if self.lora.enabled and self.lora.type in ("loha", "lokr", "oft") and "diffusers" in self.export.formats:
+            problems.append(f"export.formats: 'diffusers' cannot hold a {self.lora.type} adapter (diffusers "
+                            "loads LoRA and DoRA only); use 'kohya' (LyCORIS keys)")
         if t.train_text_encoder and self.lora.enabled:
             problems.append("train.train_text_encoder: true trains the whole text encoder, but this is a LoRA run "
                             "(lora.enabled = true); use lora.text_encoder for a text-encoder LoRA")

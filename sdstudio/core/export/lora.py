@@ -13,34 +13,12 @@ import torch
 from safetensors import safe_open
 
 from ..errors import UserError
+from ..lora_tools.names import ldm_module_name as _sdxl_module_name
 from ..models.registry import get_family
 from .metadata import cast, training_metadata, write_safetensors
 from .source import ExportSource, lora_peft_state
 
 _PEFT_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
-
-
-def _sdxl_module_name(module: str, layers_per_block: int) -> str:
-    """diffusers UNet module path -> original (LDM) block path, for SDXL's kohya names.
-
-    Each level holds ``layers_per_block`` resnet/attention pairs plus a down-sampler, so diffusers'
-    ``down_blocks.i.{resnets,attentions}.j`` is ``input_blocks.(n*i + j + 1).{0,1}`` with n = layers + 1;
-    the up path has one pair more per level. Names inside a transformer block are the same in both.
-    """
-    n = layers_per_block + 1
-    parts = module.split(".")
-    head = parts[0]
-    if head == "down_blocks" and parts[2] in ("resnets", "attentions"):
-        i, j = int(parts[1]), int(parts[3])
-        return ".".join(["input_blocks", str(n * i + j + 1), "0" if parts[2] == "resnets" else "1", *parts[4:]])
-    if head == "up_blocks" and parts[2] in ("resnets", "attentions"):
-        i, j = int(parts[1]), int(parts[3])
-        return ".".join(["output_blocks", str(n * i + j), "0" if parts[2] == "resnets" else "1", *parts[4:]])
-    if head == "mid_block" and parts[1] == "attentions":
-        return ".".join(["middle_block", "1", *parts[3:]])
-    if head == "mid_block" and parts[1] == "resnets":
-        return ".".join(["middle_block", str(2 * int(parts[2])), *parts[3:]])
-    raise UserError(f"kohya export: no original-layout name for the SDXL module {module!r}")
 
 
 def text_module_path(module: str) -> str:
@@ -100,6 +78,10 @@ def kohya_state(source: ExportSource, dtype: torch.dtype) -> dict[str, torch.Ten
 
 def export_kohya_lora(source: ExportSource, path: Path, *, dtype: torch.dtype = torch.float16,
                       force: bool = False) -> Path:
+    if source.lora is not None and source.lora.get("type", "lora") != "lora":
+        from .lycoris import export_lycoris  # LoHa / LoKr / DoRA / OFT: LyCORIS keys
+
+        return export_lycoris(source, path, dtype=dtype, force=force)
     tensors = kohya_state(source, dtype)
     meta = training_metadata(source, title=path.stem, lora=True)
     return write_safetensors(tensors, path, meta, force=force)
@@ -113,7 +95,7 @@ def adapter_config(lora: dict[str, Any], target_modules: list[str] | str | None 
 
     targets = get_family(family).lora_targets[lora["targets"]] if target_modules is None else target_modules
     cfg = LoraConfig(r=int(lora["rank"]), lora_alpha=float(lora["alpha"]), lora_dropout=float(lora["dropout"]),
-                     target_modules=targets, init_lora_weights="gaussian")
+                     target_modules=targets, init_lora_weights="gaussian", use_dora=lora.get("type") == "dora")
     out = cfg.to_dict()
     return {k: (sorted(v) if isinstance(v, set) else v) for k, v in out.items()}
 
@@ -127,6 +109,9 @@ def export_diffusers_lora(source: ExportSource, path: Path, *, dtype: torch.dtyp
 
     lora = source.lora
     assert lora is not None
+    if lora.get("type", "lora") not in ("lora", "dora"):
+        raise UserError(f"diffusers export: diffusers loads LoRA and DoRA adapters only, not this run's "
+                        f"lora.type = {lora['type']!r}; export it as kohya (LyCORIS keys)")
     peft = cast(lora_peft_state(source), dtype)
     kwargs: dict[str, Any] = {"unet_lora_layers": peft,
                               "unet_lora_adapter_metadata": adapter_config(lora, family=source.family)}

@@ -49,7 +49,8 @@ class ExportSource:
         return [name for name in TEXT_ENCODERS if any(k.startswith(f"{name}.") for k in self.weights)]
 
 
-_ADAPTER = re.compile(r"\.(lora_[AB]|lora_embedding_[AB]|lora_magnitude_vector)\.default(\.|$)")
+_ADAPTER = re.compile(r"\.(lora_[AB]|lora_embedding_[AB]|lora_magnitude_vector|hada_\w+?|lokr_\w+?|oft_R)"
+                      r"\.default(\.|$)")
 
 
 def _ema_as_weights(ema: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -60,6 +61,8 @@ def _ema_as_weights(ema: dict[str, torch.Tensor], weights: dict[str, torch.Tenso
     out = dict(weights)
     for name, tensor in ema.items():
         key = _ADAPTER.sub(r".\1\2", name)
+        if key not in out and key.endswith(".weight"):  # DoRA's magnitude is saved without ".weight"
+            key = key[: -len(".weight")]
         if key in out:
             out[key] = tensor
     return out

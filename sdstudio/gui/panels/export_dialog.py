@@ -202,7 +202,13 @@ class ExportDialog(QDialog):
         self.export_button.clicked.connect(self.start_export)
         self.close_button = QPushButton("Close")
         self.close_button.clicked.connect(self.reject)
+        self.lora_tools_button = QPushButton("LoRA tools…")
+        self.lora_tools_button.setToolTip("Merge, resize or extract LoRA files (sdstudio lora merge / resize / "
+                                          "extract)")
+        self.lora_tools_button.clicked.connect(self.open_lora_tools)
+        self.lora_tools: QDialog | None = None
         buttons = QHBoxLayout()
+        buttons.addWidget(self.lora_tools_button)
         buttons.addWidget(self.open_folder_button)
         buttons.addStretch(1)
         buttons.addWidget(self.export_button)
@@ -364,6 +370,18 @@ class ExportDialog(QDialog):
         folder = self.result_path if self.result_path.is_dir() else self.result_path.parent
         if not QDesktopServices.openUrl(QUrl.fromLocalFile(os.fspath(folder))):
             show_error(self, "Folder not opened", f"Could not open {folder} with the file manager.")
+
+    def open_lora_tools(self) -> QDialog:
+        """The LoRA tools dialog, its merge list holding this run's newest kohya export when there is one."""
+        from .lora_tools_dialog import LoraToolsDialog
+
+        dialog = LoraToolsDialog(self, folder=self.run_dir / "exports")
+        exports = sorted((self.run_dir / "exports").glob("*.safetensors"), key=lambda p: p.stat().st_mtime)
+        if exports:
+            dialog.add_merge_input(exports[-1])
+        self.lora_tools = dialog
+        dialog.open()
+        return dialog
 
     def reject(self) -> None:
         if self.busy:  # the pool thread still writes; closing now would lose its result

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ...config import RunConfig
+from ..adapters import peft_adapter_config
 from ..bundle import ModelBundle
 from ..registry import get_family
 from .files import SDComponents, load_sd_components
@@ -46,10 +47,7 @@ def text_lora_targets(targets: str, layers: int | None = None) -> list[str] | st
 
 
 def text_lora_config(lora: dict[str, Any], target_modules: list[str] | str) -> Any:
-    from peft import LoraConfig
-
-    return LoraConfig(r=int(lora["rank"]), lora_alpha=float(lora["alpha"]), lora_dropout=float(lora["dropout"]),
-                      init_lora_weights="gaussian", target_modules=target_modules)
+    return peft_adapter_config(lora, target_modules)
 
 
 def run_text_encoders(family: str, text_encoder: nn.Module, text_encoder_2: nn.Module | None, ids: torch.Tensor,
@@ -345,7 +343,7 @@ def _freeze_unused_clip_tail(text_encoder: nn.Module) -> None:
 
 
 def _train_text_encoders(comps: SDComponents, config: RunConfig, device: torch.device, wdtype: torch.dtype,
-                         lora: bool) -> dict[str, Any]:
+                         lora: bool, plan: Any = None) -> dict[str, Any]:
     """Make the text encoder(s) trainable: a peft LoRA injected in place (adapter "default", seeded, fp32
     adapters on base weights in the weight dtype), or the whole encoder in fp32. Returns what model.json
     records: the LoRA target modules per encoder."""
@@ -358,10 +356,15 @@ def _train_text_encoders(comps: SDComponents, config: RunConfig, device: torch.d
         if lora:
             layers = len(_clip_text_model(te).encoder.layers)
             target = text_lora_targets(config.lora.targets, layers - 1 if skip_last else None)
+            lora_dict, pattern = config.lora.model_dump(), None
+            if plan is not None:  # lora.init_from: the file's modules, kind, ranks
+                target, lora_dict, pattern = plan.targets(name), plan.lora_section(lora_dict), plan.rank_pattern.get(name)
+                if not target:
+                    continue
             te.requires_grad_(False)
             te.to(device, dtype=wdtype)
             torch.manual_seed(config.train.seed + 1 + index)  # seeded, one stream per encoder
-            lora_config = text_lora_config(config.lora.model_dump(), target)
+            lora_config = peft_adapter_config(lora_dict, target, pattern)
             inject_adapter_in_model(lora_config, te, adapter_name="default")
             for p in te.parameters():
                 if p.requires_grad:
@@ -374,6 +377,20 @@ def _train_text_encoders(comps: SDComponents, config: RunConfig, device: torch.d
                 _freeze_unused_clip_tail(te)
         te.train()
     return targets
+
+
+def _init_plan(config: RunConfig, comps: SDComponents) -> Any:
+    """lora.init_from: what the file holds, matched to this model's layers (mismatches logged)."""
+    import logging
+
+    from ...lora_tools.init import plan_init
+
+    parts = {"unet": comps.unet, **_text_encoders(comps)}
+    plan = plan_init(config.lora.init_from, config.lora.model_dump(), parts, family=comps.family,
+                     layers_per_block=int(comps.unet.config.layers_per_block))
+    for note in plan.notes:
+        logging.getLogger("sdstudio").warning("lora.init_from %s: %s", config.lora.init_from, note)
+    return plan
 
 
 def build_sd_model(config: RunConfig, device: torch.device) -> SDBundle:
@@ -399,15 +416,20 @@ def build_sd_model(config: RunConfig, device: torch.device) -> SDBundle:
         else wdtype
     comps.vae.to(device, dtype=vae_dtype)
     unet = comps.unet
+    plan = None
+    lora_section = config.lora.model_dump()
+    if lora and config.lora.init_from:
+        plan = _init_plan(config, comps)
+        lora_section = plan.lora_section(lora_section)
     if lora:
-        from peft import LoraConfig
-
         unet.requires_grad_(False)
         unet.to(device, dtype=wdtype)
         torch.manual_seed(config.train.seed)
-        unet.add_adapter(LoraConfig(r=config.lora.rank, lora_alpha=config.lora.alpha,
-                                    lora_dropout=config.lora.dropout, init_lora_weights="gaussian",
-                                    target_modules=get_family(comps.family).lora_targets[config.lora.targets]))
+        if plan is None:
+            unet.add_adapter(peft_adapter_config(lora_section,
+                                                 get_family(comps.family).lora_targets[config.lora.targets]))
+        else:
+            unet.add_adapter(peft_adapter_config(lora_section, plan.targets("unet"), plan.rank_pattern.get("unet")))
         for p in unet.parameters():
             if p.requires_grad:
                 p.data = p.data.float()  # trainable parameters are always fp32
@@ -419,9 +441,13 @@ def build_sd_model(config: RunConfig, device: torch.device) -> SDBundle:
         unet.requires_grad_(True)
         unet.to(device, dtype=torch.float32)
     unet.train()
-    text_targets = _train_text_encoders(comps, config, device, wdtype, lora) if train_text else {}
+    text_targets = _train_text_encoders(comps, config, device, wdtype, lora, plan) if train_text else {}
+    if plan is not None:
+        from ...lora_tools.init import load_plan
+
+        load_plan(plan, {"unet": unet, **_text_encoders(comps)})
     arch = {"family": comps.family, "base": str(Path(m.path).expanduser().resolve()),
-            "vae": str(Path(m.vae_path).expanduser().resolve()) if m.vae_path else "", "lora": config.lora.model_dump() if lora else None,
+            "vae": str(Path(m.vae_path).expanduser().resolve()) if m.vae_path else "", "lora": lora_section if lora else None,
             "prediction_type": comps.prediction_type, "zero_terminal_snr": comps.zero_terminal_snr,
             "layers_per_block": int(unet.config.layers_per_block),
             "quantize": m.quantize}

@@ -1,0 +1,48 @@
+"""The peft adapter of a LoRA run, whatever its kind (lora.type): LoRA, LoHa, LoKr, DoRA or OFT.
+
+peft implements all five on any torch module (UNet, transformer, text encoders) with one state-dict convention,
+so checkpoints, resume and EMA treat them alike; lycoris-lora would add a second injection mechanism beside the
+peft one diffusers and the sampling path already use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+ADAPTER_TYPES = ("lora", "loha", "lokr", "dora", "oft")
+# the parameter names each kind's peft layers hold (what get_peft_model_state_dict returns, adapter name removed)
+ADAPTER_PARAMS = ("lora_A", "lora_B", "lora_magnitude_vector", "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b",
+                  "hada_t1", "hada_t2", "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b",
+                  "lokr_t2", "oft_R")
+
+
+def peft_adapter_config(lora: dict[str, Any], target_modules: list[str] | str,
+                        rank_pattern: dict[str, int] | None = None) -> Any:
+    """The peft config of a run's adapter (``lora`` = the run's ``lora`` section as a dict). Every kind starts
+    as the identity (the base model's output at step 0)."""
+    kind = lora.get("type", "lora")
+    rank, alpha = int(lora["rank"]), float(lora["alpha"])
+    dropout = float(lora.get("dropout", 0.0))
+    if kind in ("lora", "dora"):
+        from peft import LoraConfig
+
+        return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian",
+                          target_modules=target_modules, use_dora=kind == "dora", rank_pattern=rank_pattern or {})
+    if kind == "loha":
+        from peft import LoHaConfig
+
+        return LoHaConfig(r=rank, alpha=alpha, module_dropout=dropout, target_modules=target_modules,
+                          rank_pattern=rank_pattern or {})
+    if kind == "lokr":
+        from peft import LoKrConfig
+
+        return LoKrConfig(r=rank, alpha=alpha, module_dropout=dropout, target_modules=target_modules,
+                          decompose_factor=int(lora.get("factor", -1)),
+                          decompose_both=bool(lora.get("decompose_both", False)), rank_pattern=rank_pattern or {})
+    if kind == "oft":
+        from peft import OFTConfig
+
+        # the exact Cayley transform (not peft's Neumann-series approximation): exports reproduce it exactly
+        return OFTConfig(r=0, oft_block_size=int(lora.get("oft_block_size", 32)), module_dropout=dropout,
+                         target_modules=target_modules, use_cayley_neumann=False)
+    raise ValueError(f"lora.type {kind!r}: unknown; use one of {', '.join(ADAPTER_TYPES)}")
