@@ -116,7 +116,13 @@ def min_snr_weights(sched: DDPMScheduler, t: torch.Tensor, gamma: float) -> torc
 
 def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, sched: DDPMScheduler,
                    loss_cfg: LossConfig) -> torch.Tensor:
+    return diffusion_loss_per_sample(pred, target, t, sched, loss_cfg).mean()
+
+
+def diffusion_loss_per_sample(pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, sched: DDPMScheduler,
+                              loss_cfg: LossConfig) -> torch.Tensor:
+    """The training loss of each sample (B,), Min-SNR weighted; its mean is ``diffusion_loss``."""
     loss = per_sample_loss(pred, target, loss_cfg)
     if loss_cfg.min_snr_gamma > 0:
         loss = loss * min_snr_weights(sched, t, loss_cfg.min_snr_gamma).to(loss.device)
-    return loss.mean()
+    return loss

@@ -93,7 +93,7 @@ class ImageCaptionDataset(Dataset):
         item = self.prepared(key.index, rng, key.size)
         return {"pixels": torch.from_numpy(to_tensor_array(item.array)), "caption": self.caption(key.index, rng),
                 "original_size": item.original_size, "crop_top_left": item.crop_top_left,
-                "target_size": item.target_size}
+                "target_size": item.target_size, "index": key.index}
 
 
 def collate(items: list[dict[str, object]]) -> dict[str, object]:
@@ -106,7 +106,8 @@ def collate(items: list[dict[str, object]]) -> dict[str, object]:
             "captions": [i["caption"] for i in items],
             "original_size": torch.tensor([i["original_size"] for i in items], dtype=torch.long),
             "crop_top_left": torch.tensor([i["crop_top_left"] for i in items], dtype=torch.long),
-            "target_size": torch.tensor([i["target_size"] for i in items], dtype=torch.long)}
+            "target_size": torch.tensor([i["target_size"] for i in items], dtype=torch.long),
+            "indices": [int(i.get("index", -1)) for i in items]}  # type: ignore[call-overload]
 
 
 class EpochOrder:

@@ -139,6 +139,7 @@ def _run(s: TrainingSession, control: TrainingControl) -> Iterator[ev.Event]:
     yield ev.Status("scanning", f"scanning {s.data_root}")
     for warning in s.prepare_data() + s.evaluation.data_warnings(len(s.batches.data.val)):
         yield _warning(warning)  # e.g. files skipped: kept in run.log too
+    s.write_run_card()
     yield ev.Status("building", f"building the {cfg.model.family} model")
     s.build()
     if cfg.data.cache_latents and not s.bundle.model_family.pixel_space:

@@ -11,10 +11,11 @@ from accelerate import Accelerator
 
 from ..config import RunConfig
 from ..data.dataset import collate
-from ..diffusion import diffusion_loss, sample_noise, target_for
+from ..diffusion import diffusion_loss, diffusion_loss_per_sample, sample_noise, target_for
 from ..models.bundle import ModelBundle
 from .batches import TrainingBatches
 from .caches import FeatureCaches
+from .image_loss import ImageLossTracker
 
 VAL_BUCKETS = 10
 
@@ -33,6 +34,7 @@ class DiffusionObjective:
         self.caches, self.batches = caches, batches
         self.device = accelerator.device
         self.rank = accelerator.process_index
+        self.image_losses: ImageLossTracker | None = None  # the per-image loss, when tracked
 
     def _noise_generator(self, step: int, micro: int) -> torch.Generator:
         # Seeded from (seed, step, micro-batch, rank): exact after a resume with no state to save.
@@ -49,7 +51,7 @@ class DiffusionObjective:
         if reg is None:
             with self.accelerator.autocast():
                 pred = self.model(noisy, t, self.caches.condition(batch))
-            return diffusion_loss(pred, target, t, self.sched, self.config.loss)
+            return self._instance_loss(batch, pred, target, t)
         # DreamBooth prior preservation: instance and class images in one forward, losses weighted apart
         reg_clean = self.bundle.to_model_space(reg["pixels"].to(self.device))
         reg_noisy, reg_target, reg_t = self._noised(reg_clean, gen)
@@ -63,9 +65,17 @@ class DiffusionObjective:
             else:  # a non-square bucket: class images are square, so two forwards
                 pred = self.model(noisy, t, self.caches.condition(batch))
                 reg_pred = self.model(reg_noisy, reg_t, self.caches.condition(reg))
-        loss = diffusion_loss(pred, target, t, self.sched, self.config.loss)
+        loss = self._instance_loss(batch, pred, target, t)
         prior = diffusion_loss(reg_pred, reg_target, reg_t, self.sched, self.config.loss)
         return loss + self.config.loss.prior_loss_weight * prior
+
+    def _instance_loss(self, batch: dict[str, Any], pred: torch.Tensor, target: torch.Tensor,
+                       t: torch.Tensor) -> torch.Tensor:
+        """The training loss of the batch's images (the mean of the per-sample losses the tracker records)."""
+        per_sample = diffusion_loss_per_sample(pred, target, t, self.sched, self.config.loss)
+        if self.image_losses is not None and "indices" in batch:
+            self.image_losses.observe(batch["indices"], t, per_sample)
+        return per_sample.mean()
 
     def _noised(self, clean: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(noisy input, target, timesteps) for clean samples, drawn from ``gen`` in a fixed order."""

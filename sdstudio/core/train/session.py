@@ -33,6 +33,7 @@ from .caches import FeatureCaches
 from .checkpoint import CheckpointInfo, prune_checkpoints, write_checkpoint
 from .ema import EmaWeights
 from .evaluation import RunEvaluation
+from .image_loss import ImageLossTracker
 from .memory import estimate_memory, memory_advice
 from .objective import DiffusionObjective
 from .optim import LRSchedule, build_optimizer, param_groups
@@ -150,9 +151,43 @@ class TrainingSession:
         self.caches = FeatureCaches(cfg, self.bundle, self.accelerator)
         self.objective = DiffusionObjective(cfg, self.bundle, sched, self.model, self.accelerator, self.caches,
                                             self.batches)
+        if self.run_dir is not None and self.is_main:
+            self.objective.image_losses = self._image_loss_tracker(train_records, sched)
         self.previews = Previews(cfg, self.bundle, sched, self.model, self.accelerator, self.ema,
                                  run_dir=self.run_dir, data_root=self.data_root, train_records=train_records)
         self.ready = True
+
+    def _image_loss_tracker(self, records: list[Any], sched: Any) -> ImageLossTracker:
+        root = self.data_root.resolve()
+        names = []
+        for r in records:
+            try:
+                names.append(r.path.resolve().relative_to(root).as_posix())
+            except ValueError:
+                names.append(str(r.path))
+        tracker = ImageLossTracker(names, int(sched.config.num_train_timesteps))
+        if self.resume and self.run_dir is not None:
+            previous = RunFolder(self.run_dir).read_image_loss()
+            if previous is not None:
+                tracker.load(previous)
+        return tracker
+
+    def write_image_loss(self) -> None:
+        """image_loss.json: written with every checkpoint, so a resume continues from matching numbers."""
+        tracker = self.objective.image_losses if self.ready else None
+        if tracker is not None and self.run_dir is not None:
+            tracker.write(RunFolder(self.run_dir).image_loss_file, self.step)
+
+    def write_run_card(self) -> None:
+        """run-card.json at the start of a new run (a resume keeps the card of the start)."""
+        if not self.is_main or self.run_dir is None or self.resume:
+            return
+        from ..runs.card import build_card
+
+        reg = self.batches.reg_dataset
+        card = build_card(self.config, image_paths=[r.path for r in self.batches.data.train + self.batches.data.val],
+                          device=self.device, reg_image_paths=[r.path for r in reg.records] if reg else None)
+        RunFolder(self.run_dir).write_card(card)
 
     def mark_best(self, val_loss: float) -> None:
         assert self.run_dir is not None
@@ -236,6 +271,7 @@ class TrainingSession:
                  "ema_optimization_step": ema.optimization_step if ema is not None else None}
         path = write_checkpoint(root, pos.step, pos.epoch, fill, extra)
         self.progress.checkpointed()
+        self.write_image_loss()
         best = self.best_checkpoint()
         prune_checkpoints(root, self.config.checkpoint.keep_last, protect={path} | ({best} if best else set()))
         log.info("checkpoint saved: %s", path)
