@@ -75,6 +75,7 @@ def test_a_stopped_search_continues_its_trial_from_the_checkpoint(base_toml: Pat
     assert len(started) == 1 and started[0].resumed
     summary = json.loads((out / "summary.json").read_text())
     assert [r["status"] for r in summary["rows"]] == ["failed", "completed"]  # the interrupted trial, its continuation
+    assert "continued in the same folder by trial 1" in summary["rows"][0]["message"]
     assert summary["rows"][1]["run_dir"] == summary["rows"][0]["run_dir"]
 
 

@@ -32,7 +32,7 @@ from .console import warning_already_shown
 RESUME_SAFE_PREFIXES = ("sample.", "checkpoint.", "eval.")
 RESUME_SAFE_KEYS = {"train.max_steps", "train.epochs", "train.log_every", "train.val_every_steps",
                     "train.nan_skip_steps", "train.oom_skip_batches", "train.threads", "data.num_workers",
-                    "train.device", "train.tensorboard"}
+                    "train.device", "train.tensorboard", "train.wandb", "train.wandb_mode", "train.wandb_project"}
 
 
 def register(sub: Any) -> None:

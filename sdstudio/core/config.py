@@ -182,6 +182,12 @@ class TrainConfig(Section):
                                      "encoder(s), at train.text_encoder_lr. For a LoRA run use lora.text_encoder.")
     tensorboard: bool = Field(False, description="Also write TensorBoard event files into RUN_DIR/tensorboard "
                               "(needs the tensorboard package: pip install 'sdstudio[tensorboard]').")
+    wandb: bool = Field(False, description="Also log the metrics and sample grids to Weights & Biases (needs the "
+                        "wandb package: pip install 'sdstudio[wandb]'); the run's files go to RUN_DIR/wandb.")
+    wandb_mode: Literal["offline", "online"] = Field(
+        "offline", description="offline: W&B files only in RUN_DIR/wandb (upload later with `wandb sync`); "
+                               "online: sent as the run trains (needs `wandb login`).")
+    wandb_project: str = Field("sdstudio", min_length=1, max_length=128, description="The W&B project name.")
 
 
 class SampleConfig(Section):

@@ -67,3 +67,25 @@ def test_checkpoint_grid_dialog_picks_a_column_for_export(qtbot, tiny_dataset: P
     source, best, tag = export.checkpoint_source()
     assert source == run / "checkpoints" / "step-00000002" and not best and tag == "step00000002"
     export.reject()
+
+
+def test_compare_marks_pruned_runs_and_shows_importances(qtbot, tmp_path: Path) -> None:
+    from sdstudio.gui.panels.compare import ComparePanel, load_sweep_folder
+
+    folder = tmp_path / "search"
+    folder.mkdir()
+    rows = [{"index": 0, "run_dir": "", "status": "completed", "message": "", "train.learning_rate": 1e-3,
+             "best_val_loss": 0.2, "steps": 4},
+            {"index": 1, "run_dir": "", "status": "pruned", "message": "pruned at step 2: validation loss 0.9",
+             "train.learning_rate": 1e-9, "best_val_loss": 0.9, "steps": 2}]
+    (folder / "summary.json").write_text(json.dumps({"name": "s", "mode": "search", "keys": ["train.learning_rate"],
+                                                     "rows": rows, "importances": {"train.learning_rate": 1.0}}))
+    comparison = load_sweep_folder(folder)
+    assert comparison.importances == {"train.learning_rate": 1.0}
+    panel = ComparePanel()
+    qtbot.addWidget(panel)
+    panel.show_comparison(comparison)
+    texts = panel.row_texts()
+    assert texts[1][2] == "✂ pruned" and texts[0][2] == "completed"
+    assert "1 pruned" in panel.title.text()
+    assert "train.learning_rate" in panel.importances.text() and "1.00" in panel.importances.text()

@@ -213,6 +213,7 @@ def importances(study: Any) -> dict[str, float]:
 
 def _write_summary(plan: SweepPlan, out_dir: Path, study: Any) -> list[dict[str, Any]]:
     rows = []
+    continued = {int(t.user_attrs["continues"]): t.number for t in study.trials if "continues" in t.user_attrs}
     for trial in study.trials:
         run_dir = str(trial.user_attrs.get(RUN_DIR_ATTR, ""))
         overrides = dict(trial.user_attrs.get("overrides") or trial.params)
@@ -223,6 +224,8 @@ def _write_summary(plan: SweepPlan, out_dir: Path, study: Any) -> list[dict[str,
         curves = RunFolder(folder).curves() if folder is not None and folder.is_dir() else RunCurves()
         row = summary_row(record, plan.keys, curves)
         row["trial"] = trial.number
+        if trial.number in continued:
+            row["message"] = f"interrupted; continued in the same folder by trial {continued[trial.number]}"
         rows.append(row)
     columns = ["index", "run_dir", "status", "message", *plan.keys, *METRIC_COLUMNS]
     buf = io.StringIO()

@@ -56,8 +56,12 @@ def plan_rerun(run_or_card: Path, *, data_path: str | None = None) -> RerunPlan:
     if not root.is_dir():
         plan.dataset_notes.append(f"{root}: the dataset folder is missing (give its new place with data.path)")
     else:
-        scan = scan_dataset(root, resolution=config.data.resolution, instance_prompt=config.data.instance_prompt or None)
-        current = dataset_manifest(root, dataset_files(root, [r.path for r in scan.records]))
+        prompt = config.data.instance_prompt or None
+        images = [r.path for r in scan_dataset(root, resolution=config.data.resolution, instance_prompt=prompt).records]
+        if config.data.val_path and Path(config.data.val_path).expanduser().is_dir():  # listed by absolute path
+            images += [r.path for r in scan_dataset(Path(config.data.val_path).expanduser(),
+                                                    resolution=config.data.resolution, instance_prompt=prompt).records]
+        current = dataset_manifest(root, dataset_files(root, images))
         diff = compare_manifest(card.get("dataset", {}).get("files", {}), current)
         if not diff.same:
             plan.dataset_notes.append(f"{root} differs from the card: {diff.describe()}")

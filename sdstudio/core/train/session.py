@@ -42,6 +42,7 @@ from .progress import EarlyStopping, Progress
 from .setup import build_model, data_root, pick_device
 from .step import LossFn, OptimizerStep, any_process
 from .tensorboard_log import require_tensorboard
+from .wandb_log import require_wandb
 
 log = logging.getLogger("sdstudio")
 
@@ -92,6 +93,8 @@ class TrainingSession:
         self.init_warnings += self.evaluation.warnings
         if cfg.tensorboard and run_dir is not None:
             require_tensorboard()
+        if cfg.wandb and run_dir is not None:
+            require_wandb()
 
     # -- read-only views for callers holding the session (tests, benchmarks) ---------------------------------
     @property
