@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from sdstudio.core.control import TrainingControl
 from sdstudio.core.errors import UserError
 from sdstudio.core.sweeps.plan import load_sweep
 from sdstudio.core.sweeps.runner import SweepFinished, SweepRunEnded, SweepStarted
@@ -21,7 +20,7 @@ SEARCH = """name = "s"
 method = "tpe"
 trials = {trials}
 prune = true
-seed = 3
+seed = 0
 startup_trials = 1
 "train.learning_rate" = [3e-3, 1e-9]
 """
@@ -33,7 +32,47 @@ def _events(plan, out: Path, control=None) -> list:
     return list(run_search(plan, out, control))
 
 
-def test_search_prunes_a_run_behind_at_the_same_step_and_resumes(base_toml: Path, tmp_path: Path) -> None:  # noqa: F811
+@pytest.fixture
+def fake_train(monkeypatch):
+    """The search's training loop replaced by a stand-in: validation losses at steps 2 and 4 that depend on the
+    learning rate (1e-9 does not learn), metrics.jsonl rows and checkpoints as a run writes them. ``stop_at``:
+    the step at which the next run stops (as after Ctrl-C)."""
+    from sdstudio.core import events as ev
+    from sdstudio.core.runs import RunFolder
+    from sdstudio.core.runs.checkpoints import FORMAT, MANIFEST
+    from sdstudio.core.sweeps import search
+
+    calls: dict = {"resumed": [], "stop_at": None}
+
+    def train(config, control, *, run_dir: Path, resume: bool):
+        folder = RunFolder(run_dir)
+        if not resume:
+            folder.create()
+        calls["resumed"].append(resume)
+        start = max((int(p.name.split("-")[1]) for p in folder.checkpoints()), default=0)
+        lr = config.train.learning_rate
+        for step in (2, 4):
+            if step <= start:
+                continue
+            val = 0.5 / step if lr > 1e-6 else 1.0
+            with open(folder.metrics_file, "a") as fh:
+                fh.write(json.dumps({"kind": "val", "step": step, "epoch": 0, "time": 0.0, "val_loss": val}) + "\n")
+            yield ev.ValidationResult(step, 0, val, {})
+            ckpt = folder.checkpoint_dir(step)
+            ckpt.mkdir(parents=True, exist_ok=True)
+            (ckpt / MANIFEST).write_text(json.dumps({"format": FORMAT, "step": step, "files": {}}))
+            if calls["stop_at"] == step:
+                calls["stop_at"] = None
+                yield ev.Finished(run_dir, "stopped", step)
+                return
+        yield ev.Finished(run_dir, "completed", 4)
+
+    monkeypatch.setattr(search, "train", train)
+    return calls
+
+
+def test_search_prunes_a_run_behind_at_the_same_step_and_resumes(base_toml: Path, tmp_path: Path,  # noqa: F811
+                                                                  fake_train) -> None:
     plan = load_sweep(sweep_file(tmp_path, SEARCH.format(trials=4)))
     assert plan.mode == "search" and plan.combinations == [] and plan.search["trials"] == 4
     out = tmp_path / "out"
@@ -41,42 +80,56 @@ def test_search_prunes_a_run_behind_at_the_same_step_and_resumes(base_toml: Path
     ended = [e for e in events if isinstance(e, SweepRunEnded)]
     assert len(ended) == 4 and (out / "study.db").is_file()
     summary = json.loads((out / "summary.json").read_text())
-    statuses = [r["status"] for r in summary["rows"]]
-    assert set(statuses) <= {"completed", "pruned", "failed"} and "pruned" in statuses and "completed" in statuses
-    pruned = next(r for r in summary["rows"] if r["status"] == "pruned")
-    assert pruned["train.learning_rate"] == 1e-9 and pruned["steps"] < 4 and "pruned at step" in pruned["message"]
-    assert summary["mode"] == "search" and summary["best"]["best_val_loss"] is not None
+    rows = summary["rows"]
+    assert {r["status"] for r in rows} <= {"completed", "pruned", "failed"}
+    # runs that learn complete; only runs behind at step 2 (the rate that does not learn) are pruned there
+    for row in rows:
+        if row["train.learning_rate"] == 3e-3:
+            assert row["status"] == "completed" and row["steps"] == 4
+        if row["status"] == "pruned":
+            assert row["train.learning_rate"] == 1e-9 and row["steps"] == 2 and "pruned at step 2" in row["message"]
+    assert "pruned" in {r["status"] for r in rows} and "completed" in {r["status"] for r in rows}
+    assert summary["mode"] == "search" and summary["best"]["best_val_loss"] == 0.125
     assert isinstance(summary["importances"], dict)
+    # the same seed draws the same values
+    other = tmp_path / "other"
+    _events(plan, other)
+    again_rows = json.loads((other / "summary.json").read_text())["rows"]
+    assert [r["train.learning_rate"] for r in again_rows] == [r["train.learning_rate"] for r in rows]
 
     # the study resumes: asking for 5 trials runs only the one missing
-    again = load_sweep(sweep_file(tmp_path, SEARCH.format(trials=5)))
-    events = _events(again, out)
+    more = load_sweep(sweep_file(tmp_path, SEARCH.format(trials=5)))
+    events = _events(more, out)
     assert next(e for e in events if isinstance(e, SweepStarted)).to_run == 1
     assert len([e for e in events if isinstance(e, SweepRunEnded)]) == 1
     assert len(json.loads((out / "summary.json").read_text())["rows"]) == 5
 
 
-def test_a_stopped_search_continues_its_trial_from_the_checkpoint(base_toml: Path, tmp_path: Path) -> None:  # noqa: F811
-    from sdstudio.core import events as ev
-
+def test_a_stopped_search_continues_its_trial_from_the_checkpoint(base_toml: Path, tmp_path: Path,  # noqa: F811
+                                                                  fake_train) -> None:
     plan = load_sweep(sweep_file(tmp_path, SEARCH.format(trials=1)))
     out = tmp_path / "out"
-    control = TrainingControl()
-    from sdstudio.core.sweeps.search import run_search
-
-    seen = []
-    for event in run_search(plan, out, control):
-        seen.append(event)
-        if isinstance(event, ev.CheckpointSaved) and event.step == 2:
-            control.request_stop()
-    assert next(e for e in seen if isinstance(e, SweepFinished)).reason == "stopped"
+    fake_train["stop_at"] = 2
+    first = _events(plan, out)
+    assert next(e for e in first if isinstance(e, SweepFinished)).reason == "stopped"
     events = _events(plan, out)
     started = [e for e in events if type(e).__name__ == "SweepRunStarted"]
-    assert len(started) == 1 and started[0].resumed
+    assert len(started) == 1 and started[0].resumed and fake_train["resumed"] == [False, True]
     summary = json.loads((out / "summary.json").read_text())
     assert [r["status"] for r in summary["rows"]] == ["failed", "completed"]  # the interrupted trial, its continuation
     assert "continued in the same folder by trial 1" in summary["rows"][0]["message"]
     assert summary["rows"][1]["run_dir"] == summary["rows"][0]["run_dir"]
+    assert summary["rows"][0]["train.learning_rate"] == summary["rows"][1]["train.learning_rate"]
+
+
+@pytest.mark.slow
+def test_search_trains_real_runs(base_toml: Path, tmp_path: Path) -> None:  # noqa: F811
+    plan = load_sweep(sweep_file(tmp_path, SEARCH.format(trials=2)))
+    out = tmp_path / "out"
+    _events(plan, out)
+    rows = json.loads((out / "summary.json").read_text())["rows"]
+    assert len(rows) == 2 and all(r["status"] in ("completed", "pruned") for r in rows)
+    assert all((out / r["run_dir"] / "metrics.jsonl").is_file() for r in rows)
 
 
 def test_search_file_errors(base_toml: Path, tmp_path: Path) -> None:  # noqa: F811
@@ -92,4 +145,4 @@ def test_cli_search_dry_run(base_toml: Path, tmp_path: Path, capsys) -> None:  #
     path = sweep_file(tmp_path, SEARCH.format(trials=2))
     assert cli(["sweep", str(path), "--out", str(tmp_path / "o"), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "search: tpe, 2 trials, prune true, seed 3" in out and "study.db" in out
+    assert "search: tpe, 2 trials, prune true, seed 0" in out and "study.db" in out

@@ -100,7 +100,7 @@ def parse_sweep(data: dict[str, Any], *, path: Path) -> SweepPlan:
     fixed = flatten(_table(data, "set", src), "set")
     _check_keys(fixed, "set", src)
     if sum(k in data for k in ("grid", "random", "search")) != 1:
-        raise UserError(f"{src}: give one of a [grid] table (every combination of lists of values), a [random] "
+        raise UserError(f"{src}: give either a [grid] table (every combination of lists of values), a [random] "
                         "table (samples drawn from choices and ranges) or a [search] table (Optuna TPE)")
     if "search" in data:
         return _parse_search(data, path, name, base_config, base, fixed)
