@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,7 @@ class WandbLog:
         id_file = self.dir / RUN_ID_FILE
         run_id = id_file.read_text(encoding="utf-8").strip() if resumed and id_file.is_file() else None
         if not run_id:
-            run_id = wandb.util.generate_id()
+            run_id = secrets.token_hex(4)  # W&B ids: lower-case letters and digits
             id_file.write_text(run_id, encoding="utf-8")
         os.environ.setdefault("WANDB_SILENT", "true")
         self._run: Any = wandb.init(project=config.train.wandb_project, name=config.name or run_dir.name,
@@ -91,7 +92,11 @@ def open_wandb(config: RunConfig, run_dir: Path | None, *, is_main: bool, resume
     if not config.train.wandb or run_dir is None or not is_main:
         return None
     require_wandb()
-    return WandbLog(config, run_dir, resumed=resumed)
+    try:
+        return WandbLog(config, run_dir, resumed=resumed)
+    except Exception as exc:  # noqa: BLE001 - a mirror that cannot start must not stop the training
+        log.warning("W&B logging could not start (%s); training goes on, metrics.jsonl has every number", exc)
+        return None
 
 
 class Mirrors:
