@@ -190,13 +190,13 @@ def test_latent_cache_run_trains_with_the_cached_masks(tiny_sd1: Path, tmp_path:
         mask.save(data / f"{i}.mask.png")
         (data / f"{i}.txt").write_text("a red shape", encoding="utf-8")
     seen: list[torch.Tensor | None] = []
-    real = diffusion.diffusion_loss
+    real = diffusion.diffusion_loss_per_sample  # the instance loss (its mean is the training loss)
 
     def spy(pred, target, t, sched, cfg, mask=None):
         seen.append(mask)
         return real(pred, target, t, sched, cfg, mask)
 
-    monkeypatch.setattr(objective, "diffusion_loss", spy)
+    monkeypatch.setattr(objective, "diffusion_loss_per_sample", spy)
     cfg = sd_config("sd15-lora", tiny_sd1, data, **{"loss.masked": True, "data.cache_latents": True,
                                                      "train.max_steps": 2})
     assert len(losses(cfg, tmp_path / "run")) == 2

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from .. import __version__
 from ..core.errors import UserError
-from . import dataset, export, fit, lora, presets, sample, sweep, train
+from . import dataset, export, fit, grid, lora, presets, rerun, sample, sweep, train
 from .common import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, cli_message
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_OK", "build_parser", "main"]
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "Without a command, the desktop app opens.")
     parser.add_argument("--version", action="version", version=f"sdstudio {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for module in (train, sample, presets, dataset, export, sweep, fit, lora):
+    for module in (train, sample, presets, dataset, export, sweep, fit, lora, rerun, grid):
         module.register(sub)
     gui = sub.add_parser("gui", help="open the desktop app (the default without a command)")
     gui.set_defaults(func=_run_gui)

@@ -12,14 +12,14 @@ from tqdm import tqdm
 
 from ..core import events as ev
 from ..core.control import TrainingControl
-from ..core.sweeps.plan import SweepPlan, default_sweep_dir, load_sweep
+from ..core.sweeps.plan import SweepPlan, default_sweep_dir, format_value, load_sweep
 from ..core.sweeps.summary import SUMMARY_CSV, SUMMARY_JSON
 from .common import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, describe_eval, say, stop_on_sigint
 from .console import warning_already_shown
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("sweep", help="run a grid or random search over config keys (one run per combination)",
+    p = sub.add_parser("sweep", help="run a grid, random or Optuna (TPE) search over config keys (one run per combination or trial)",
                        description="Run every combination of a sweep file one after another, then write "
                        "summary.csv, summary.json and overlay.png. Run the same command again to resume; "
                        "Ctrl-C stops the current run resumably (exit 130).")
@@ -32,6 +32,14 @@ def register(sub: Any) -> None:
 
 
 def _list(plan: SweepPlan, out_dir: Path) -> None:
+    if plan.mode == "search":
+        assert plan.search is not None and plan.ranges is not None
+        s = plan.search
+        print(f"sweep {plan.name} (search: {s['method']}, {s['trials']} trials, prune {str(s['prune']).lower()}, "
+              f"seed {s['seed']}, base {plan.base}) -> {out_dir} (study {out_dir / 'study.db'})")
+        for key, spec in plan.ranges.items():
+            print(f"  {key:<30} {spec}")
+        return
     print(f"sweep {plan.name} ({plan.mode}, base {plan.base}): {len(plan.combinations)} combinations -> {out_dir}")
     for combo in plan.combinations:
         print(f"  {combo.folder:<30} {combo.describe()}")
@@ -51,15 +59,21 @@ def run(args: argparse.Namespace) -> int:
     finished: SweepFinished | None = None
     with stop_on_sigint(control, " of the current run"):
         try:
-            for event in run_sweep(plan, out_dir, control, retry_failed=args.retry_failed):
+            if plan.mode == "search":
+                from ..core.sweeps.search import run_search
+
+                events = run_search(plan, out_dir, control)
+            else:
+                events = run_sweep(plan, out_dir, control, retry_failed=args.retry_failed)
+            for event in events:
                 if isinstance(event, SweepStarted):
                     done = event.total - event.to_run
                     say(f"sweep {plan.name}: {event.total} combinations, {event.to_run} to run"
                          + (f" ({done} done or failed already)" if done else "") + f"; folder {event.out_dir}")
                 elif isinstance(event, SweepRunStarted):
                     verb = "resuming" if event.resumed else "starting"
-                    say(f"[{event.index + 1}/{event.total}] {verb} {event.run_dir.name}: "
-                         f"{plan.combinations[event.index].describe()}")
+                    values = ", ".join(f"{k}={format_value(v)}" for k, v in event.overrides.items())
+                    say(f"[{event.index + 1}/{event.total}] {verb} {event.run_dir.name}: {values}")
                 elif isinstance(event, ev.Started) and not args.quiet:
                     bar = tqdm(total=event.total_steps, initial=event.resumed_from_step, unit="step",
                                dynamic_ncols=True, file=sys.stderr, leave=False)
@@ -91,9 +105,13 @@ def _report(sweep_file: Path, out_dir: Path, finished: Any) -> int:
     parts = ", ".join(f"{n} {status}" for status, n in counts.items() if n)
     print(f"summary: {out_dir / SUMMARY_CSV} ({parts})", file=sys.stderr)
     try:
-        best = json.loads((out_dir / SUMMARY_JSON).read_text(encoding="utf-8")).get("best")
+        summary = json.loads((out_dir / SUMMARY_JSON).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        best = None
+        summary = {}
+    best = summary.get("best")
+    if summary.get("importances"):
+        ranked = sorted(summary["importances"].items(), key=lambda kv: -kv[1])
+        print("parameter importances: " + ", ".join(f"{k} {v:.2f}" for k, v in ranked), file=sys.stderr)
     if best:
         print(f"best: {out_dir / best['run_dir']} (best validation loss {best['best_val_loss']:.5f})",
               file=sys.stderr)

@@ -32,7 +32,7 @@ from .console import warning_already_shown
 RESUME_SAFE_PREFIXES = ("sample.", "checkpoint.", "eval.")
 RESUME_SAFE_KEYS = {"train.max_steps", "train.epochs", "train.log_every", "train.val_every_steps",
                     "train.nan_skip_steps", "train.oom_skip_batches", "train.threads", "data.num_workers",
-                    "train.device", "train.tensorboard"}
+                    "train.device", "train.tensorboard", "train.wandb", "train.wandb_mode", "train.wandb_project"}
 
 
 def register(sub: Any) -> None:
@@ -74,6 +74,11 @@ def run(args: argparse.Namespace) -> int:
         config, label = resolve_config(args)
         run_dir = args.out.resolve() if args.out is not None else default_run_dir(label)
         resume = False
+    return drive_training(config, run_dir, resume=resume, quiet=args.quiet, args=args)
+
+
+def drive_training(config: Any, run_dir: Path, *, resume: bool, quiet: bool, args: argparse.Namespace) -> int:
+    """Train (or resume) ``config`` into ``run_dir`` with a progress bar; the exit code (also `sdstudio rerun`'s)."""
     from ..core.train.loop import train  # torch/diffusers import only when training
 
     control = TrainingControl()
@@ -84,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             for event in train(config, control, run_dir=run_dir, resume=resume):
                 if isinstance(event, ev.Started):
-                    if not args.quiet:
+                    if not quiet:
                         bar = tqdm(total=event.total_steps, initial=event.resumed_from_step, unit="step",
                                    dynamic_ncols=True, file=sys.stderr)
                     say(f"run folder: {event.run_dir}")
@@ -92,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
                     if bar is not None:
                         bar.update(event.step - bar.n)
                         bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}", img_s=f"{event.img_per_s:.1f}")
-                elif isinstance(event, ev.Progress) and not args.quiet:
+                elif isinstance(event, ev.Progress) and not quiet:
                     if phase_bar is None or phase_bar.desc != event.what:
                         if phase_bar is not None:
                             phase_bar.close()

@@ -311,6 +311,12 @@ class TrainConfig(Section):
                        "states across the processes with FSDP (through accelerate) instead of copying them.")
     tensorboard: bool = Field(False, description="Also write TensorBoard event files into RUN_DIR/tensorboard "
                               "(needs the tensorboard package: pip install 'sdstudio[tensorboard]').")
+    wandb: bool = Field(False, description="Also log the metrics and sample grids to Weights & Biases (needs the "
+                        "wandb package: pip install 'sdstudio[wandb]'); the run's files go to RUN_DIR/wandb.")
+    wandb_mode: Literal["offline", "online"] = Field(
+        "offline", description="offline: W&B files only in RUN_DIR/wandb (upload later with `wandb sync`); "
+                               "online: sent as the run trains (needs `wandb login`).")
+    wandb_project: str = Field("sdstudio", min_length=1, max_length=128, description="The W&B project name.")
 
 
 class SampleConfig(Section):

@@ -194,6 +194,13 @@ def debiased_weights(sched: DDPMScheduler, t: torch.Tensor) -> torch.Tensor:
 
 def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, sched: DDPMScheduler,
                    loss_cfg: LossConfig, mask: torch.Tensor | None = None) -> torch.Tensor:
+    return diffusion_loss_per_sample(pred, target, t, sched, loss_cfg, mask).mean()
+
+
+def diffusion_loss_per_sample(pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, sched: DDPMScheduler,
+                              loss_cfg: LossConfig, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The training loss of each sample (B,): masked, scheduled Huber, Min-SNR and debiased weights as
+    configured; its mean is ``diffusion_loss``."""
     deltas = None
     if loss_cfg.kind in ("huber", "pseudo_huber") and loss_cfg.huber_schedule != "constant":
         deltas = huber_deltas(sched, t, loss_cfg)
@@ -202,7 +209,7 @@ def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, sc
         loss = loss * min_snr_weights(sched, t, loss_cfg.min_snr_gamma).to(loss.device)
     if loss_cfg.debiased_estimation:
         loss = loss * debiased_weights(sched, t).to(loss.device)
-    return loss.mean()
+    return loss
 
 
 def training_timesteps(n: int, loss_cfg: LossConfig, t_min: int, t_max: int, gen: torch.Generator | None,

@@ -48,7 +48,7 @@ class CachedLatentDataset(Dataset):
         if flip:
             x = cover_size(item.original_size[1], item.original_size[0], width, height)[0] - x - width
         out: dict[str, Any] = {"caption": caption, "original_size": item.original_size, "crop_top_left": (y, x),
-                               "target_size": (height, width), "cache_item": item}
+                               "target_size": (height, width), "cache_item": item, "index": key.index}
         features = self.cache.get(item)
         if features is None:
             out["pixels"] = load_item_pixels(item)
@@ -65,7 +65,8 @@ def collate_cached(items: list[dict[str, Any]]) -> dict[str, Any]:
             "captions": [i["caption"] for i in items],
             "original_size": torch.tensor([i["original_size"] for i in items], dtype=torch.long),
             "crop_top_left": torch.tensor([i["crop_top_left"] for i in items], dtype=torch.long),
-            "target_size": torch.tensor([i["target_size"] for i in items], dtype=torch.long)}
+            "target_size": torch.tensor([i["target_size"] for i in items], dtype=torch.long),
+            "indices": [int(i.get("index", -1)) for i in items]}
 
 
 def resolve_features(batch: dict[str, Any], encode_fn: EncodeFn, cache: FeatureCache) -> Features:

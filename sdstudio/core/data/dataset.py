@@ -116,7 +116,7 @@ class ImageCaptionDataset(Dataset):
         out: dict[str, object] = {"pixels": torch.from_numpy(to_tensor_array(item.array)),
                                   "caption": self.caption(key.index, rng, key.epoch),
                                   "original_size": item.original_size, "crop_top_left": item.crop_top_left,
-                                  "target_size": item.target_size}
+                                  "target_size": item.target_size, "index": key.index}
         if self.masked:  # 1xHxW in [0, 1]; all ones for an image without a mask
             out["mask"] = (torch.from_numpy(item.mask.astype("float32") / 255.0)[None] if item.mask is not None
                            else torch.ones((1, *item.array.shape[:2])))
@@ -133,7 +133,8 @@ def collate(items: list[dict[str, object]]) -> dict[str, object]:
            "captions": [i["caption"] for i in items],
            "original_size": torch.tensor([i["original_size"] for i in items], dtype=torch.long),
            "crop_top_left": torch.tensor([i["crop_top_left"] for i in items], dtype=torch.long),
-           "target_size": torch.tensor([i["target_size"] for i in items], dtype=torch.long)}
+           "target_size": torch.tensor([i["target_size"] for i in items], dtype=torch.long),
+           "indices": [int(i.get("index", -1)) for i in items]}  # type: ignore[call-overload]
     if "mask" in items[0]:  # masked training: Bx1xHxW
         out["masks"] = torch.stack([i["mask"] for i in items])  # type: ignore[misc]
     return out

@@ -19,6 +19,8 @@ from ..atomic import write_bytes_atomic
 from ..data.scan import scan_dataset
 from ..errors import UserError
 from ..models.registry import get_family
+from ..runs import RunFolder
+from ..runs.card import card_summary
 from .source import ExportSource
 
 
@@ -47,6 +49,16 @@ def _dataset_facts(source: ExportSource) -> tuple[dict[str, Any], dict[str, Any]
         entry = dirs.setdefault(label, {"n_repeats": record.repeats, "img_count": 0})
         entry["img_count"] += 1
     return ({k: dict(v) for k, v in tags.items()}, dirs, len(scan.records))
+
+
+def _run_card_summary(source: ExportSource) -> dict[str, Any] | None:
+    """The run card's summary (versions, device, seeds, dataset hash, command line) of the exported run."""
+    if source.run_dir is None:
+        return None
+    try:
+        return card_summary(RunFolder(source.run_dir).read_card())
+    except UserError:
+        return None
 
 
 def training_metadata(source: ExportSource, *, title: str, lora: bool) -> dict[str, str]:
@@ -102,6 +114,9 @@ def training_metadata(source: ExportSource, *, title: str, lora: bool) -> dict[s
                                                     "dropout": source.lora["dropout"],
                                                     "text_encoder": text_trained})})
     meta["sdstudio_text_encoder_trained"] = text_trained
+    card = _run_card_summary(source)
+    if card is not None:
+        meta["sdstudio_run_card"] = json.dumps(card, sort_keys=True)
     return {k: str(v) for k, v in meta.items()}
 
 

@@ -36,6 +36,8 @@ CHECKPOINTS_DIR = "checkpoints"
 SAMPLES_DIR = "samples"
 EXPORTS_DIR = "exports"
 BEST_FILE = "best.json"  # in checkpoints/: {"step", "checkpoint", "val_loss"} of the best by validation loss
+CARD_FILE = "run-card.json"  # written at the start: config, dataset manifest, versions, device (card.py)
+IMAGE_LOSS_FILE = "image_loss.json"  # per-image loss (core/train/image_loss.py)
 
 
 class RunFolder:
@@ -89,6 +91,14 @@ class RunFolder:
     @property
     def best_file(self) -> Path:
         return self.checkpoints_dir / BEST_FILE
+
+    @property
+    def card_file(self) -> Path:
+        return self.path / CARD_FILE
+
+    @property
+    def image_loss_file(self) -> Path:
+        return self.path / IMAGE_LOSS_FILE
 
     def checkpoint_dir(self, step: int) -> Path:
         """``checkpoints/step-00000120`` (whether or not it exists)."""
@@ -171,6 +181,23 @@ class RunFolder:
         """Record the checkpoint of ``step`` as the best by validation loss (kept whatever keep_last says)."""
         write_text_atomic(self.best_file, json.dumps(
             {"step": step, "checkpoint": checkpoint_name(step), "val_loss": val_loss}))
+
+    # -- run card, per-image loss ---------------------------------------------------------------------------
+    def write_card(self, card: dict[str, Any]) -> None:
+        write_text_atomic(self.card_file, json.dumps(card, indent=1, sort_keys=True))
+
+    def read_card(self) -> dict[str, Any]:
+        from .card import read_card
+
+        return read_card(self.card_file)
+
+    def read_image_loss(self) -> dict[str, Any] | None:
+        """image_loss.json as written (``{"images": {...}, "outliers": [...]}``), or None when absent/unreadable."""
+        try:
+            data = json.loads(self.image_loss_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) and isinstance(data.get("images"), dict) else None
 
     # -- metrics --------------------------------------------------------------------------------------------
     def metrics_rows(self) -> list[dict[str, Any]]:

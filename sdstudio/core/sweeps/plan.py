@@ -17,9 +17,17 @@ from .. import paths
 from ..config import RunConfig, field_docs, set_dotted
 from ..errors import ConfigError, UserError
 from ..presets import DEFAULT_PRESET, load_config_file, load_preset, read_toml
-from .space import flatten, grid_combinations, grid_values, random_combinations, random_specs
+from .space import (
+    flatten,
+    grid_combinations,
+    grid_values,
+    random_combinations,
+    random_specs,
+    search_specs,
+    space_corners,
+)
 
-TOP_LEVEL_KEYS = ("name", "base_preset", "base_config", "set", "grid", "random")
+TOP_LEVEL_KEYS = ("name", "base_preset", "base_config", "set", "grid", "random", "search")
 MAX_COMBINATIONS = 1000  # a bigger sweep is almost always a typo; split it into several files
 NOT_OVERRIDABLE = {"schema_version"}
 
@@ -48,10 +56,21 @@ class SweepPlan:
     path: Path
     name: str
     base: str  # "preset demo" | "config /abs/base.toml"
-    mode: str  # "grid" | "random"
+    mode: str  # "grid" | "random" | "search"
     fixed: dict[str, Any]
     keys: list[str]
-    combinations: list[Combination]
+    combinations: list[Combination]  # empty for a search: its trials are drawn as it learns (search.py)
+    search: dict[str, Any] | None = None  # [search] settings (method, trials, prune, seed, startup_trials)
+    ranges: dict[str, Any] | None = None  # [search] ranges, as in [random]
+    base_config: RunConfig | None = None  # the base with [set] applied: what a search trial's values go onto
+
+    def trial_config(self, overrides: dict[str, Any], number: int) -> RunConfig:
+        """The validated config of a search trial's values."""
+        assert self.base_config is not None
+        desc = ", ".join(f"{k}={format_value(v)}" for k, v in overrides.items())
+        config = _apply(self.base_config, overrides, f"{self.path}, trial {number} ({desc})")
+        _check_ready(config, f"{self.path}, trial {number} ({desc})")
+        return config
 
 
 def config_hash(config: RunConfig) -> str:
@@ -80,9 +99,11 @@ def parse_sweep(data: dict[str, Any], *, path: Path) -> SweepPlan:
 
     fixed = flatten(_table(data, "set", src), "set")
     _check_keys(fixed, "set", src)
-    if ("grid" in data) == ("random" in data):
-        raise UserError(f"{src}: give either a [grid] table (every combination of lists of values) or a [random] "
-                        "table (samples drawn from choices and ranges)")
+    if sum(k in data for k in ("grid", "random", "search")) != 1:
+        raise UserError(f"{src}: give either a [grid] table (every combination of lists of values), a [random] "
+                        "table (samples drawn from choices and ranges) or a [search] table (Optuna TPE)")
+    if "search" in data:
+        return _parse_search(data, path, name, base_config, base, fixed)
     mode = "grid" if "grid" in data else "random"
     if mode == "grid":
         grid = flatten(_table(data, "grid", src), "grid")
@@ -115,6 +136,22 @@ def parse_sweep(data: dict[str, Any], *, path: Path) -> SweepPlan:
     if not combinations:
         raise UserError(f"{src}: [{mode}] gives no combinations")
     return SweepPlan(path, name, base, mode, fixed, list(grid), combinations)
+
+
+def _parse_search(data: dict[str, Any], path: Path, name: str, base_config: RunConfig, base: str,
+                  fixed: dict[str, Any]) -> SweepPlan:
+    src = str(path)
+    settings, ranges = search_specs(_table(data, "search", src), src)
+    _check_keys(ranges, "search", src)
+    both = sorted(set(fixed) & set(ranges))
+    if both:
+        raise UserError(f"{src}: {both[0]!r} is both in [set] and in [search]; keep it in one of them")
+    base_fixed = _apply(base_config, fixed, f"{src} [set]")
+    for label, corner in space_corners(ranges):  # both ends of every range must make a valid config
+        desc = ", ".join(f"{k}={format_value(v)}" for k, v in corner.items())
+        config = _apply(base_fixed, corner, f"{src}, [search] {label} ({desc})")
+        _check_ready(config, f"{src}, [search] {label} ({desc})")
+    return SweepPlan(path, name, base, "search", fixed, list(ranges), [], settings, ranges, base_fixed)
 
 
 # -- pieces of the file ---------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ from typing import Any
 from ..errors import UserError
 
 RANDOM_SETTINGS = ("samples", "seed")
+SEARCH_SETTINGS = ("method", "trials", "prune", "seed", "startup_trials")
+SEARCH_METHODS = ("tpe",)
 RANGE_KEYS = ("min", "max", "log")
 
 
@@ -51,31 +53,60 @@ def random_specs(table: dict[str, Any], src: str) -> tuple[dict[str, int], dict[
             raise UserError(f"{src}: [random] {key} = {value!r}: give a whole number >= {low}"
                             + (" (how many runs to draw)" if key == "samples" else ""))
     specs = flatten({k: v for k, v in table.items() if k not in RANDOM_SETTINGS}, "random")
+    return settings, _check_specs(specs, "random", src)
+
+
+def search_specs(table: dict[str, Any], src: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """[search]: method = "tpe", trials = N, prune = true, seed, startup_trials (finished trials before pruning
+    starts), then ranges and choices as in [random]."""
+    settings = {"method": table.get("method", "tpe"), "trials": table.get("trials"), "prune": table.get("prune", True),
+                "seed": table.get("seed", 0), "startup_trials": table.get("startup_trials", 2)}
+    if settings["method"] not in SEARCH_METHODS:
+        raise UserError(f"{src}: [search] method = {settings['method']!r}: allowed {', '.join(SEARCH_METHODS)}")
+    for key, low in (("trials", 1), ("seed", 0), ("startup_trials", 0)):
+        value = settings[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise UserError(f"{src}: [search] {key} = {value!r}: give a whole number >= {low}"
+                            + (" (how many runs to try)" if key == "trials" else ""))
+    if not isinstance(settings["prune"], bool):
+        raise UserError(f"{src}: [search] prune = {settings['prune']!r}; use true or false")
+    specs = flatten({k: v for k, v in table.items() if k not in SEARCH_SETTINGS}, "random")
+    return settings, _check_specs(specs, "search", src)
+
+
+def space_corners(specs: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The lowest and the highest end of every range (first and last choice): what a search must accept."""
+    low = {k: (v[0] if isinstance(v, list) else v["min"]) for k, v in specs.items()}
+    high = {k: (v[-1] if isinstance(v, list) else v["max"]) for k, v in specs.items()}
+    return [("lowest values", low), ("highest values", high)]
+
+
+def _check_specs(specs: dict[str, Any], where: str, src: str) -> dict[str, Any]:
     if not specs:
-        raise UserError(f"{src}: [random] names no config keys; e.g. \"train.learning_rate\" = "
+        raise UserError(f"{src}: [{where}] names no config keys; e.g. \"train.learning_rate\" = "
                         "{ min = 1e-4, max = 1e-2, log = true }")
     for key, spec in specs.items():
         if isinstance(spec, list):
             if not spec:
-                raise UserError(f"{src}: [random] {key!r} = []: give at least one value to choose from")
+                raise UserError(f"{src}: [{where}] {key!r} = []: give at least one value to choose from")
             continue
         if not isinstance(spec, dict):
-            raise UserError(f"{src}: [random] {key!r} = {spec!r}: give a list of choices or a range "
+            raise UserError(f"{src}: [{where}] {key!r} = {spec!r}: give a list of choices or a range "
                             "{ min = ..., max = ..., log = true }")
         extra = [k for k in spec if k not in RANGE_KEYS]
         if extra:
-            raise UserError(f"{src}: [random] {key!r}: unknown range key {extra[0]!r} (allowed: min, max, log)")
+            raise UserError(f"{src}: [{where}] {key!r}: unknown range key {extra[0]!r} (allowed: min, max, log)")
         low, high, log = spec.get("min"), spec.get("max"), spec.get("log", False)
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)):
-            raise UserError(f"{src}: [random] {key!r}: a range needs numbers min and max, got min={low!r} "
+            raise UserError(f"{src}: [{where}] {key!r}: a range needs numbers min and max, got min={low!r} "
                             f"max={high!r}")
         if low > high:
-            raise UserError(f"{src}: [random] {key!r}: min {low} is above max {high}")
+            raise UserError(f"{src}: [{where}] {key!r}: min {low} is above max {high}")
         if not isinstance(log, bool):
-            raise UserError(f"{src}: [random] {key!r}: log = {log!r}; use true or false")
+            raise UserError(f"{src}: [{where}] {key!r}: log = {log!r}; use true or false")
         if log and low <= 0:
-            raise UserError(f"{src}: [random] {key!r}: a log range needs min > 0 (got {low})")
-    return settings, specs
+            raise UserError(f"{src}: [{where}] {key!r}: a log range needs min > 0 (got {low})")
+    return specs
 
 
 def grid_combinations(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:

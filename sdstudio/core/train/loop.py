@@ -26,6 +26,7 @@ from .evaluation import evaluate
 from .session import TrainingSession
 from .step import NonFiniteLoss
 from .tensorboard_log import TensorBoardLog, open_tensorboard
+from .wandb_log import with_wandb
 
 log = logging.getLogger("sdstudio")
 __all__ = ["NonFiniteLoss", "train"]
@@ -139,6 +140,7 @@ def _run(s: TrainingSession, control: TrainingControl) -> Iterator[ev.Event]:
     yield ev.Status("scanning", f"scanning {s.data_root}")
     for warning in s.prepare_data() + s.evaluation.data_warnings(len(s.batches.data.val)):
         yield _warning(warning)  # e.g. files skipped: kept in run.log too
+    s.write_run_card()
     yield ev.Status("building", f"building the {cfg.model.family} model")
     s.build()
     if cfg.data.cache_latents and not s.bundle.model_family.pixel_space:
@@ -174,6 +176,7 @@ def _run(s: TrainingSession, control: TrainingControl) -> Iterator[ev.Event]:
                 return
     tensorboard = open_tensorboard(cfg.train.tensorboard, s.run_dir, is_main=s.is_main,
                                    resumed_step=p.step if s.resume else None)
+    tensorboard = with_wandb(tensorboard, cfg, s.run_dir, is_main=s.is_main, resumed=s.resume)  # train.wandb
     mirror = tensorboard.row if tensorboard is not None else None
     metrics = None
     if s.is_main and s.run_dir is not None:

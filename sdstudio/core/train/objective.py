@@ -14,6 +14,7 @@ from ..config import RunConfig
 from ..data.dataset import collate
 from ..diffusion import (
     diffusion_loss,
+    diffusion_loss_per_sample,
     mask_to_model_space,
     sample_noise,
     target_for,
@@ -23,6 +24,7 @@ from ..diffusion import (
 from ..models.bundle import ModelBundle
 from .batches import TrainingBatches
 from .caches import FeatureCaches
+from .image_loss import ImageLossTracker
 
 VAL_BUCKETS = 10
 log = logging.getLogger("sdstudio")
@@ -42,6 +44,7 @@ class DiffusionObjective:
         self.caches, self.batches = caches, batches
         self.device = accelerator.device
         self.rank = accelerator.process_index
+        self.image_losses: ImageLossTracker | None = None  # the per-image loss, when tracked
 
     @staticmethod
     def schedule(config: RunConfig, bundle: ModelBundle, device: torch.device) -> Any:
@@ -69,7 +72,7 @@ class DiffusionObjective:
         if reg is None:
             with self.accelerator.autocast():
                 pred = self.model(noisy, t, self.caches.condition(batch))
-            return diffusion_loss(pred, target, t, self.sched, self.config.loss, mask)
+            return self._instance_loss(batch, pred, target, t, mask)
         # DreamBooth prior preservation: instance and class images in one forward, losses weighted apart
         reg_clean = self.bundle.to_model_space(reg["pixels"].to(self.device))
         reg_noisy, reg_target, reg_t = self._noised(reg_clean, gen)
@@ -83,7 +86,7 @@ class DiffusionObjective:
             else:  # a non-square bucket: class images are square, so two forwards
                 pred = self.model(noisy, t, self.caches.condition(batch))
                 reg_pred = self.model(reg_noisy, reg_t, self.caches.condition(reg))
-        loss = diffusion_loss(pred, target, t, self.sched, self.config.loss, mask)
+        loss = self._instance_loss(batch, pred, target, t, mask)
         prior = diffusion_loss(reg_pred, reg_target, reg_t, self.sched, self.config.loss,
                                self._loss_mask(reg, reg_clean))
         return loss + self.config.loss.prior_loss_weight * prior
@@ -94,6 +97,14 @@ class DiffusionObjective:
         if not self.config.loss.masked or masks is None:
             return None
         return mask_to_model_space(masks.to(self.device), tuple(clean.shape[-2:]))
+
+    def _instance_loss(self, batch: dict[str, Any], pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor,
+                       mask: torch.Tensor | None) -> torch.Tensor:
+        """The training loss of the batch's images (the mean of the per-sample losses the tracker records)."""
+        per_sample = diffusion_loss_per_sample(pred, target, t, self.sched, self.config.loss, mask)
+        if self.image_losses is not None and "indices" in batch:
+            self.image_losses.observe(batch["indices"], t, per_sample)
+        return per_sample.mean()
 
     def _noised(self, clean: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(noisy input, target, timesteps) for clean samples, drawn from ``gen`` in a fixed order."""

@@ -33,14 +33,16 @@ from .caches import FeatureCaches
 from .checkpoint import CheckpointInfo, prune_checkpoints, write_checkpoint
 from .ema import EmaWeights
 from .evaluation import RunEvaluation
+from .image_loss import ImageLossTracker
 from .memory import estimate_memory, memory_advice
-from .objective import make_objective, training_schedule
+from .objective import DiffusionObjective, make_objective, training_schedule
 from .optim import LRSchedule, build_optimizer, optimizer_warnings, param_groups
 from .previews import Previews
 from .progress import EarlyStopping, Progress
 from .setup import build_model, data_root, pick_device
 from .step import LossFn, OptimizerStep, any_process
 from .tensorboard_log import require_tensorboard
+from .wandb_log import require_wandb
 
 log = logging.getLogger("sdstudio")
 
@@ -92,6 +94,8 @@ class TrainingSession:
         self.init_warnings += self.evaluation.warnings
         if cfg.tensorboard and run_dir is not None:
             require_tensorboard()
+        if cfg.wandb and run_dir is not None:
+            require_wandb()
 
     # -- read-only views for callers holding the session (tests, benchmarks) ---------------------------------
     @property
@@ -172,6 +176,9 @@ class TrainingSession:
         self.caches = FeatureCaches(cfg, self.bundle, self.accelerator)
         self.objective = make_objective(cfg, self.bundle, sched, self.model, self.accelerator, self.caches,
                                         self.batches)
+        if self.run_dir is not None and self.is_main and isinstance(self.objective, DiffusionObjective):
+            # per-image loss (image_loss.json): tracked at comparable DDPM timesteps; not for flow families yet
+            self.objective.image_losses = self._image_loss_tracker(train_records, sched)
         self.previews = Previews(cfg, self.bundle, sched, self.model, self.accelerator, self.ema,
                                  run_dir=self.run_dir, data_root=self.data_root, train_records=train_records,
                                  evaluation_weights=self.steps.evaluation_weights)
@@ -194,6 +201,38 @@ class TrainingSession:
         self.frozen_parts = FrozenParts(self.device)
         self.frozen_parts.park(parts)
         self.caches.frozen_parts = self.previews.frozen_parts = self.frozen_parts
+
+    def _image_loss_tracker(self, records: list[Any], sched: Any) -> ImageLossTracker:
+        root = self.data_root.resolve()
+        names = []
+        for r in records:
+            try:
+                names.append(r.path.resolve().relative_to(root).as_posix())
+            except ValueError:
+                names.append(str(r.path))
+        tracker = ImageLossTracker(names, int(sched.config.num_train_timesteps))
+        if self.resume and self.run_dir is not None:
+            previous = RunFolder(self.run_dir).read_image_loss()
+            if previous is not None:
+                tracker.load(previous)
+        return tracker
+
+    def write_image_loss(self) -> None:
+        """image_loss.json: written with every checkpoint, so a resume continues from matching numbers."""
+        tracker = getattr(self.objective, "image_losses", None) if self.ready else None
+        if tracker is not None and self.run_dir is not None:
+            tracker.write(RunFolder(self.run_dir).image_loss_file, self.step)
+
+    def write_run_card(self) -> None:
+        """run-card.json at the start of a new run (a resume keeps the card of the start)."""
+        if not self.is_main or self.run_dir is None or self.resume:
+            return
+        from ..runs.card import build_card
+
+        reg = self.batches.reg_dataset
+        card = build_card(self.config, image_paths=[r.path for r in self.batches.data.train + self.batches.data.val],
+                          device=self.device, reg_image_paths=[r.path for r in reg.records] if reg else None)
+        RunFolder(self.run_dir).write_card(card)
 
     def mark_best(self, val_loss: float) -> None:
         assert self.run_dir is not None
@@ -283,6 +322,7 @@ class TrainingSession:
         with self.steps.evaluation_weights():  # a schedule-free optimizer's averaged weights are the model
             path = write_checkpoint(root, pos.step, pos.epoch, fill, extra)
         self.progress.checkpointed()
+        self.write_image_loss()
         best = self.best_checkpoint()
         prune_checkpoints(root, self.config.checkpoint.keep_last, protect={path} | ({best} if best else set()))
         log.info("checkpoint saved: %s", path)

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import Qt, QThreadPool, Signal
+from PySide6.QtGui import QColor
 from PySide6.QtWidgets import (
     QAbstractItemView,
     QCheckBox,
@@ -77,6 +78,7 @@ class Comparison:
     title: str
     rows: list[CompareRow]
     source: Path | None = None  # the sweep folder, when it is one
+    importances: dict[str, float] | None = None  # a [search] sweep's parameter importances (Optuna)
 
 
 def _number(value: Any) -> float | None:
@@ -162,7 +164,9 @@ def load_sweep_folder(folder: Path) -> Comparison:
                 setattr(row, attr, value)
         row.steps = max(row.steps, int(_number(raw.get("steps")) or 0))
         rows.append(row)
-    return Comparison(f"sweep {data.get('name') or folder.name}", rows, folder)
+    importances = data.get("importances") if isinstance(data.get("importances"), dict) else None
+    return Comparison(f"sweep {data.get('name') or folder.name}", rows, folder,
+                      {str(k): float(v) for k, v in importances.items()} if importances else None)
 
 
 def find_sweeps(root: Path | None = None) -> list[Path]:
@@ -253,6 +257,11 @@ class ComparePanel(QWidget):
         table_layout = QVBoxLayout(table_box)
         table_layout.setContentsMargins(0, 0, 0, 0)
         table_layout.addWidget(self.title)
+        self.importances = QLabel("")
+        self.importances.setWordWrap(True)
+        self.importances.setToolTip("How much each searched setting explains the validation loss of the completed "
+                                    "trials (Optuna's parameter importances; they sum to 1)")
+        table_layout.addWidget(self.importances)
         table_layout.addWidget(self.table, 1)
         splitter.addWidget(table_box)
         splitter.addWidget(self.plot)
@@ -320,8 +329,14 @@ class ComparePanel(QWidget):
         rows = comparison.rows
         where = f" in {comparison.source}" if comparison.source else ""
         done = sum(r.status == "completed" for r in rows)
-        self.title.setText(f"<b>{comparison.title}</b>: {len(rows)} runs ({done} completed){where}. Click a "
+        pruned = sum(r.status == "pruned" for r in rows)
+        self.title.setText(f"<b>{comparison.title}</b>: {len(rows)} runs ({done} completed"
+                           f"{f', {pruned} pruned' if pruned else ''}){where}. Click a "
                            "column to sort; select rows to highlight their curves.")
+        ranked = sorted((comparison.importances or {}).items(), key=lambda kv: -kv[1])
+        self.importances.setText("Parameter importances: " + ", ".join(f"<b>{k}</b> {v:.2f}" for k, v in ranked)
+                                 if ranked else "")
+        self.importances.setVisible(bool(ranked))
         table = self.table
         table.setSortingEnabled(False)
         table.clearContents()
@@ -340,6 +355,10 @@ class ComparePanel(QWidget):
                 item.setFlags(item.flags() & ~Qt.ItemFlag.ItemIsEditable)
                 if c in (1, 2, 3):
                     item.setToolTip("\n".join(x for x in (str(row.path or ""), row.describe(), row.message) if x))
+                if row.status == "pruned":  # stopped early by the search: greyed, the reason in the tooltip
+                    item.setForeground(QColor(128, 128, 128))
+                    if c == 2:
+                        item.setText("✂ pruned")
                 table.setItem(r, c, item)
         table.setSortingEnabled(True)
         table.sortByColumn(0, Qt.SortOrder.AscendingOrder)

@@ -32,6 +32,7 @@ from ..background import run_in_background
 from ..widgets.caption_editor import CaptionEditor
 from ..widgets.failure_dialog import show_error
 from ..widgets.thumbnails import THUMB_SIZE, RecordRole, ThumbnailModel
+from .image_loss import ImageLossPanel
 from .report import ReportPanel
 
 PATH_ROLE = Qt.ItemDataRole.UserRole + 1
@@ -136,6 +137,10 @@ class DatasetsPanel(QWidget):
         right_layout.addWidget(self.caption)
         right_layout.addWidget(QLabel("<b>Health report</b>"))
         right_layout.addWidget(self.health, 1)
+        right_layout.addWidget(QLabel("<b>Per-image loss</b>"))
+        self.image_loss = ImageLossPanel()
+        self.image_loss.image_selected.connect(self.select_file)
+        right_layout.addWidget(self.image_loss, 1)
 
         self.splitter = QSplitter(Qt.Orientation.Horizontal)
         for widget, stretch in ((left, 0), (middle, 1), (right, 0)):
@@ -220,6 +225,7 @@ class DatasetsPanel(QWidget):
         if changed:
             self.model.set_records([])
             self.caption.set_record(None)
+            self.image_loss.set_dataset(folder)
             self.dataset_opened.emit(str(folder))
         self.rescan()
 

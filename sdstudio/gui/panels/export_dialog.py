@@ -248,6 +248,13 @@ class ExportDialog(QDialog):
         if self.choices[fmt].available:
             self.format_buttons[fmt].setChecked(True)
 
+    def select_checkpoint(self, checkpoint: Path) -> bool:
+        """Pre-select one checkpoint (the checkpoint grid's chosen column); False when the run has no such one."""
+        index = self.checkpoint.findData(str(checkpoint))
+        if index >= 0:
+            self.checkpoint.setCurrentIndex(index)
+        return index >= 0
+
     def checkpoint_source(self) -> tuple[Path, bool, str]:
         """(what export() gets, best flag, tag for the default file name)."""
         data = self.checkpoint.currentData()

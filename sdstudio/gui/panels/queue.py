@@ -1,6 +1,7 @@
 """The run queue: settings waiting to train, one after another, through the same worker as the Train button.
 
-The panel keeps the list (in memory) and each item's state; the main window starts the runs and tells the
+The panel keeps the list and each item's state (saved to disk after every change and restored when the app
+starts: core/run_queue.py; rows reorder by drag and drop); the main window starts the runs and tells the
 panel what happened (``observe`` for each event, ``run_ended`` when the thread was joined). A failed run is
 marked and the queue goes on; a stopped run stops the queue (Run queue again resumes it from its checkpoint).
 """
@@ -10,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PySide6.QtCore import Signal
-from PySide6.QtGui import QColor
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtGui import QColor, QDropEvent
 from PySide6.QtWidgets import (
     QAbstractItemView,
     QHBoxLayout,
@@ -26,6 +27,8 @@ from PySide6.QtWidgets import (
 from sdstudio.core import events as ev
 from sdstudio.core import paths
 from sdstudio.core.config import RunConfig
+from sdstudio.core.run_queue import SavedItem, load_queue, save_queue
+from sdstudio.core.runs import RunFolder
 
 STATE_COLORS = {"running": "#1957be", "completed": "#287d3c", "failed": "#b3261e", "stopped": "#9a6700"}
 TO_RUN = ("pending", "stopped")
@@ -48,6 +51,27 @@ class QueueItem:
         return Path(path).name if path else f"{paths.demo_dataset_dir().name} (demo)"
 
 
+class QueueTree(QTreeWidget):
+    """The queue's list; rows are reordered by drag and drop (``reordered`` says so after a drop)."""
+
+    reordered = Signal()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setDragDropMode(QAbstractItemView.DragDropMode.InternalMove)
+        self.setDragEnabled(True)
+        self.setAcceptDrops(True)
+        self.setDropIndicatorShown(True)
+        self.setDefaultDropAction(Qt.DropAction.MoveAction)
+
+    def dropEvent(self, event: QDropEvent) -> None:
+        super().dropEvent(event)
+        self.reordered.emit()
+
+
+IDENT_ROLE = Qt.ItemDataRole.UserRole + 3
+
+
 class QueuePanel(QWidget):
     """The Queue tab: the list, reorder / remove, and Run queue / Stop."""
 
@@ -57,7 +81,7 @@ class QueuePanel(QWidget):
     stop_requested = Signal()
     compare_requested = Signal(list)  # list[Path] of the runs the queue made
 
-    def __init__(self, parent: QWidget | None = None) -> None:
+    def __init__(self, parent: QWidget | None = None, *, persist: bool = True) -> None:
         super().__init__(parent)
         self.items: list[QueueItem] = []
         self.active = False  # the queue is running its items
@@ -65,7 +89,9 @@ class QueuePanel(QWidget):
         self.current: QueueItem | None = None
         self._next_ident = 1
 
-        self.tree = QTreeWidget()
+        self.tree = QueueTree()
+        self.tree.reordered.connect(self.sync_order_from_tree)
+        self.tree.setToolTip("Drag a run to change the order")
         self.tree.setHeaderLabels(["#", "Run", "Dataset", "Settings", "Status", "Run folder"])
         self.tree.setRootIsDecorated(False)
         self.tree.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
@@ -120,6 +146,9 @@ class QueuePanel(QWidget):
         layout.addWidget(self.status)
         layout.addLayout(bottom)
         self._runner_busy = False
+        self.persist = persist
+        if persist:
+            self.restore()
         self._refresh()
 
     # -- the list --------------------------------------------------------------------------------------------
@@ -230,6 +259,33 @@ class QueuePanel(QWidget):
         self._refresh()
         return item
 
+    # -- on disk (core/run_queue.py): saved after every change, restored at start ---------------------------------
+    def save(self) -> None:
+        try:
+            save_queue([SavedItem(i.config, i.label, i.description, i.status, i.run_dir, i.message, i.resumable)
+                        for i in self.items])
+        except OSError as exc:  # the queue still works in memory
+            self.status.setText(f"The queue could not be saved ({exc}); it is kept until the app closes.")
+
+    def restore(self) -> None:
+        saved, notes = load_queue(has_checkpoint=lambda run_dir: RunFolder(run_dir).has_checkpoint())
+        for s in saved:
+            item = QueueItem(s.config, s.label, s.description, s.status, s.run_dir, s.message, s.resumable,
+                             ident=self._next_ident)
+            self._next_ident += 1
+            self.items.append(item)
+        if notes:
+            self.status.setText("Restored the queue. " + " ".join(notes))
+
+    def sync_order_from_tree(self) -> None:
+        """After a drag and drop: the items in the order the rows now show."""
+        by_ident = {i.ident: i for i in self.items}
+        order = [by_ident.get(self.tree.topLevelItem(r).data(0, IDENT_ROLE))
+                 for r in range(self.tree.topLevelItemCount())]
+        if sorted(i.ident for i in order if i is not None) == sorted(by_ident):
+            self.items = [i for i in order if i is not None]
+        self._refresh()
+
     # -- view ------------------------------------------------------------------------------------------------
     def _refresh(self) -> None:
         selected = self.selected_index()
@@ -250,9 +306,13 @@ class QueuePanel(QWidget):
                 font = row.font(1)
                 font.setBold(True)
                 row.setFont(1, font)
+            row.setData(0, IDENT_ROLE, item.ident)
+            row.setFlags((row.flags() | Qt.ItemFlag.ItemIsDragEnabled) & ~Qt.ItemFlag.ItemIsDropEnabled)
             self.tree.addTopLevelItem(row)
         if selected is not None:
             self.select(min(selected, len(self.items) - 1))
+        if self.persist:
+            self.save()
         counts = {s: sum(i.status == s for i in self.items) for s in ("pending", "completed", "failed", "stopped")}
         self.counts.setText(f"{len(self.items)} in the queue: " + ", ".join(f"{n} {s}" for s, n in counts.items())
                             + (" · running" if self.active else ""))

@@ -105,9 +105,12 @@ class RunsPanel(QWidget):
         self.export_button.clicked.connect(self._export)
         self.compare_button = QPushButton("Compare…")
         self.compare_button.clicked.connect(self._compare)
+        self.grid_button = QPushButton("Checkpoint grid…")
+        self.grid_button.setToolTip("Sample every checkpoint with the same prompts and seeds; pick one and export it")
+        self.grid_button.clicked.connect(self.open_grid)
         buttons = QHBoxLayout()
         for button in (refresh, self.resume_button, self.open_button, self.samples_button, self.export_button,
-                       self.compare_button):
+                       self.compare_button, self.grid_button):
             buttons.addWidget(button)
         buttons.addStretch(1)
         self.status = QLabel("")
@@ -221,6 +224,7 @@ class RunsPanel(QWidget):
         else:
             self.export_button.setToolTip(f"{summary.path.name} has no checkpoint yet: nothing to export")
         self.open_button.setEnabled(summary is not None)
+        self.grid_button.setEnabled(summary is not None and summary.has_checkpoint)
         self.samples_button.setEnabled(summary is not None)
         self.resume_button.setEnabled(summary is not None and summary.resumable)
         if summary is None:
@@ -262,6 +266,24 @@ class RunsPanel(QWidget):
         path = self.selected_path()
         if path is not None:
             self.export_requested.emit(path)
+
+    def open_grid(self) -> QWidget | None:
+        from sdstudio.core.errors import UserError
+
+        from .checkpoint_grid import CheckpointGridDialog
+
+        path = self.selected_path()
+        if path is None:
+            return None
+        try:
+            dialog = CheckpointGridDialog(path, self)
+        except UserError as exc:
+            show_error(self, "No checkpoint grid", str(exc), hint="Choose a run folder made by sdstudio.")
+            return None
+        dialog.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        self.grid_dialog = dialog
+        dialog.open()
+        return dialog
 
     def _compare(self) -> None:
         candidates = self.compare_candidates()
