@@ -136,7 +136,11 @@ def test_lora_run_merged_into_a_single_file(tiny_sd1: Path, four_images: Path, t
     single = export(run, "single-file", tmp_path / "merged.safetensors", dtype=torch.float32)
     pipe = StableDiffusionPipeline.from_single_file(str(single), config=str(tiny_sd1), local_files_only=True,
                                                     safety_checker=None, requires_safety_checker=False)
-    assert torch.allclose(unet_output(pipe.unet, sdxl=False), trained, atol=1e-5, rtol=1e-4)
+    merged = unet_output(pipe.unet, sdxl=False)
+    # Merging moves the LoRA's product into the weights, so fp32 rounding differs by ~1e-4 of the output's scale
+    # (elementwise rtol fails on outputs near zero, depending on the CPU kernels' path); a wrong merge is off by
+    # the LoRA's whole effect.
+    assert (merged - trained).abs().max() <= 1e-4 * trained.abs().max()
 
 
 def test_runs_export_automatically_at_the_end(tiny_sd1: Path, four_images: Path, tmp_path: Path) -> None:
