@@ -93,7 +93,7 @@ def load_training_state(folder: Path) -> dict[str, Any]:
 
 def _refusal_reason(exc: Exception) -> str:
     """The line of torch's refusal that names what the file asked for (torch's text around it suggests
-    ``weights_only=False``, which is the advice not to follow here)."""
+    turning the restriction off, which is the advice not to follow here)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     named = [line for line in lines if "GLOBAL" in line or "Unsupported" in line or "unsupported" in line]
     return (named or ["it asks to load objects sdstudio never stores"])[0]
