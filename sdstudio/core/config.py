@@ -7,13 +7,13 @@ one, a range (the form uses it for spin boxes). `RunConfig.from_dict` turns pyda
 
 from __future__ import annotations
 
-from itertools import pairwise
 from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .config_checks import run_config_problems
 from .errors import ConfigError
-from .export.formats import DTYPE_NAMES, FORMAT_NAMES, export_problem
+from .export.formats import DTYPE_NAMES, FORMAT_NAMES
 from .models.registry import FAMILY_NAMES, get_family
 
 SCHEMA_VERSION = 1
@@ -416,66 +416,7 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _cross_field(self) -> RunConfig:
-        problems: list[str] = []
-        m, t, lo = self.model, self.train, self.loss
-        if len(m.attention_levels) != len(m.block_channels):
-            problems.append(f"model.attention_levels: {len(m.attention_levels)} entries given but "
-                            f"model.block_channels has {len(m.block_channels)} levels; give one per level")
-        bad = [c for c in m.block_channels if c % m.norm_groups]
-        if bad:
-            problems.append(f"model.block_channels: {bad} not divisible by model.norm_groups="
-                            f"{m.norm_groups}; use multiples of {m.norm_groups}")
-        family = get_family(m.family)
-        problems += family.config_problems(self)
-        if m.text_width % m.text_heads:
-            problems.append(f"model.text_heads: {m.text_heads} does not divide model.text_width="
-                            f"{m.text_width}")
-        if t.max_steps == 0 and t.epochs == 0:
-            problems.append("train.max_steps and train.epochs: both 0; set one of them to say when the "
-                            "run ends")
-        tmax = lo.timestep_max or self.diffusion.num_timesteps
-        if tmax > self.diffusion.num_timesteps:
-            problems.append(f"loss.timestep_max: {lo.timestep_max} exceeds diffusion.num_timesteps="
-                            f"{self.diffusion.num_timesteps}")
-        if lo.timestep_min >= tmax:
-            problems.append(f"loss.timestep_min: {lo.timestep_min} must be below the timestep maximum "
-                            f"{tmax}")
-        if not 0.0 < t.betas[0] < 1.0 or not 0.0 < t.betas[1] < 1.0:
-            problems.append(f"train.betas: {list(t.betas)}; both must be in (0, 1)")
-        if t.mixed_precision != "no" and t.device == "cpu":
-            problems.append(f"train.mixed_precision: {t.mixed_precision!r} needs a GPU but train.device "
-                            "is 'cpu'; use 'no' on the CPU")
-        if self.diffusion.schedule != "cosine" and self.diffusion.beta_end <= self.diffusion.beta_start:
-            problems.append(f"diffusion.beta_end: {self.diffusion.beta_end} must be above "
-                            f"diffusion.beta_start={self.diffusion.beta_start}")
-        for fmt in self.export.formats:
-            reason = export_problem(fmt, family, lora=self.lora.enabled)
-            if reason:
-                problems.append(f"export.formats: {fmt!r} does not fit this run. {reason}")
-        if self.lora.enabled and self.lora.type in ("loha", "lokr", "oft") and "diffusers" in self.export.formats:
-            problems.append(f"export.formats: 'diffusers' cannot hold a {self.lora.type} adapter (diffusers "
-                            "loads LoRA and DoRA only); use 'kohya' (LyCORIS keys)")
-        if t.train_text_encoder and self.lora.enabled:
-            problems.append("train.train_text_encoder: true trains the whole text encoder, but this is a LoRA run "
-                            "(lora.enabled = true); use lora.text_encoder for a text-encoder LoRA")
-        if self.lora.text_encoder and not self.lora.enabled:
-            problems.append("lora.text_encoder: true, but lora.enabled = false (a full fine-tune); use "
-                            "train.train_text_encoder to train the whole text encoder")
-        trains_text = (self.lora.text_encoder if self.lora.enabled else t.train_text_encoder)
-        if trains_text and family.text_embeddings_cacheable and self.data.cache_text_embeddings:
-            key = "lora.text_encoder" if self.lora.enabled else "train.train_text_encoder"
-            problems.append(f"data.cache_text_embeddings: true, but {key} = true trains the text encoder, so its "
-                            "embeddings change every step; turn one of them off")
-        problems += _memory_lever_problems(self)
-        if m.clip_skip > 1 and not family.clip_skip_applies:
-            problems.append(f"model.clip_skip: {m.clip_skip}, but the {family.short_title} family has no CLIP "
-                            "layer to skip (it fixes which layer it reads); leave it at 1")
-        if self.data.max_token_length > 75 and not family.long_captions:
-            problems.append(f"data.max_token_length: {self.data.max_token_length}, but the {family.short_title} "
-                            "family does not read captions in CLIP windows; leave it at 75")
-        if self.export.ema and not t.ema:
-            problems.append("export.ema: true needs train.ema = true")
-        problems += _schedule_problems(t)
+        problems = run_config_problems(self)
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -509,51 +450,6 @@ class RunConfig(BaseModel):
 
     def resolved_timestep_range(self) -> tuple[int, int]:
         return self.loss.timestep_min, (self.loss.timestep_max or self.diffusion.num_timesteps)
-
-
-def _schedule_problems(t: TrainConfig) -> list[str]:
-    """Learning-rate schedule and optimizer settings that do not fit together."""
-    problems = []
-    if t.lr_scheduler == "piecewise":
-        steps, values = t.lr_piecewise_steps, t.lr_piecewise_values
-        if not steps or len(steps) != len(values):
-            problems.append(f"train.lr_piecewise_steps: {len(steps)} steps and {len(values)} values "
-                            "(train.lr_piecewise_values) given; the piecewise schedule needs one value per step, "
-                            "at least one point")
-        if any(b <= a for a, b in pairwise(steps)) or any(s < 0 for s in steps):
-            problems.append(f"train.lr_piecewise_steps: {steps}; steps must be >= 0 and increasing")
-        if any(v < 0 for v in values):
-            problems.append(f"train.lr_piecewise_values: {values}; values must be >= 0")
-    if t.optimizer == "adamw_schedulefree" and t.lr_scheduler not in ("constant", "constant_with_warmup"):
-        problems.append(f"train.lr_scheduler: {t.lr_scheduler!r} decays the LR, but train.optimizer = "
-                        "'adamw_schedulefree' replaces the schedule (it averages the weights instead); use "
-                        "'constant' or 'constant_with_warmup'")
-    return problems
-
-
-def _memory_lever_problems(c: RunConfig) -> list[str]:
-    """Combinations of the memory levers (model.quantize, train.blocks_to_swap, train.fused_backward, ...) that
-    cannot work, each with what to change."""
-    problems = []
-    t = c.train
-    if c.model.quantize != "none" and not c.lora.enabled:
-        problems.append(f"model.quantize: {c.model.quantize!r} stores the frozen base weights quantized, but this is "
-                        "a full fine-tune (lora.enabled = false); quantize only under a LoRA")
-    if t.blocks_to_swap and not c.lora.enabled:
-        problems.append(f"train.blocks_to_swap: {t.blocks_to_swap} swaps frozen weights only, but this is a full "
-                        "fine-tune (lora.enabled = false); use it with a LoRA (or train.fsdp on several GPUs)")
-    if t.fused_backward and t.gradient_accumulation > 1:
-        problems.append(f"train.fused_backward: true updates each weight during the backward pass, so gradients "
-                        f"cannot accumulate; set train.gradient_accumulation = 1 (now {t.gradient_accumulation})")
-    if t.fused_backward and t.max_grad_norm > 0:
-        problems.append(f"train.fused_backward: true updates each weight before the whole gradient is known, so it "
-                        f"cannot be clipped by norm; set train.max_grad_norm = 0 (now {t.max_grad_norm:g})")
-    if t.fsdp and c.lora.enabled:
-        problems.append("train.fsdp: true shards a full fine-tune; a LoRA run is small enough to copy to every GPU "
-                        "(set train.fsdp = false)")
-    if t.fsdp and (t.blocks_to_swap or t.fused_backward):
-        problems.append("train.fsdp: true cannot be combined with train.blocks_to_swap or train.fused_backward")
-    return problems
 
 
 def _allowed(err: dict[str, Any]) -> str:
