@@ -98,10 +98,12 @@ class ModelConfig(Section):
     # the registry's families (core/models/registry.py)
     family: Literal[FAMILY_NAMES] = Field(  # type: ignore[valid-type]
         "pixel", description="pixel: a small model trained from scratch in pixel space; sd1/sd2/sdxl: Stable "
-        "Diffusion fine-tunes; flux-dev/flux-schnell: Flux.1 LoRAs (flow matching).")
+        "Diffusion fine-tunes; flux-dev/flux-schnell: Flux.1 LoRAs (flow matching); chroma: Chroma1 LoRAs (flow "
+        "matching, T5 only).")
     path: str = Field("", description="Base model: a diffusers folder or a .safetensors/.ckpt file "
-                      "(SD families; Flux: the transformer file, e.g. flux1-dev.safetensors, bf16 or fp8).")
-    vae_path: str = Field("", description="Optional separate VAE file or folder (Flux as split files: "
+                      "(SD families; Flux / Chroma: the transformer file, e.g. flux1-dev.safetensors, Chroma1-HD.safetensors, "
+                      "bf16 or fp8).")
+    vae_path: str = Field("", description="Optional separate VAE file or folder (Flux / Chroma as split files: "
                           "ae.safetensors, required).")
     config_folder: str = Field("", description="diffusers config folder for a single-file model (empty = the "
                                "one sdstudio ships for the detected family).")
@@ -139,7 +141,7 @@ class ModelConfig(Section):
                                      "text-encoder file (t5xxl_fp16.safetensors, t5xxl_fp8_e4m3fn.safetensors); "
                                      "empty = from model.path (a diffusers folder).")
     t5_max_length: int = Field(0, ge=0, le=512, description="Caption length in T5 tokens (Flux: 0 = the "
-                               "family's default, 512 for dev, 256 for schnell); shorter is faster and smaller "
+                               "family's default, 512 for dev and Chroma, 256 for schnell); shorter is faster and smaller "
                                "in the text cache.")
 
 

@@ -20,6 +20,8 @@ _PLUGINS: dict[str, str] = {
     "sd1": "sdstudio.core.models.sd.family:SD1Family",
     "sd2": "sdstudio.core.models.sd.family:SD2Family",
     "sdxl": "sdstudio.core.models.sd.family:SDXLFamily",
+    # Chroma before Flux: its files have Flux's block keys too (plus the approximator's)
+    "chroma": "sdstudio.core.models.chroma.family:ChromaFamily",
     # schnell first: its LoRA marker ("flux1_schnell") is more specific than dev's ("flux1")
     "flux-schnell": "sdstudio.core.models.flux.family:FluxSchnellFamily",
     "flux-dev": "sdstudio.core.models.flux.family:FluxDevFamily",

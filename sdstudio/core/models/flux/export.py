@@ -25,6 +25,7 @@ from safetensors import safe_open
 from ...errors import UserError
 from ...export.metadata import cast, training_metadata, write_safetensors
 from ...export.source import ExportSource, lora_peft_state
+from ..registry import get_family
 from .files import DOUBLE_FUSED, DOUBLE_NAMES, SINGLE_FUSED, SINGLE_NAMES
 
 _PEFT_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
@@ -115,7 +116,9 @@ def _out_features(source: ExportSource, kind: str, part: str, pair: dict[str, to
 def _metadata(source: ExportSource, path: Path) -> dict[str, str]:
     meta = training_metadata(source, title=path.stem, lora=True)
     meta.pop("modelspec.prediction_type", None)  # flow matching: no epsilon / v
-    meta["modelspec.implementation"] = "https://github.com/black-forest-labs/flux"
+    # a family built on Flux's blocks (Chroma) exports through these writers and names its own implementation
+    meta["modelspec.implementation"] = getattr(get_family(source.family), "original_implementation",
+                                               "https://github.com/black-forest-labs/flux")
     meta["ss_network_module"] = "networks.lora_flux"
     return meta
 

@@ -47,6 +47,8 @@ def describe_keys(keys: list[str]) -> str:
         return "a CLIP text encoder"
     if any(k.startswith(("encoder.down.", "decoder.up.", "encoder.down_blocks", "decoder.up_blocks")) for k in keys):
         return "a VAE"
+    if any("distilled_guidance_layer." in k for k in keys):  # Flux's blocks with Chroma's approximator
+        return "a Chroma transformer"
     if ks & set(_BFL_MARKERS) or any(k.endswith(_BFL_MARKERS) for k in keys):
         return "a Flux transformer"
     return "not a model sdstudio knows"
@@ -76,6 +78,8 @@ def transformer_file_variant(path: Path) -> str | None:
     keys = [k for k in file_keys(path)]
     stripped = {next((k[len(p):] for p in _PREFIXES if k.startswith(p)), k) for k in keys}
     if any(k.startswith(("lora_", "transformer.transformer_blocks")) or ".lora_" in k for k in keys):
+        return None
+    if any(k.startswith("distilled_guidance_layer.") for k in stripped):  # a Chroma transformer
         return None
     if set(_BFL_MARKERS) <= stripped:
         return "dev" if "guidance_in.in_layer.weight" in stripped else "schnell"
@@ -307,15 +311,17 @@ def load_clip_file(path: Path, folder: Path | None) -> Any:
     return model
 
 
-def load_t5_file(path: Path, folder: Path | None) -> Any:
-    """t5xxl_fp16 / t5xxl_fp8_e4m3fn.safetensors (transformers key names) as a T5EncoderModel."""
+def load_t5_file(path: Path, folder: Path | None, subfolder: str = "text_encoder_2",
+                 key: str = "model.text_encoder_2_path") -> Any:
+    """t5xxl_fp16 / t5xxl_fp8_e4m3fn.safetensors (transformers key names) as a T5EncoderModel (its config from
+    ``folder / subfolder``: Flux's T5 is text_encoder_2, Chroma's text_encoder)."""
     from transformers import T5Config, T5EncoderModel
 
-    config = (T5Config.from_pretrained(str(folder / "text_encoder_2")) if folder else T5Config(**offline.T5_CONFIG))
+    config = (T5Config.from_pretrained(str(folder / subfolder)) if folder else T5Config(**offline.T5_CONFIG))
     model = _empty(T5EncoderModel, config)
     state = _read(path)
     if not any(k.startswith("encoder.block.") for k in state):
-        raise ModelFileError(f"model.text_encoder_2_path {path}: this is {describe_keys(list(state))}, "
+        raise ModelFileError(f"{key} {path}: this is {describe_keys(list(state))}, "
                              "not a T5 text encoder (t5xxl_fp16.safetensors)")
     if "shared.weight" not in state and "encoder.embed_tokens.weight" in state:
         state["shared.weight"] = state["encoder.embed_tokens.weight"]

@@ -1,0 +1,185 @@
+"""Chroma files as users have them, loaded offline: the hub's diffusers folder (model_index.json says
+ChromaPipeline: transformer/ vae/ text_encoder/ (T5) tokenizer/), or the split single files ComfyUI users keep:
+the transformer (``Chroma1-HD.safetensors``, original key names, bf16 or fp8 e4m3fn), the T5-XXL file
+(``t5xxl_fp16.safetensors``; model.text_encoder_2_path, as for Flux) and Flux's ``ae.safetensors``
+(model.vae_path).
+
+Chroma's original layout is Flux's minus the modulation linears (``img_mod`` / ``txt_mod`` / ``modulation``,
+``final_layer.adaLN_modulation``), CLIP's ``vector_in`` and ``time_in`` / ``guidance_in``, plus the
+approximator ``distilled_guidance_layer.*`` that makes every modulation from the timestep. The blocks are
+mapped by Flux's own tables (``flux/files.py``); only the approximator's names are added here. diffusers'
+converter hard-codes the real width, so ``tests/test_chroma_family.py`` checks ours against it on the
+real-size layout (meta device) and by round trip on a tiny model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..family import ModelFileError
+from ..flux import files as flux_files
+from ..flux.files import describe_keys, file_keys, load_t5_file, load_vae_file
+from . import offline
+
+Tensors = dict[str, torch.Tensor]
+
+APPROXIMATOR = "distilled_guidance_layer."
+_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+# keys every Chroma transformer has in the original layout (Flux's blocks + the approximator) and in diffusers'
+_ORIGINAL_MARKERS = ("double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight",
+                     "distilled_guidance_layer.in_proj.weight")
+_DIFFUSERS_MARKERS = ("transformer_blocks.0.attn.to_q.weight", "single_transformer_blocks.0.attn.to_q.weight",
+                      "distilled_guidance_layer.in_proj.weight")
+# approximator parameter names, each way (in_proj / out_proj are named alike in both layouts)
+_TO_DIFFUSERS = [(r"^layers\.(\d+)\.in_layer\.", r"layers.\1.linear_1."),
+                 (r"^layers\.(\d+)\.out_layer\.", r"layers.\1.linear_2."), (r"^norms\.(\d+)\.scale$", r"norms.\1.weight")]
+_TO_ORIGINAL = [(r"^layers\.(\d+)\.linear_1\.", r"layers.\1.in_layer."),
+                (r"^layers\.(\d+)\.linear_2\.", r"layers.\1.out_layer."), (r"^norms\.(\d+)\.weight$", r"norms.\1.scale")]
+
+
+def _strip_prefix(state: Tensors) -> Tensors:
+    for prefix in _PREFIXES:
+        if any(k.startswith(prefix) for k in state):
+            return {k.removeprefix(prefix): v for k, v in state.items()}
+    return state
+
+
+# -- what a file is -----------------------------------------------------------------------------------------
+def is_chroma_transformer_file(path: Path) -> bool:
+    """A Chroma transformer file (original or diffusers key names, with or without ComfyUI's prefix)?"""
+    if path.suffix.lower() != ".safetensors":
+        return False
+    keys = file_keys(path)
+    if any(k.startswith(("lora_", "transformer.transformer_blocks")) or ".lora_" in k for k in keys):
+        return False
+    stripped = {next((k[len(p):] for p in _PREFIXES if k.startswith(p)), k) for k in keys}
+    return set(_ORIGINAL_MARKERS) <= stripped or set(_DIFFUSERS_MARKERS) <= stripped
+
+
+def is_chroma_folder(path: Path) -> bool:
+    """A diffusers Chroma folder (ChromaPipeline with a ChromaTransformer2DModel)?"""
+    try:
+        index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+        config = json.loads((path / "transformer" / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return index.get("_class_name") == "ChromaPipeline" and config.get("_class_name") == "ChromaTransformer2DModel"
+
+
+def is_chroma_model(path: Path) -> bool:
+    return is_chroma_folder(path) if path.is_dir() else is_chroma_transformer_file(path)
+
+
+# -- the original <-> diffusers transformer layout ---------------------------------------------------------
+def _rename_approximator(state: Tensors, to_diffusers: bool) -> Tensors:
+    rules = _TO_DIFFUSERS if to_diffusers else _TO_ORIGINAL
+    out: Tensors = {}
+    for key, tensor in state.items():
+        rest = key[len(APPROXIMATOR):]
+        for pattern, repl in rules:
+            rest = re.sub(pattern, repl, rest)
+        out[APPROXIMATOR + rest] = tensor
+    return out
+
+
+def diffusers_to_original(state: Tensors) -> Tensors:
+    """A diffusers ChromaTransformer2DModel state dict in the original (Chroma / ComfyUI) key names."""
+    approx = {k: v for k, v in state.items() if k.startswith(APPROXIMATOR)}
+    rest = {k: v for k, v in state.items() if not k.startswith(APPROXIMATOR)}
+    return {**_rename_approximator(approx, to_diffusers=False), **flux_files.diffusers_to_bfl(rest)}
+
+
+def original_to_diffusers(state: Tensors, config: dict[str, Any]) -> Tensors:
+    """The original key names -> a diffusers ChromaTransformer2DModel state dict (``config``: its config, for
+    the widths of the fused q/k/v and linear1 tensors)."""
+    src = _strip_prefix(dict(state))
+    approx = {k: v for k, v in src.items() if k.startswith(APPROXIMATOR)}
+    rest = {k: v for k, v in src.items() if not k.startswith(APPROXIMATOR)}
+    return {**_rename_approximator(approx, to_diffusers=True), **flux_files.bfl_to_diffusers(rest, config)}
+
+
+# -- loading ------------------------------------------------------------------------------------------------
+@dataclass
+class ChromaComponents:
+    transformer: Any
+    vae: Any
+    text_encoder: Any  # T5-XXL encoder (Chroma has no CLIP)
+    tokenizer: Any
+    sources: dict[str, str]  # component -> the file or folder it came from (cache identities)
+    text_encoder_2: Any = None  # none: what code that reads Flux's components finds
+    variant: str = field(default="chroma")
+
+
+def load_transformer_file(path: Path, config: dict[str, Any], dtype: torch.dtype = torch.float32) -> Any:
+    """A Chroma transformer file (original or diffusers key names, any float dtype incl. fp8) as a
+    ChromaTransformer2DModel in ``dtype``."""
+    from diffusers import ChromaTransformer2DModel
+
+    if not is_chroma_transformer_file(path):
+        keys = file_keys(path) if path.suffix.lower() == ".safetensors" else []
+        looks = describe_keys(keys) if keys else "not a .safetensors file"
+        raise ModelFileError(f"model.path {path}: this is {looks}, not a Chroma transformer file "
+                             "(Chroma1-HD.safetensors / Chroma1-Base.safetensors)")
+    state = _strip_prefix(flux_files._read(path))
+    if any(k.startswith("double_blocks.") for k in state):
+        state = original_to_diffusers(state, config)
+    params = {k: v for k, v in config.items() if not k.startswith("_")}
+    model = flux_files._empty(ChromaTransformer2DModel, params)
+    flux_files._load_into(model, state, "Chroma transformer", path)
+    return model.to(dtype)
+
+
+def _t5_tokenizer(config_folder: Path | None) -> Any:
+    """A Chroma config folder's ``tokenizer/`` (T5) when it has one, else the bundled T5 tokenizer."""
+    if config_folder is not None and (config_folder / "tokenizer").is_dir():
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(config_folder / "tokenizer"), local_files_only=True)
+    return offline.t5_tokenizer(None)
+
+
+def load_chroma_components(path: Path, *, config_folder: Path | None = None, vae_path: Path | None = None,
+                           text_encoder_path: Path | None = None) -> ChromaComponents:
+    """Everything of a Chroma model, offline: a diffusers folder, or a transformer file with the separate T5
+    and VAE files (configs from ``config_folder``, a Chroma diffusers folder, or the ones sdstudio ships)."""
+    from diffusers import AutoencoderKL, ChromaTransformer2DModel
+
+    if not path.exists():
+        raise ModelFileError(f"model.path {path}: no such file or folder")
+    sources = {"transformer": str(path)}
+    vae = None
+    if path.is_dir():
+        if not is_chroma_folder(path):
+            raise ModelFileError(f"model.path {path}: not a diffusers Chroma folder (model_index.json says no "
+                                 "ChromaPipeline with a ChromaTransformer2DModel)")
+        from transformers import T5EncoderModel, T5TokenizerFast
+
+        kw: dict[str, Any] = {"local_files_only": True}
+        transformer = ChromaTransformer2DModel.from_pretrained(str(path), subfolder="transformer", **kw)
+        vae = AutoencoderKL.from_pretrained(str(path), subfolder="vae", **kw)
+        te = T5EncoderModel.from_pretrained(str(path), subfolder="text_encoder", **kw)
+        tok = T5TokenizerFast.from_pretrained(str(path), subfolder="tokenizer", **kw)
+        sources.update(vae=str(path), text_encoder=str(path))
+    else:
+        missing = [key for key, p in (("model.text_encoder_2_path", text_encoder_path), ("model.vae_path", vae_path))
+                   if p is None]
+        if missing:
+            raise ModelFileError(f"model.path {path} is a single Chroma transformer file: set {', '.join(missing)} "
+                                 "to the T5-XXL (t5xxl_fp16.safetensors) and VAE (Flux's ae.safetensors) files")
+        assert text_encoder_path is not None
+        tconfig = (dict(ChromaTransformer2DModel.load_config(str(config_folder), subfolder="transformer"))
+                   if config_folder else dict(offline.TRANSFORMER_CONFIG))
+        transformer = load_transformer_file(path, tconfig)
+        te = load_t5_file(text_encoder_path, config_folder, subfolder="text_encoder", key="model.text_encoder_2_path")
+        tok = _t5_tokenizer(config_folder)
+        sources["text_encoder"] = str(text_encoder_path)
+    if vae_path is not None:
+        vae = load_vae_file(vae_path, config_folder if not path.is_dir() else path)
+        sources["vae"] = str(vae_path)
+    return ChromaComponents(transformer, vae, te, tok, sources)
