@@ -15,7 +15,11 @@ from safetensors import safe_open
 
 from sdstudio.core import events as ev
 from sdstudio.core.config import RunConfig
-from sdstudio.core.models.chroma.files import diffusers_to_original, load_chroma_components, original_to_diffusers
+from sdstudio.core.models.chroma.files import (
+    diffusers_to_original,
+    load_chroma_components,
+    original_to_diffusers,
+)
 from sdstudio.core.models.chroma.offline import TRANSFORMER_CONFIG
 from sdstudio.core.models.family import ModelFileError
 from sdstudio.core.models.registry import family_of_lora, get_family, recognise_model

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..flux.offline import T5_CONFIG, VAE_CONFIG, t5_tokenizer, t5_tokenizer_folder
 
-__all__ = ["TRANSFORMER_CONFIG", "T5_CONFIG", "VAE_CONFIG", "t5_tokenizer", "t5_tokenizer_folder"]
+__all__ = ["T5_CONFIG", "TRANSFORMER_CONFIG", "VAE_CONFIG", "t5_tokenizer", "t5_tokenizer_folder"]
 
 # Chroma1-HD transformer/config.json (ChromaTransformer2DModel; Chroma1-Base is the same topology): Flux.1's
 # 19 double + 38 single blocks at width 3072, without CLIP (no pooled projection) and without per-block
