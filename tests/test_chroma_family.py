@@ -350,6 +350,13 @@ def test_config_checks_and_text_length(chroma: Path) -> None:
     default = family.build(RunConfig().with_overrides(base), [])
     assert default.encode_captions(["x"], CPU)["states"].shape[1] == 512  # ChromaPipeline's length
     assert "guidance" not in default.encode_captions(["x"], CPU)  # no guidance input
+    # the memory estimate counts the transformer, T5 and VAE weights and Chroma's activation profile
+    from sdstudio.core.train.memory import estimate_memory
+
+    c = default.components
+    numel = sum(p.numel() for m in (c.transformer, c.text_encoder, c.vae) for p in m.parameters())
+    est = estimate_memory(default, RunConfig().with_overrides(base))
+    assert est.weights >= 4 * numel and est.activations >= family.activation_bytes_per_pixel * 8 * 8 * 0.25
     from sdstudio.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="lora.enabled"):
