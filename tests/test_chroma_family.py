@@ -365,3 +365,6 @@ def test_config_checks_and_text_length(chroma: Path) -> None:
         RunConfig().with_overrides({**base, "data.resolution": 72})
     with pytest.raises(Exception, match="flow.weighting"):
         RunConfig().with_overrides({**base, "loss.min_snr_gamma": 5.0})
+    with pytest.raises(Exception, match="no CLIP-L"):  # a Flux config's CLIP file is not silently ignored
+        RunConfig().with_overrides({**base, "model.text_encoder_path": "clip_l.safetensors",
+                                    "model.text_encoder_2_path": "t5xxl_fp16.safetensors"})

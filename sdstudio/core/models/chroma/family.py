@@ -106,6 +106,9 @@ class ChromaFamily(ModelFamily):
         if config.loss.min_snr_gamma > 0:
             problems.append(f"loss.min_snr_gamma: {config.loss.min_snr_gamma} is a DDPM weighting; Chroma trains by "
                             "flow matching: set it to 0 and use flow.weighting")
+        if config.model.text_encoder_path and config.model.text_encoder_2_path:
+            problems.append("model.text_encoder_path: Chroma has one text encoder, T5-XXL (model.text_encoder_2_path; "
+                            "no CLIP-L); clear model.text_encoder_path")
         if config.data.resolution % 16:
             problems.append(f"data.resolution: {config.data.resolution} is not a multiple of 16 (Chroma packs 2x2 "
                             "latent patches); use 512, 768, 1024, ...")

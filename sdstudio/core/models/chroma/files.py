@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -112,8 +112,7 @@ class ChromaComponents:
     text_encoder: Any  # T5-XXL encoder (Chroma has no CLIP)
     tokenizer: Any
     sources: dict[str, str]  # component -> the file or folder it came from (cache identities)
-    text_encoder_2: Any = None  # none: what code that reads Flux's components finds
-    variant: str = field(default="chroma")
+    text_encoder_2: Any = None  # none (the memory estimate reads Flux's component names)
 
 
 def load_transformer_file(path: Path, config: dict[str, Any], dtype: torch.dtype = torch.float32) -> Any:
