@@ -234,6 +234,8 @@ def test_lora_overfits_a_tiny_batch_through_the_cli(trained: Path) -> None:
     assert not any("distilled_guidance_layer" in k or k.startswith(("transformer.proj_out", "transformer.x_embedder"))
                    for k in keys)
     assert list((trained / "samples").glob("*.png")), "the preview at the end was written"
+    # the preset's caches are complete before training: T5 and the VAE left the device (train.offload_frozen)
+    assert "frozen parts moved to CPU memory: text_encoder, vae" in (trained / "run.log").read_text()
     exported = list((trained / "exports").glob("*.safetensors"))
     assert exported, "the preset's default export (diffusers) was written"
 
