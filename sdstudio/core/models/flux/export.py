@@ -25,39 +25,11 @@ from safetensors import safe_open
 from ...errors import UserError
 from ...export.metadata import cast, training_metadata, write_safetensors
 from ...export.source import ExportSource, lora_peft_state
+from ..fused_lora import peft_pairs as _pairs
+from ..fused_lora import stack_loras as _stack
 from .files import DOUBLE_FUSED, DOUBLE_NAMES, SINGLE_FUSED, SINGLE_NAMES
 
-_PEFT_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
 _BLOCK = re.compile(r"^(?P<kind>transformer_blocks|single_transformer_blocks)\.(?P<i>\d+)\.(?P<rest>.+)$")
-
-
-def _pairs(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """module -> {"A": down, "B": up} from PEFT-named tensors."""
-    out: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in state.items():
-        m = _PEFT_KEY.match(key)
-        if m is None:
-            raise UserError(f"Flux LoRA export: unexpected LoRA tensor {key!r}")
-        out.setdefault(m["module"], {})[m["ab"]] = tensor
-    return out
-
-
-def _stack(parts: list[dict[str, torch.Tensor] | None], outs: list[int], scale: float
-           ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """One LoRA of a fused weight from the LoRAs of its parts (None: a part without a LoRA, zero rows):
-    down = the parts' downs concatenated, up = block-diagonal, times ``scale`` (the parts' alpha / rank over the
-    stacked alpha / rank). Returns (down, up, rank)."""
-    downs = [p["A"].float() for p in parts if p is not None]
-    rank = sum(d.shape[0] for d in downs)
-    up = torch.zeros(sum(outs), rank)
-    row = col = 0
-    for part, n in zip(parts, outs):
-        if part is not None:
-            r = part["A"].shape[0]
-            up[row:row + n, col:col + r] = part["B"].float()
-            col += r
-        row += n
-    return torch.cat(downs), up * scale, rank
 
 
 def kohya_state(source: ExportSource, dtype: torch.dtype) -> dict[str, torch.Tensor]:

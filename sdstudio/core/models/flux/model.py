@@ -16,6 +16,7 @@ from torch import nn
 from ...config import RunConfig
 from ..bundle import ModelBundle
 from ..registry import get_family
+from ..split_files import file_stamps as _file_stamps
 from .files import VARIANT_FAMILIES, FluxComponents, load_flux_components
 
 # peft target_modules (regexes) of the transformer LoRA, per lora.targets
@@ -153,7 +154,8 @@ class FluxBundle(ModelBundle):
         sub = {k[len("transformer."):]: v for k, v in weights.items() if k.startswith("transformer.")}
         stray = sorted({k.split(".", 1)[0] for k in weights} - {"transformer"})
         if stray or not sub:
-            raise CheckpointError(f"{source}: not the weights of a Flux LoRA run ({stray or 'no transformer keys'})")
+            raise CheckpointError(f"{source}: not the weights of a {self.model_family.short_title} LoRA run "
+                                  f"({stray or 'no transformer keys'})")
         result = set_peft_model_state_dict(self.components.transformer, sub)
         unexpected = list(getattr(result, "unexpected_keys", []))
         if unexpected:
@@ -162,14 +164,6 @@ class FluxBundle(ModelBundle):
 
     def save_extra(self, folder: Path) -> None:
         (folder / "model.json").write_text(json.dumps(self.architecture, indent=1), encoding="utf-8")
-
-
-def _file_stamps(source: str) -> list[str]:
-    if not source:
-        return []
-    path = Path(source)
-    files = sorted(path.rglob("*.safetensors")) if path.is_dir() else [path]
-    return [f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.exists()]
 
 
 def _weight_dtype(config: RunConfig, device: torch.device) -> torch.dtype:
