@@ -5,6 +5,7 @@ diffusers' own StableDiffusion3Pipeline.load_lora_weights, and kohya names check
 
 from __future__ import annotations
 
+import functools
 import re
 import statistics
 from pathlib import Path
@@ -102,7 +103,9 @@ def test_the_family_recognises_its_files_and_refuses_others(sd35: Path, sd35_spl
                                                  "model.path": str(sd35_split["sd3"])}), [])
 
 
+@functools.cache
 def _meta_transformer(name: str) -> torch.nn.Module:
+    """The real-size transformer on the meta device (its sin-cos position table is computed for real: built once)."""
     from accelerate import init_empty_weights
     from diffusers import SD3Transformer2DModel
 
@@ -167,12 +170,30 @@ def four(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(sd35: Path, four: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[float]]:
+    """`sdstudio train --preset sd35-lora` on the tiny model (the preset's caches on: latents and CLIP / T5
+    features come from the disk caches), made tiny and fast by --set."""
+    import json
+
+    from sdstudio.cli import main
+
     run = tmp_path_factory.mktemp("sd3-run") / "run"
-    # the preset's caches on: latents and CLIP / T5 features come from the disk caches
-    cfg = _train_config(sd35, four, **{"sample.at_end": True, "checkpoint.every_steps": 30,
-                                       "train.learning_rate": 3e-2, "data.cache_latents": True,
-                                       "data.cache_text_embeddings": True})
-    return run, _losses(cfg, run)
+    base = _train_config(sd35, four).to_dict()
+    overrides = {"model.path": str(sd35), "data.resolution": 64, "data.val_split": 0.0, "train.batch_size": 4,
+                 "train.max_steps": 30, "train.log_every": 1, "train.warmup_steps": 0, "train.lr_scheduler":
+                 "constant", "train.device": "cpu", "train.mixed_precision": "no",
+                 "train.gradient_checkpointing": False, "train.learning_rate": 3e-2, "sample.every_steps": 0,
+                 "sample.at_end": True, "sample.steps": 2, "sample.seeds": [0], "checkpoint.every_steps": 30,
+                 "model.t5_max_length": 8, "lora.rank": 4, "lora.alpha": 8.0, "export.formats": []}
+    assert base["data"]["cache_latents"] is False  # _train_config turns them off; the preset has them on
+    sets = [a for k, v in overrides.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+    assert main(["train", "--preset", "sd35-lora", "--data", str(four), "--out", str(run), "--quiet", *sets]) == 0
+    from sdstudio.core.runs.folder import load_run_config
+
+    config = load_run_config(run)
+    assert config.model.family == "sd3" and config.data.cache_text_embeddings and config.data.cache_latents
+    assert config.flow.shift == "auto" and config.export.formats == []
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return run, [r["loss"] for r in rows if r.get("kind") == "train" and "loss" in r]
 
 
 def test_lora_overfits_a_tiny_batch(trained: tuple[Path, list[float]]) -> None:
@@ -328,6 +349,12 @@ def test_sample_an_sd3_folder_with_the_exported_lora(trained: tuple[Path, list[f
     kohya = writer_for("kohya", get_family("sd3"))(source, tmp_path / "k.safetensors", dtype=torch.float32)
     with pytest.raises(LoraFileError, match="kohya names"):
         load_model(sd35, lora=kohya, device="cpu")
+    from sdstudio.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["sample", "--model", str(sd35), "--lora", str(lora), "--prompt", "a red circle", "--n", "1",
+                 "--steps", "2", "--out", str(out)]) == 0
+    assert list(out.glob("*.png"))
 
 
 def test_config_keys_of_the_text_conditioning(sd35: Path) -> None:
@@ -349,6 +376,8 @@ def test_config_keys_of_the_text_conditioning(sd35: Path) -> None:
         RunConfig().with_overrides({**base, "data.resolution": 72})
     with pytest.raises(Exception, match="flow.weighting"):
         RunConfig().with_overrides({**base, "loss.min_snr_gamma": 5.0})
+    with pytest.raises(Exception, match="lora.type"):
+        RunConfig().with_overrides({**base, "lora.type": "loha"})
 
 
 def test_memory_profile_follows_the_variant(sd35: Path, tmp_path: Path) -> None:
@@ -370,6 +399,7 @@ def test_memory_profile_follows_the_variant(sd35: Path, tmp_path: Path) -> None:
     assert est_l.weights - parked.weights >= t5_bytes  # T5 counted, and parked once the text cache is complete
 
 
+@pytest.mark.slow
 def test_caches_give_the_same_losses_and_resume_is_exact(sd35: Path, four: Path, tmp_path: Path) -> None:
     """Latents and CLIP / T5 features from the disk caches train exactly as encoding every step; 4 steps
     straight equal 2 + resume + 2."""

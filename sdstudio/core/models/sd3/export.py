@@ -15,16 +15,14 @@
 from __future__ import annotations
 
 import re
-import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from ...errors import UserError
 from ...export.metadata import cast, training_metadata, write_safetensors
 from ...export.source import ExportSource, lora_peft_state
+from ...export.transformer_lora import write_diffusers_lora
 from ..fused_lora import peft_pairs, stack_loras
 from .files import BLOCK_NAMES, FUSED
 
@@ -86,33 +84,12 @@ def export_kohya_lora(source: ExportSource, path: Path, *, dtype: torch.dtype = 
     return write_safetensors(kohya_state(source, dtype), path, _metadata(source, path), force=force)
 
 
-def diffusers_state(source: ExportSource) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """PEFT tensors with alpha / rank folded into lora_B, and the adapter config with alpha = rank."""
-    from peft import LoraConfig
-
-    from .model import LORA_TARGETS
-
-    lora = source.lora
-    assert lora is not None
-    scale = float(lora["alpha"]) / int(lora["rank"])
-    state = {k: (v.float() * scale if ".lora_B." in k else v) for k, v in lora_peft_state(source, "transformer.").items()}
-    cfg = LoraConfig(r=int(lora["rank"]), lora_alpha=float(lora["rank"]), target_modules=LORA_TARGETS[lora["targets"]],
-                     init_lora_weights="gaussian").to_dict()
-    return state, {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
-
-
 def export_diffusers_lora(source: ExportSource, path: Path, *, dtype: torch.dtype = torch.float16,
                           force: bool = False) -> Path:
     from diffusers import StableDiffusion3Pipeline
 
-    state, adapter = diffusers_state(source)
-    with tempfile.TemporaryDirectory(prefix="sdstudio-export-") as tmp:
-        StableDiffusion3Pipeline.save_lora_weights(tmp, transformer_lora_layers=cast(state, dtype),
-                                                   transformer_lora_adapter_metadata=adapter,
-                                                   safe_serialization=True, weight_name="lora.safetensors")
-        with safe_open(str(Path(tmp) / "lora.safetensors"), framework="pt") as fh:
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 - safe_open is no mapping
-            written = dict(fh.metadata() or {})
+    from .model import LORA_TARGETS
+
     assert source.lora is not None
-    meta = {**_metadata(source, path), **written, "ss_network_alpha": str(int(source.lora["rank"]))}
-    return write_safetensors(tensors, path, meta, force=force)
+    return write_diffusers_lora(source, path, StableDiffusion3Pipeline, LORA_TARGETS[source.lora["targets"]],
+                                _metadata(source, path), dtype=dtype, force=force)

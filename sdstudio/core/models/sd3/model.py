@@ -21,6 +21,7 @@ from ..family import ModelFamily
 from ..flux.model import FluxBundle
 from ..registry import get_family
 from ..split_files import file_stamps
+from ..transformer_parts import optional_path, prepare_transformer, weight_dtype
 from .files import SD3Components, load_sd3_components
 
 # peft target_modules (regexes) of the transformer LoRA, per lora.targets. attn2 is 3.5 medium's second
@@ -101,47 +102,20 @@ class SD3Bundle(FluxBundle):
         return f"text-sd3-{hashlib.sha256('|'.join(parts).encode()).hexdigest()[:16]}"
 
 
-def _weight_dtype(config: RunConfig, device: torch.device) -> torch.dtype:
-    if device.type != "cuda":
-        return torch.float32
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.train.mixed_precision, torch.float32)
-
-
-def _path(value: str) -> Path | None:
-    return Path(value).expanduser() if value else None
-
-
 def load_components(config: RunConfig) -> SD3Components:
     m = config.model
-    return load_sd3_components(Path(m.path).expanduser(), config_folder=_path(m.config_folder),
-                               vae_path=_path(m.vae_path), text_encoder_path=_path(m.text_encoder_path),
-                               clip_g_path=_path(m.clip_g_path), t5_path=_path(m.text_encoder_2_path))
+    return load_sd3_components(Path(m.path).expanduser(), config_folder=optional_path(m.config_folder),
+                               vae_path=optional_path(m.vae_path), text_encoder_path=optional_path(m.text_encoder_path),
+                               clip_g_path=optional_path(m.clip_g_path), t5_path=optional_path(m.text_encoder_2_path))
 
 
 def make_bundle(comps: SD3Components, config: RunConfig, device: torch.device, *, lora: bool) -> SD3Bundle:
     """The bundle around loaded components: frozen parts in the weight dtype, a seeded peft LoRA (fp32) when
     ``lora``."""
-    wdtype = _weight_dtype(config, device)
-    for module in (comps.vae, comps.text_encoder, comps.text_encoder_2, comps.text_encoder_3):
-        module.requires_grad_(False)
-        module.eval()
-        module.to(device, dtype=wdtype)
+    wdtype = weight_dtype(config, device)
     transformer = comps.transformer
-    transformer.requires_grad_(False)
-    transformer.to(device, dtype=wdtype)
-    if lora:
-        from peft import LoraConfig
-
-        torch.manual_seed(config.train.seed)
-        transformer.add_adapter(LoraConfig(r=config.lora.rank, lora_alpha=config.lora.alpha,
-                                           lora_dropout=config.lora.dropout, init_lora_weights="gaussian",
-                                           target_modules=LORA_TARGETS[config.lora.targets]))
-        for p in transformer.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()  # trainable parameters are always fp32
-        transformer.train()
-    else:
-        transformer.eval()
+    prepare_transformer(transformer, (comps.vae, comps.text_encoder, comps.text_encoder_2, comps.text_encoder_3),
+                        config, device, wdtype, LORA_TARGETS[config.lora.targets], lora=lora)
     t5_length = config.model.t5_max_length or DEFAULT_T5_LENGTH
     latent_down = 2 ** (len(comps.vae.config.block_out_channels) - 1)
     tc = transformer.config
