@@ -157,19 +157,7 @@ def _losses(config: RunConfig, run_dir: Path) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def four(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from sdstudio.core.demo_shapes import generate_demo_dataset
-
-    data = tmp_path_factory.mktemp("four")
-    generate_demo_dataset(data, per_class=1, size=32, seed=5)
-    for extra in sorted(data.glob("*.png"))[4:]:
-        extra.unlink()
-        extra.with_suffix(".txt").unlink()
-    return data
-
-
-@pytest.fixture(scope="module")
-def trained(sd35: Path, four: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[float]]:
+def trained(sd35: Path, four_images: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[float]]:
     """`sdstudio train --preset sd35-lora` on the tiny model (the preset's caches on: latents and CLIP / T5
     features come from the disk caches), made tiny and fast by --set."""
     import json
@@ -177,7 +165,7 @@ def trained(sd35: Path, four: Path, tmp_path_factory: pytest.TempPathFactory) ->
     from sdstudio.cli import main
 
     run = tmp_path_factory.mktemp("sd3-run") / "run"
-    base = _train_config(sd35, four).to_dict()
+    base = _train_config(sd35, four_images).to_dict()
     overrides = {"model.path": str(sd35), "data.resolution": 64, "data.val_split": 0.0, "train.batch_size": 4,
                  "train.max_steps": 30, "train.log_every": 1, "train.warmup_steps": 0, "train.lr_scheduler":
                  "constant", "train.device": "cpu", "train.mixed_precision": "no",
@@ -186,7 +174,7 @@ def trained(sd35: Path, four: Path, tmp_path_factory: pytest.TempPathFactory) ->
                  "model.t5_max_length": 8, "lora.rank": 4, "lora.alpha": 8.0, "export.formats": []}
     assert base["data"]["cache_latents"] is False  # _train_config turns them off; the preset has them on
     sets = [a for k, v in overrides.items() for a in ("--set", f"{k}={json.dumps(v)}")]
-    assert main(["train", "--preset", "sd35-lora", "--data", str(four), "--out", str(run), "--quiet", *sets]) == 0
+    assert main(["train", "--preset", "sd35-lora", "--data", str(four_images), "--out", str(run), "--quiet", *sets]) == 0
     from sdstudio.core.runs.folder import load_run_config
 
     config = load_run_config(run)
@@ -400,11 +388,11 @@ def test_memory_profile_follows_the_variant(sd35: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_caches_give_the_same_losses_and_resume_is_exact(sd35: Path, four: Path, tmp_path: Path) -> None:
+def test_caches_give_the_same_losses_and_resume_is_exact(sd35: Path, four_images: Path, tmp_path: Path) -> None:
     """Latents and CLIP / T5 features from the disk caches train exactly as encoding every step; 4 steps
     straight equal 2 + resume + 2."""
-    plain = _losses(_train_config(sd35, four, **{"train.max_steps": 4}), tmp_path / "plain")
-    cached_cfg = _train_config(sd35, four, **{"train.max_steps": 4, "data.cache_latents": True,
+    plain = _losses(_train_config(sd35, four_images, **{"train.max_steps": 4}), tmp_path / "plain")
+    cached_cfg = _train_config(sd35, four_images, **{"train.max_steps": 4, "data.cache_latents": True,
                                               "data.cache_text_embeddings": True})
     cached = _losses(cached_cfg, tmp_path / "cached")
     assert cached == pytest.approx(plain, rel=1e-4, abs=1e-5)
