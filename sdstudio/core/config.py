@@ -98,12 +98,12 @@ class ModelConfig(Section):
     # the registry's families (core/models/registry.py)
     family: Literal[FAMILY_NAMES] = Field(  # type: ignore[valid-type]
         "pixel", description="pixel: a small model trained from scratch in pixel space; sd1/sd2/sdxl: Stable "
-        "Diffusion fine-tunes; flux-dev/flux-schnell: Flux.1 LoRAs (flow matching); chroma: Chroma1 LoRAs (flow "
-        "matching, T5 only).")
+        "Diffusion fine-tunes; flux-dev/flux-schnell: Flux.1 LoRAs (flow matching); sd3: SD3 / SD3.5 medium and "
+        "large LoRAs (flow matching); chroma: Chroma1 LoRAs (flow matching, T5 only).")
     path: str = Field("", description="Base model: a diffusers folder or a .safetensors/.ckpt file "
-                      "(SD families; Flux / Chroma: the transformer file, e.g. flux1-dev.safetensors, Chroma1-HD.safetensors, "
-                      "bf16 or fp8).")
-    vae_path: str = Field("", description="Optional separate VAE file or folder (Flux / Chroma as split files: "
+                      "(SD families; Flux / SD3 / Chroma: the transformer file, e.g. flux1-dev.safetensors, "
+                      "sd3.5_large.safetensors, Chroma1-HD.safetensors, bf16 or fp8).")
+    vae_path: str = Field("", description="Optional separate VAE file or folder (Flux / SD3 / Chroma as split files: "
                           "ae.safetensors, required).")
     config_folder: str = Field("", description="diffusers config folder for a single-file model (empty = the "
                                "one sdstudio ships for the detected family).")
@@ -141,8 +141,10 @@ class ModelConfig(Section):
                                      "text-encoder file (t5xxl_fp16.safetensors, t5xxl_fp8_e4m3fn.safetensors); "
                                      "empty = from model.path (a diffusers folder).")
     t5_max_length: int = Field(0, ge=0, le=512, description="Caption length in T5 tokens (Flux: 0 = the "
-                               "family's default, 512 for dev and Chroma, 256 for schnell); shorter is faster and smaller "
-                               "in the text cache.")
+                               "family's default, 512 for dev and Chroma, 256 for schnell; SD3: 256); shorter is faster "
+                               "and smaller in the text cache.")
+    clip_g_path: str = Field("", description="SD3 given as split files: the CLIP-G (OpenCLIP bigG) text-encoder "
+                             "file (clip_g.safetensors); empty = from model.path (a diffusers folder).")
 
 
 class DiffusionConfig(Section):

@@ -25,6 +25,7 @@ _PLUGINS: dict[str, str] = {
     # schnell first: its LoRA marker ("flux1_schnell") is more specific than dev's ("flux1")
     "flux-schnell": "sdstudio.core.models.flux.family:FluxSchnellFamily",
     "flux-dev": "sdstudio.core.models.flux.family:FluxDevFamily",
+    "sd3": "sdstudio.core.models.sd3.family:SD3Family",
 }
 FAMILY_NAMES: tuple[str, ...] = tuple(_PLUGINS)
 

@@ -79,7 +79,8 @@ def estimate_memory(bundle: ModelBundle, config: RunConfig) -> MemoryEstimate:
     modules = [bundle.trainable, *bundle.frozen.values()]
     components = getattr(bundle, "components", None)
     if components is not None:
-        modules += [m for m in (components.vae, components.text_encoder, components.text_encoder_2) if m is not None]
+        names = ("vae", *bundle.model_family.text_encoders)
+        modules += [m for m in (getattr(components, n, None) for n in names) if m is not None]
     seen: set[int] = set()
     trainable_numel = 0.0
     largest_trainable = 0.0

@@ -15,50 +15,20 @@
 from __future__ import annotations
 
 import re
-import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from ...errors import UserError
 from ...export.metadata import cast, training_metadata, write_safetensors
 from ...export.source import ExportSource, lora_peft_state
 from ..registry import get_family
+from ...export.transformer_lora import write_diffusers_lora
+from ..fused_lora import peft_pairs as _pairs
+from ..fused_lora import stack_loras as _stack
 from .files import DOUBLE_FUSED, DOUBLE_NAMES, SINGLE_FUSED, SINGLE_NAMES
 
-_PEFT_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
 _BLOCK = re.compile(r"^(?P<kind>transformer_blocks|single_transformer_blocks)\.(?P<i>\d+)\.(?P<rest>.+)$")
-
-
-def _pairs(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """module -> {"A": down, "B": up} from PEFT-named tensors."""
-    out: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in state.items():
-        m = _PEFT_KEY.match(key)
-        if m is None:
-            raise UserError(f"Flux LoRA export: unexpected LoRA tensor {key!r}")
-        out.setdefault(m["module"], {})[m["ab"]] = tensor
-    return out
-
-
-def _stack(parts: list[dict[str, torch.Tensor] | None], outs: list[int], scale: float
-           ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """One LoRA of a fused weight from the LoRAs of its parts (None: a part without a LoRA, zero rows):
-    down = the parts' downs concatenated, up = block-diagonal, times ``scale`` (the parts' alpha / rank over the
-    stacked alpha / rank). Returns (down, up, rank)."""
-    downs = [p["A"].float() for p in parts if p is not None]
-    rank = sum(d.shape[0] for d in downs)
-    up = torch.zeros(sum(outs), rank)
-    row = col = 0
-    for part, n in zip(parts, outs):
-        if part is not None:
-            r = part["A"].shape[0]
-            up[row:row + n, col:col + r] = part["B"].float()
-            col += r
-        row += n
-    return torch.cat(downs), up * scale, rank
 
 
 def kohya_state(source: ExportSource, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -128,35 +98,15 @@ def export_kohya_lora(source: ExportSource, path: Path, *, dtype: torch.dtype = 
     return write_safetensors(kohya_state(source, dtype), path, _metadata(source, path), force=force)
 
 
-def diffusers_state(source: ExportSource) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """PEFT tensors with alpha / rank folded into lora_B, and the adapter config with alpha = rank."""
-    from peft import LoraConfig
-
-    from .model import LORA_TARGETS
-
-    lora = source.lora
-    assert lora is not None
-    scale = float(lora["alpha"]) / int(lora["rank"])
-    state = {k: (v.float() * scale if ".lora_B." in k else v) for k, v in lora_peft_state(source, "transformer.").items()}
-    cfg = LoraConfig(r=int(lora["rank"]), lora_alpha=float(lora["rank"]), target_modules=LORA_TARGETS[lora["targets"]],
-                     init_lora_weights="gaussian").to_dict()
-    return state, {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
-
-
 def export_diffusers_lora(source: ExportSource, path: Path, *, dtype: torch.dtype = torch.float16,
                           force: bool = False) -> Path:
     from diffusers import FluxPipeline
 
-    state, adapter = diffusers_state(source)
-    with tempfile.TemporaryDirectory(prefix="sdstudio-export-") as tmp:
-        FluxPipeline.save_lora_weights(tmp, transformer_lora_layers=cast(state, dtype),
-                                       transformer_lora_adapter_metadata=adapter, safe_serialization=True,
-                                       weight_name="lora.safetensors")
-        with safe_open(str(Path(tmp) / "lora.safetensors"), framework="pt") as fh:
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 - safe_open is no mapping
-            written = dict(fh.metadata() or {})
-    meta = {**_metadata(source, path), **written, "ss_network_alpha": str(lora_rank(source))}
-    return write_safetensors(tensors, path, meta, force=force)
+    from .model import LORA_TARGETS
+
+    assert source.lora is not None
+    return write_diffusers_lora(source, path, FluxPipeline, LORA_TARGETS[source.lora["targets"]],
+                                _metadata(source, path), dtype=dtype, force=force)
 
 
 def lora_rank(source: ExportSource) -> int:

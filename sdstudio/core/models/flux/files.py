@@ -20,57 +20,20 @@ from typing import Any
 import torch
 
 from ..family import ModelFileError
+from ..split_files import FLUX_ORIGINAL_MARKERS, TRANSFORMER_PREFIXES, Tensors, describe_keys, file_keys
+from ..split_files import empty_model as _empty
+from ..split_files import load_into as _load_into
+from ..split_files import read_tensors as _read
+from ..split_files import strip_prefix as _strip_prefix
 from . import offline
 
-Tensors = dict[str, torch.Tensor]
-
-# keys only a Flux transformer in the original layout has (with or without ComfyUI's prefix)
-_BFL_MARKERS = ("double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight")
+_BFL_MARKERS = FLUX_ORIGINAL_MARKERS
 _DIFFUSERS_MARKERS = ("transformer_blocks.0.attn.to_q.weight", "single_transformer_blocks.0.attn.to_q.weight")
-_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+_PREFIXES = TRANSFORMER_PREFIXES
 VARIANT_FAMILIES = {"dev": "flux-dev", "schnell": "flux-schnell"}  # what a file holds -> its family
 
 
-# -- what a file is -----------------------------------------------------------------------------------------
-def describe_keys(keys: list[str]) -> str:
-    """What a safetensors file with these keys looks like, for an error message."""
-    ks = set(keys)
-    if any(k.startswith("lora_") or ".lora_" in k or "lora_A" in k or "lora_down" in k for k in keys):
-        return "a LoRA"
-    if any(k.startswith(("model.diffusion_model.input_blocks", "conditioner.embedders")) for k in keys):
-        return "a Stable Diffusion (SD1/SD2/SDXL) checkpoint"
-    if any("joint_blocks." in k for k in keys):
-        return "an SD3 transformer"
-    if any(k.startswith(("encoder.block.", "shared.")) for k in keys):
-        return "a T5 text encoder"
-    if any("encoder.layers." in k and "self_attn" in k for k in keys):
-        return "a CLIP text encoder"
-    if any(k.startswith(("encoder.down.", "decoder.up.", "encoder.down_blocks", "decoder.up_blocks")) for k in keys):
-        return "a VAE"
-    if any("distilled_guidance_layer." in k for k in keys):  # Flux's blocks with Chroma's approximator
-        return "a Chroma transformer"
-    if ks & set(_BFL_MARKERS) or any(k.endswith(_BFL_MARKERS) for k in keys):
-        return "a Flux transformer"
-    return "not a model sdstudio knows"
-
-
-def _strip_prefix(state: Tensors) -> Tensors:
-    for prefix in _PREFIXES:
-        if any(k.startswith(prefix) for k in state):
-            return {k.removeprefix(prefix): v for k, v in state.items()}
-    return state
-
-
-def file_keys(path: Path) -> list[str]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            return list(fh.keys())
-    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for bad files
-        raise ModelFileError(f"{path}: not a readable safetensors file ({exc})") from None
-
-
+# -- what a file is (describe_keys, file_keys: ../split_files.py) ------------------------------------------
 def transformer_file_variant(path: Path) -> str | None:
     """"dev" / "schnell" for a Flux transformer file (original or diffusers key names), None otherwise."""
     if path.suffix.lower() != ".safetensors":
@@ -238,42 +201,6 @@ class FluxComponents:
     tokenizer_2: Any
     variant: str  # "dev" / "schnell"
     sources: dict[str, str]  # component -> the file or folder it came from (cache identities)
-
-
-def _read(path: Path) -> Tensors:
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except Exception as exc:  # noqa: BLE001
-        raise ModelFileError(f"{path}: not a readable safetensors file ({exc})") from None
-
-
-def _load_into(module: torch.nn.Module, state: Tensors, what: str, path: Path,
-               allowed_missing: tuple[str, ...] = ()) -> None:
-    """Copy ``state`` into ``module`` (cast to its dtype: an fp8 file goes straight to the module's dtype)."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in state and not k.endswith(allowed_missing)]
-    unexpected = [k for k in state if k not in own]
-    wrong = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or wrong:
-        looks = describe_keys(list(state))
-        detail = f"missing {missing[:3]}" if missing else f"shape of {wrong[:3]} differs"
-        raise ModelFileError(f"{path}: does not fit the {what} ({detail}); it looks like {looks}")
-    del unexpected  # extra tensors (text projections, position ids) are not used
-    with torch.no_grad():
-        for k, v in state.items():
-            if k in own:
-                own[k].copy_(v.to(own[k].dtype))
-
-
-def _empty(cls: Any, config: Any) -> Any:
-    """A model built without initialising its weights (they are all loaded next)."""
-    from accelerate import init_empty_weights
-
-    with init_empty_weights():
-        model = cls(**config) if isinstance(config, dict) else cls(config)
-    return model.to_empty(device="cpu")
 
 
 def load_transformer_file(path: Path, config: dict[str, Any], dtype: torch.dtype = torch.float32) -> Any:

@@ -16,6 +16,10 @@ from torch import nn
 from ...config import RunConfig
 from ..bundle import ModelBundle
 from ..registry import get_family
+from ..split_files import file_stamps as _file_stamps
+from ..transformer_parts import optional_path as _path
+from ..transformer_parts import prepare_transformer
+from ..transformer_parts import weight_dtype as _weight_dtype
 from .files import VARIANT_FAMILIES, FluxComponents, load_flux_components
 
 # peft target_modules (regexes) of the transformer LoRA, per lora.targets
@@ -153,7 +157,8 @@ class FluxBundle(ModelBundle):
         sub = {k[len("transformer."):]: v for k, v in weights.items() if k.startswith("transformer.")}
         stray = sorted({k.split(".", 1)[0] for k in weights} - {"transformer"})
         if stray or not sub:
-            raise CheckpointError(f"{source}: not the weights of a Flux LoRA run ({stray or 'no transformer keys'})")
+            raise CheckpointError(f"{source}: not the weights of a {self.model_family.short_title} LoRA run "
+                                  f"({stray or 'no transformer keys'})")
         result = set_peft_model_state_dict(self.components.transformer, sub)
         unexpected = list(getattr(result, "unexpected_keys", []))
         if unexpected:
@@ -162,24 +167,6 @@ class FluxBundle(ModelBundle):
 
     def save_extra(self, folder: Path) -> None:
         (folder / "model.json").write_text(json.dumps(self.architecture, indent=1), encoding="utf-8")
-
-
-def _file_stamps(source: str) -> list[str]:
-    if not source:
-        return []
-    path = Path(source)
-    files = sorted(path.rglob("*.safetensors")) if path.is_dir() else [path]
-    return [f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.exists()]
-
-
-def _weight_dtype(config: RunConfig, device: torch.device) -> torch.dtype:
-    if device.type != "cuda":
-        return torch.float32
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.train.mixed_precision, torch.float32)
-
-
-def _path(value: str) -> Path | None:
-    return Path(value).expanduser() if value else None
 
 
 def load_components(config: RunConfig) -> FluxComponents:
@@ -194,26 +181,9 @@ def make_bundle(comps: FluxComponents, config: RunConfig, device: torch.device, 
     ``lora``."""
     family = get_family(VARIANT_FAMILIES[comps.variant])
     wdtype = _weight_dtype(config, device)
-    for module in (comps.vae, comps.text_encoder, comps.text_encoder_2):
-        module.requires_grad_(False)
-        module.eval()
-        module.to(device, dtype=wdtype)
     transformer = comps.transformer
-    transformer.requires_grad_(False)
-    transformer.to(device, dtype=wdtype)
-    if lora:
-        from peft import LoraConfig
-
-        torch.manual_seed(config.train.seed)
-        transformer.add_adapter(LoraConfig(r=config.lora.rank, lora_alpha=config.lora.alpha,
-                                           lora_dropout=config.lora.dropout, init_lora_weights="gaussian",
-                                           target_modules=LORA_TARGETS[config.lora.targets]))
-        for p in transformer.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()  # trainable parameters are always fp32
-        transformer.train()
-    else:
-        transformer.eval()
+    prepare_transformer(transformer, (comps.vae, comps.text_encoder, comps.text_encoder_2), config, device, wdtype,
+                        LORA_TARGETS[config.lora.targets], lora=lora)
     guided = bool(transformer.config.guidance_embeds)
     t5_length = config.model.t5_max_length or DEFAULT_T5_LENGTH[comps.variant]
     latent_down = 2 ** (len(comps.vae.config.block_out_channels) - 1)

@@ -1,0 +1,62 @@
+"""`sdstudio sample --model` for SD3: a diffusers SD3 folder (or a transformer file with its text encoders and
+VAE in a config folder's layout), with an optional LoRA applied by diffusers' own
+StableDiffusion3Pipeline.load_lora_weights (the diffusers layout; diffusers reads no kohya SD3 LoRA)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ...config import RunConfig
+from ...errors import ConfigError
+from ...flow import FlowSchedule
+from ...sampling.from_files import LoadedBaseModel, LoraFileError, cast_module
+from ..family import ModelFamily, ModelFileError
+from ..flux.sampling import apply_flux_lora
+from .model import load_components, make_bundle
+
+
+def load_sd3_for_sampling(family: ModelFamily, path: Path, device: torch.device, *, lora: Path | None,
+                          config_folder: Path | None) -> LoadedBaseModel:
+    overrides: dict[str, Any] = {"model.family": family.name, "model.path": str(path), "train.device": "cpu",
+                                 "train.mixed_precision": "no", "lora.enabled": True, "data.resolution": 1024}
+    if config_folder is not None:
+        overrides["model.config_folder"] = str(config_folder)
+    try:
+        config = RunConfig().with_overrides(overrides)
+    except ConfigError as exc:
+        raise ModelFileError(f"model.path {path}: {exc}") from None
+    bundle = make_bundle(load_components(config), config, torch.device("cpu"), lora=False)
+    modules = 0
+    if lora is not None:
+        _refuse_kohya(lora)
+        modules = apply_flux_lora(family, bundle, lora, path)  # the family's pipeline's load_lora_weights
+    wdtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    c = bundle.components
+    for module in (c.transformer, c.text_encoder, c.text_encoder_2, c.text_encoder_3, c.vae):
+        cast_module(module, device, wdtype).eval()
+    bundle.weight_dtype = wdtype
+    bundle.trainable.weight_dtype = wdtype  # type: ignore[assignment]
+    bundle.trainable.eval()
+    down = 2 ** (len(c.vae.config.block_out_channels) - 1)
+    bundle.sample_size = int(c.vae.config.sample_size) // down  # the model's native size (1024 px)
+    assert family.flow is not None
+    variant = bundle.model_family
+    return LoadedBaseModel(bundle, FlowSchedule(config.flow, family.flow), device, path, family.name,
+                           variant.sampling.as_dict(), lora, modules,
+                           autocast_dtype=wdtype if wdtype != torch.float32 else None)
+
+
+def _refuse_kohya(lora: Path) -> None:
+    """diffusers silently loads nothing of a kohya-named SD3 LoRA: say so instead of sampling the base model."""
+    from safetensors import safe_open
+
+    if not lora.is_file() or lora.suffix.lower() != ".safetensors":
+        raise LoraFileError(f"lora {lora}: expected a .safetensors LoRA file")
+    with safe_open(str(lora), framework="pt") as fh:
+        keys = list(fh.keys())
+    if keys and all(k.startswith("lora_") for k in keys):
+        raise LoraFileError(f"lora {lora}: an SD3 LoRA in kohya names, which diffusers cannot read; export the run "
+                            "as diffusers (sdstudio export --format diffusers) or load it in ComfyUI")

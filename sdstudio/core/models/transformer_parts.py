@@ -1,0 +1,50 @@
+"""What the transformer families (Flux, SD3, ...) do alike when a run's model is put together: the weight dtype
+of the frozen parts, freezing the encoders, and the transformer's seeded peft LoRA (fp32 adapters on a frozen
+base). Moved here from ``flux/model.py`` so every family shares one copy."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from ..config import RunConfig
+
+
+def weight_dtype(config: RunConfig, device: torch.device) -> torch.dtype:
+    """The frozen weights' dtype: the mixed-precision dtype on a GPU, fp32 elsewhere."""
+    if device.type != "cuda":
+        return torch.float32
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.train.mixed_precision, torch.float32)
+
+
+def optional_path(value: str) -> Path | None:
+    return Path(value).expanduser() if value else None
+
+
+def prepare_transformer(transformer: Any, frozen: Iterable[torch.nn.Module], config: RunConfig,
+                        device: torch.device, dtype: torch.dtype, target_modules: Any, *, lora: bool) -> None:
+    """Freeze the ``frozen`` encoders and the transformer in ``dtype`` on ``device``; with ``lora`` add a peft LoRA
+    (seeded by train.seed) on ``target_modules``, its parameters fp32, and put the transformer in training mode."""
+    for module in frozen:
+        module.requires_grad_(False)
+        module.eval()
+        module.to(device, dtype=dtype)
+    transformer.requires_grad_(False)
+    transformer.to(device, dtype=dtype)
+    if not lora:
+        transformer.eval()
+        return
+    from peft import LoraConfig
+
+    torch.manual_seed(config.train.seed)
+    transformer.add_adapter(LoraConfig(r=config.lora.rank, lora_alpha=config.lora.alpha,
+                                       lora_dropout=config.lora.dropout, init_lora_weights="gaussian",
+                                       target_modules=target_modules))
+    for p in transformer.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()  # trainable parameters are always fp32
+    transformer.train()
