@@ -166,7 +166,7 @@ class TrainingSession:
         self.ema: EmaWeights | None = None
         if cfg.train.ema:
             self.ema = EmaWeights(params, names, decay=cfg.train.ema_decay,
-                                  on_cpu=cfg.train.ema_on_cpu and self.device.type != "cpu")
+                                  on_cpu=cfg.train.ema_on_cpu and self.device.type != "cpu", every=cfg.train.ema_every)
         step_class = OptimizerStep
         if cfg.train.fused_backward:
             from .fused_backward import FusedOptimizerStep
