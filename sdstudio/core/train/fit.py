@@ -145,9 +145,23 @@ def run_trial(config: RunConfig, trial: Trial, budget: float, device: torch.devi
     trial.fits = trial.peak_bytes <= budget * (1 - SAFETY_MARGIN)
 
 
+def free_device_memory_gb(config: RunConfig) -> float | None:
+    """The free memory of the run's GPU in GiB, or None where the run has no GPU (a budget must stand in)."""
+    from .setup import pick_device
+
+    try:
+        device = pick_device(config.train.device)
+    except UserError:
+        return None
+    if device.type != "cuda":
+        return None
+    return torch.cuda.mem_get_info(device)[0] / GIB
+
+
 def fit(config: RunConfig, *, budget_gb: float | None = None, steps: int = TRIAL_STEPS,
-        on_trial: Callable[[Trial], None] | None = None) -> FitResult:
-    """Try the candidates in order until one fits ``budget_gb`` (default: the GPU's free memory)."""
+        on_trial: Callable[[Trial], None] | None = None, should_stop: Callable[[], bool] | None = None) -> FitResult:
+    """Try the candidates in order until one fits ``budget_gb`` (default: the GPU's free memory).
+    ``should_stop`` (asked before each trial, e.g. the app's Stop button) ends the search early."""
     from .setup import pick_device
 
     device = pick_device(config.train.device)
@@ -160,6 +174,8 @@ def fit(config: RunConfig, *, budget_gb: float | None = None, steps: int = TRIAL
                         f"{device.type} (train.device = {config.train.device!r})")
     result = FitResult(budget)
     for name, overrides in candidates(config):
+        if should_stop is not None and should_stop():
+            break
         trial = Trial(name, overrides)
         try:
             run_trial(config, trial, budget, device, steps)
