@@ -189,9 +189,10 @@ def load_components(config: RunConfig) -> FluxComponents:
                                 text_encoder_2_path=_path(m.text_encoder_2_path))
 
 
-def make_bundle(comps: FluxComponents, config: RunConfig, device: torch.device, *, lora: bool) -> FluxBundle:
+def make_bundle(comps: FluxComponents, config: RunConfig, device: torch.device, *, lora: bool,
+                denoiser_device: torch.device | None = None) -> FluxBundle:
     """The bundle around loaded components: frozen parts in the weight dtype, a seeded peft LoRA (fp32) when
-    ``lora``."""
+    ``lora``; the transformer on ``denoiser_device`` (default ``device``; the CPU when block swap places it)."""
     family = get_family(VARIANT_FAMILIES[comps.variant])
     wdtype = _weight_dtype(config, device)
     for module in (comps.vae, comps.text_encoder, comps.text_encoder_2):
@@ -200,7 +201,7 @@ def make_bundle(comps: FluxComponents, config: RunConfig, device: torch.device, 
         module.to(device, dtype=wdtype)
     transformer = comps.transformer
     transformer.requires_grad_(False)
-    transformer.to(device, dtype=wdtype)
+    transformer.to(denoiser_device or device, dtype=wdtype)
     if lora:
         from peft import LoraConfig
 
@@ -236,5 +237,7 @@ def make_bundle(comps: FluxComponents, config: RunConfig, device: torch.device, 
     return bundle
 
 
-def build_flux_model(config: RunConfig, device: torch.device) -> FluxBundle:
-    return make_bundle(load_components(config), config, device, lora=config.lora.enabled)
+def build_flux_model(config: RunConfig, device: torch.device, *,
+                     denoiser_device: torch.device | None = None) -> FluxBundle:
+    return make_bundle(load_components(config), config, device, lora=config.lora.enabled,
+                       denoiser_device=denoiser_device)

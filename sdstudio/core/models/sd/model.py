@@ -393,7 +393,9 @@ def _init_plan(config: RunConfig, comps: SDComponents) -> Any:
     return plan
 
 
-def build_sd_model(config: RunConfig, device: torch.device) -> SDBundle:
+def build_sd_model(config: RunConfig, device: torch.device, *, denoiser_device: torch.device | None = None) -> SDBundle:
+    """``denoiser_device``: where a LoRA run's UNet goes (default ``device``); the CPU when the family places it
+    itself (block swap: the swapped blocks stay in CPU memory)."""
     m = config.model
     comps = load_sd_components(Path(m.path).expanduser(), family=m.family,
                                config_folder=Path(m.config_folder).expanduser() if m.config_folder else None,
@@ -423,7 +425,7 @@ def build_sd_model(config: RunConfig, device: torch.device) -> SDBundle:
         lora_section = plan.lora_section(lora_section)
     if lora:
         unet.requires_grad_(False)
-        unet.to(device, dtype=wdtype)
+        unet.to(denoiser_device or device, dtype=wdtype)
         torch.manual_seed(config.train.seed)
         if plan is None:
             unet.add_adapter(peft_adapter_config(lora_section,
