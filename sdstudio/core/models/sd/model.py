@@ -5,6 +5,7 @@ frozen kept out of the optimizer, in the dtypes sd-training.md asks."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -437,8 +438,13 @@ def build_sd_model(config: RunConfig, device: torch.device, *, denoiser_device: 
                 p.data = p.data.float()  # trainable parameters are always fp32
         if m.quantize != "none":  # frozen base linears (peft's base layers included) stored in 8 / 4 bits
             from ..quantize import quantize_frozen_linears
+            from .files import stored_fp8_unet_weights
 
-            quantize_frozen_linears(unet, m.quantize)
+            files = stored_fp8_unet_weights(Path(m.path).expanduser(), unet.config) if m.quantize == "fp8" else {}
+            _count, kept = quantize_frozen_linears(unet, m.quantize, stored_fp8=files)
+            if kept:
+                logging.getLogger("sdstudio").info("model.quantize = 'fp8': %d linear layers keep the file's fp8 "
+                                                   "weights as they are", kept)
     else:
         unet.requires_grad_(True)
         unet.to(device, dtype=torch.float32)
