@@ -75,6 +75,10 @@ class TrainingSession:
         self.accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=precision,
                                        kwargs_handlers=handlers, **({"fsdp_plugin": fsdp} if fsdp else {}))
         self.device = self.accelerator.device
+        if fsdp and self.accelerator.distributed_type.value != "FSDP":  # accelerate drops the plugin (CPU ranks)
+            self.init_warnings.append(f"train.fsdp = true not used: accelerate runs these processes as "
+                                      f"{self.accelerator.distributed_type.value} on the {self.device.type} (its FSDP "
+                                      "needs GPUs), so every process holds the whole model")
         if self.device.type == "cuda":
             # TF32 matmuls/convolutions: what the fp32 parts of a step use on Ampere and newer
             torch.backends.cuda.matmul.allow_tf32 = True
