@@ -2,9 +2,9 @@
 free memory with a safety margin, and the overlay that applies it.
 
 Candidates are tried from the cheapest in step time to the most frugal (each adds one lever to the previous one:
-gradient checkpointing, an 8-bit optimizer, a quantized base, frozen parts off the device, activations offloaded,
-block swap, then a smaller batch with more accumulation); the first that fits wins, so later (slower) ones are only
-tried when needed. Each trial runs the real training loop for a few steps with no run folder, previews,
+gradient checkpointing, an 8-bit optimizer, a quantized base, frozen parts off the device, the EMA in CPU memory,
+activations offloaded, block swap, then a smaller batch with more accumulation); the first that fits wins, so
+later (slower) ones are only tried when needed. Each trial runs the real training loop for a few steps with no run folder, previews,
 checkpoints or exports. The peak is measured on a GPU (``torch.cuda.max_memory_allocated``); on the CPU, where
 nothing limits memory, it is the estimate of ``memory.py`` for the trial's built model (how tests and CPU users
 try it with a stand-in budget).
@@ -72,6 +72,8 @@ def candidates(config: RunConfig) -> list[tuple[str, dict[str, Any]]]:
     latent = config.data.cache_latents or config.data.cache_text_embeddings
     if latent and not t.offload_frozen:
         steps.append(("+ frozen parts off the GPU", {"train.offload_frozen": True}))
+    if t.ema and not t.ema_on_cpu:
+        steps.append(("+ EMA in CPU memory", {"train.ema_on_cpu": True}))
     if not t.offload_activations:
         steps.append(("+ activations offloaded", {"train.offload_activations": True}))
     if lora and importlib.util.find_spec("torchao") is not None and config.model.quantize in ("none", "fp8"):
