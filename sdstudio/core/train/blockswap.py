@@ -16,8 +16,8 @@ are copied to the GPU just before the block runs, forward and backward, then dro
 Placement: a family builds its denoiser in CPU memory when blocks are swapped (``swap_before_placement``) and
 ``place_with_block_swap`` moves only the rest to the device, so the swapped blocks' weights never materialise on
 the GPU (moving the whole model and then sending blocks back would need the whole model's memory once). With
-several processes the swap is installed after accelerate's wrapping instead: DDP broadcasts every weight, from
-the device, when it wraps the model.
+several processes the swap is installed after accelerate's wrapping instead (DDP broadcasts every weight, from
+the device, when it wraps the model), and on the CPU too (no device memory to keep free).
 
 ``offload``: where the swapped weights live between uses; ``device``: where they run. On a CPU-only machine both
 are the CPU; each load then makes a fresh copy and each eviction drops it (``poison`` fills it with NaN first,
@@ -293,10 +293,11 @@ def install_block_swap(model: nn.Module, count: int, *, device: torch.device, of
     return swapper
 
 
-def swap_before_placement(config: Any) -> int:
-    """How many blocks the family swaps while building (``train.blocks_to_swap`` of a one-process LoRA run),
-    else 0 (the session installs the swap after wrapping the model)."""
-    if not config.lora.enabled or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+def swap_before_placement(config: Any, device: torch.device) -> int:
+    """How many blocks the family swaps while building: ``train.blocks_to_swap`` of a one-process LoRA run on an
+    accelerator, else 0 (on the CPU nothing is placed; the session installs the swap after wrapping the model, as
+    for several processes; exports, which build on the CPU, get no hooks)."""
+    if not config.lora.enabled or device.type == "cpu" or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return 0
     return int(config.train.blocks_to_swap)
 

@@ -163,7 +163,7 @@ class TrainingSession:
             optimizer = build_optimizer(_groups(self.bundle, params, cfg.train), cfg.train, device=self.device)
             self.model, optimizer = self.accelerator.prepare(self.bundle.trainable, optimizer,
                                                              device_placement=placed + [True])
-        if cfg.train.blocks_to_swap and self.block_swap is None:  # several processes: after DDP's wrapping
+        if cfg.train.blocks_to_swap and self.block_swap is None:  # CPU, several processes: after the wrapping
             from .blockswap import install_block_swap
 
             self.block_swap = install_block_swap(self.bundle.trainable, cfg.train.blocks_to_swap, device=self.device)

@@ -73,7 +73,7 @@ class FluxFamily(ModelFamily):
         from ...train.blockswap import place_with_block_swap, swap_before_placement
 
         device = device or torch.device("cpu")
-        swap = swap_before_placement(config)  # the transformer stays in CPU memory until the swap is set up
+        swap = swap_before_placement(config, device)  # the transformer stays in CPU memory until the swap is set up
         bundle = build_flux_model(config, device, denoiser_device=torch.device("cpu") if swap else None)
         if swap:
             bundle.block_swap = place_with_block_swap(bundle.trainable, swap, device=device)

@@ -83,7 +83,7 @@ class StableDiffusionFamily(ModelFamily):
         from .model import build_sd_model
 
         device = device or torch.device("cpu")
-        swap = swap_before_placement(config)  # the UNet stays in CPU memory until the swap is set up
+        swap = swap_before_placement(config, device)  # the UNet stays in CPU memory until the swap is set up
         bundle = build_sd_model(config, device, denoiser_device=torch.device("cpu") if swap else None)
         if swap:
             bundle.block_swap = place_with_block_swap(bundle.trainable, swap, device=device)
