@@ -37,3 +37,14 @@ def test_fit_without_a_gpu_needs_a_budget(tiny_sd1: Path, four_images: Path) -> 
 
     with pytest.raises(UserError, match="budget"):
         fit(sd_config("sd15-lora", tiny_sd1, four_images))
+
+
+def test_an_ema_run_tries_the_average_in_cpu_memory_before_offloading_activations() -> None:
+    from sdstudio.core.config import RunConfig
+    from sdstudio.core.train.fit import candidates
+
+    names = [name for name, _ in candidates(RunConfig().with_overrides({"train.ema": True}))]
+    assert names.index("+ EMA in CPU memory") < names.index("+ activations offloaded")
+    assert "+ EMA in CPU memory" not in [n for n, _ in candidates(RunConfig())]
+    assert dict(candidates(RunConfig().with_overrides({"train.ema": True})))["+ EMA in CPU memory"][
+        "train.ema_on_cpu"] is True

@@ -283,7 +283,11 @@ class TrainConfig(Section):
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Mixed precision (GPU).")
     ema: bool = Field(False, description="Keep an exponential moving average of the weights.")
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0, description="EMA decay (with warm-up).")
-    ema_on_cpu: bool = Field(False, description="Keep the EMA weights in CPU memory.")
+    ema_on_cpu: bool = Field(False, description="Keep the EMA weights in CPU memory (GPU runs): the weights are "
+                             "copied into pinned CPU buffers without waiting and averaged in a background thread.")
+    ema_every: int = Field(1, ge=1, le=1000, description="Update the EMA every N optimizer steps with the decay of "
+                           "the N steps multiplied (decay**N): N times fewer updates (and copies to the CPU with "
+                           "train.ema_on_cpu); close to the per-step average when the weights move little in N steps.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
     compile: bool = Field(False, description="torch.compile the model (GPU; slow warm-up).")
     seed: int = Field(0, ge=0, description="Seed for initialisation, data order, noise and augmentations.")

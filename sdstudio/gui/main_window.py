@@ -23,6 +23,7 @@ from .icon import app_icon
 from .panels.compare import ComparePanel
 from .panels.datasets import DatasetsPanel, same_folder
 from .panels.export_dialog import ExportDialog, open_export_dialog, run_checkpoints
+from .panels.fit_dialog import FitBar
 from .panels.log_view import LogView
 from .panels.plots import PlotsPanel
 from .panels.presets import PresetsPanel
@@ -62,6 +63,7 @@ class MainWindow(QueueControl, QMainWindow):
 
         self.form = SettingsForm()
         self.presets = PresetsPanel(self.form)
+        self.fit_bar = FitBar(self.form)
         self.train_bar = TrainBar()
         self.datasets = DatasetsPanel()
         self.plots = PlotsPanel()
@@ -87,6 +89,7 @@ class MainWindow(QueueControl, QMainWindow):
         left_layout = QVBoxLayout(left)
         left_layout.setContentsMargins(0, 0, 0, 0)
         left_layout.addWidget(self.presets)
+        left_layout.addWidget(self.fit_bar)
         left_layout.addWidget(self.form, 1)
         training = QSplitter(Qt.Orientation.Horizontal)
         training.addWidget(self.plots)
@@ -307,6 +310,7 @@ class MainWindow(QueueControl, QMainWindow):
     def _running_changed(self, running: bool) -> None:
         self.train_bar.set_running(running)
         self.form.setEnabled(not running)
+        self.fit_bar.setEnabled(not running)
         self.presets.setEnabled(not running)
         self.queue.set_runner_busy(running)
         self._update_can_train()

@@ -32,6 +32,9 @@ class ModelBundle:
     architecture: dict[str, Any] = field(default_factory=dict)
     tokenizer: Any = None
     frozen: dict[str, nn.Module] = field(default_factory=dict)
+    # train.blocks_to_swap, installed while the family built the model (core/train/blockswap.py): the swapped
+    # blocks' frozen weights never reached the device
+    block_swap: Any = None
 
     def encode_captions(self, captions: list[str], device: torch.device) -> dict[str, torch.Tensor]:
         """Conditioning for prompts (sampling)."""

@@ -8,6 +8,11 @@ computes in the activations' dtype (bf16 on a GPU, fp32 on the CPU).
 - ``nf4``: QLoRA's 4-bit NormalFloat with double-quantized block scales, through torchao's ``NF4Tensor``
   (extra ``sdstudio[quant]``).
 
+A single file that already stores its weights in float8 e4m3fn (the ``*_fp8_e4m3fn.safetensors`` checkpoints)
+keeps them as they are under ``fp8``: the file's tensor becomes the stored weight with a scale of 1, so the
+weights trained under the LoRA are exactly the file's, not the file's dequantized and quantized again with other
+scales (a second rounding). ``stored_fp8`` in ``quantize_frozen_linears`` names them.
+
 The matmul runs in a custom autograd function that saves the *stored* (quantized) weight for the backward pass,
 never a dequantized copy: otherwise every layer's full-precision weight would stay alive from the forward to the
 backward pass and the memory won back would be lost again. The trainable LoRA weights stay fp32; checkpoints
@@ -17,6 +22,7 @@ and exports hold only them, so their keys are the same as without quantization.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -85,10 +91,14 @@ class QuantizedLinear(nn.Module):
     """A frozen linear layer whose weight is stored quantized (buffers ``stored`` and ``scale``); the bias (small)
     keeps the weight dtype."""
 
-    def __init__(self, linear: nn.Linear, kind: str) -> None:
+    def __init__(self, linear: nn.Linear, kind: str, stored_fp8: torch.Tensor | None = None) -> None:
+        """``stored_fp8``: the weight as a file stores it in float8 e4m3fn, kept as is (scale 1)."""
         super().__init__()
         self.in_features, self.out_features, self.kind = linear.in_features, linear.out_features, kind
-        stored, scale = quantize_tensor(linear.weight, kind)
+        if stored_fp8 is not None:
+            stored, scale = stored_fp8, torch.ones(linear.out_features, 1)
+        else:
+            stored, scale = quantize_tensor(linear.weight, kind)
         device = linear.weight.device
         self.register_buffer("stored", stored.to(device))
         self.register_buffer("scale", scale.to(device))
@@ -110,20 +120,32 @@ class QuantizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, quantize={self.kind}"
 
 
-def quantize_frozen_linears(module: nn.Module, kind: str) -> int:
+def quantize_frozen_linears(module: nn.Module, kind: str,
+                            stored_fp8: Mapping[str, torch.Tensor] | None = None) -> tuple[int, int]:
     """Replace every frozen ``nn.Linear`` inside ``module`` (peft's base layers included) by a QuantizedLinear;
-    returns how many. Trainable linears (LoRA's A/B) are left as they are."""
+    returns (how many, how many kept the file's fp8 weight). Trainable linears (LoRA's A/B) are left as they are.
+
+    ``stored_fp8``: for ``fp8``, weights a file stores in float8 e4m3fn by their state-dict names in ``module``
+    (``down_blocks.0....to_q.weight``); those layers keep them as they are."""
     if kind == "none":
-        return 0
+        return 0, 0
     if kind == "nf4":
         _require_torchao()
-    count = 0
-    for parent in list(module.modules()):
+    files = stored_fp8 if kind == "fp8" and stored_fp8 else {}
+    count = kept = 0
+    for prefix, parent in list(module.named_modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear and not any(p.requires_grad for p in child.parameters()):
-                setattr(parent, name, QuantizedLinear(child, kind))
+                path = f"{prefix}.{name}" if prefix else name
+                weight = files.get(path.replace(".base_layer", "") + ".weight")
+                if weight is not None and (weight.dtype != torch.float8_e4m3fn or weight.shape != child.weight.shape):
+                    weight = None
+                if weight is not None:
+                    weight = weight.to(child.weight.device)
+                    kept += 1
+                setattr(parent, name, QuantizedLinear(child, kind, stored_fp8=weight))
                 count += 1
-    return count
+    return count, kept
 
 
 def linear_bytes(module: nn.Module) -> float:

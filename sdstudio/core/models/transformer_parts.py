@@ -26,15 +26,17 @@ def optional_path(value: str) -> Path | None:
 
 
 def prepare_transformer(transformer: Any, frozen: Iterable[torch.nn.Module], config: RunConfig,
-                        device: torch.device, dtype: torch.dtype, target_modules: Any, *, lora: bool) -> None:
+                        device: torch.device, dtype: torch.dtype, target_modules: Any, *, lora: bool,
+                        denoiser_device: torch.device | None = None) -> None:
     """Freeze the ``frozen`` encoders and the transformer in ``dtype`` on ``device``; with ``lora`` add a peft LoRA
-    (seeded by train.seed) on ``target_modules``, its parameters fp32, and put the transformer in training mode."""
+    (seeded by train.seed) on ``target_modules``, its parameters fp32, and put the transformer in training mode.
+    The transformer goes to ``denoiser_device`` when given (the CPU while block swap places it)."""
     for module in frozen:
         module.requires_grad_(False)
         module.eval()
         module.to(device, dtype=dtype)
     transformer.requires_grad_(False)
-    transformer.to(device, dtype=dtype)
+    transformer.to(denoiser_device or device, dtype=dtype)
     if not lora:
         transformer.eval()
         return

@@ -13,6 +13,12 @@ are copied to the GPU just before the block runs, forward and backward, then dro
   is resolved to the copy on the device when the backward pass unpacks it. Nothing else is saved differently,
   so the loss and gradients are bit-identical to a run without swapping.
 
+Placement: a family builds its denoiser in CPU memory when blocks are swapped (``swap_before_placement``) and
+``place_with_block_swap`` moves only the rest to the device, so the swapped blocks' weights never materialise on
+the GPU (moving the whole model and then sending blocks back would need the whole model's memory once). With
+several processes the swap is installed after accelerate's wrapping instead (DDP broadcasts every weight, from
+the device, when it wraps the model), and on the CPU too (no device memory to keep free).
+
 ``offload``: where the swapped weights live between uses; ``device``: where they run. On a CPU-only machine both
 are the CPU; each load then makes a fresh copy and each eviction drops it (``poison`` fills it with NaN first,
 which the tests use to prove the backward pass never reads a dropped copy).
@@ -21,6 +27,7 @@ which the tests use to prove the backward pass never reads a dropped copy).
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -283,4 +290,36 @@ def install_block_swap(model: nn.Module, count: int, *, device: torch.device, of
     swapper = BlockSwapper([blocks[i] for i in largest], device=device, offload=offload,
                            poison=POISON_EVICTED if poison is None else poison)
     log.info("block swap: %d blocks (%.2f GiB) kept in CPU memory", len(largest), swapper.swapped_bytes / 2**30)
+    return swapper
+
+
+def swap_before_placement(config: Any, device: torch.device) -> int:
+    """How many blocks the family swaps while building: ``train.blocks_to_swap`` of a one-process LoRA run on an
+    accelerator, else 0 (on the CPU nothing is placed; the session installs the swap after wrapping the model, as
+    for several processes; exports, which build on the CPU, get no hooks)."""
+    if not config.lora.enabled or device.type == "cpu" or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return 0
+    return int(config.train.blocks_to_swap)
+
+
+def place_with_block_swap(model: nn.Module, count: int, *, device: torch.device) -> BlockSwapper | None:
+    """``model`` (in CPU memory) to ``device``, except the frozen tensors of its ``count`` swapped blocks, which
+    stay in (pinned) CPU memory; returns the swapper (None: nothing swapped, the whole model moved)."""
+    swapper = install_block_swap(model, count, device=device)
+    if swapper is None:
+        model.to(device)
+        return None
+    swapped = {(id(module), name) for b in swapper.blocks for module, name, _ in b.slots}
+    with torch.no_grad():
+        for module in model.modules():
+            for name, p in module._parameters.items():
+                if p is not None and (id(module), name) not in swapped and p.device != device:
+                    moved = p.data.to(device)
+                    if torch._has_compatible_shallow_copy_type(p.data, moved):  # as nn.Module.to does
+                        p.data = moved
+                    else:
+                        module._parameters[name] = nn.Parameter(moved, requires_grad=p.requires_grad)
+            for name, b in module._buffers.items():
+                if b is not None and (id(module), name) not in swapped and b.device != device:
+                    module._buffers[name] = b.to(device)
     return swapper

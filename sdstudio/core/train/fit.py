@@ -2,9 +2,9 @@
 free memory with a safety margin, and the overlay that applies it.
 
 Candidates are tried from the cheapest in step time to the most frugal (each adds one lever to the previous one:
-gradient checkpointing, an 8-bit optimizer, a quantized base, frozen parts off the device, activations offloaded,
-block swap, then a smaller batch with more accumulation); the first that fits wins, so later (slower) ones are only
-tried when needed. Each trial runs the real training loop for a few steps with no run folder, previews,
+gradient checkpointing, an 8-bit optimizer, a quantized base, frozen parts off the device, the EMA in CPU memory,
+activations offloaded, block swap, then a smaller batch with more accumulation); the first that fits wins, so
+later (slower) ones are only tried when needed. Each trial runs the real training loop for a few steps with no run folder, previews,
 checkpoints or exports. The peak is measured on a GPU (``torch.cuda.max_memory_allocated``); on the CPU, where
 nothing limits memory, it is the estimate of ``memory.py`` for the trial's built model (how tests and CPU users
 try it with a stand-in budget).
@@ -72,6 +72,8 @@ def candidates(config: RunConfig) -> list[tuple[str, dict[str, Any]]]:
     latent = config.data.cache_latents or config.data.cache_text_embeddings
     if latent and not t.offload_frozen:
         steps.append(("+ frozen parts off the GPU", {"train.offload_frozen": True}))
+    if t.ema and not t.ema_on_cpu:
+        steps.append(("+ EMA in CPU memory", {"train.ema_on_cpu": True}))
     if not t.offload_activations:
         steps.append(("+ activations offloaded", {"train.offload_activations": True}))
     if lora and importlib.util.find_spec("torchao") is not None and config.model.quantize in ("none", "fp8"):
@@ -145,9 +147,23 @@ def run_trial(config: RunConfig, trial: Trial, budget: float, device: torch.devi
     trial.fits = trial.peak_bytes <= budget * (1 - SAFETY_MARGIN)
 
 
+def free_device_memory_gb(config: RunConfig) -> float | None:
+    """The free memory of the run's GPU in GiB, or None where the run has no GPU (a budget must stand in)."""
+    from .setup import pick_device
+
+    try:
+        device = pick_device(config.train.device)
+    except UserError:
+        return None
+    if device.type != "cuda":
+        return None
+    return torch.cuda.mem_get_info(device)[0] / GIB
+
+
 def fit(config: RunConfig, *, budget_gb: float | None = None, steps: int = TRIAL_STEPS,
-        on_trial: Callable[[Trial], None] | None = None) -> FitResult:
-    """Try the candidates in order until one fits ``budget_gb`` (default: the GPU's free memory)."""
+        on_trial: Callable[[Trial], None] | None = None, should_stop: Callable[[], bool] | None = None) -> FitResult:
+    """Try the candidates in order until one fits ``budget_gb`` (default: the GPU's free memory).
+    ``should_stop`` (asked before each trial, e.g. the app's Stop button) ends the search early."""
     from .setup import pick_device
 
     device = pick_device(config.train.device)
@@ -160,6 +176,8 @@ def fit(config: RunConfig, *, budget_gb: float | None = None, steps: int = TRIAL
                         f"{device.type} (train.device = {config.train.device!r})")
     result = FitResult(budget)
     for name, overrides in candidates(config):
+        if should_stop is not None and should_stop():
+            break
         trial = Trial(name, overrides)
         try:
             run_trial(config, trial, budget, device, steps)

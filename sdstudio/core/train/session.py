@@ -75,6 +75,10 @@ class TrainingSession:
         self.accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=precision,
                                        kwargs_handlers=handlers, **({"fsdp_plugin": fsdp} if fsdp else {}))
         self.device = self.accelerator.device
+        if fsdp and self.accelerator.distributed_type.value != "FSDP":  # accelerate drops the plugin (CPU ranks)
+            self.init_warnings.append(f"train.fsdp = true not used: accelerate runs these processes as "
+                                      f"{self.accelerator.distributed_type.value} on the {self.device.type} (its FSDP "
+                                      "needs GPUs), so every process holds the whole model")
         if self.device.type == "cuda":
             # TF32 matmuls/convolutions: what the fp32 parts of a step use on Ampere and newer
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -144,20 +148,22 @@ class TrainingSession:
         params = [p for p in self.bundle.trainable.parameters() if p.requires_grad]
         names = [n for n, p in self.bundle.trainable.named_parameters() if p.requires_grad]
         schedule = LRSchedule(cfg.train, self.progress.total_steps)
+        self.block_swap = self.bundle.block_swap  # set up by the family: the swapped blocks stay off the device
+        placed = [self.block_swap is None]  # else accelerate must not move the whole model to the device
         if cfg.train.fused_backward:  # one optimizer per parameter, stepped in the backward pass (fused_backward.py)
             if self.world > 1:
                 raise ConfigError("train.fused_backward: true works in one process only (gradients of several "
                                   "processes are averaged after the backward pass); turn it off for this run")
             from .fused_backward import FusedBackwardOptimizer
 
-            self.model = self.accelerator.prepare(self.bundle.trainable)
+            self.model = self.accelerator.prepare(self.bundle.trainable, device_placement=placed)
             optimizer = FusedBackwardOptimizer(_groups(self.bundle, params, cfg.train),
                                                lambda g: build_optimizer(g, cfg.train, device=self.device))
         else:
             optimizer = build_optimizer(_groups(self.bundle, params, cfg.train), cfg.train, device=self.device)
-            self.model, optimizer = self.accelerator.prepare(self.bundle.trainable, optimizer)
-        self.block_swap = None
-        if cfg.train.blocks_to_swap:  # after prepare (which places the whole model on the device)
+            self.model, optimizer = self.accelerator.prepare(self.bundle.trainable, optimizer,
+                                                             device_placement=placed + [True])
+        if cfg.train.blocks_to_swap and self.block_swap is None:  # CPU, several processes: after the wrapping
             from .blockswap import install_block_swap
 
             self.block_swap = install_block_swap(self.bundle.trainable, cfg.train.blocks_to_swap, device=self.device)
@@ -166,7 +172,7 @@ class TrainingSession:
         self.ema: EmaWeights | None = None
         if cfg.train.ema:
             self.ema = EmaWeights(params, names, decay=cfg.train.ema_decay,
-                                  on_cpu=cfg.train.ema_on_cpu and self.device.type != "cpu")
+                                  on_cpu=cfg.train.ema_on_cpu and self.device.type != "cpu", every=cfg.train.ema_every)
         step_class = OptimizerStep
         if cfg.train.fused_backward:
             from .fused_backward import FusedOptimizerStep

@@ -176,14 +176,15 @@ def load_components(config: RunConfig) -> FluxComponents:
                                 text_encoder_2_path=_path(m.text_encoder_2_path))
 
 
-def make_bundle(comps: FluxComponents, config: RunConfig, device: torch.device, *, lora: bool) -> FluxBundle:
+def make_bundle(comps: FluxComponents, config: RunConfig, device: torch.device, *, lora: bool,
+                denoiser_device: torch.device | None = None) -> FluxBundle:
     """The bundle around loaded components: frozen parts in the weight dtype, a seeded peft LoRA (fp32) when
-    ``lora``."""
+    ``lora``; the transformer on ``denoiser_device`` (default ``device``; the CPU when block swap places it)."""
     family = get_family(VARIANT_FAMILIES[comps.variant])
     wdtype = _weight_dtype(config, device)
     transformer = comps.transformer
     prepare_transformer(transformer, (comps.vae, comps.text_encoder, comps.text_encoder_2), config, device, wdtype,
-                        LORA_TARGETS[config.lora.targets], lora=lora)
+                        LORA_TARGETS[config.lora.targets], lora=lora, denoiser_device=denoiser_device)
     guided = bool(transformer.config.guidance_embeds)
     t5_length = config.model.t5_max_length or DEFAULT_T5_LENGTH[comps.variant]
     latent_down = 2 ** (len(comps.vae.config.block_out_channels) - 1)
@@ -206,5 +207,7 @@ def make_bundle(comps: FluxComponents, config: RunConfig, device: torch.device, 
     return bundle
 
 
-def build_flux_model(config: RunConfig, device: torch.device) -> FluxBundle:
-    return make_bundle(load_components(config), config, device, lora=config.lora.enabled)
+def build_flux_model(config: RunConfig, device: torch.device, *,
+                     denoiser_device: torch.device | None = None) -> FluxBundle:
+    return make_bundle(load_components(config), config, device, lora=config.lora.enabled,
+                       denoiser_device=denoiser_device)

@@ -11,6 +11,7 @@ from typing import Any
 from ..family import ModelFileError
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+UNET_PREFIX = "model.diffusion_model."  # the UNet's tensors in an original (LDM) single file
 
 
 @dataclass(frozen=True)
@@ -182,6 +183,26 @@ def load_sd_components(path: Path, *, family: str, config_folder: Path | None = 
                         text_encoder_2=getattr(pipe, "text_encoder_2", None),
                         tokenizer_2=getattr(pipe, "tokenizer_2", None),
                         zero_terminal_snr=info.zero_terminal_snr or bool(sched_cfg.get("rescale_betas_zero_snr")))
+
+
+def stored_fp8_unet_weights(path: Path, unet_config: Any) -> dict[str, Any]:
+    """The UNet weights a single .safetensors file stores in float8 e4m3fn (2-D: linear layers), by their
+    diffusers names; {} for folders and files in other dtypes. Read from the file, not from the loaded UNet (which
+    diffusers builds in fp32), so ``model.quantize = 'fp8'`` can keep them as they are."""
+    if path.is_dir() or path.suffix.lower() != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        keys = [k for k in fh.keys() if k.startswith(UNET_PREFIX)]
+        if not any(fh.get_slice(k).get_dtype() == "F8_E4M3" for k in keys):
+            return {}
+        state = {k: fh.get_tensor(k) for k in keys}
+    import torch
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    converted = convert_ldm_unet_checkpoint(state, dict(unet_config))
+    return {k: v for k, v in converted.items() if v.dtype == torch.float8_e4m3fn and v.ndim == 2}
 
 
 def _vae_config(pipe: Any) -> Path:

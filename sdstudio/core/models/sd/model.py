@@ -5,6 +5,7 @@ frozen kept out of the optimizer, in the dtypes sd-training.md asks."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -393,7 +394,9 @@ def _init_plan(config: RunConfig, comps: SDComponents) -> Any:
     return plan
 
 
-def build_sd_model(config: RunConfig, device: torch.device) -> SDBundle:
+def build_sd_model(config: RunConfig, device: torch.device, *, denoiser_device: torch.device | None = None) -> SDBundle:
+    """``denoiser_device``: where a LoRA run's UNet goes (default ``device``); the CPU when the family places it
+    itself (block swap: the swapped blocks stay in CPU memory)."""
     m = config.model
     comps = load_sd_components(Path(m.path).expanduser(), family=m.family,
                                config_folder=Path(m.config_folder).expanduser() if m.config_folder else None,
@@ -423,7 +426,7 @@ def build_sd_model(config: RunConfig, device: torch.device) -> SDBundle:
         lora_section = plan.lora_section(lora_section)
     if lora:
         unet.requires_grad_(False)
-        unet.to(device, dtype=wdtype)
+        unet.to(denoiser_device or device, dtype=wdtype)
         torch.manual_seed(config.train.seed)
         if plan is None:
             unet.add_adapter(peft_adapter_config(lora_section,
@@ -435,8 +438,13 @@ def build_sd_model(config: RunConfig, device: torch.device) -> SDBundle:
                 p.data = p.data.float()  # trainable parameters are always fp32
         if m.quantize != "none":  # frozen base linears (peft's base layers included) stored in 8 / 4 bits
             from ..quantize import quantize_frozen_linears
+            from .files import stored_fp8_unet_weights
 
-            quantize_frozen_linears(unet, m.quantize)
+            files = stored_fp8_unet_weights(Path(m.path).expanduser(), unet.config) if m.quantize == "fp8" else {}
+            _count, kept = quantize_frozen_linears(unet, m.quantize, stored_fp8=files)
+            if kept:
+                logging.getLogger("sdstudio").info("model.quantize = 'fp8': %d linear layers keep the file's fp8 "
+                                                   "weights as they are", kept)
     else:
         unet.requires_grad_(True)
         unet.to(device, dtype=torch.float32)
