@@ -168,3 +168,12 @@ def curve_points(schedule: LearnedNoiseSchedule, points: int = 65) -> list[float
         gamma = schedule.gamma().double().cpu()
     idx = torch.linspace(0, len(gamma) - 1, points).round().long()
     return [float(-gamma[i] / 2.302585092994046) for i in idx]
+
+
+@torch.no_grad()
+def refresh_scheduler(sched: Any, model: nn.Module) -> None:
+    """Before sampling or validating: ``sched`` as ``model``'s learned schedule now is (nothing without one).
+    The model given is the one that samples (EMA weights when swapped in), so its schedule goes with it."""
+    schedule = learned_schedule_of(model)
+    if schedule is not None and schedule.has_base:
+        sync_scheduler(sched, schedule.alphas_cumprod())

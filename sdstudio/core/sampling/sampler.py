@@ -12,6 +12,7 @@ import torch
 
 from ..diffusion import sampling_scheduler, set_sampling_timesteps
 from ..flow import FlowSchedule
+from ..learned_schedule import refresh_scheduler
 from ..models.bundle import ModelBundle
 
 
@@ -59,6 +60,7 @@ def generate_pairs(bundle: ModelBundle, model: torch.nn.Module, train_sched: Any
     ``size``: (width, height) in pixels, default the model's square training size (flow families: always)."""
     if bundle.model_family.objective == "flow_matching":
         return flow_pairs(bundle, model, train_sched, pairs, steps, guidance, negative, device, autocast_dtype)
+    refresh_scheduler(train_sched, model)  # diffusion.learned_schedule: sample with the schedule as learned
     sched = sampling_scheduler(train_sched, sampler)
     set_sampling_timesteps(sched, train_sched, steps, device)
     c, side = bundle.in_channels, bundle.sample_size

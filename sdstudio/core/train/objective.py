@@ -21,7 +21,7 @@ from ..diffusion import (
     training_scheduler,
     training_timesteps,
 )
-from ..learned_schedule import learned_schedule_of, sync_scheduler
+from ..learned_schedule import learned_schedule_of, refresh_scheduler, sync_scheduler
 from ..models.bundle import ModelBundle
 from ..vlb import split_learned_variance
 from .batches import TrainingBatches
@@ -80,7 +80,8 @@ class DiffusionObjective:
         noisy, target, t = self._noised(clean, gen, learn=True)
         reg = self.batches.class_batch(step, micro, len(batch["captions"]))
         mask = self._loss_mask(batch, clean)
-        cond = self.caches.condition(batch) if reg is None or self.config.loss.contrastive_weight else None
+        with self.accelerator.autocast():  # a text encoder that trains runs under autocast too
+            cond = self.caches.condition(batch) if reg is None or self.config.loss.contrastive_weight else None
         extra = {"clean": clean, "noisy": noisy, "t": t, "target": target, "cond": cond,
                  "captions": list(batch["captions"])}
         if reg is None:
@@ -145,6 +146,7 @@ class DiffusionObjective:
         if not len(val):
             return None
         model = self.accelerator.unwrap_model(self.model)
+        refresh_scheduler(self.sched, model)  # a learned schedule: as it is after the last step
         was_training = model.training
         model.eval()
         tmin, tmax = self.config.resolved_timestep_range()

@@ -74,7 +74,8 @@ class TrainingRecipe:
         self.schedule: LearnedNoiseSchedule | None = learned_schedule_of(model)
         self._gamma: torch.Tensor | None = None
         self._slot = GradientSlot()
-        self.last: dict[str, float] = {}  # the latest value of each term (for logs and tests)
+        # the latest value of each term, detached (no device sync per step; for tests and inspection)
+        self.last: dict[str, torch.Tensor] = {}
 
     def begin(self) -> None:
         """Before a micro-batch: the learned schedule's curve for this step (and the scheduler synced to it)."""
@@ -109,11 +110,11 @@ class TrainingRecipe:
         if v is not None and loss_cfg.vlb_weight > 0:
             terms = vlb_terms(self.sched.alphas_cumprod, clean, noisy, t, pred.detach(), v, self.prediction_type)
             vlb = terms.mean() * int(self.sched.config.num_train_timesteps)
-            self.last["vlb"] = float(vlb.detach())
+            self.last["vlb"] = vlb.detach()
             total = total + loss_cfg.vlb_weight * vlb
         if loss_cfg.contrastive_weight > 0 and len(captions) > 1:
             term = self.contrastive(noisy, t, pred, target, cond, captions)
-            self.last["contrastive"] = float(term.detach())
+            self.last["contrastive"] = term.detach()
             total = total + loss_cfg.contrastive_weight * term
         if self._gamma is not None:
             weights = bound_weights(self._gamma, t, self.prediction_type)
