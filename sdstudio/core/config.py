@@ -145,6 +145,11 @@ class ModelConfig(Section):
                                "and smaller in the text cache.")
     clip_g_path: str = Field("", description="SD3 given as split files: the CLIP-G (OpenCLIP bigG) text-encoder "
                              "file (clip_g.safetensors); empty = from model.path (a diffusers folder).")
+    learned_variance: bool = Field(False, description="Improved-DDPM output head (models trained from scratch): "
+                                   "the UNet also predicts v per pixel, the log-variance of each reverse step "
+                                   "interpolated between beta_t and beta-tilde_t, trained by loss.vlb_weight x the "
+                                   "variational bound. The ddpm (ancestral) sampler uses it; ddim, euler and "
+                                   "dpmpp_2m are deterministic and ignore it.")
 
 
 class DiffusionConfig(Section):
@@ -156,6 +161,13 @@ class DiffusionConfig(Section):
     prediction_type: Literal["epsilon", "v_prediction", "sample"] = Field("epsilon", description="What "
                                                                           "the model predicts.")
     zero_terminal_snr: bool = Field(False, description="Rescale betas to zero terminal SNR.")
+    learned_schedule: bool = Field(False, description="Learn the noise schedule with the model (models trained "
+                                   "from scratch; Variational Diffusion Models): a monotone network warps the "
+                                   "schedule above on the discrete timestep grid, log-SNR endpoints fixed at the "
+                                   "schedule's own, trained to lower the variance of the variational bound. Saved "
+                                   "with checkpoints; samplers and validation use the learned curve.")
+    learned_schedule_units: int = Field(32, ge=1, le=1024, description="Sigmoid units of the learned "
+                                        "schedule's monotone network (more: a more flexible curve).")
 
 
 class LossConfig(Section):
@@ -202,6 +214,19 @@ class LossConfig(Section):
                                    "masked-out (black) pixels (0 = ignored; 0.1 keeps some background).")
     timestep_min: int = Field(0, ge=0, description="Lowest training timestep.")
     timestep_max: int = Field(0, ge=0, description="Highest training timestep + 1 (0 = num_timesteps).")
+    vlb_weight: float = Field(0.001, ge=0.0, le=1.0, description="With model.learned_variance: lambda of the "
+                              "hybrid loss L_simple + lambda L_vlb (Improved DDPM; L_vlb is num_timesteps times "
+                              "the bound's term at the drawn timestep, in bits per dimension, with the predicted "
+                              "mean's gradient stopped, so only the variance learns from it).")
+    contrastive_weight: float = Field(0.0, ge=0.0, le=10.0, description="Contrastive caption term (0 = off; "
+                                      "captioned models): InfoNCE over the denoising error, so an image's error "
+                                      "under its own caption is lower than under the batch's other captions. "
+                                      "Costs loss.contrastive_negatives extra forward passes per step.")
+    contrastive_temperature: float = Field(0.01, ge=1e-4, le=10.0, description="Contrastive caption term: "
+                                           "temperature of the softmax over minus the per-image error (mean "
+                                           "squared error units; smaller = sharper).")
+    contrastive_negatives: int = Field(1, ge=1, le=16, description="Contrastive caption term: other captions of "
+                                       "the batch each image is also denoised under (batch rolled by 1..N).")
 
 
 class FlowConfig(Section):

@@ -75,6 +75,35 @@ def run_config_problems(c: RunConfig) -> list[str]:
     if c.export.ema and not t.ema:
         problems.append("export.ema: true needs train.ema = true")
     problems += _schedule_problems(t)
+    problems += _recipe_problems(c)
+    return problems
+
+
+def _recipe_problems(c: RunConfig) -> list[str]:
+    """The training-recipe options (learned variance, learned schedule, contrastive caption term)."""
+    family = get_family(c.model.family)
+    problems = []
+    from_scratch = not family.fine_tunes_base_model and family.objective == "diffusion"
+    for key, on in (("model.learned_variance", c.model.learned_variance),
+                    ("diffusion.learned_schedule", c.diffusion.learned_schedule)):
+        if on and not from_scratch:
+            problems.append(f"{key}: true needs a diffusion model trained from scratch; the "
+                            f"{family.short_title} family fine-tunes a base model made for its own output and "
+                            "schedule; turn it off")
+    if c.diffusion.learned_schedule and c.diffusion.zero_terminal_snr:
+        problems.append("diffusion.learned_schedule: true keeps the schedule's log-SNR endpoints, but "
+                        "diffusion.zero_terminal_snr = true puts the last one at minus infinity; turn one off")
+    if c.loss.contrastive_weight > 0:
+        if family.objective != "diffusion":
+            problems.append(f"loss.contrastive_weight: {c.loss.contrastive_weight}, but the "
+                            f"{family.short_title} family trains by flow matching, which has no contrastive "
+                            "caption term yet; set it to 0")
+        elif not c.model.conditional:
+            problems.append(f"loss.contrastive_weight: {c.loss.contrastive_weight}, but model.conditional = "
+                            "false: an unconditional model has no captions to contrast; set it to 0")
+        if c.train.batch_size < 2:
+            problems.append(f"loss.contrastive_weight: {c.loss.contrastive_weight} compares an image's captions "
+                            f"with the batch's others, but train.batch_size = {c.train.batch_size}; use 2 or more")
     return problems
 
 

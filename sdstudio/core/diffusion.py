@@ -25,8 +25,9 @@ def training_scheduler(cfg: DiffusionConfig, *, pixel_space: bool) -> DDPMSchedu
                          timestep_spacing="trailing")
 
 
-def sampling_scheduler(train_sched: DDPMScheduler, sampler: str) -> Any:
-    """A sampler sharing the training schedule.
+def sampling_scheduler(train_sched: DDPMScheduler, sampler: str, *, learned_variance: bool = False) -> Any:
+    """A sampler sharing the training schedule (``learned_variance``: the model also outputs Improved DDPM's
+    v, which the ddpm sampler uses as its step variance; the deterministic samplers have no variance to learn).
 
     With zero terminal SNR the first step must be t = T ("trailing"). Otherwise sampling starts one
     stride below T ("leading", offset 1, the SD convention): at t = T a cosine schedule has
@@ -40,6 +41,8 @@ def sampling_scheduler(train_sched: DDPMScheduler, sampler: str) -> Any:
         extra.update(algorithm_type="dpmsolver++", solver_order=2)
         if ztsnr:
             extra["final_sigmas_type"] = "zero"
+    if sampler == "ddpm" and learned_variance:
+        extra["variance_type"] = "learned_range"
     return cls.from_config(train_sched.config, **extra)
 
 

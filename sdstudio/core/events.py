@@ -113,3 +113,13 @@ class Failed(Event):
     resumable_from: Path | None
     run_dir: Path | None = None
     kind: str = "error"  # "input" (bad input: exit 2) | "nan" | "oom" | "error" (unexpected: exit 1)
+
+
+@dataclass(frozen=True)
+class LearnedSchedule(Event):
+    """diffusion.learned_schedule: the schedule as learned so far, at each logged step (the app's schedule view
+    draws it live; the run folder keeps the latest in noise_schedule.json)."""
+
+    step: int
+    timesteps: list[int]
+    log10_snr: list[float]

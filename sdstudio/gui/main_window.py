@@ -332,6 +332,7 @@ class MainWindow(QueueControl, QMainWindow):
         if isinstance(event, ev.Started):
             self.run_dir = event.run_dir
             self.statusBar().showMessage(f"Run folder: {event.run_dir}")
+            self.schedule.clear_learned()
             if event.resumed_from_step:
                 self.plots.truncate_after(event.resumed_from_step)
                 self.samples.truncate_after(event.resumed_from_step)
@@ -355,6 +356,8 @@ class MainWindow(QueueControl, QMainWindow):
             self.log.note(f"evaluation at step {event.step}: {self.plots.eval_label.text()}")
         elif isinstance(event, ev.Failed):
             self._show_failure(event)
+        elif isinstance(event, ev.LearnedSchedule):
+            self.schedule.show_learned(event.step, event.timesteps, event.log10_snr)
 
     def _show_failure(self, event: ev.Failed) -> None:
         self.log.note(f"run failed: {event.message}")

@@ -4,6 +4,7 @@ current settings (train.lr_scheduler, loss.timestep_*)."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -80,3 +81,32 @@ def test_piecewise_points_are_editable_in_the_settings_form(qtbot) -> None:
     qtbot.addWidget(editor)
     editor.set_value([1.0, 0.5, 0.1])
     assert editor.value() == [1.0, 0.5, 0.1]
+
+
+def test_learned_schedule_shows_live_in_the_schedule_view(window, qtbot) -> None:
+    """diffusion.learned_schedule: each LearnedSchedule event of a run redraws the learned curve (dashed) over
+    the configured one; a new run clears it. A screenshot of the view goes to $SDSTUDIO_SCREENSHOT_DIR if set."""
+    import os
+
+    from sdstudio.core import events as ev
+
+    panel = window.schedule
+    window.tabs.setCurrentWidget(panel)
+    panel.update_now()
+    steps = list(range(0, 1000, 37)) + [999]
+    configured = np.interp(steps, np.arange(len(panel.snr_curve.yData)), panel.snr_curve.yData)
+    for step, bend in ((10, 0.5), (20, 1.5)):
+        window.on_event(ev.LearnedSchedule(step, steps, [float(v - bend * math.sin(math.pi * s / 999))
+                                                         for s, v in zip(steps, configured, strict=True)]))
+    assert panel.learned_step == 20
+    assert np.allclose(panel.learned_snr.xData, steps)
+    assert panel.learned_snr.yData[len(steps) // 2] == pytest.approx(configured[len(steps) // 2] - 1.5, abs=0.01)
+    alpha = panel.learned_alpha.yData
+    assert np.all(np.diff(alpha) <= 1e-12) and 0 < alpha[-1] < alpha[0] < 1
+    assert "learned, step 20" in panel.snr_plot.titleLabel.text
+    if os.environ.get("SDSTUDIO_SCREENSHOT_DIR"):
+        window.resize(1200, 800)
+        qtbot.wait(200)
+        window.grab().save(str(Path(os.environ["SDSTUDIO_SCREENSHOT_DIR"]) / "learned-schedule.png"))
+    window.on_event(ev.Started(Path("."), {}, 10))
+    assert panel.learned_step is None and len(panel.learned_snr.yData or []) == 0

@@ -149,9 +149,13 @@ class SDStudioPixelPipeline(DiffusionPipeline):
                                  encoder_hidden_states=states, encoder_attention_mask=mask).sample.float()
                 p_cond, p_uncond = pred.chunk(2)
                 pred = p_uncond + guidance_scale * (p_cond - p_uncond)
+                if pred.shape[1] == 2 * x.shape[1]:  # a learned variance: the conditional one, unguided
+                    pred = torch.cat([pred[:, :x.shape[1]], p_cond[:, x.shape[1]:]], dim=1)
             else:
                 pred = self.unet(inp.to(self.unet.dtype), tt, encoder_hidden_states=states,
                                  encoder_attention_mask=mask).sample.float()
+            if pred.shape[1] == 2 * x.shape[1] and sched.config.get("variance_type") != "learned_range":
+                pred = pred[:, :x.shape[1]]  # a deterministic sampler has no use for the learned variance
             x = sched.step(pred, t, x, generator=step_generator).prev_sample
 
         x = x.float().clamp(-1, 1)
@@ -189,6 +193,21 @@ def pixel_modules(source: ExportSource) -> tuple[Any, Any, Any]:
     return unet, te, bundle.tokenizer
 
 
+def learned_schedule(source: ExportSource, train_sched: Any) -> None:
+    """diffusion.learned_schedule: the checkpoint's learned schedule into ``train_sched`` (its betas then go
+    into the folder's scheduler config as ``trained_betas``)."""
+    from ..learned_schedule import LearnedNoiseSchedule, sync_scheduler
+
+    prefix = "noise_schedule."
+    weights = {k[len(prefix):]: v for k, v in source.weights.items() if k.startswith(prefix)}
+    if not weights:
+        return
+    schedule = LearnedNoiseSchedule(train_sched.alphas_cumprod, units=int(weights["scale"].shape[0]))
+    schedule.load_state_dict(weights)
+    with torch.no_grad():
+        sync_scheduler(train_sched, schedule.alphas_cumprod())
+
+
 def export_scheduler(source: ExportSource) -> Any:
     """The scheduler of the folder: the run's own sampler on the run's schedule (schedule, prediction type,
     zero terminal SNR, timesteps, clipping), with the timestep spacing sdstudio samples with.
@@ -200,9 +219,14 @@ def export_scheduler(source: ExportSource) -> Any:
     cfg = source.config
     sampler = cfg.sample.sampler
     train_sched = training_scheduler(cfg.diffusion, pixel_space=True)
+    learned_schedule(source, train_sched)
+    learned_variance = cfg.model.learned_variance
     if cfg.model.conditional:
-        return sampling_scheduler(train_sched, sampler)
-    sched = sampling_scheduler(train_sched, sampler if sampler in ("ddpm", "ddim") else "ddim")
+        return sampling_scheduler(train_sched, sampler, learned_variance=learned_variance)
+    if learned_variance:  # DDPMPipeline passes the whole output to the scheduler: only ddpm reads v
+        sampler = "ddpm"
+    sched = sampling_scheduler(train_sched, sampler if sampler in ("ddpm", "ddim") else "ddim",
+                               learned_variance=learned_variance)
     if sched.config.timestep_spacing == "leading":
         sched = type(sched).from_config(sched.config, steps_offset=0)
     return sched

@@ -302,6 +302,11 @@ def load_pixel_export(path: Path, device: torch.device, family: ModelFamily) -> 
     if "diffusion" in facts:
         # the run's own schedule: exactly what its previews and `sdstudio sample --run` sample with
         train_sched = training_scheduler(DiffusionConfig(**facts["diffusion"]), pixel_space=True)
+        if sched_cfg.get("trained_betas"):  # diffusion.learned_schedule: the schedule the run learned
+            from ..learned_schedule import sync_scheduler
+
+            betas = torch.tensor(sched_cfg["trained_betas"], dtype=torch.float64)
+            sync_scheduler(train_sched, torch.cumprod(1.0 - betas, 0))
     else:
         train_sched = DDPMScheduler.from_config(sched_cfg)
     defaults = family.sampling.as_dict()

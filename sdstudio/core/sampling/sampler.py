@@ -12,6 +12,7 @@ import torch
 
 from ..diffusion import sampling_scheduler, set_sampling_timesteps
 from ..flow import FlowSchedule
+from ..learned_schedule import refresh_scheduler
 from ..models.bundle import ModelBundle
 
 
@@ -59,6 +60,7 @@ def generate_pairs(bundle: ModelBundle, model: torch.nn.Module, train_sched: Any
     ``size``: (width, height) in pixels, default the model's square training size (flow families: always)."""
     if bundle.model_family.objective == "flow_matching":
         return flow_pairs(bundle, model, train_sched, pairs, steps, guidance, negative, device, autocast_dtype)
+    refresh_scheduler(train_sched, model)  # diffusion.learned_schedule: sample with the schedule as learned
     sched = sampling_scheduler(train_sched, sampler)
     set_sampling_timesteps(sched, train_sched, steps, device)
     c, side = bundle.in_channels, bundle.sample_size
@@ -88,8 +90,16 @@ def generate_pairs(bundle: ModelBundle, model: torch.nn.Module, train_sched: Any
                 pred = model(torch.cat([inp, inp]), torch.cat([tt, tt]), cond).float()
                 p_cond, p_uncond = pred.chunk(2)
                 pred = p_uncond + guidance * (p_cond - p_uncond)
+                if p_cond.shape[1] == 2 * c:  # a learned variance: the conditional one, unguided (as GLIDE)
+                    pred = torch.cat([pred[:, :c], p_cond[:, c:]], dim=1)
             else:
                 pred = model(inp, tt, cond).float()
+        if pred.shape[1] == 2 * c:  # learned-variance head: the ddpm sampler reads v, the others do not
+            if sched.config.get("variance_type") != "learned_range":
+                sched = sampling_scheduler(train_sched, sampler, learned_variance=True)
+                set_sampling_timesteps(sched, train_sched, steps, device)
+            if sampler != "ddpm":
+                pred = pred[:, :c]
         x = sched.step(pred, t, x, generator=gen).prev_sample
     return _to_uint8(bundle, x)
 

@@ -23,6 +23,7 @@ from ..export.api import export
 from ..export.formats import get_format, torch_dtype
 from ..runs import MetricsWriter, RunFolder, RunLock, close_run_log, metrics_row
 from .evaluation import evaluate
+from .recipe import schedule_snapshot
 from .session import TrainingSession
 from .step import NonFiniteLoss
 from .tensorboard_log import TensorBoardLog, open_tensorboard
@@ -253,6 +254,8 @@ def _epochs(s: TrainingSession, control: TrainingControl, metrics: MetricsWriter
             if p.step % cfg.train.log_every == 0 or p.step == p.total_steps:
                 yield _log_window(s, window, lr, step_times, metrics)
                 window = _Window()
+                if (curve := schedule_snapshot(s.model, p.step, s.run_dir if s.is_main else None)) is not None:
+                    yield curve  # diffusion.learned_schedule: its curve for the app, noise_schedule.json
             if cfg.train.val_every_steps and p.step % cfg.train.val_every_steps == 0:
                 yield from _validate(s, metrics)
                 if s.early.stopped:

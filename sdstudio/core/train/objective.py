@@ -21,10 +21,13 @@ from ..diffusion import (
     training_scheduler,
     training_timesteps,
 )
+from ..learned_schedule import learned_schedule_of, refresh_scheduler, sync_scheduler
 from ..models.bundle import ModelBundle
+from ..vlb import split_learned_variance
 from .batches import TrainingBatches
 from .caches import FeatureCaches
 from .image_loss import ImageLossTracker
+from .recipe import TrainingRecipe
 
 VAL_BUCKETS = 10
 log = logging.getLogger("sdstudio")
@@ -45,6 +48,8 @@ class DiffusionObjective:
         self.device = accelerator.device
         self.rank = accelerator.process_index
         self.image_losses: ImageLossTracker | None = None  # the per-image loss, when tracked
+        # learned variance, contrastive caption term, learned schedule (each off unless configured)
+        self.recipe = TrainingRecipe(config, model, sched, accelerator.autocast)
 
     @staticmethod
     def schedule(config: RunConfig, bundle: ModelBundle, device: torch.device) -> Any:
@@ -54,6 +59,11 @@ class DiffusionObjective:
             log.info("the base model is a zero-terminal-SNR model: training with a rescaled schedule")
         sched = training_scheduler(diffusion, pixel_space=bundle.model_family.pixel_space)
         sched.alphas_cumprod = sched.alphas_cumprod.to(device)
+        learned = learned_schedule_of(bundle.trainable)
+        if learned is not None:  # diffusion.learned_schedule: what the model has learned so far
+            learned.set_base(sched.alphas_cumprod)
+            with torch.no_grad():
+                sync_scheduler(sched, learned.alphas_cumprod())
         return sched
 
     def _noise_generator(self, step: int, micro: int) -> torch.Generator:
@@ -66,13 +76,18 @@ class DiffusionObjective:
         """The loss of micro-batch ``micro`` of optimizer step ``step`` (0-based)."""
         clean = self.caches.clean_latents(batch)
         gen = self._noise_generator(step, micro)
-        noisy, target, t = self._noised(clean, gen)
+        self.recipe.begin()
+        noisy, target, t = self._noised(clean, gen, learn=True)
         reg = self.batches.class_batch(step, micro, len(batch["captions"]))
         mask = self._loss_mask(batch, clean)
+        with self.accelerator.autocast():  # a text encoder that trains runs under autocast too
+            cond = self.caches.condition(batch) if reg is None or self.config.loss.contrastive_weight else None
+        extra = {"clean": clean, "noisy": noisy, "t": t, "target": target, "cond": cond,
+                 "captions": list(batch["captions"])}
         if reg is None:
             with self.accelerator.autocast():
-                pred = self.model(noisy, t, self.caches.condition(batch))
-            return self._instance_loss(batch, pred, target, t, mask)
+                pred = self.model(noisy, t, cond)
+            return self._instance_loss(batch, pred, target, t, mask, extra)
         # DreamBooth prior preservation: instance and class images in one forward, losses weighted apart
         reg_clean = self.bundle.to_model_space(reg["pixels"].to(self.device))
         reg_noisy, reg_target, reg_t = self._noised(reg_clean, gen)
@@ -84,9 +99,10 @@ class DiffusionObjective:
                 pred = self.model(torch.cat([noisy, reg_noisy]), torch.cat([t, reg_t]), self.caches.condition(both))
                 pred, reg_pred = pred[:n], pred[n:]
             else:  # a non-square bucket: class images are square, so two forwards
-                pred = self.model(noisy, t, self.caches.condition(batch))
+                pred = self.model(noisy, t, self.caches.condition(batch) if cond is None else cond)
                 reg_pred = self.model(reg_noisy, reg_t, self.caches.condition(reg))
-        loss = self._instance_loss(batch, pred, target, t, mask)
+        reg_pred, _ = split_learned_variance(reg_pred, reg_clean.shape[1])
+        loss = self._instance_loss(batch, pred, target, t, mask, extra)
         prior = diffusion_loss(reg_pred, reg_target, reg_t, self.sched, self.config.loss,
                                self._loss_mask(reg, reg_clean))
         return loss + self.config.loss.prior_loss_weight * prior
@@ -99,18 +115,27 @@ class DiffusionObjective:
         return mask_to_model_space(masks.to(self.device), tuple(clean.shape[-2:]))
 
     def _instance_loss(self, batch: dict[str, Any], pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor,
-                       mask: torch.Tensor | None) -> torch.Tensor:
-        """The training loss of the batch's images (the mean of the per-sample losses the tracker records)."""
+                       mask: torch.Tensor | None, extra: dict[str, Any] | None = None) -> torch.Tensor:
+        """The training loss of the batch's images (the mean of the per-sample losses the tracker records),
+        plus the recipe's terms (``extra``: the micro-batch's clean, noisy, t, target, cond, captions)."""
+        pred, v = split_learned_variance(pred, target.shape[1])
         per_sample = diffusion_loss_per_sample(pred, target, t, self.sched, self.config.loss, mask)
         if self.image_losses is not None and "indices" in batch:
-            self.image_losses.observe(batch["indices"], t, per_sample)
-        return per_sample.mean()
+            self.image_losses.observe(batch["indices"], t, per_sample.detach())
+        if extra is None:
+            return per_sample.mean()
+        return per_sample.mean() + self.recipe.terms(pred=pred, v=v, per_sample=per_sample, **extra)
 
-    def _noised(self, clean: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(noisy input, target, timesteps) for clean samples, drawn from ``gen`` in a fixed order."""
+    def _noised(self, clean: torch.Tensor, gen: torch.Generator, *,
+                learn: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(noisy input, target, timesteps) for clean samples, drawn from ``gen`` in a fixed order (``learn``:
+        a learned schedule learns through this input)."""
         tmin, tmax = self.config.resolved_timestep_range()
         t = training_timesteps(clean.shape[0], self.config.loss, tmin, tmax, gen, self.device)
         noise, model_noise = sample_noise(clean, self.config.loss, gen)
+        learned = self.recipe.noised(clean, noise, model_noise, t, learn=learn)
+        if learned is not None:
+            return learned[0], learned[1], t
         return self.sched.add_noise(clean, model_noise, t), target_for(self.sched, clean, noise, t), t
 
     @torch.no_grad()
@@ -121,6 +146,7 @@ class DiffusionObjective:
         if not len(val):
             return None
         model = self.accelerator.unwrap_model(self.model)
+        refresh_scheduler(self.sched, model)  # a learned schedule: as it is after the last step
         was_training = model.training
         model.eval()
         tmin, tmax = self.config.resolved_timestep_range()
@@ -141,6 +167,7 @@ class DiffusionObjective:
                     noisy = self.sched.add_noise(clean, noise, t)
                     with self.accelerator.autocast():
                         pred = model(noisy, t, cond)
+                    pred, _ = split_learned_variance(pred, clean.shape[1])
                     target = target_for(self.sched, clean, noise, t)
                     per = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none")
                     sums[k] += float(per.mean(dim=(1, 2, 3)).sum())

@@ -153,6 +153,10 @@ class SchedulePanel(QWidget):
         self.timestep_curve = self.timestep_plot.plot(pen=pg.mkPen((40, 150, 70), width=2))
         self.lr_curve = self.lr_plot.plot(pen=pg.mkPen((150, 60, 170), width=2))
         self.lr_note = ""
+        # diffusion.learned_schedule: the curve a run has learned so far, over the configured one
+        self.learned_alpha = self.alpha_plot.plot(pen=pg.mkPen((200, 30, 30), width=2, style=Qt.PenStyle.DashLine))
+        self.learned_snr = self.snr_plot.plot(pen=pg.mkPen((200, 30, 30), width=2, style=Qt.PenStyle.DashLine))
+        self.learned_step: int | None = None
         self.summary = QLabel("")
         self.summary.setWordWrap(True)
         row = QHBoxLayout()
@@ -188,6 +192,23 @@ class SchedulePanel(QWidget):
         if image is not None:
             self._image_path = image
         self.schedule_update()
+
+    def show_learned(self, step: int, timesteps: list[int], log10_snr: list[float]) -> None:
+        """A run's learned schedule (dashed, red) over the configured one; called at each logged step."""
+        t = np.asarray(timesteps, dtype=np.float64)
+        log_snr = np.asarray(log10_snr, dtype=np.float64)
+        self.learned_step = step
+        self.learned_snr.setData(t, log_snr)
+        self.learned_alpha.setData(t, 1.0 / (1.0 + np.power(10.0, -log_snr)))
+        self.snr_plot.setTitle(f"log₁₀ SNR per timestep (dashed: learned, step {step})")
+        self.alpha_plot.setTitle(f"ᾱ (signal kept) per timestep (dashed: learned, step {step})")
+
+    def clear_learned(self) -> None:
+        self.learned_step = None
+        self.learned_snr.setData([], [])
+        self.learned_alpha.setData([], [])
+        self.snr_plot.setTitle("log₁₀ SNR per timestep")
+        self.alpha_plot.setTitle("ᾱ (signal kept) per timestep")
 
     def schedule_update(self) -> None:
         self._debounce.start()

@@ -15,6 +15,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
 from ...config import RunConfig
 from ..bundle import ModelBundle
+from .recipe_parts import attach_learned_schedule, output_channels
 
 # diffusers knows silu/relu/gelu/mish; LeakyReLU is registered so configs naming it build and reload.
 _activations.ACT2CLS.setdefault("leaky_relu", nn.LeakyReLU)
@@ -49,8 +50,8 @@ def unet_kwargs(config: RunConfig) -> dict[str, Any]:
     m = config.model
     chans = tuple(m.block_channels)
     attn = tuple(m.attention_levels)
-    common: dict[str, Any] = dict(sample_size=config.data.resolution, in_channels=3, out_channels=3,
-                                  block_out_channels=chans, layers_per_block=m.layers_per_block,
+    common: dict[str, Any] = dict(sample_size=config.data.resolution, in_channels=3,
+                                  out_channels=output_channels(config, 3), block_out_channels=chans, layers_per_block=m.layers_per_block,
                                   act_fn=m.activation, norm_num_groups=m.norm_groups)
     if m.conditional:
         heads = tuple(max(1, c // m.attention_head_dim) for c in chans)
@@ -149,6 +150,7 @@ def build_pixel_model(config: RunConfig, captions: list[str], *, tokenizer_file:
     save_modules: dict[str, nn.Module] = {"unet": unet}
     if text_encoder is not None:
         save_modules["text_encoder"] = text_encoder
+    attach_learned_schedule(trainable, save_modules, config)
     arch = {"family": "pixel", "unet_class": type(unet).__name__,
             "unet": {k: list(v) if isinstance(v, tuple) else v for k, v in ukw.items()}, "text_encoder": tcfg}
     return PixelBundle(family="pixel", trainable=trainable, save_modules=save_modules,
