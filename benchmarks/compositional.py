@@ -39,6 +39,8 @@ def main() -> int:
     parser.add_argument("--per-combo", type=int, default=16)
     parser.add_argument("--evaluate", type=Path, metavar="RUN_OR_CHECKPOINT",
                         help="skip training: score this run's newest checkpoint (or this checkpoint folder)")
+    parser.add_argument("--guidance", type=float, nargs="+", default=[],
+                        help="with --evaluate: score at each of these guidance scales (default: the run's)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -78,15 +80,18 @@ def main() -> int:
 
 def evaluate_only(args: argparse.Namespace) -> int:
     loaded = load_trained(args.evaluate)
-    t1 = time.perf_counter()
-    report = compositional.evaluate(lambda prompts, seeds: loaded.generate(prompts, seeds),
-                                    samples_per_combo=args.samples)
     step = loaded.checkpoint.name
-    result = {"label": args.label, "checkpoint": str(loaded.checkpoint), "eval_s": round(time.perf_counter() - t1, 1),
-              "torch_threads": torch.get_num_threads(), **report.as_dict()}
-    print(f"{args.label} ({step}):")
-    print(report.table())
-    (args.out / f"compositional-{step}.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
+    for guidance in args.guidance or [loaded.config.sample.guidance]:
+        t1 = time.perf_counter()
+        report = compositional.evaluate(lambda prompts, seeds, g=guidance: loaded.generate(prompts, seeds, guidance=g),
+                                        samples_per_combo=args.samples)
+        result = {"label": args.label, "checkpoint": str(loaded.checkpoint), "guidance": guidance,
+                  "eval_s": round(time.perf_counter() - t1, 1), "torch_threads": torch.get_num_threads(),
+                  **report.as_dict()}
+        print(f"{args.label} ({step}, guidance {guidance}):")
+        print(report.table(), flush=True)
+        out = args.out / f"compositional-{step}-g{guidance:g}.json"
+        out.write_text(json.dumps(result, indent=1), encoding="utf-8")
     return 0
 
 
