@@ -87,12 +87,13 @@ def test_tiny_run_trains_samples_and_scores(tmp_path: Path) -> None:
     comp.write_dataset(data, per_combo=1, size=16)
     cfg = RunConfig().with_overrides({**TINY_OVERRIDES, "data.path": str(data), "data.val_split": 0.0,
                                       "model.text_causal": False, "model.text_pooled_to_time": True,
-                                      "model.cross_attention_everywhere": True, "sample.every_epochs": 0})
+                                      "model.cross_attention_everywhere": True, "sample.every_epochs": 0,
+                                      "train.max_steps": 2})
     events = list(train(cfg, run_dir=tmp_path / "run"))
     assert isinstance(events[-1], ev.Finished), events[-1]
     loaded = load_trained(tmp_path / "run", device="cpu")
     assert loaded.config.model.text_causal is False and is_bidirectional(loaded.bundle.trainable.text_encoder)
-    report = comp.evaluate(lambda p, s: loaded.generate(p, s, steps=2), samples_per_combo=1)
+    report = comp.evaluate(lambda p, s: loaded.generate(p, s, steps=1), samples_per_combo=1)
     for group in (report.seen, report.held_out):
         assert set(group) == {*comp.ATTRIBUTES, "all"} and all(0.0 <= v <= 1.0 for v in group.values())
         assert group["all"] <= min(group[a] for a in comp.ATTRIBUTES)
