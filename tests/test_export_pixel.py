@@ -262,3 +262,30 @@ def test_pixel_run_exports_automatically(tiny_config, tmp_path: Path, modules_ca
     ours = load_trained(tmp_path / "run", device="cpu").generate(PROMPTS, [0], steps=3, guidance=3.0, sampler="ddim")
     theirs = pipe(PROMPTS, num_inference_steps=3, guidance_scale=3.0, seed=0).images
     assert np.array_equal(_pil_stack(theirs), ours)
+
+
+def test_caption_options_export_and_sample_as_in_sdstudio(tiny_config, tmp_path: Path, modules_cache: Path) -> None:
+    """A bidirectional text encoder with the pooled caption in the timestep embedding and cross-attention at every
+    level: the folder's pipeline (and `sdstudio sample --model` on it) makes sdstudio's own images."""
+    from diffusers import DiffusionPipeline
+
+    from sdstudio.core.models.registry import get_family
+    from sdstudio.core.sampling.from_files import load_pixel_export
+
+    cfg = tiny_config.with_overrides({"model.text_causal": False, "model.text_pooled_to_time": True,
+                                      "model.cross_attention_everywhere": True, "train.max_steps": 2,
+                                      "sample.every_epochs": 0})
+    run = _train(cfg, tmp_path / "run")
+    folder = export(run, "diffusers-folder", tmp_path / "export", dtype=torch.float32)
+    pipe = DiffusionPipeline.from_pretrained(str(folder), trust_remote_code=True, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.text_encoder.config.sdstudio_bidirectional and pipe.unet.config.class_embed_type == "projection"
+    ours = load_trained(run, device="cpu").generate(PROMPTS, [5], steps=3, guidance=3.0, sampler="ddim")
+    theirs = pipe(PROMPTS, num_inference_steps=3, guidance_scale=3.0, seed=5).images
+    assert np.array_equal(_pil_stack(theirs), ours), np.abs(_pil_stack(theirs).astype(int) - ours).max()
+    loaded = load_pixel_export(folder, torch.device("cpu"), get_family("pixel"))
+    from sdstudio.core.sampling.sampler import generate
+
+    again = generate(loaded.bundle, loaded.bundle.trainable, loaded.scheduler, PROMPTS, [5], steps=3, guidance=3.0,
+                     sampler="ddim", device=torch.device("cpu"))
+    assert np.array_equal(again, ours)

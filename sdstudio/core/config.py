@@ -125,6 +125,16 @@ class ModelConfig(Section):
     text_heads: int = Field(4, ge=1, le=16, description="Attention heads of the from-scratch text encoder.")
     max_caption_tokens: int = Field(16, ge=4, le=77, description="Caption length in tokens "
                                     "(from-scratch text encoder).")
+    text_causal: bool = Field(True, description="From-scratch text encoder: causal (CLIP's mask: each word sees "
+                              "only the words before it) or, off, bidirectional (every word sees the whole "
+                              "caption; better at composing attributes, docs/benchmarks.md).")
+    text_pooled_to_time: bool = Field(False, description="From-scratch model: add the pooled caption (mean of the "
+                                      "text encoder's token states, projected) to the UNet's timestep embedding, "
+                                      "as SDXL does with its pooled text, so every ResNet block sees the caption.")
+    cross_attention_everywhere: bool = Field(False, description="From-scratch model: levels that "
+                                             "attention_levels leaves off get cross-attention to the caption "
+                                             "too (cross-attention only, no self-attention, so it stays cheap "
+                                             "at high resolution).")
     clip_skip: int = Field(1, ge=1, le=12, description="CLIP layer the captions are read from, counted from "
                            "the end as A1111 / kohya do: 1 = the last (off), 2 = the penultimate (usual for "
                            "anime models); families whose CLIP output is the last layer (SD1, SD2).")

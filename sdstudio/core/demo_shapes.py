@@ -53,8 +53,10 @@ def caption_for(colour: str, shape: str) -> str:
     return f"a {colour} {shape} on white"
 
 
-def draw_shape(colour: str, shape: str, size: int, rng: np.random.Generator) -> Image.Image:
-    """One filled `shape` in (jittered) `colour` on white, `size` x `size` RGB, random scale and position."""
+def draw_shape(colour: str, shape: str, size: int, rng: np.random.Generator,
+               background: tuple[int, int, int] = BACKGROUND) -> Image.Image:
+    """One filled `shape` in (jittered) `colour` on `background` (white), `size` x `size` RGB, random scale and
+    position."""
     if colour not in COLOURS:
         raise ValueError(f"unknown colour {colour!r}; expected one of {', '.join(COLOURS)}")
     if shape not in SHAPES:
@@ -71,7 +73,7 @@ def draw_shape(colour: str, shape: str, size: int, rng: np.random.Generator) -> 
     jitter = rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, size=3)
     fill = tuple(int(v) for v in np.clip(np.array(COLOURS[colour]) + jitter, 0, 255))
 
-    canvas = Image.new("RGB", (side, side), BACKGROUND)
+    canvas = Image.new("RGB", (side, side), background)
     draw = ImageDraw.Draw(canvas)
     box = (x0, y0, x0 + width, y0 + height)
     if shape == "circle":

@@ -80,8 +80,24 @@ class SDStudioPixelPipeline(DiffusionPipeline):
                              max_length=self.tokenizer.model_max_length, return_tensors="pt")
         ids = enc["input_ids"].to(device)
         mask = enc["attention_mask"].to(device)
-        states = self.text_encoder(input_ids=ids, attention_mask=mask)[0]
+        te = self.text_encoder
+        if getattr(te.config, "sdstudio_bidirectional", False):  # every token sees the whole caption
+            body = getattr(te, "text_model", te)
+            hidden = body.embeddings(input_ids=ids)
+            pad = (1.0 - mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
+            states = body.final_layer_norm(body.encoder(inputs_embeds=hidden, attention_mask=pad).last_hidden_state)
+        else:
+            states = te(input_ids=ids, attention_mask=mask)[0]
         return states, mask
+
+    def caption_inputs(self, states: torch.Tensor, mask: torch.Tensor) -> dict:
+        """The UNet's caption arguments; a UNet with a projection class embedding also gets the pooled caption
+        (mean of the unpadded token states) added to its timestep embedding."""
+        kwargs = {"encoder_hidden_states": states, "encoder_attention_mask": mask}
+        if self.unet.config.get("class_embed_type") == "projection":
+            weights = mask.to(states.dtype).unsqueeze(-1)
+            kwargs["class_labels"] = (states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return kwargs
 
     @torch.no_grad()
     def __call__(
@@ -146,14 +162,13 @@ class SDStudioPixelPipeline(DiffusionPipeline):
             tt = torch.full((inp.shape[0],), int(t), device=device, dtype=torch.long)
             if use_cfg:
                 pred = self.unet(torch.cat([inp, inp]).to(self.unet.dtype), torch.cat([tt, tt]),
-                                 encoder_hidden_states=states, encoder_attention_mask=mask).sample.float()
+                                 **self.caption_inputs(states, mask)).sample.float()
                 p_cond, p_uncond = pred.chunk(2)
                 pred = p_uncond + guidance_scale * (p_cond - p_uncond)
                 if pred.shape[1] == 2 * x.shape[1]:  # a learned variance: the conditional one, unguided
                     pred = torch.cat([pred[:, :x.shape[1]], p_cond[:, x.shape[1]:]], dim=1)
             else:
-                pred = self.unet(inp.to(self.unet.dtype), tt, encoder_hidden_states=states,
-                                 encoder_attention_mask=mask).sample.float()
+                pred = self.unet(inp.to(self.unet.dtype), tt, **self.caption_inputs(states, mask)).sample.float()
             if pred.shape[1] == 2 * x.shape[1] and sched.config.get("variance_type") != "learned_range":
                 pred = pred[:, :x.shape[1]]  # a deterministic sampler has no use for the learned variance
             x = sched.step(pred, t, x, generator=step_generator).prev_sample

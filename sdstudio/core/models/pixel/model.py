@@ -16,6 +16,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 from ...config import RunConfig
 from ..bundle import ModelBundle
 from .recipe_parts import attach_learned_schedule, output_channels
+from .text import conditioning_unet_kwargs, encode_tokens, text_config_extras, unet_caption_inputs
 
 # diffusers knows silu/relu/gelu/mish; LeakyReLU is registered so configs naming it build and reload.
 _activations.ACT2CLS.setdefault("leaky_relu", nn.LeakyReLU)
@@ -55,10 +56,11 @@ def unet_kwargs(config: RunConfig) -> dict[str, Any]:
                                   act_fn=m.activation, norm_num_groups=m.norm_groups)
     if m.conditional:
         heads = tuple(max(1, c // m.attention_head_dim) for c in chans)
-        return dict(common, down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn),
-                    up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
-                    mid_block_type="UNetMidBlock2DCrossAttn" if attn[-1] else None,
-                    cross_attention_dim=m.text_width, attention_head_dim=heads, dropout=m.dropout)
+        return conditioning_unet_kwargs(config, dict(
+            common, down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+            up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+            mid_block_type="UNetMidBlock2DCrossAttn" if attn[-1] else None,
+            cross_attention_dim=m.text_width, attention_head_dim=heads, dropout=m.dropout))
     return dict(common, down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
                 up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
                 attention_head_dim=m.attention_head_dim, dropout=m.dropout)
@@ -69,7 +71,7 @@ def text_config(config: RunConfig, vocab_size: int) -> dict[str, Any]:
     return dict(vocab_size=vocab_size, hidden_size=m.text_width, intermediate_size=4 * m.text_width,
                 num_hidden_layers=m.text_layers, num_attention_heads=m.text_heads,
                 max_position_embeddings=m.max_caption_tokens, pad_token_id=0, bos_token_id=2, eos_token_id=3,
-                hidden_act="gelu", dropout=0.0)
+                hidden_act="gelu", dropout=0.0, **text_config_extras(config))
 
 
 def apply_init(module: nn.Module, kind: str, std: float) -> None:
@@ -99,9 +101,8 @@ class PixelDenoiser(nn.Module):
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.text_encoder is None:
             return self.unet(noisy, timesteps).sample
-        states = self.text_encoder(input_ids=cond["input_ids"], attention_mask=cond["attention_mask"])[0]
-        return self.unet(noisy, timesteps, encoder_hidden_states=states,
-                         encoder_attention_mask=cond["attention_mask"]).sample
+        states = encode_tokens(self.text_encoder, cond["input_ids"], cond["attention_mask"])
+        return self.unet(noisy, timesteps, **unet_caption_inputs(self.unet, states, cond["attention_mask"])).sample
 
 
 class PixelBundle(ModelBundle):
