@@ -216,7 +216,9 @@ def test_attention_backend_picks_the_kernel(tiny_config) -> None:
     assert any("flash" in k for k in kernels("auto"))  # the CPU flash kernel comes first
     assert any("flash" in k for k in kernels("math") | kernels("auto"))
     assert tiny_config.train.attention_backend == "auto"
-    with pytest.raises(ValueError):
+    from sdstudio.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="attention_backend"):
         tiny_config.with_overrides({"train.attention_backend": "xformers"})
 
 
