@@ -294,3 +294,43 @@ def test_compiled_and_eager_agree_on_gradients_and_the_loss_curve() -> None:
     assert cosine > 0.999
     assert regional_losses == pytest.approx(eager_losses, rel=1e-3)
     assert regional_losses[-1] < regional_losses[0]
+
+
+def test_session_compiles_as_configured_and_sets_the_attention_kernel(tiny_config, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """train.compile_mode / compile_cache / attention_backend reach the session's model (compiling is lazy: no
+    step runs here, so nothing is compiled yet)."""
+    from torch.nn.attention import SDPBackend, _cur_sdpa_kernel_backends
+
+    from sdstudio.core.train.session import TrainingSession
+
+    monkeypatch.setenv("SDSTUDIO_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "-")  # recorded, so the original state comes back after
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    before = _cur_sdpa_kernel_backends()
+
+    def build(**overrides) -> TrainingSession:
+        session = TrainingSession(tiny_config.with_overrides(overrides), run_dir=None, resume=False)
+        session.prepare_data()
+        session.build()
+        return session
+
+    plain = build()
+    keys = list(plain.bundle.trainable.state_dict())
+    plain.close()
+    regional = build(**{"train.compile": True, "train.attention_backend": "math"})
+    try:
+        assert regional.compiled_regions > 0 and regional.model is regional.bundle.trainable
+        assert list(regional.bundle.trainable.state_dict()) == keys
+        assert _cur_sdpa_kernel_backends() == [SDPBackend.MATH]
+        import os
+
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "home" / "cache" / "compile")
+    finally:
+        regional.close()
+    assert _cur_sdpa_kernel_backends() == before
+    whole = build(**{"train.compile": True, "train.compile_mode": "whole"})
+    try:
+        assert whole.compiled_regions == 0 and isinstance(whole.model, torch._dynamo.eval_frame.OptimizedModule)
+    finally:
+        whole.close()
