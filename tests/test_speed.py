@@ -289,11 +289,12 @@ def test_compiled_and_eager_agree_on_gradients_and_the_loss_curve() -> None:
     torch._dynamo.reset()
     eager_losses, eager_grads, _ = _losses(None, 10)
     regional_losses, regional_grads, stats = _losses("regional", 10)
-    assert stats["graphs"] == 1  # one graph serves the three blocks
     cosine = F.cosine_similarity(torch.cat(eager_grads), torch.cat(regional_grads), dim=0)
     assert cosine > 0.999
     assert regional_losses == pytest.approx(eager_losses, rel=1e-3)
     assert regional_losses[-1] < regional_losses[0]
+    # three blocks, at most two graphs: the first block's input needs no gradient, the others' do
+    assert stats["graphs"] <= 2
 
 
 def test_session_compiles_as_configured_and_sets_the_attention_kernel(tiny_config, tmp_path: Path,
