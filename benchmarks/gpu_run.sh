@@ -4,8 +4,12 @@
 # then runs benchmarks/gpu_train.py under a time limit. JSON, log and environment land in OUT_DIR.
 #
 #   bash benchmarks/gpu_run.sh [OUT_DIR]     (default: $OUT, else ./gpu-bench-out)
-#   BENCH_TIMEOUT  seconds for the benchmark itself (default 390: with start-up, fits a 15-minute device budget)
-#   BENCH_ARGS     arguments after OUT.json (default "--compile sd15-lora"; "" for the eager workloads only)
+#   BENCH_TIMEOUT  seconds for the benchmark itself (default 540: with start-up, fits a 15-minute device budget)
+#   BENCH_ARGS     arguments after OUT.json (default "--compile --rounds 5 --steps 20": every workload eager and
+#                  compiled, interleaved with the baseline, the warm-cache probe and one end-to-end train();
+#                  "--rounds 5 --steps 20" alone for the eager step only)
+# Afterwards: copy OUT_DIR/gpu_train.json to benchmarks/results/<date>-<card>.json and add a row to
+# docs/benchmarks.md (card, date, versions; ratio with its min-max, warm-up cold / warm).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 out="${1:-${OUT:-gpu-bench-out}}"
@@ -29,9 +33,9 @@ print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torc
 ' 2>&1 | tee -a "$out/env.txt"
 [ "${PIPESTATUS[0]}" = 0 ] || { echo "sdstudio does not import here: see above"; exit 4; }
 
-args="${BENCH_ARGS---compile sd15-lora}"
+args="${BENCH_ARGS---compile --rounds 5 --steps 20}"
 # SIGINT: Python stops where it is; the JSON already holds every workload finished before
 # shellcheck disable=SC2086  # $args is a list of arguments
-timeout --signal=INT --kill-after=20 "${BENCH_TIMEOUT:-390}" \
+timeout --signal=INT --kill-after=20 "${BENCH_TIMEOUT:-540}" \
   python3 benchmarks/gpu_train.py "$out/gpu_train.json" $args 2>&1 | tee "$out/gpu_train.log"
 exit "${PIPESTATUS[0]}"

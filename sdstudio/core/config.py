@@ -360,6 +360,20 @@ class TrainConfig(Section):
         "offline", description="offline: W&B files only in RUN_DIR/wandb (upload later with `wandb sync`); "
                                "online: sent as the run trains (needs `wandb login`).")
     wandb_project: str = Field("sdstudio", min_length=1, max_length=128, description="The W&B project name.")
+    compile_mode: Literal["regional", "whole"] = Field(
+        "regional", description="With train.compile: regional compiles the repeated blocks (the UNet's transformer "
+        "and resnet blocks, Flux's double / single blocks) once per shape (a fraction of the warm-up, the same "
+        "speed); whole compiles the entire denoiser as one graph.")
+    compile_dynamic: bool = Field(False, description="With train.compile: false compiles one graph per shape "
+                                  "(each aspect-ratio bucket once, when it first comes up; the fastest kernels); "
+                                  "true marks batch and image sizes dynamic (one graph for every bucket).")
+    compile_cache: bool = Field(True, description="With train.compile: keep compiled graphs and kernels in the "
+                                "sdstudio cache folder (compile/), so a later run with the same shapes skips "
+                                "most of the warm-up.")
+    attention_backend: Literal["auto", "flash", "efficient", "cudnn", "math", "default"] = Field(
+        "auto", description="Attention kernel order (GPU): auto tries FlashAttention, then memory-efficient, then "
+        "cuDNN, then the plain math kernel (the first that supports the shapes and dtype runs); flash / efficient "
+        "/ cudnn: that kernel, else math; math: the plain kernel (exact reference); default: torch's own order.")
 
 
 class SampleConfig(Section):

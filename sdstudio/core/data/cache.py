@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -223,6 +224,7 @@ class FeatureCache:
         ns_hash = hashlib.sha256(namespace.encode("utf-8")).hexdigest()[:16]
         self.folder = self.root / f"{_slug(namespace)}-{ns_hash}"
         self.corrupt_found = 0
+        self.verified: set[str] = set()  # keys whose checksum matched in this process (``get`` skips it after)
 
     def key(self, item: CacheItem) -> str:
         parts = {"format": CACHE_FORMAT, "namespace": self.namespace, **item.key_parts()}
@@ -232,7 +234,9 @@ class FeatureCache:
         return self.folder / key[:2] / f"{key}.safetensors"
 
     def get(self, item: CacheItem) -> Features | None:
-        """The entry's tensors; None when missing, or corrupt (then it is deleted, to be rebuilt)."""
+        """The entry's tensors; None when missing, or corrupt (then it is deleted, to be rebuilt). The checksum
+        of the tensors is checked the first time an entry is read in this process (``verify_in_background``
+        does that for a whole run at cache load); a later read only parses the file."""
         key = self.key(item)
         path = self.path_for(key)
         try:
@@ -247,8 +251,10 @@ class FeatureCache:
             tensors = load_safetensors(data)
             if meta.get("format") != CACHE_FORMAT or meta.get("key") != key:
                 raise ValueError("written for another key")
-            if meta.get("sha256") != tensors_digest(tensors):
-                raise ValueError("checksum mismatch")
+            if key not in self.verified:
+                if meta.get("sha256") != tensors_digest(tensors):
+                    raise ValueError("checksum mismatch")
+                self.verified.add(key)
         except Exception as exc:  # noqa: BLE001 - any failure to parse means the entry cannot be trusted
             self.corrupt_found += 1
             log.warning("feature cache entry %s is corrupt (%s); it is deleted and rebuilt", path,
@@ -273,6 +279,19 @@ class FeatureCache:
                                   "writable, or turn the cache off (data.cache_latents / "
                                   "data.cache_text_embeddings)", exc.errno) from exc
         return path
+
+    def verify_in_background(self, items: Sequence[CacheItem]) -> threading.Thread:
+        """Checks every entry's checksum once in a daemon thread (a corrupt one is deleted, to be re-encoded when
+        training meets it), so the training thread reads verified entries without hashing them."""
+
+        def run() -> None:
+            for item in items:
+                if self.key(item) not in self.verified:
+                    self.get(item)
+
+        thread = threading.Thread(target=run, name="sdstudio-cache-verify", daemon=True)
+        thread.start()
+        return thread
 
     def __contains__(self, item: CacheItem) -> bool:
         return self.path_for(self.key(item)).is_file()

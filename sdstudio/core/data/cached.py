@@ -58,8 +58,14 @@ class CachedLatentDataset(Dataset):
 
 
 def collate_cached(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Like ``collate``; ``features`` is a list (None where ``pixels`` holds the image instead)."""
-    return {"features": [i.get("features") for i in items],
+    """Like ``collate``; ``features`` is a list (None where ``pixels`` holds the image instead); ``stacked``: the
+    features stacked (name -> Bx...) when every item has them, so the loader (its workers, its pin-memory
+    thread) does the stacking and pinning, not the training thread."""
+    rows = [i.get("features") for i in items]
+    stacked = None
+    if rows and all(r is not None for r in rows):
+        stacked = {name: torch.stack([r[name] for r in rows]) for name in rows[0]}  # type: ignore[index]
+    return {"features": rows, "stacked": stacked,
             "pixels": {k: i["pixels"] for k, i in enumerate(items) if "pixels" in i},
             "cache_items": [i["cache_item"] for i in items],
             "captions": [i["caption"] for i in items],
@@ -71,6 +77,8 @@ def collate_cached(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 def resolve_features(batch: dict[str, Any], encode_fn: EncodeFn, cache: FeatureCache) -> Features:
     """The batch's features stacked (name -> Bx...): missing ones encoded now and stored in the cache."""
+    if batch.get("stacked") is not None:  # every entry was in the cache: stacked (and pinned) by the loader
+        return batch["stacked"]
     rows: list[Features | None] = list(batch["features"])
     missing = sorted(batch["pixels"])
     if missing:

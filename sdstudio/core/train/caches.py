@@ -56,6 +56,7 @@ class FeatureCaches:
             yield from progress
             log.info("latent cache: %s", stats)
         self.accelerator.wait_for_everyone()
+        self.feature_cache.verify_in_background(items)  # training reads then skip the checksum per item
         if applies:
             log.info("per-step augmentations with the latent cache: %s", ", ".join(applies))
         batches.train_from(CachedLatentDataset(batches.images, self.feature_cache, items), collate_cached)
@@ -100,7 +101,7 @@ class FeatureCaches:
                 if len(self._text_memo) < 4096:
                     self._text_memo[caption] = row
             rows.append(row)
-        features = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+        features = {k: self.to_device(torch.stack([r[k] for r in rows])) for k in rows[0]}
         sizes = self.bundle.batch_sizes(batch)  # type: ignore[attr-defined]  # None without size facts
         return self.bundle.assemble(features, self.device, sizes)  # type: ignore[attr-defined]
 
@@ -110,10 +111,20 @@ class FeatureCaches:
             features = resolve_features(batch, self.encode_latents, self.feature_cache)
             if "mask" in features:  # masked training: the loss masks cached with the latents
                 batch["masks"] = features["mask"]
-            return features["latents"].to(self.device)
+            return self.to_device(features["latents"])
         if self.frozen_parts is not None:  # e.g. validation images (not in the latent cache) with a parked VAE
             return self.encode_latents(batch["pixels"])["latents"].to(self.device)
         return self.bundle.to_model_space(batch["pixels"].to(self.device, non_blocking=True))
+
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the training device without making the host wait for the GPU: from pinned memory
+        (the loader's pinned batch, or pinned here) with a non-blocking copy. A pageable copy would wait for every
+        kernel queued before it, i.e. for the previous step."""
+        if self.device.type != "cuda" or tensor.device.type != "cpu":
+            return tensor.to(self.device)
+        if not tensor.is_pinned():
+            tensor = tensor.pin_memory()
+        return tensor.to(self.device, non_blocking=True)
 
     def encode_latents(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Latents of a batch; a 4th channel is the loss mask (``load_item_pixels``), stored at latent size.

@@ -12,6 +12,7 @@ import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -24,6 +25,7 @@ from ..export.formats import get_format, torch_dtype
 from ..runs import MetricsWriter, RunFolder, RunLock, close_run_log, metrics_row
 from .evaluation import evaluate
 from .recipe import schedule_snapshot
+from .progress import StepTimer
 from .session import TrainingSession
 from .step import NonFiniteLoss
 from .tensorboard_log import TensorBoardLog, open_tensorboard
@@ -35,13 +37,38 @@ __all__ = ["NonFiniteLoss", "train"]
 
 @dataclass
 class _Window:
-    """Metrics accumulated between two log lines (kept as tensors to avoid a sync per step)."""
+    """Metrics accumulated between two log lines: device tensors while the steps return them unread (no sync
+    per step; float64, so the sums equal the host's), floats otherwise; a skipped (NaN) step is not averaged."""
 
-    loss_sum: float = 0.0
-    grad_sum: float = 0.0
-    steps: int = 0
+    loss_sum: Any = 0.0
+    grad_sum: Any = 0.0
+    steps: Any = 0
     images: int = 0
     t0: float = field(default_factory=time.perf_counter)
+
+    def add(self, loss: Any, grad_norm: Any) -> None:
+        if isinstance(loss, torch.Tensor):
+            good = torch.isfinite(loss)
+            self.loss_sum = torch.where(good, loss, 0.0) + self.loss_sum
+            self.grad_sum = torch.where(good, grad_norm, 0.0) + self.grad_sum
+            self.steps = good.to(torch.float64) + self.steps
+        elif math.isfinite(loss):
+            self.loss_sum += loss
+            self.grad_sum += grad_norm
+            self.steps += 1
+
+    def means(self) -> tuple[float, float]:
+        """(mean loss, mean grad norm) of the window's good steps (NaN without one): one read of the device."""
+        loss_sum, grad_sum, steps = (float(v) for v in (
+            torch.stack([torch.as_tensor(v, dtype=torch.float64).to(self._device()) for v in
+                         (self.loss_sum, self.grad_sum, self.steps)]).tolist()))
+        return (loss_sum / steps, grad_sum / steps) if steps else (float("nan"), float("nan"))
+
+    def _device(self) -> torch.device:
+        for v in (self.loss_sum, self.grad_sum, self.steps):
+            if isinstance(v, torch.Tensor):
+                return v.device
+        return torch.device("cpu")
 
 
 def train(config: RunConfig, control: TrainingControl | None = None, *, run_dir: Path | None = None,
@@ -227,7 +254,7 @@ def _epochs(s: TrainingSession, control: TrainingControl, metrics: MetricsWriter
     cfg = s.config
     p = s.progress
     window = _Window()
-    step_times: list[float] = []
+    step_times = StepTimer(s.device)  # CUDA events on a GPU
     reason = "completed"
     while not p.finished:
         epoch = p.epoch
@@ -240,18 +267,14 @@ def _epochs(s: TrainingSession, control: TrainingControl, metrics: MetricsWriter
                 while control.paused and not control.stop_requested:
                     control.wait_while_paused(0.1)
                 yield ev.Status("training", "training")
-            t_step = time.perf_counter()
-            loss, grad_norm, lr = s.optimizer_step(group)
+            step_times.start()
+            loss, grad_norm, lr = s.optimizer_step(group)  # the loss may stay on the device until logged
+            step_times.stop()
             p.step_done()
-            if math.isfinite(loss):  # a skipped (NaN / out-of-memory) step is not averaged in
-                window.loss_sum += loss
-                window.grad_sum += grad_norm
-                window.steps += 1
+            window.add(loss, grad_norm)  # a skipped (NaN / out-of-memory) step is not averaged in
             window.images += s.batches.global_batch
-            step_times.append(time.perf_counter() - t_step)
-            if len(step_times) > 50:
-                del step_times[0]
             if p.step % cfg.train.log_every == 0 or p.step == p.total_steps:
+                s.steps.settle()  # NaN steps not read yet: warned about, or the run fails as at the step
                 yield _log_window(s, window, lr, step_times, metrics)
                 window = _Window()
                 if (curve := schedule_snapshot(s.model, p.step, s.run_dir if s.is_main else None)) is not None:
@@ -301,16 +324,13 @@ def _should_stop(s: TrainingSession, control: TrainingControl) -> bool:
     return s.agree(control.stop_requested)
 
 
-def _log_window(s: TrainingSession, w: _Window, lr: float, step_times: list[float],
+def _log_window(s: TrainingSession, w: _Window, lr: float, step_times: StepTimer,
                 metrics: MetricsWriter | None) -> ev.StepMetrics:
     p = s.progress
+    loss, grad = w.means()  # the one read of the device in this window
     elapsed = max(time.perf_counter() - w.t0, 1e-9)
-    loss = w.loss_sum / w.steps if w.steps else float("nan")
-    grad = w.grad_sum / w.steps if w.steps else float("nan")
     ips = w.images / elapsed
-    sorted_times = sorted(step_times)
-    median = sorted_times[len(sorted_times) // 2] if sorted_times else 0.0
-    eta = median * (p.total_steps - p.step)
+    eta = step_times.median() * (p.total_steps - p.step)
     if metrics:
         metrics.write(metrics_row("train", p.step, p.epoch, loss=loss, lr=lr, grad_norm=grad, img_per_s=ips))
     return ev.StepMetrics(p.step, p.epoch, loss, lr, grad, ips, p.total_steps, eta)

@@ -4,7 +4,11 @@ early stopping on the validation loss. The loop advances them; checkpoints keep 
 from __future__ import annotations
 
 import math
+import time
+from collections import deque
 from typing import Any
+
+import torch
 
 from ..config import TrainConfig
 from .state import Position
@@ -92,3 +96,39 @@ class EarlyStopping:
         self.best_val = float(state.get("best_val", math.inf))
         self.best_step = int(state.get("best_step", -1))
         self.bad_vals = int(state.get("bad_vals", 0))
+
+
+class StepTimer:
+    """Durations of the last ``keep`` optimizer steps for the ETA. On a GPU from CUDA events recorded around each
+    step and read only when ``median`` is asked for (at the logging interval; no sync per step); elsewhere the
+    host clock (where a step ends when its host code returns)."""
+
+    def __init__(self, device: torch.device, keep: int = 50) -> None:
+        self.cuda = device.type == "cuda"
+        self.done: deque[float] = deque(maxlen=keep)
+        self._events: deque[tuple[Any, Any]] = deque(maxlen=keep)  # recorded, not read yet
+        self._start: Any = None
+
+    def start(self) -> None:
+        if self.cuda:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._start = time.perf_counter()
+
+    def stop(self) -> None:
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._events.append((self._start, end))
+        else:
+            self.done.append(time.perf_counter() - self._start)
+
+    def median(self) -> float:
+        """Median seconds per step over the kept steps (waits for the last recorded step on a GPU)."""
+        while self._events:
+            start, end = self._events.popleft()
+            end.synchronize()
+            self.done.append(start.elapsed_time(end) / 1000.0)
+        times = sorted(self.done)
+        return times[len(times) // 2] if times else 0.0

@@ -167,8 +167,7 @@ class TrainingSession:
             from .blockswap import install_block_swap
 
             self.block_swap = install_block_swap(self.bundle.trainable, cfg.train.blocks_to_swap, device=self.device)
-        if cfg.train.compile:
-            self.model = torch.compile(self.model)
+        self.compiled_regions = self._compile(cfg.train)  # train.compile*, train.attention_backend (speed.py)
         self.ema: EmaWeights | None = None
         if cfg.train.ema:
             self.ema = EmaWeights(params, names, decay=cfg.train.ema_decay,
@@ -190,6 +189,23 @@ class TrainingSession:
                                  evaluation_weights=self.steps.evaluation_weights)
         self.frozen_parts = None  # FrozenParts once park_frozen ran
         self.ready = True
+
+    def _compile(self, cfg: TrainConfig) -> int:
+        from .speed import AttentionChoice, compile_model, compiler_available, use_compile_cache
+
+        self.attention = AttentionChoice(cfg.attention_backend).apply()  # restored by close()
+        if not cfg.compile:
+            return 0
+        missing = compiler_available(self.device)
+        if missing:
+            log.warning("train.compile = true ignored: %s; training without compiling", missing)
+            return 0
+        if cfg.compile_cache:
+            from ..paths import cache_dir
+
+            use_compile_cache(cache_dir() / "compile")
+        self.model, regions = compile_model(self.model, mode=cfg.compile_mode, dynamic=cfg.compile_dynamic)
+        return regions
 
     def park_frozen(self) -> None:
         """``train.offload_frozen``: the encoders whose work the complete caches hold go to CPU memory."""
@@ -288,8 +304,9 @@ class TrainingSession:
                 return self.objective.loss(batch, micro, self.step)
         return self.objective.loss(batch, micro, self.step)
 
-    def optimizer_step(self, group: list[dict[str, Any]]) -> tuple[float, float, float]:
-        """One optimizer step over a group of micro-batches: (loss, grad norm, lr); NaN loss = skipped."""
+    def optimizer_step(self, group: list[dict[str, Any]]) -> tuple[Any, Any, float]:
+        """One optimizer step over a group of micro-batches: (loss, grad norm, lr); NaN loss = skipped. Loss and
+        grad norm may be device tensors, not read yet (``OptimizerStep.lazy``): ``float()`` them when needed."""
         loss_fn: LossFn = self.compute_loss
         return self.steps.run(group, self.step, loss_fn)
 
@@ -309,6 +326,7 @@ class TrainingSession:
 
     def save_checkpoint(self) -> Path:
         assert self.run_dir is not None
+        self.steps.settle()  # a NaN step not read yet fails the run here, before a checkpoint is written
         root = RunFolder(self.run_dir).checkpoints_dir
         pos = self.progress.position()
         toml = config_to_toml(self.config)
@@ -335,6 +353,9 @@ class TrainingSession:
         return path
 
     def close(self) -> None:
+        attention = getattr(self, "attention", None)
+        if attention is not None:
+            attention.restore()
         if self.device.type == "cuda":  # free_memory runs a full gc.collect(): seconds of GIL in the app
             self.accelerator.free_memory()
 

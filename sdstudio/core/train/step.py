@@ -20,6 +20,7 @@ from .optim import LRSchedule, evaluation_weights, restore_training_point, train
 log = logging.getLogger("sdstudio")
 
 TRAINING_POINT = "schedule_free_y"
+SETTLE_EVERY = 256  # steps taken without a sync whose NaN/inf flags may wait unread
 LossFn = Callable[[dict[str, Any], int], torch.Tensor]  # (batch, micro-batch index) -> loss
 
 
@@ -45,6 +46,7 @@ class OptimizerStep:
         self.optimizer, self.schedule = optimizer, schedule
         self.bad_steps = 0
         self.oom_skips = 0
+        self._pending: list[tuple[int, torch.Tensor]] = []  # (step, non-finite flag) not read yet (``settle``)
         training_mode(optimizer)
 
     def extra_state(self) -> dict[str, Any]:
@@ -58,9 +60,10 @@ class OptimizerStep:
         training point y afterwards (bit-identical on both sides of a resume: the checkpoint holds x)."""
         return evaluation_weights(self.optimizer)
 
-    def run(self, group: list[dict[str, Any]], step: int, loss_fn: LossFn) -> tuple[float, float, float]:
+    def run(self, group: list[dict[str, Any]], step: int, loss_fn: LossFn) -> tuple[Any, Any, float]:
         """Optimizer step ``step`` (0-based) over a group of micro-batches: (loss, grad norm, lr); NaN loss =
-        skipped."""
+        skipped. Loss and grad norm are floats, or float64 0-d device tensors on the ``lazy`` path (read them
+        at the logging interval, after ``settle``)."""
         lr = self.schedule.apply(self.optimizer, step)
         try:
             return self._accumulate_and_step(group, step, loss_fn, lr)
@@ -76,7 +79,7 @@ class OptimizerStep:
             return float("nan"), float("nan"), lr
 
     def _accumulate_and_step(self, group: list[dict[str, Any]], step: int, loss_fn: LossFn,
-                             lr: float) -> tuple[float, float, float]:
+                             lr: float) -> tuple[Any, Any, float]:
         total = torch.zeros((), device=self.accelerator.device)
         several = self.accelerator.num_processes > 1
         for i, batch in enumerate(group):
@@ -88,6 +91,8 @@ class OptimizerStep:
             total += loss.detach()
         max_norm = self.train.max_grad_norm or float("inf")
         grad_norm = self.accelerator.clip_grad_norm_(self.params, max_norm)
+        if self.lazy:
+            return self._step_without_sync(total / len(group), grad_norm, step, lr)
         # One host sync per step: the loss and gradient norm are read together, and checked before the
         # optimizer touches the weights (a NaN/inf batch leaves them as they were).
         loss_value, norm_value = (float(v) for v in torch.stack([total / len(group), grad_norm.float()]).tolist())
@@ -104,6 +109,51 @@ class OptimizerStep:
         if self.ema is not None:
             self.ema.update()
         return loss_value, norm_value, lr
+
+    @property
+    def lazy(self) -> bool:
+        """Whether a step runs without any host sync: the NaN/inf guard on the device (the fused optimizer skips
+        its update when ``found_inf`` is set, as under a GradScaler), the loss and grad norm returned as tensors
+        and their flags read by ``settle``. Needs one process, a fused Adam(W)/SGD, no loss scaler (fp16), no EMA
+        (its update would see a skipped step); otherwise each step reads the loss once (the sync path)."""
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        return (self.accelerator.num_processes == 1 and self.accelerator.scaler is None and self.ema is None
+                and bool(getattr(inner, "_step_supports_amp_scaling", False))
+                and bool(getattr(inner, "defaults", {}).get("fused")))
+
+    def _step_without_sync(self, loss: torch.Tensor, grad_norm: torch.Tensor, step: int,
+                           lr: float) -> tuple[Any, Any, float]:
+        bad = ~torch.isfinite(loss.detach())
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        inner.found_inf = bad.float()  # the fused kernel leaves weights, moments and step count as they were
+        try:
+            self.optimizer.step()
+        finally:
+            del inner.found_inf
+        self.optimizer.zero_grad(set_to_none=True)
+        self._pending.append((step, bad))
+        if len(self._pending) >= SETTLE_EVERY:  # a bound on what waits, even with a huge train.log_every
+            self.settle()
+        nan = torch.full((), float("nan"), device=loss.device, dtype=torch.float64)
+        return (torch.where(bad, nan, loss.detach().double()), torch.where(bad, nan, grad_norm.detach().double()),
+                lr)
+
+    def settle(self) -> None:
+        """Reads the NaN/inf flags of the steps taken without a sync (one host sync for all of them): warns
+        about the skipped ones and raises ``NonFiniteLoss`` past ``train.nan_skip_steps``, as the sync path does
+        at the step itself. The loop calls it before each metrics row and checkpoint."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        flags = torch.stack([bad for _, bad in pending]).tolist()
+        for (step, _), bad in zip(pending, flags, strict=True):
+            if not bad:
+                continue
+            self.bad_steps += 1
+            if self.bad_steps > self.train.nan_skip_steps:
+                raise NonFiniteLoss(self._nan_message(step))
+            log.warning("non-finite loss at step %d skipped (%d of %d allowed)", step + 1,
+                        self.bad_steps, self.train.nan_skip_steps)
 
     def _nan_message(self, step: int) -> str:
         t = self.train

@@ -92,11 +92,29 @@ def _clip_states(text_encoder: nn.Module, ids: torch.Tensor, skip: int, *, final
     return states, pool
 
 
+_TIME_ID_ROWS: dict[tuple[Any, ...], torch.Tensor] = {}  # (device, dtype, six sizes) -> the row on the device
+_TIME_ID_ROWS_MAX = 65536  # distinct (image, crop, bucket) rows kept; a few MB at most
+
+
 def _time_ids(sizes: Sizes | None, n: int, side: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """SDXL micro-conditioning: original size + crop top-left + target size, one row per image."""
+    """SDXL micro-conditioning: original size + crop top-left + target size, one row per image. Each distinct row
+    is built once and kept on the device (a step stacks device rows: no host-to-device copy that would wait for
+    the GPU); a new row is copied from pinned memory without blocking."""
     sizes = sizes or [((side, side), (0, 0), (side, side))] * n
-    time_ids = torch.tensor([[*o, *crop, *t] for o, crop, t in sizes], dtype=torch.float32, device=device)
-    return time_ids.to(dtype)
+    rows = []
+    for o, crop, t in sizes:
+        values = (*o, *crop, *t)
+        key = (str(device), dtype, values)
+        row = _TIME_ID_ROWS.get(key)
+        if row is None:
+            host = torch.tensor(values, dtype=torch.float32)
+            if torch.device(device).type == "cuda":
+                host = host.pin_memory()
+            row = host.to(device, non_blocking=True).to(dtype)
+            if len(_TIME_ID_ROWS) < _TIME_ID_ROWS_MAX:
+                _TIME_ID_ROWS[key] = row
+        rows.append(row)
+    return torch.stack(rows)
 
 
 class SDDenoiser(nn.Module):
