@@ -82,10 +82,17 @@ def loss_weights(weighting: str, sigmas: torch.Tensor) -> torch.Tensor:
     return compute_loss_weighting_for_sd3(weighting, sigmas=sigmas.float()).float()
 
 
+def flow_loss_per_sample(pred: torch.Tensor, target: torch.Tensor, sigmas: torch.Tensor, loss_cfg: LossConfig,
+                         flow_cfg: FlowConfig, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The training loss of each sample (B,): the configured loss (masked when ``mask``, Bx1xhxw at the
+    latents' size) times the SD3 weighting of its timestep; its mean is ``flow_loss``."""
+    loss = per_sample_loss(pred, target, loss_cfg, mask=mask)
+    return loss * loss_weights(flow_cfg.weighting, sigmas).to(loss.device)
+
+
 def flow_loss(pred: torch.Tensor, target: torch.Tensor, sigmas: torch.Tensor, loss_cfg: LossConfig,
-              flow_cfg: FlowConfig) -> torch.Tensor:
-    loss = per_sample_loss(pred, target, loss_cfg)
-    return (loss * loss_weights(flow_cfg.weighting, sigmas).to(loss.device)).mean()
+              flow_cfg: FlowConfig, mask: torch.Tensor | None = None) -> torch.Tensor:
+    return flow_loss_per_sample(pred, target, sigmas, loss_cfg, flow_cfg, mask).mean()
 
 
 @dataclass
