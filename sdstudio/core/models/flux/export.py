@@ -122,6 +122,10 @@ def _metadata(source: ExportSource, path: Path) -> dict[str, str]:
 
 def export_kohya_lora(source: ExportSource, path: Path, *, dtype: torch.dtype = torch.float16,
                       force: bool = False) -> Path:
+    if source.lora is not None and source.lora.get("type", "lora") != "lora":
+        from .lycoris import export_lycoris_flux  # LoHa / LoKr / DoRA / OFT: LyCORIS keys
+
+        return export_lycoris_flux(source, path, dtype=dtype, force=force)
     return write_safetensors(kohya_state(source, dtype), path, _metadata(source, path), force=force)
 
 
@@ -144,6 +148,10 @@ def export_diffusers_lora(source: ExportSource, path: Path, *, dtype: torch.dtyp
                           force: bool = False) -> Path:
     from diffusers import FluxPipeline
 
+    kind = (source.lora or {}).get("type", "lora")
+    if kind != "lora":
+        raise UserError(f"diffusers export: diffusers loads no {kind} adapter for Flux; export it as kohya "
+                        "(LyCORIS keys, which ComfyUI and Forge load)")
     state, adapter = diffusers_state(source)
     with tempfile.TemporaryDirectory(prefix="sdstudio-export-") as tmp:
         FluxPipeline.save_lora_weights(tmp, transformer_lora_layers=cast(state, dtype),

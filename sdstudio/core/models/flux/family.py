@@ -83,6 +83,9 @@ class FluxFamily(ModelFamily):
         if config.lora.text_encoder or config.train.train_text_encoder:
             problems.append(f"lora.text_encoder / train.train_text_encoder: {self.short_title} trains the transformer "
                             "only for now; turn them off")
+        if config.lora.enabled and config.lora.type == "dora" and "diffusers" in config.export.formats:
+            problems.append(f"export.formats: diffusers loads no DoRA adapter for {self.short_title}; use 'kohya' "
+                            "(LyCORIS keys, which ComfyUI and Forge load)")
         if config.loss.min_snr_gamma > 0:
             problems.append(f"loss.min_snr_gamma: {config.loss.min_snr_gamma} is a DDPM weighting; {self.short_title} "
                             "trains by flow matching: set it to 0 and use flow.weighting")

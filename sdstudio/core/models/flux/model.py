@@ -202,12 +202,11 @@ def make_bundle(comps: FluxComponents, config: RunConfig, device: torch.device, 
     transformer.requires_grad_(False)
     transformer.to(device, dtype=wdtype)
     if lora:
-        from peft import LoraConfig
+        from ..adapters import peft_adapter_config
 
         torch.manual_seed(config.train.seed)
-        transformer.add_adapter(LoraConfig(r=config.lora.rank, lora_alpha=config.lora.alpha,
-                                           lora_dropout=config.lora.dropout, init_lora_weights="gaussian",
-                                           target_modules=LORA_TARGETS[config.lora.targets]))
+        # lora.type: LoRA, or LoHa / LoKr / DoRA / OFT (peft), on the same target layers
+        transformer.add_adapter(peft_adapter_config(config.lora.model_dump(), LORA_TARGETS[config.lora.targets]))
         for p in transformer.parameters():
             if p.requires_grad:
                 p.data = p.data.float()  # trainable parameters are always fp32
