@@ -100,7 +100,20 @@ def kohya_state(source: ExportSource, dtype: torch.dtype) -> dict[str, torch.Ten
                 raise UserError(f"Flux kohya export: no original-layout name for {kind}.{i}.{rest}")
             put(f"{prefix}_{names[rest].replace('.', '_')}", pair["A"], pair["B"])
     del rank
+    out.update(_kohya_text_pairs(source))
     return cast(out, dtype)
+
+
+def _kohya_text_pairs(source: ExportSource) -> dict[str, torch.Tensor]:
+    """CLIP-L's LoRA (lora.text_encoder) as ``lora_te1_text_model_encoder_layers_...`` with the real alpha."""
+    from ...export.lora import _kohya_pairs, text_lora_states
+    from .family import FluxFamily
+
+    assert source.lora is not None
+    out: dict[str, torch.Tensor] = {}
+    for name, state in text_lora_states(source).items():
+        out.update(_kohya_pairs(state, source, FluxFamily.kohya_text_prefixes[name], source.lora["alpha"]))
+    return out
 
 
 def _out_features(source: ExportSource, kind: str, part: str, pair: dict[str, torch.Tensor] | None) -> int:
@@ -144,6 +157,28 @@ def diffusers_state(source: ExportSource) -> tuple[dict[str, torch.Tensor], dict
     return state, {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
 
 
+def diffusers_text_state(source: ExportSource) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """CLIP-L's LoRA (``text_model.`` module paths) with alpha / rank folded in, and its adapter config; None
+    without one."""
+    from peft import LoraConfig
+
+    from ...export.lora import text_lora_states
+    from ..sd.model import text_lora_targets
+
+    lora = source.lora
+    assert lora is not None
+    states = text_lora_states(source)
+    if "text_encoder" not in states:
+        return None
+    scale = float(lora["alpha"]) / int(lora["rank"])
+    state = {k: (v.float() * scale if ".lora_B." in k else v) for k, v in states["text_encoder"].items()}
+    targets = (source.architecture.get("text_encoder_lora_targets") or {}).get("text_encoder") \
+        or text_lora_targets(lora["targets"])
+    cfg = LoraConfig(r=int(lora["rank"]), lora_alpha=float(lora["rank"]), target_modules=targets,
+                     init_lora_weights="gaussian").to_dict()
+    return state, {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
+
+
 def export_diffusers_lora(source: ExportSource, path: Path, *, dtype: torch.dtype = torch.float16,
                           force: bool = False) -> Path:
     from diffusers import FluxPipeline
@@ -153,10 +188,14 @@ def export_diffusers_lora(source: ExportSource, path: Path, *, dtype: torch.dtyp
         raise UserError(f"diffusers export: diffusers loads no {kind} adapter for Flux; export it as kohya "
                         "(LyCORIS keys, which ComfyUI and Forge load)")
     state, adapter = diffusers_state(source)
+    kwargs: dict[str, Any] = {}
+    text = diffusers_text_state(source)
+    if text is not None:  # CLIP-L's LoRA: text_encoder.text_model.… (what ComfyUI maps as well)
+        kwargs = {"text_encoder_lora_layers": cast(text[0], dtype), "text_encoder_lora_adapter_metadata": text[1]}
     with tempfile.TemporaryDirectory(prefix="sdstudio-export-") as tmp:
         FluxPipeline.save_lora_weights(tmp, transformer_lora_layers=cast(state, dtype),
                                        transformer_lora_adapter_metadata=adapter, safe_serialization=True,
-                                       weight_name="lora.safetensors")
+                                       weight_name="lora.safetensors", **kwargs)
         with safe_open(str(Path(tmp) / "lora.safetensors"), framework="pt") as fh:
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 - safe_open is no mapping
             written = dict(fh.metadata() or {})

@@ -80,9 +80,9 @@ class FluxFamily(ModelFamily):
         problems = []
         if config.model.family != self.name:
             return problems
-        if config.lora.text_encoder or config.train.train_text_encoder:
-            problems.append(f"lora.text_encoder / train.train_text_encoder: {self.short_title} trains the transformer "
-                            "only for now; turn them off")
+        if config.train.train_text_encoder:
+            problems.append(f"train.train_text_encoder: {self.short_title} trains CLIP-L through a LoRA only "
+                            "(lora.text_encoder); turn it off")
         if config.lora.enabled and config.lora.type == "dora" and "diffusers" in config.export.formats:
             problems.append(f"export.formats: diffusers loads no DoRA adapter for {self.short_title}; use 'kohya' "
                             "(LyCORIS keys, which ComfyUI and Forge load)")

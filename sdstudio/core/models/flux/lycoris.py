@@ -31,6 +31,7 @@ from ...export.lycoris import _tuner_layers, module_adapter, rebuilt_bundle
 from ...export.metadata import training_metadata
 from ...export.source import ExportSource
 from ...lora_tools.files import ModuleAdapter, save_adapter_file
+from ...lora_tools.names import text_module_path
 from .files import DOUBLE_FUSED, DOUBLE_NAMES, SINGLE_FUSED, SINGLE_NAMES
 
 _BLOCK = re.compile(r"^(?P<kind>transformer_blocks|single_transformer_blocks)\.(?P<i>\d+)\.(?P<rest>.+)$")
@@ -125,12 +126,15 @@ def export_lycoris_flux(source: ExportSource, path: Path, *, dtype: torch.dtype 
         raise UserError(f"{path}: exists already; choose another `out` or pass `force` to overwrite it")
     bundle = rebuilt_bundle(source)
     modules = lycoris_modules(bundle.components.transformer, lora["type"])
+    if bundle.train_text:  # CLIP-L's adapter: lora_te1_text_model_... as in kohya's files
+        for module_path, layer in _tuner_layers(bundle.components.text_encoder).items():
+            modules["lora_te1_" + text_module_path(module_path).replace(".", "_")] = module_adapter(lora["type"], layer)
     meta = training_metadata(source, title=path.stem, lora=True)
     meta.pop("modelspec.prediction_type", None)  # flow matching: no epsilon / v
     meta["modelspec.implementation"] = "https://github.com/black-forest-labs/flux"
     algo = {"loha": "loha", "lokr": "lokr", "dora": "lora", "oft": "full"}[lora["type"]]
     args: dict[str, Any] = {"algo": algo, "targets": lora["targets"], "dropout": lora["dropout"],
-                            "sdstudio_type": lora["type"]}
+                            "text_encoder": bool(bundle.train_text), "sdstudio_type": lora["type"]}
     if lora["type"] == "dora":
         args.update(dora_wd=True, wd_on_output=True)
     if lora["type"] == "lokr":
