@@ -62,13 +62,13 @@ def test_clip_lora_trains_resumes_and_exports_in_both_formats(flux_dev: Path, fo
 
     kohya = export(run, "kohya", tmp_path / "kohya.safetensors", dtype=torch.float32)
     with safe_open(str(kohya), "pt") as fh:
-        kkeys = set(fh.keys())  # noqa: SIM118
+        kkeys = set(fh.keys())
     assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in kkeys
     assert "lora_te1_text_model_encoder_layers_0_self_attn_out_proj.alpha" in kkeys
     assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in kkeys
     diffusers_file = export(run, "diffusers", tmp_path / "lora.safetensors", dtype=torch.float32)
     with safe_open(str(diffusers_file), "pt") as fh:
-        dkeys = set(fh.keys())  # noqa: SIM118
+        dkeys = set(fh.keys())
     assert "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight" in dkeys
     assert all(k.startswith(("transformer.", "text_encoder.text_model.")) for k in dkeys)
 
