@@ -203,6 +203,37 @@ def export_diffusers_lora(source: ExportSource, path: Path, *, dtype: torch.dtyp
     return write_safetensors(tensors, path, meta, force=force)
 
 
+def trained_transformer(source: ExportSource) -> Any:
+    """The run's transformer on the CPU in fp32: a full fine-tune's weights, or the base with the LoRA merged."""
+    from ...export.full_model import _merge_lora
+    from ...export.lycoris import rebuilt_bundle
+
+    bundle = rebuilt_bundle(source)
+    transformer = bundle.components.transformer
+    if bundle.lora:
+        _merge_lora(transformer)
+    return transformer.to(torch.float32).eval()
+
+
+def export_single_file(source: ExportSource, path: Path, *, dtype: torch.dtype = torch.float16,
+                       force: bool = False) -> Path:
+    """The transformer as one .safetensors in the original (Black Forest Labs) key names, as
+    ``flux1-dev.safetensors`` is shared: what ComfyUI's diffusion-model loader and diffusers'
+    ``FluxTransformer2DModel.from_single_file`` read. A LoRA run is merged into it (any LyCORIS kind)."""
+    from .files import diffusers_to_bfl
+
+    if path.exists() and not force:
+        raise UserError(f"{path}: exists already; choose another `out` or pass `force` to overwrite it")
+    if source.text_encoders_trained:
+        raise UserError("single-file export of a Flux run that trained CLIP-L's LoRA: the file holds the "
+                        "transformer only, so CLIP-L's training would be lost; export the LoRA (kohya) instead")
+    state = diffusers_to_bfl(trained_transformer(source).state_dict())
+    meta = training_metadata(source, title=path.stem, lora=False)
+    meta.pop("modelspec.prediction_type", None)
+    meta["modelspec.implementation"] = "https://github.com/black-forest-labs/flux"
+    return write_safetensors(cast(state, dtype), path, meta, force=force)
+
+
 def lora_rank(source: ExportSource) -> int:
     assert source.lora is not None
     return int(source.lora["rank"])

@@ -88,6 +88,7 @@ class FluxBundle(ModelBundle):
     t5_length: int
     train_guidance: float | None  # dev: the guidance value fed while training (flow.guidance)
     train_text: bool = False  # a CLIP-L LoRA trains (lora.text_encoder); T5 stays frozen
+    lora: bool = True  # False: a full fine-tune of the transformer
 
     def text_encoders(self) -> dict[str, nn.Module]:
         """name -> the text encoder that trains (CLIP-L's LoRA), as the SD bundles answer it."""
@@ -181,7 +182,7 @@ class FluxBundle(ModelBundle):
 
         out: dict[str, torch.Tensor] = {}
         for prefix, module in self._trained_modules().items():
-            state = get_peft_model_state_dict(module)
+            state = get_peft_model_state_dict(module) if self.lora else module.state_dict()
             out.update({f"{prefix}.{k}": v.detach().to("cpu").contiguous() for k, v in state.items()})
         return out
 
@@ -200,6 +201,13 @@ class FluxBundle(ModelBundle):
             if not sub:
                 raise CheckpointError(f"{source}: no {prefix} weights in the checkpoint; was lora.text_encoder "
                                       "changed?")
+            if not self.lora:  # a full fine-tune: the whole transformer
+                try:
+                    module.load_state_dict(sub, strict=True)
+                except RuntimeError as exc:
+                    raise CheckpointError(f"{source}: the transformer weights do not fit this model ({exc})"
+                                          ) from None
+                continue
             result = set_peft_model_state_dict(module, sub)
             unexpected = list(getattr(result, "unexpected_keys", []))
             if unexpected:
@@ -235,9 +243,10 @@ def load_components(config: RunConfig) -> FluxComponents:
                                 text_encoder_2_path=_path(m.text_encoder_2_path))
 
 
-def make_bundle(comps: FluxComponents, config: RunConfig, device: torch.device, *, lora: bool) -> FluxBundle:
+def make_bundle(comps: FluxComponents, config: RunConfig, device: torch.device, *, lora: bool,
+                full: bool = False) -> FluxBundle:
     """The bundle around loaded components: frozen parts in the weight dtype, a seeded peft LoRA (fp32) when
-    ``lora``."""
+    ``lora``, the whole transformer trainable in fp32 when ``full`` (a full fine-tune)."""
     family = get_family(VARIANT_FAMILIES[comps.variant])
     wdtype = _weight_dtype(config, device)
     for module in (comps.vae, comps.text_encoder, comps.text_encoder_2):
@@ -259,6 +268,10 @@ def make_bundle(comps: FluxComponents, config: RunConfig, device: torch.device, 
         transformer.train()
         if config.lora.text_encoder:
             _add_clip_lora(comps.text_encoder, config)
+    elif full:  # full fine-tune: every transformer weight trains, in fp32 (mixed precision autocasts)
+        transformer.to(dtype=torch.float32)
+        transformer.requires_grad_(True)
+        transformer.train()
     else:
         transformer.eval()
     guided = bool(transformer.config.guidance_embeds)
@@ -288,6 +301,7 @@ def make_bundle(comps: FluxComponents, config: RunConfig, device: torch.device, 
     bundle.t5_length = t5_length
     bundle.train_guidance = float(config.flow.guidance) if guided else None
     bundle.train_text = train_text
+    bundle.lora = lora
     return bundle
 
 
@@ -309,4 +323,5 @@ def _add_clip_lora(text_encoder: nn.Module, config: RunConfig) -> None:
 
 
 def build_flux_model(config: RunConfig, device: torch.device) -> FluxBundle:
-    return make_bundle(load_components(config), config, device, lora=config.lora.enabled)
+    return make_bundle(load_components(config), config, device, lora=config.lora.enabled,
+                       full=not config.lora.enabled)
