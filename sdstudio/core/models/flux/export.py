@@ -107,12 +107,12 @@ def kohya_state(source: ExportSource, dtype: torch.dtype) -> dict[str, torch.Ten
 def _kohya_text_pairs(source: ExportSource) -> dict[str, torch.Tensor]:
     """CLIP-L's LoRA (lora.text_encoder) as ``lora_te1_text_model_encoder_layers_...`` with the real alpha."""
     from ...export.lora import _kohya_pairs, text_lora_states
-    from .family import FluxFamily
+    from ..registry import get_family
 
     assert source.lora is not None
     out: dict[str, torch.Tensor] = {}
     for name, state in text_lora_states(source).items():
-        out.update(_kohya_pairs(state, source, FluxFamily.kohya_text_prefixes[name], source.lora["alpha"]))
+        out.update(_kohya_pairs(state, source, get_family(source.family).kohya_text_prefixes[name], source.lora["alpha"]))
     return out
 
 
@@ -163,7 +163,7 @@ def diffusers_text_state(source: ExportSource) -> tuple[dict[str, torch.Tensor],
     from peft import LoraConfig
 
     from ...export.lora import text_lora_states
-    from ..sd.model import text_lora_targets
+    from ..adapters import text_lora_targets
 
     lora = source.lora
     assert lora is not None

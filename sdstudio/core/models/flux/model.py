@@ -286,7 +286,7 @@ def make_bundle(comps: FluxComponents, config: RunConfig, device: torch.device, 
             "num_single_layers": int(transformer.config.num_single_layers)}
     train_text = bool(lora and config.lora.text_encoder)
     if train_text:
-        from ..sd.model import text_lora_targets
+        from ..adapters import text_lora_targets
 
         arch["train_text_encoder"] = True
         arch["text_encoder_lora_targets"] = {"text_encoder": text_lora_targets(config.lora.targets)}
@@ -310,8 +310,7 @@ def _add_clip_lora(text_encoder: nn.Module, config: RunConfig) -> None:
     layers the SD families' text-encoder LoRA uses (q / k / v / out, + the MLP)."""
     from peft import inject_adapter_in_model
 
-    from ..adapters import peft_adapter_config
-    from ..sd.model import text_lora_targets
+    from ..adapters import peft_adapter_config, text_lora_targets
 
     torch.manual_seed(config.train.seed + 1)
     inject_adapter_in_model(peft_adapter_config(config.lora.model_dump(), text_lora_targets(config.lora.targets)),
