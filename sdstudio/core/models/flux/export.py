@@ -111,6 +111,8 @@ def _kohya_text_pairs(source: ExportSource) -> dict[str, torch.Tensor]:
 
     assert source.lora is not None
     out: dict[str, torch.Tensor] = {}
+    if not getattr(source, "text_encoders_trained", ()):  # no CLIP-L LoRA (or a source that knows of none)
+        return out
     for name, state in text_lora_states(source).items():
         out.update(_kohya_pairs(state, source, get_family(source.family).kohya_text_prefixes[name], source.lora["alpha"]))
     return out
