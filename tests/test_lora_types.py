@@ -168,3 +168,45 @@ def test_lokr_factor_decompose_both_and_oft_block_size_shape_the_adapter() -> No
                                                                      "lokr_w2_b"}
     assert shapes(type="oft", oft_block_size=8)["oft_R.weight"] == (4, 28)  # 4 blocks of 8: 8 * 7 / 2 values
     assert shapes(type="oft", oft_block_size=4)["oft_R.weight"] == (8, 6)
+
+
+@pytest.mark.parametrize("kind", TYPES)
+def test_sdxl_adapter_types_train_and_export_reproduces_the_trained_model(kind: str, tiny_sdxl: Path,
+                                                                          four_images: Path, tmp_path: Path) -> None:
+    """SDXL: each type trains the UNet and both text encoders (the loss moves off the base model's), exported in
+    LyCORIS keys (SDXL's original UNet block names, lora_te1_ / lora_te2_) that give the trained outputs."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = sd_config("sdxl-lora", tiny_sdxl, four_images, **{
+        "lora.type": kind, "lora.rank": 4, "lora.alpha": 2.0, "lora.oft_block_size": 8,
+        "lora.targets": "attention_ff", "lora.text_encoder": True, "train.max_steps": 3,
+        "train.learning_rate": 1e-2})
+    run = tmp_path / "run"
+    events = list(train(cfg, run_dir=run))
+    assert isinstance(events[-1], ev.Finished), events[-1]
+    loaded = load_trained(run).bundle
+    trained = unet_output(loaded.components.unet, True)
+    ids = torch.arange(10).unsqueeze(0)
+    with torch.no_grad():
+        trained_te = [loaded.components.text_encoder(ids)[0], loaded.components.text_encoder_2(ids)[0]]
+    out = export(run, "kohya", tmp_path / f"{kind}.safetensors", dtype=torch.float32)
+    with safe_open(str(out), "pt") as fh:
+        keys = list(fh.keys())
+    marker = {"loha": ".hada_w1_a", "lokr": ".lokr_w1", "dora": ".dora_scale", "oft": ".diff"}[kind]
+    assert any(k.startswith("lora_unet_input_blocks_") and k.endswith(marker) for k in keys), keys[:4]
+    for prefix in ("lora_te1_text_model_encoder_layers_0", "lora_te2_text_model_encoder_layers_0"):
+        assert any(k.startswith(prefix) and k.endswith(marker) for k in keys), prefix
+    unet = UNet2DConditionModel.from_pretrained(str(tiny_sdxl), subfolder="unet")
+    te1 = CLIPTextModel.from_pretrained(str(tiny_sdxl), subfolder="text_encoder")
+    te2 = CLIPTextModelWithProjection.from_pretrained(str(tiny_sdxl), subfolder="text_encoder_2")
+    base = unet_output(unet, True)
+    applied = apply_adapter_file(read_adapter_file(out), {"unet": unet, "text_encoder": te1, "text_encoder_2": te2},
+                                 family="sdxl")
+    assert applied == len({k.split(".")[0] for k in keys if not k.endswith(".alpha")})
+    got = unet_output(unet, True)
+    assert not torch.allclose(got, base, atol=1e-4), "training moved the UNet"
+    assert torch.allclose(got, trained, atol=1e-5, rtol=1e-4), (got - trained).abs().max()
+    with torch.no_grad():
+        assert torch.allclose(te1(ids)[0], trained_te[0], atol=1e-5, rtol=1e-4)
+        assert torch.allclose(te2(ids)[0], trained_te[1], atol=1e-5, rtol=1e-4)

@@ -1,8 +1,8 @@
 """Rectified flow (flow matching), as Flux.1 and SD3 were trained: ``x_t = (1 - t) x0 + t noise``, the model
 predicts the velocity ``noise - x0``; t ("sigma") in [0, 1], 1 = pure noise.
 
-Timesteps are drawn by the SD3 paper's densities (logit-normal, uniform, mode; diffusers'
-``compute_density_for_timestep_sampling``), then shifted towards noise: the SD3 shift
+Timesteps are drawn by the SD3 paper's densities (logit-normal, uniform, mode: ``core/timesteps.py``, the one
+home of the densities, bit for bit diffusers' ``compute_density_for_timestep_sampling``), then shifted towards noise: the SD3 shift
 ``s t / (1 + (s - 1) t)``, or Flux's resolution-dependent one (the same formula with ``s = exp(mu)``, mu linear
 in the number of image tokens: diffusers' ``calculate_shift``). The SD3 paper's loss weightings come from
 diffusers' ``compute_loss_weighting_for_sd3``. Sampling is diffusers' ``FlowMatchEulerDiscreteScheduler``.
@@ -22,11 +22,12 @@ import torch
 from .config import FlowConfig, LossConfig
 from .diffusion import per_sample_loss
 from .models.family import FlowDefaults
+from .timesteps import base_fractions, shift_fractions
 
 
 def shift_sigmas(t: torch.Tensor, shift: float) -> torch.Tensor:
     """The SD3 timestep shift: more time near noise for shift > 1 (shift 1 = unchanged)."""
-    return shift * t / (1 + (shift - 1) * t)
+    return shift_fractions(t, shift)
 
 
 def resolution_shift(image_seq_len: int, base_shift: float = 0.5, max_shift: float = 1.15,
@@ -56,12 +57,9 @@ def training_shift(cfg: FlowConfig, defaults: FlowDefaults, image_seq_len: int) 
 def sample_sigmas(n: int, cfg: FlowConfig, shift: float, generator: torch.Generator | None,
                   device: torch.device | str = "cpu") -> torch.Tensor:
     """``n`` training timesteps in (0, 1): drawn by flow.timestep_sampling, then shifted."""
-    from diffusers.training_utils import compute_density_for_timestep_sampling
-
-    u = compute_density_for_timestep_sampling(cfg.timestep_sampling, n, logit_mean=cfg.logit_mean,
-                                              logit_std=cfg.logit_std, mode_scale=cfg.mode_scale,
-                                              device=device, generator=generator)
-    return shift_sigmas(u.float(), shift)
+    u = base_fractions(n, cfg.timestep_sampling, gen=generator, device=device, logit_mean=cfg.logit_mean,
+                       logit_std=cfg.logit_std, mode_scale=cfg.mode_scale, clamp=False)
+    return shift_fractions(u.float(), shift)
 
 
 def noised(clean: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
@@ -82,10 +80,17 @@ def loss_weights(weighting: str, sigmas: torch.Tensor) -> torch.Tensor:
     return compute_loss_weighting_for_sd3(weighting, sigmas=sigmas.float()).float()
 
 
+def flow_loss_per_sample(pred: torch.Tensor, target: torch.Tensor, sigmas: torch.Tensor, loss_cfg: LossConfig,
+                         flow_cfg: FlowConfig, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The training loss of each sample (B,): the configured loss (masked when ``mask``, Bx1xhxw at the
+    latents' size) times the SD3 weighting of its timestep; its mean is ``flow_loss``."""
+    loss = per_sample_loss(pred, target, loss_cfg, mask=mask)
+    return loss * loss_weights(flow_cfg.weighting, sigmas).to(loss.device)
+
+
 def flow_loss(pred: torch.Tensor, target: torch.Tensor, sigmas: torch.Tensor, loss_cfg: LossConfig,
-              flow_cfg: FlowConfig) -> torch.Tensor:
-    loss = per_sample_loss(pred, target, loss_cfg)
-    return (loss * loss_weights(flow_cfg.weighting, sigmas).to(loss.device)).mean()
+              flow_cfg: FlowConfig, mask: torch.Tensor | None = None) -> torch.Tensor:
+    return flow_loss_per_sample(pred, target, sigmas, loss_cfg, flow_cfg, mask).mean()
 
 
 @dataclass

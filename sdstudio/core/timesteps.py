@@ -1,5 +1,5 @@
-"""Where training timesteps are drawn from: pure functions, shared by the discrete (DDPM: epsilon / v / sample)
-families and flow matching.
+"""Where training timesteps are drawn from: pure functions, the one home of the timestep densities and the shift
+for the discrete (DDPM: epsilon / v / sample) families and flow matching (``core/flow.py`` draws through them).
 
 Every distribution first draws a fraction ``u`` in [0, 1) (0 = clean, 1 = pure noise), then shifts it
 (``shift``: SD3 / Flux's ``shift * u / (1 + (shift - 1) * u)``, > 1 moves weight to the noisy end), then maps it
@@ -25,18 +25,22 @@ DISTRIBUTIONS: tuple[str, ...] = ("uniform", "logit_normal", "mode")
 
 
 def base_fractions(n: int, distribution: str, *, gen: torch.Generator | None, device: torch.device | str = "cpu",
-                   logit_mean: float = 0.0, logit_std: float = 1.0, mode_scale: float = 1.29) -> torch.Tensor:
-    """``n`` fractions in [0, 1) (float32) drawn from ``distribution`` with ``gen`` (before shift and range)."""
+                   logit_mean: float = 0.0, logit_std: float = 1.0, mode_scale: float = 1.29,
+                   clamp: bool = True) -> torch.Tensor:
+    """``n`` fractions (float32) drawn from ``distribution`` with ``gen`` (before shift and range), in [0, 1)
+    with ``clamp``; without it exactly diffusers' ``compute_density_for_timestep_sampling`` (what flow
+    matching trains with: mode sampling may give 1.0)."""
     if distribution == "uniform":
         u = torch.rand((n,), generator=gen, device=device)
     elif distribution == "logit_normal":
-        u = torch.sigmoid(logit_mean + logit_std * torch.randn((n,), generator=gen, device=device))
+        # torch.normal, as diffusers draws it (bit for bit equal to mean + std * randn for mean 0, std 1)
+        u = torch.sigmoid(torch.normal(mean=logit_mean, std=logit_std, size=(n,), generator=gen, device=device))
     elif distribution == "mode":
         v = torch.rand((n,), generator=gen, device=device)
         u = 1 - v - mode_scale * (torch.cos(math.pi * v / 2) ** 2 - 1 + v)
     else:
         raise ValueError(f"unknown timestep distribution {distribution!r} (allowed: {', '.join(DISTRIBUTIONS)})")
-    return u.clamp(0.0, 1.0 - 1e-7)
+    return u.clamp(0.0, 1.0 - 1e-7) if clamp else u
 
 
 def shift_fractions(u: torch.Tensor, shift: float) -> torch.Tensor:

@@ -15,6 +15,22 @@ ADAPTER_PARAMS = ("lora_A", "lora_B", "lora_magnitude_vector", "hada_w1_a", "had
                   "hada_t1", "hada_t2", "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b",
                   "lokr_t2", "oft_R")
 
+# a CLIP text encoder's LoRA layers per lora.targets (every family with a CLIP encoder: SD1/SD2/SDXL, Flux's CLIP-L)
+TEXT_LORA_TARGETS = {
+    "attention": ["q_proj", "k_proj", "v_proj", "out_proj"],
+    "attention_ff": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "all": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+}
+
+
+def text_lora_targets(targets: str, layers: int | None = None) -> list[str] | str:
+    """peft ``target_modules`` of a text-encoder LoRA; ``layers``: only the first N encoder layers (a regex)."""
+    names = TEXT_LORA_TARGETS[targets]
+    if layers is None:
+        return list(names)
+    index = "|".join(str(i) for i in range(layers))
+    return rf".*encoder\.layers\.({index})\.(self_attn|mlp)\.({'|'.join(names)})"
+
 
 def peft_adapter_config(lora: dict[str, Any], target_modules: list[str] | str,
                         rank_pattern: dict[str, int] | None = None) -> Any:

@@ -27,9 +27,10 @@ def optional_path(value: str) -> Path | None:
 
 def prepare_transformer(transformer: Any, frozen: Iterable[torch.nn.Module], config: RunConfig,
                         device: torch.device, dtype: torch.dtype, target_modules: Any, *, lora: bool,
-                        denoiser_device: torch.device | None = None) -> None:
-    """Freeze the ``frozen`` encoders and the transformer in ``dtype`` on ``device``; with ``lora`` add a peft LoRA
-    (seeded by train.seed) on ``target_modules``, its parameters fp32, and put the transformer in training mode.
+                        full: bool = False, denoiser_device: torch.device | None = None) -> None:
+    """Freeze the ``frozen`` encoders and the transformer in ``dtype`` on ``device``; with ``lora`` add the run's peft
+    adapter (lora.type, seeded by train.seed) on ``target_modules``, its parameters fp32, and put the transformer in
+    training mode; with ``full`` the whole transformer trains in fp32.
     The transformer goes to ``denoiser_device`` when given (the CPU while block swap places it)."""
     for module in frozen:
         module.requires_grad_(False)
@@ -37,16 +38,19 @@ def prepare_transformer(transformer: Any, frozen: Iterable[torch.nn.Module], con
         module.to(device, dtype=dtype)
     transformer.requires_grad_(False)
     transformer.to(denoiser_device or device, dtype=dtype)
-    if not lora:
-        transformer.eval()
-        return
-    from peft import LoraConfig
+    if lora:
+        from .adapters import peft_adapter_config
 
-    torch.manual_seed(config.train.seed)
-    transformer.add_adapter(LoraConfig(r=config.lora.rank, lora_alpha=config.lora.alpha,
-                                       lora_dropout=config.lora.dropout, init_lora_weights="gaussian",
-                                       target_modules=target_modules))
-    for p in transformer.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()  # trainable parameters are always fp32
-    transformer.train()
+        torch.manual_seed(config.train.seed)
+        # lora.type: LoRA, or LoHa / LoKr / DoRA / OFT (peft), on the same target layers
+        transformer.add_adapter(peft_adapter_config(config.lora.model_dump(), target_modules))
+        for p in transformer.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()  # trainable parameters are always fp32
+        transformer.train()
+    elif full:  # full fine-tune: every transformer weight trains, in fp32 (mixed precision autocasts)
+        transformer.to(dtype=torch.float32)
+        transformer.requires_grad_(True)
+        transformer.train()
+    else:
+        transformer.eval()

@@ -13,10 +13,20 @@ from accelerate import Accelerator
 from ..config import RunConfig
 from ..data.dataset import collate
 from ..diffusion import sample_noise
-from ..flow import FlowSchedule, flow_loss, noised, sample_sigmas, validation_sigmas, velocity
+from ..flow import (
+    FlowSchedule,
+    flow_loss,
+    flow_loss_per_sample,
+    noised,
+    sample_sigmas,
+    validation_sigmas,
+    velocity,
+)
 from ..models.bundle import ModelBundle
 from .batches import TrainingBatches
 from .caches import FeatureCaches
+from .image_loss import ImageLossTracker
+from .objective import loss_mask
 
 VAL_BUCKETS = 10
 
@@ -40,6 +50,12 @@ class FlowMatchingObjective:
         self.caches, self.batches = caches, batches
         self.device = accelerator.device
         self.rank = accelerator.process_index
+        self.image_losses: ImageLossTracker | None = None  # the per-image loss, when tracked
+
+    @staticmethod
+    def image_loss_span() -> float:
+        """Flow timesteps are fractions: the per-image loss buckets split [0, 1)."""
+        return 1.0
 
     @staticmethod
     def schedule(config: RunConfig, bundle: ModelBundle, device: torch.device) -> FlowSchedule:
@@ -59,25 +75,37 @@ class FlowMatchingObjective:
         noise, model_noise = sample_noise(clean, self.config.loss, gen)
         return noised(clean, model_noise, sigmas), velocity(clean, noise), sigmas
 
-    def _loss(self, pred: torch.Tensor, target: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-        return flow_loss(pred, target, sigmas, self.config.loss, self.config.flow)
+    def _loss(self, pred: torch.Tensor, target: torch.Tensor, sigmas: torch.Tensor,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
+        return flow_loss(pred, target, sigmas, self.config.loss, self.config.flow, mask)
+
+    def _instance_loss(self, batch: dict[str, Any], pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor,
+                       mask: torch.Tensor | None) -> torch.Tensor:
+        """The training loss of the batch's images: the mean of the per-sample losses the tracker records.
+        The mask is at the latents' size: the velocity is compared unpacked, so each latent cell of a 2x2
+        patch (one Flux token) keeps its own weight."""
+        per_sample = flow_loss_per_sample(pred, target, t, self.config.loss, self.config.flow, mask)
+        if self.image_losses is not None and "indices" in batch:
+            self.image_losses.observe(batch["indices"], t, per_sample)
+        return per_sample.mean()
 
     def loss(self, batch: dict[str, Any], micro: int, step: int) -> torch.Tensor:
         clean = self.caches.clean_latents(batch)
         gen = self._noise_generator(step, micro)
         noisy, target, t = self.noised(clean, gen)
+        mask = loss_mask(self.config, batch, clean)
         reg = self.batches.class_batch(step, micro, len(batch["captions"]))
         if reg is None:
             with self.accelerator.autocast():
                 pred = self.model(noisy, t, self.caches.condition(batch))
-            return self._loss(pred, target, t)
+            return self._instance_loss(batch, pred, target, t, mask)
         reg_clean = self.bundle.to_model_space(reg["pixels"].to(self.device))
         reg_noisy, reg_target, reg_t = self.noised(reg_clean, gen)
         with self.accelerator.autocast():
             pred = self.model(noisy, t, self.caches.condition(batch))
             reg_pred = self.model(reg_noisy, reg_t, self.caches.condition(reg))
-        return self._loss(pred, target, t) + self.config.loss.prior_loss_weight * self._loss(reg_pred, reg_target,
-                                                                                               reg_t)
+        prior = self._loss(reg_pred, reg_target, reg_t, loss_mask(self.config, reg, reg_clean))
+        return self._instance_loss(batch, pred, target, t, mask) + self.config.loss.prior_loss_weight * prior
 
     @torch.no_grad()
     def validation_loss(self) -> tuple[float, list[float]] | None:

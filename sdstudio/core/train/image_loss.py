@@ -38,12 +38,12 @@ MAX_PENDING = 256
 
 
 class ImageLossTracker:
-    """``names``: the relative path of each training record (by record index); ``timesteps``: the schedule's
-    number of training timesteps."""
+    """``names``: the relative path of each training record (by record index); ``timesteps``: what the observed
+    timesteps run up to (a DDPM schedule's number of training timesteps; 1.0 for flow matching's fractions)."""
 
-    def __init__(self, names: list[str], timesteps: int) -> None:
+    def __init__(self, names: list[str], timesteps: float) -> None:
         self.names = names
-        self.timesteps = max(1, timesteps)
+        self.timesteps = timesteps if timesteps > 0 else 1
         self.bucket_mean: list[float | None] = [None] * BUCKETS
         self.ratio_sum = [0.0] * len(names)
         self.raw_sum = [0.0] * len(names)
@@ -64,7 +64,7 @@ class ImageLossTracker:
             for index, tk, value in zip(indices, ts, losses, strict=False):
                 if not math.isfinite(value) or not 0 <= index < len(self.names):
                     continue
-                bucket = min(BUCKETS - 1, int(tk) * BUCKETS // self.timesteps)
+                bucket = min(BUCKETS - 1, max(0, int(tk * BUCKETS // self.timesteps)))
                 reference = self.bucket_mean[bucket]
                 log_value = math.log(max(value, 1e-12))
                 if reference is not None:  # the first sample of a bucket has nothing to compare to

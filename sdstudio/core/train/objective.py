@@ -37,6 +37,15 @@ def _concat(a: Any, b: Any) -> Any:
     return torch.cat([a, b]) if isinstance(a, torch.Tensor) else list(a) + list(b)
 
 
+def loss_mask(config: RunConfig, batch: dict[str, Any], clean: torch.Tensor) -> torch.Tensor | None:
+    """Masked training (loss.masked): the batch's masks at the size of ``clean`` (the model-space samples the
+    loss compares; None: no mask, full loss)."""
+    masks = batch.get("masks")
+    if not config.loss.masked or masks is None:
+        return None
+    return mask_to_model_space(masks.to(clean.device), tuple(clean.shape[-2:]))
+
+
 class DiffusionObjective:
     """``model``: the prepared training model; ``sched``: the training noise schedule; ``caches``: where a
     batch's latents and conditioning come from; ``batches``: the class images and the validation set."""
@@ -50,6 +59,10 @@ class DiffusionObjective:
         self.image_losses: ImageLossTracker | None = None  # the per-image loss, when tracked
         # learned variance, contrastive caption term, learned schedule (each off unless configured)
         self.recipe = TrainingRecipe(config, model, sched, accelerator.autocast)
+
+    def image_loss_span(self) -> float:
+        """What the timesteps passed to ``image_losses`` run up to (its buckets split [0, span))."""
+        return float(self.sched.config.num_train_timesteps)
 
     @staticmethod
     def schedule(config: RunConfig, bundle: ModelBundle, device: torch.device) -> Any:
@@ -108,11 +121,7 @@ class DiffusionObjective:
         return loss + self.config.loss.prior_loss_weight * prior
 
     def _loss_mask(self, batch: dict[str, Any], clean: torch.Tensor) -> torch.Tensor | None:
-        """Masked training (loss.masked): the batch's masks at the model's size (None: no mask, full loss)."""
-        masks = batch.get("masks")
-        if not self.config.loss.masked or masks is None:
-            return None
-        return mask_to_model_space(masks.to(self.device), tuple(clean.shape[-2:]))
+        return loss_mask(self.config, batch, clean)
 
     def _instance_loss(self, batch: dict[str, Any], pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor,
                        mask: torch.Tensor | None, extra: dict[str, Any] | None = None) -> torch.Tensor:

@@ -35,7 +35,7 @@ from .ema import EmaWeights
 from .evaluation import RunEvaluation
 from .image_loss import ImageLossTracker
 from .memory import estimate_memory, memory_advice
-from .objective import DiffusionObjective, make_objective, training_schedule
+from .objective import make_objective, training_schedule
 from .optim import LRSchedule, build_optimizer, optimizer_warnings, param_groups
 from .previews import Previews
 from .progress import EarlyStopping, Progress
@@ -181,9 +181,9 @@ class TrainingSession:
         self.caches = FeatureCaches(cfg, self.bundle, self.accelerator)
         self.objective = make_objective(cfg, self.bundle, sched, self.model, self.accelerator, self.caches,
                                         self.batches)
-        if self.run_dir is not None and self.is_main and isinstance(self.objective, DiffusionObjective):
-            # per-image loss (image_loss.json): tracked at comparable DDPM timesteps; not for flow families yet
-            self.objective.image_losses = self._image_loss_tracker(train_records, sched)
+        if self.run_dir is not None and self.is_main:
+            # per-image loss (image_loss.json): each loss compared with others at a comparable timestep
+            self.objective.image_losses = self._image_loss_tracker(train_records, self.objective.image_loss_span())
         self.previews = Previews(cfg, self.bundle, sched, self.model, self.accelerator, self.ema,
                                  run_dir=self.run_dir, data_root=self.data_root, train_records=train_records,
                                  evaluation_weights=self.steps.evaluation_weights)
@@ -224,7 +224,7 @@ class TrainingSession:
         self.frozen_parts.park(parts)
         self.caches.frozen_parts = self.previews.frozen_parts = self.frozen_parts
 
-    def _image_loss_tracker(self, records: list[Any], sched: Any) -> ImageLossTracker:
+    def _image_loss_tracker(self, records: list[Any], span: float) -> ImageLossTracker:
         root = self.data_root.resolve()
         names = []
         for r in records:
@@ -232,7 +232,7 @@ class TrainingSession:
                 names.append(r.path.resolve().relative_to(root).as_posix())
             except ValueError:
                 names.append(str(r.path))
-        tracker = ImageLossTracker(names, int(sched.config.num_train_timesteps))
+        tracker = ImageLossTracker(names, span)
         if self.resume and self.run_dir is not None:
             previous = RunFolder(self.run_dir).read_image_loss()
             if previous is not None:

@@ -16,16 +16,17 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ...errors import UserError
 from ...export.metadata import cast, training_metadata, write_safetensors
 from ...export.source import ExportSource, lora_peft_state
-from ..registry import get_family
 from ...export.transformer_lora import write_diffusers_lora
 from ..fused_lora import peft_pairs as _pairs
 from ..fused_lora import stack_loras as _stack
+from ..registry import get_family
 from .files import DOUBLE_FUSED, DOUBLE_NAMES, SINGLE_FUSED, SINGLE_NAMES
 
 _BLOCK = re.compile(r"^(?P<kind>transformer_blocks|single_transformer_blocks)\.(?P<i>\d+)\.(?P<rest>.+)$")
@@ -71,7 +72,22 @@ def kohya_state(source: ExportSource, dtype: torch.dtype) -> dict[str, torch.Ten
                 raise UserError(f"Flux kohya export: no original-layout name for {kind}.{i}.{rest}")
             put(f"{prefix}_{names[rest].replace('.', '_')}", pair["A"], pair["B"])
     del rank
+    out.update(_kohya_text_pairs(source))
     return cast(out, dtype)
+
+
+def _kohya_text_pairs(source: ExportSource) -> dict[str, torch.Tensor]:
+    """CLIP-L's LoRA (lora.text_encoder) as ``lora_te1_text_model_encoder_layers_...`` with the real alpha."""
+    from ...export.lora import _kohya_pairs, text_lora_states
+    from ..registry import get_family
+
+    assert source.lora is not None
+    out: dict[str, torch.Tensor] = {}
+    if not getattr(source, "text_encoders_trained", ()):  # no CLIP-L LoRA (or a source that knows of none)
+        return out
+    for name, state in text_lora_states(source).items():
+        out.update(_kohya_pairs(state, source, get_family(source.family).kohya_text_prefixes[name], source.lora["alpha"]))
+    return out
 
 
 def _out_features(source: ExportSource, kind: str, part: str, pair: dict[str, torch.Tensor] | None) -> int:
@@ -95,7 +111,28 @@ def _metadata(source: ExportSource, path: Path) -> dict[str, str]:
 
 def export_kohya_lora(source: ExportSource, path: Path, *, dtype: torch.dtype = torch.float16,
                       force: bool = False) -> Path:
+    if source.lora is not None and source.lora.get("type", "lora") != "lora":
+        from .lycoris import export_lycoris_flux  # LoHa / LoKr / DoRA / OFT: LyCORIS keys
+
+        return export_lycoris_flux(source, path, dtype=dtype, force=force)
     return write_safetensors(kohya_state(source, dtype), path, _metadata(source, path), force=force)
+
+
+def diffusers_text_state(source: ExportSource) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """CLIP-L's LoRA (``text_model.`` module paths) with alpha / rank folded in, and its adapter config; None
+    without one."""
+    from ...export.lora import text_lora_states
+    from ...export.transformer_lora import fold_alpha
+    from ..adapters import text_lora_targets
+
+    lora = source.lora
+    assert lora is not None
+    states = text_lora_states(source)
+    if "text_encoder" not in states:
+        return None
+    targets = (source.architecture.get("text_encoder_lora_targets") or {}).get("text_encoder") \
+        or text_lora_targets(lora["targets"])
+    return fold_alpha(states["text_encoder"], lora, targets)
 
 
 def export_diffusers_lora(source: ExportSource, path: Path, *, dtype: torch.dtype = torch.float16,
@@ -104,9 +141,48 @@ def export_diffusers_lora(source: ExportSource, path: Path, *, dtype: torch.dtyp
 
     from .model import LORA_TARGETS
 
+    kind = (source.lora or {}).get("type", "lora")
+    if kind != "lora":
+        raise UserError(f"diffusers export: diffusers loads no {kind} adapter for Flux; export it as kohya "
+                        "(LyCORIS keys, which ComfyUI and Forge load)")
     assert source.lora is not None
+    extra: dict[str, Any] = {}
+    text = diffusers_text_state(source)
+    if text is not None:  # CLIP-L's LoRA: text_encoder.text_model.… (what ComfyUI maps as well)
+        extra = {"text_encoder_lora_layers": text[0], "text_encoder_lora_adapter_metadata": text[1]}
     return write_diffusers_lora(source, path, FluxPipeline, LORA_TARGETS[source.lora["targets"]],
-                                _metadata(source, path), dtype=dtype, force=force)
+                                _metadata(source, path), dtype=dtype, force=force, extra_layers=extra)
+
+
+def trained_transformer(source: ExportSource) -> Any:
+    """The run's transformer on the CPU in fp32: a full fine-tune's weights, or the base with the LoRA merged."""
+    from ...export.full_model import _merge_lora
+    from ...export.lycoris import rebuilt_bundle
+
+    bundle = rebuilt_bundle(source)
+    transformer = bundle.components.transformer
+    if bundle.lora:
+        _merge_lora(transformer)
+    return transformer.to(torch.float32).eval()
+
+
+def export_single_file(source: ExportSource, path: Path, *, dtype: torch.dtype = torch.float16,
+                       force: bool = False) -> Path:
+    """The transformer as one .safetensors in the original (Black Forest Labs) key names, as
+    ``flux1-dev.safetensors`` is shared: what ComfyUI's diffusion-model loader and diffusers'
+    ``FluxTransformer2DModel.from_single_file`` read. A LoRA run is merged into it (any LyCORIS kind)."""
+    from .files import diffusers_to_bfl
+
+    if path.exists() and not force:
+        raise UserError(f"{path}: exists already; choose another `out` or pass `force` to overwrite it")
+    if source.text_encoders_trained:
+        raise UserError("single-file export of a Flux run that trained CLIP-L's LoRA: the file holds the "
+                        "transformer only, so CLIP-L's training would be lost; export the LoRA (kohya) instead")
+    state = diffusers_to_bfl(trained_transformer(source).state_dict())
+    meta = training_metadata(source, title=path.stem, lora=False)
+    meta.pop("modelspec.prediction_type", None)
+    meta["modelspec.implementation"] = "https://github.com/black-forest-labs/flux"
+    return write_safetensors(cast(state, dtype), path, meta, force=force)
 
 
 def lora_rank(source: ExportSource) -> int:

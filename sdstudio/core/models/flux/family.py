@@ -20,8 +20,9 @@ if TYPE_CHECKING:
     from ...sampling.from_files import LoadedBaseModel
     from .model import FluxBundle
 
-_NO_FULL_EXPORT = ("Flux runs train a LoRA; merging it into a Flux model file is not supported yet: export "
-                   "it as kohya or diffusers.")
+_NO_FOLDER_EXPORT = ("a Flux run exports its transformer as a single file (single-file: the original layout "
+                     "ComfyUI and from_single_file load) or its LoRA (kohya, diffusers); a diffusers folder is not "
+                     "written yet.")
 
 
 @functools.lru_cache(maxsize=16)
@@ -45,9 +46,9 @@ class FluxFamily(ModelFamily):
     # kohya names: lora_te1_ = CLIP-L, lora_te3_ = T5 (as sd-scripts writes them for Flux)
     kohya_text_prefixes: ClassVar[Mapping[str, str]] = {"text_encoder": "lora_te1", "text_encoder_2": "lora_te3"}
     activation_bytes_per_pixel = 1.2e6  # not measured on a GPU yet: an upper guess (transformer, bf16)
-    unsupported_exports: ClassVar[Mapping[str, str]] = {"single-file": _NO_FULL_EXPORT,
-                                                         "diffusers-folder": _NO_FULL_EXPORT}
+    unsupported_exports: ClassVar[Mapping[str, str]] = {"diffusers-folder": _NO_FOLDER_EXPORT}
     export_writers: ClassVar[Mapping[str, str]] = {
+        "single-file": "sdstudio.core.models.flux.export:export_single_file",
         "kohya": "sdstudio.core.models.flux.export:export_kohya_lora",
         "diffusers": "sdstudio.core.models.flux.export:export_diffusers_lora"}
 
@@ -64,13 +65,8 @@ class FluxFamily(ModelFamily):
               device: torch.device | None = None) -> FluxBundle:
         import torch
 
-        from ...errors import ConfigError
-        from .model import build_flux_model
-
-        if not config.lora.enabled:  # refused here, not in config_problems: a new config is valid before it is set
-            raise ConfigError(f"lora.enabled: false, but {self.short_title} trains a LoRA (a full fine-tune of the "
-                              "12B transformer is not supported yet); set lora.enabled = true")
         from ...train.blockswap import place_with_block_swap, swap_before_placement
+        from .model import build_flux_model
 
         device = device or torch.device("cpu")
         swap = swap_before_placement(config, device)  # the transformer stays in CPU memory until the swap is set up
@@ -86,9 +82,12 @@ class FluxFamily(ModelFamily):
         problems = []
         if config.model.family != self.name:
             return problems
-        if config.lora.text_encoder or config.train.train_text_encoder:
-            problems.append(f"lora.text_encoder / train.train_text_encoder: {self.short_title} trains the transformer "
-                            "only for now; turn them off")
+        if config.train.train_text_encoder:
+            problems.append(f"train.train_text_encoder: {self.short_title} trains CLIP-L through a LoRA only "
+                            "(lora.text_encoder); turn it off")
+        if config.lora.enabled and config.lora.type == "dora" and "diffusers" in config.export.formats:
+            problems.append(f"export.formats: diffusers loads no DoRA adapter for {self.short_title}; use 'kohya' "
+                            "(LyCORIS keys, which ComfyUI and Forge load)")
         if config.loss.min_snr_gamma > 0:
             problems.append(f"loss.min_snr_gamma: {config.loss.min_snr_gamma} is a DDPM weighting; {self.short_title} "
                             "trains by flow matching: set it to 0 and use flow.weighting")

@@ -62,20 +62,25 @@ class FluxDenoiser(nn.Module):
     """The transformer as forward(x_t [B, C, H, W], t [B] in [0, 1], cond) -> velocity [B, C, H, W];
     cond = {"states": T5 states, "pooled": CLIP-L pooled (, "guidance": [B])}."""
 
-    def __init__(self, transformer: nn.Module, weight_dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, transformer: nn.Module, weight_dtype: torch.dtype = torch.float32,
+                 text_encoder: nn.Module | None = None) -> None:
         super().__init__()
         self.transformer = transformer
         self.weight_dtype = weight_dtype
+        if text_encoder is not None:  # CLIP-L trains (lora.text_encoder): run here, with gradients
+            self.text_encoder = text_encoder
 
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         _, _, h, w = noisy.shape
         dtype = self.weight_dtype
         states = cond["states"].to(dtype)
         guidance = cond.get("guidance")
+        pooled = cond["pooled"] if "clip_ids" not in cond else \
+            self.text_encoder(cond["clip_ids"], output_hidden_states=False).pooler_output
         out = self.transformer(
             hidden_states=pack(noisy).to(dtype), timestep=timesteps.to(dtype),
             guidance=guidance.to(dtype) if guidance is not None else None,
-            pooled_projections=cond["pooled"].to(dtype), encoder_hidden_states=states,
+            pooled_projections=pooled.to(dtype), encoder_hidden_states=states,
             txt_ids=torch.zeros(states.shape[1], 3, device=noisy.device, dtype=dtype),
             img_ids=image_ids(h, w, noisy.device, dtype), return_dict=False)[0]
         return unpack(out, h, w).to(noisy.dtype)
@@ -86,6 +91,12 @@ class FluxBundle(ModelBundle):
     weight_dtype: torch.dtype
     t5_length: int
     train_guidance: float | None  # dev: the guidance value fed while training (flow.guidance)
+    train_text: bool = False  # a CLIP-L LoRA trains (lora.text_encoder); T5 stays frozen
+    lora: bool = True  # False: a full fine-tune of the transformer
+
+    def text_encoders(self) -> dict[str, nn.Module]:
+        """name -> the text encoder that trains (CLIP-L's LoRA), as the SD bundles answer it."""
+        return {"text_encoder": self.components.text_encoder}
 
     # -- conditioning -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -110,6 +121,26 @@ class FluxBundle(ModelBundle):
 
     def encode_captions(self, captions: list[str], device: torch.device, sizes: Any = None) -> dict[str, torch.Tensor]:
         return self.assemble(self.text_features(captions, device), device)
+
+    def clip_ids(self, captions: list[str], device: torch.device) -> torch.Tensor:
+        tok = self.components.tokenizer
+        return tok(captions, padding="max_length", truncation=True, max_length=tok.model_max_length,
+                   return_tensors="pt").input_ids.to(device)
+
+    def encode_batch(self, batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+        """Conditioning of a training batch; with a CLIP-L LoRA its token ids, so FluxDenoiser.forward runs
+        CLIP-L with gradients (T5's states are computed here, frozen)."""
+        if not self.train_text:
+            return self.encode_captions(batch["captions"], device)
+        captions = batch["captions"]
+        with torch.no_grad():
+            ids = self.components.tokenizer_2(captions, padding="max_length", truncation=True,
+                                              max_length=self.t5_length, return_tensors="pt").input_ids.to(device)
+            states = self.components.text_encoder_2(ids, output_hidden_states=False)[0]
+        out = {"states": states.to(device, self.weight_dtype), "clip_ids": self.clip_ids(captions, device)}
+        if self.train_guidance is not None:
+            out["guidance"] = torch.full((len(captions),), self.train_guidance, device=device)
+        return out
 
     @staticmethod
     def batch_sizes(batch: dict[str, Any]) -> None:
@@ -143,27 +174,49 @@ class FluxBundle(ModelBundle):
         return vae.decode((x / vae.config.scaling_factor + vae.config.shift_factor).to(vae.dtype)).sample.float()
 
     # -- checkpoints ------------------------------------------------------------------------------------
+    def _trained_modules(self) -> dict[str, nn.Module]:
+        modules: dict[str, nn.Module] = {"transformer": self.components.transformer}
+        if self.train_text:
+            modules["text_encoder"] = self.components.text_encoder
+        return modules
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
+        """"transformer.<key>" (+ "text_encoder.<key>" with a CLIP-L LoRA): the peft adapter tensors."""
         from peft.utils import get_peft_model_state_dict
 
-        state = get_peft_model_state_dict(self.components.transformer)
-        return {f"transformer.{k}": v.detach().to("cpu").contiguous() for k, v in state.items()}
+        out: dict[str, torch.Tensor] = {}
+        for prefix, module in self._trained_modules().items():
+            state = get_peft_model_state_dict(module) if self.lora else module.state_dict()
+            out.update({f"{prefix}.{k}": v.detach().to("cpu").contiguous() for k, v in state.items()})
+        return out
 
     def load_trainable_state(self, weights: dict[str, torch.Tensor], source: Path) -> None:
         from peft.utils import set_peft_model_state_dict
 
         from ...errors import CheckpointError
 
-        sub = {k[len("transformer."):]: v for k, v in weights.items() if k.startswith("transformer.")}
-        stray = sorted({k.split(".", 1)[0] for k in weights} - {"transformer"})
-        if stray or not sub:
-            raise CheckpointError(f"{source}: not the weights of a {self.model_family.short_title} LoRA run "
-                                  f"({stray or 'no transformer keys'})")
-        result = set_peft_model_state_dict(self.components.transformer, sub)
-        unexpected = list(getattr(result, "unexpected_keys", []))
-        if unexpected:
-            raise CheckpointError(f"{source}: LoRA weights do not fit this model ({unexpected[:3]}); "
-                                  "were lora.rank/targets changed?")
+        modules = self._trained_modules()
+        stray = sorted({k.split(".", 1)[0] for k in weights} - set(modules))
+        if stray:
+            raise CheckpointError(f"{source}: not the weights of this {self.model_family.short_title} run (it holds {', '.join(stray)}; "
+                                  "was lora.text_encoder changed?)")
+        for prefix, module in modules.items():
+            sub = {k[len(prefix) + 1:]: v for k, v in weights.items() if k.startswith(f"{prefix}.")}
+            if not sub:
+                raise CheckpointError(f"{source}: no {prefix} weights in the checkpoint; was lora.text_encoder "
+                                      "changed?")
+            if not self.lora:  # a full fine-tune: the whole transformer
+                try:
+                    module.load_state_dict(sub, strict=True)
+                except RuntimeError as exc:
+                    raise CheckpointError(f"{source}: the transformer weights do not fit this model ({exc})"
+                                          ) from None
+                continue
+            result = set_peft_model_state_dict(module, sub)
+            unexpected = list(getattr(result, "unexpected_keys", []))
+            if unexpected:
+                raise CheckpointError(f"{source}: LoRA weights do not fit this model ({unexpected[:3]}); "
+                                      "were lora.rank/targets changed?")
 
     def save_extra(self, folder: Path) -> None:
         (folder / "model.json").write_text(json.dumps(self.architecture, indent=1), encoding="utf-8")
@@ -177,14 +230,17 @@ def load_components(config: RunConfig) -> FluxComponents:
 
 
 def make_bundle(comps: FluxComponents, config: RunConfig, device: torch.device, *, lora: bool,
-                denoiser_device: torch.device | None = None) -> FluxBundle:
-    """The bundle around loaded components: frozen parts in the weight dtype, a seeded peft LoRA (fp32) when
-    ``lora``; the transformer on ``denoiser_device`` (default ``device``; the CPU when block swap places it)."""
+                denoiser_device: torch.device | None = None, full: bool = False) -> FluxBundle:
+    """The bundle around loaded components: frozen parts in the weight dtype, a seeded peft adapter (fp32) when
+    ``lora``, the whole transformer trainable in fp32 when ``full`` (a full fine-tune); the transformer on
+    ``denoiser_device`` (default ``device``; the CPU when block swap places it)."""
     family = get_family(VARIANT_FAMILIES[comps.variant])
     wdtype = _weight_dtype(config, device)
     transformer = comps.transformer
     prepare_transformer(transformer, (comps.vae, comps.text_encoder, comps.text_encoder_2), config, device, wdtype,
-                        LORA_TARGETS[config.lora.targets], lora=lora, denoiser_device=denoiser_device)
+                        LORA_TARGETS[config.lora.targets], lora=lora, full=full, denoiser_device=denoiser_device)
+    if lora and config.lora.text_encoder:
+        _add_clip_lora(comps.text_encoder, config)
     guided = bool(transformer.config.guidance_embeds)
     t5_length = config.model.t5_max_length or DEFAULT_T5_LENGTH[comps.variant]
     latent_down = 2 ** (len(comps.vae.config.block_out_channels) - 1)
@@ -195,7 +251,14 @@ def make_bundle(comps: FluxComponents, config: RunConfig, device: torch.device, 
             "inner_dim": int(transformer.config.num_attention_heads) * int(transformer.config.attention_head_dim),
             "num_layers": int(transformer.config.num_layers),
             "num_single_layers": int(transformer.config.num_single_layers)}
-    bundle = FluxBundle(family=family.name, trainable=FluxDenoiser(transformer, wdtype),
+    train_text = bool(lora and config.lora.text_encoder)
+    if train_text:
+        from ..adapters import text_lora_targets
+
+        arch["train_text_encoder"] = True
+        arch["text_encoder_lora_targets"] = {"text_encoder": text_lora_targets(config.lora.targets)}
+    bundle = FluxBundle(family=family.name,
+                        trainable=FluxDenoiser(transformer, wdtype, comps.text_encoder if train_text else None),
                         save_modules={"transformer": transformer}, prediction_type="flow",
                         in_channels=int(comps.vae.config.latent_channels),
                         sample_size=config.data.resolution // latent_down, architecture=arch,
@@ -204,10 +267,28 @@ def make_bundle(comps: FluxComponents, config: RunConfig, device: torch.device, 
     bundle.weight_dtype = wdtype
     bundle.t5_length = t5_length
     bundle.train_guidance = float(config.flow.guidance) if guided else None
+    bundle.train_text = train_text
+    bundle.lora = lora
     return bundle
+
+
+def _add_clip_lora(text_encoder: nn.Module, config: RunConfig) -> None:
+    """CLIP-L's LoRA (lora.text_encoder): injected in place (adapter "default", seeded, fp32 adapters), on the
+    layers the SD families' text-encoder LoRA uses (q / k / v / out, + the MLP)."""
+    from peft import inject_adapter_in_model
+
+    from ..adapters import peft_adapter_config, text_lora_targets
+
+    torch.manual_seed(config.train.seed + 1)
+    inject_adapter_in_model(peft_adapter_config(config.lora.model_dump(), text_lora_targets(config.lora.targets)),
+                            text_encoder, adapter_name="default")
+    for p in text_encoder.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    text_encoder.train()
 
 
 def build_flux_model(config: RunConfig, device: torch.device, *,
                      denoiser_device: torch.device | None = None) -> FluxBundle:
     return make_bundle(load_components(config), config, device, lora=config.lora.enabled,
-                       denoiser_device=denoiser_device)
+                       full=not config.lora.enabled, denoiser_device=denoiser_device)

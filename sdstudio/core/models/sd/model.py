@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ...config import RunConfig
-from ..adapters import peft_adapter_config
+from ..adapters import TEXT_LORA_TARGETS, peft_adapter_config, text_lora_targets  # noqa: F401 - names kept here
 from ..bundle import ModelBundle
 from ..registry import get_family
 from .files import SDComponents, load_sd_components
@@ -21,11 +21,6 @@ from .files import SDComponents, load_sd_components
 # Text-encoder LoRA targets (CLIP layers): the attention projections, all four (A1111 applies a LoRA on
 # OpenCLIP's fused attention only when q/k/v/out are all present); with "attention_ff" / "all" also the MLP,
 # which is what kohya's networks.lora trains by default (CLIPAttention + CLIPMLP).
-TEXT_LORA_TARGETS = {
-    "attention": ["q_proj", "k_proj", "v_proj", "out_proj"],
-    "attention_ff": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
-    "all": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
-}
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 CLIP_WINDOW = 77  # CLIP's context: BOS + 75 tokens + EOS
 
@@ -36,15 +31,6 @@ def _clip_text_model(text_encoder: nn.Module) -> nn.Module:
     """The module holding embeddings / encoder / final_layer_norm (transformers 5's CLIPTextModel is flat,
     CLIPTextModelWithProjection keeps a ``text_model`` level)."""
     return getattr(text_encoder, "text_model", text_encoder)
-
-
-def text_lora_targets(targets: str, layers: int | None = None) -> list[str] | str:
-    """peft ``target_modules`` of a text-encoder LoRA; ``layers``: only the first N encoder layers (a regex)."""
-    names = TEXT_LORA_TARGETS[targets]
-    if layers is None:
-        return list(names)
-    index = "|".join(str(i) for i in range(layers))
-    return rf".*encoder\.layers\.({index})\.(self_attn|mlp)\.({'|'.join(names)})"
 
 
 def text_lora_config(lora: dict[str, Any], target_modules: list[str] | str) -> Any:

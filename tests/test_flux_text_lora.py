@@ -1,0 +1,92 @@
+"""CLIP-L LoRA for Flux (lora.text_encoder): CLIP-L trains through its LoRA (the text-embedding cache is refused
+as for SD), checkpoints and resumes hold it, the kohya export names it lora_te1_text_model_encoder_layers_...
+and the diffusers export text_encoder.text_model...; diffusers' load_lora_weights reproduces the trained
+transformer and CLIP-L outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from sdstudio.core import events as ev
+from sdstudio.core.config import RunConfig
+from sdstudio.core.train.loop import train
+from tests.test_flux import _losses, _train_config
+from tests.tiny_flux import save_tiny_flux
+
+
+@pytest.fixture(scope="module")
+def flux_dev(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_flux(tmp_path_factory.mktemp("flux") / "dev")
+
+
+@pytest.fixture(scope="module")
+def four(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from sdstudio.core.demo_shapes import generate_demo_dataset
+
+    data = tmp_path_factory.mktemp("four")
+    generate_demo_dataset(data, per_class=1, size=32, seed=5)
+    for extra in sorted(data.glob("*.png"))[4:]:
+        extra.unlink()
+        extra.with_suffix(".txt").unlink()
+    return data
+
+
+def test_the_text_cache_is_refused_with_a_clip_lora(flux_dev: Path, four: Path) -> None:
+    with pytest.raises(Exception, match="cache_text_embeddings"):
+        _train_config(flux_dev, four, **{"lora.text_encoder": True, "data.cache_text_embeddings": True})
+    with pytest.raises(Exception, match="train.train_text_encoder"):
+        RunConfig().with_overrides({"model.family": "flux-dev", "model.path": str(flux_dev),
+                                    "train.train_text_encoder": True, "lora.enabled": False})
+
+
+def test_clip_lora_trains_resumes_and_exports_in_both_formats(flux_dev: Path, four: Path, tmp_path: Path) -> None:
+    from diffusers import FluxPipeline
+
+    from sdstudio.core.export.api import export
+    from sdstudio.core.models.flux.model import FluxDenoiser
+    from sdstudio.core.sampling.from_run import load_trained
+
+    cfg = _train_config(flux_dev, four, **{"lora.text_encoder": True, "data.resolution": 32, "train.max_steps": 2,
+                                           "checkpoint.every_steps": 2, "train.learning_rate": 3e-2})
+    run = tmp_path / "run"
+    _losses(cfg, run)
+    events = list(train(cfg.with_overrides({"train.max_steps": 4}), run_dir=run, resume=True))
+    assert isinstance(events[-1], ev.Finished) and events[-1].step == 4
+    with safe_open(str(run / "checkpoints" / "step-00000004" / "model.safetensors"), "pt") as fh:
+        text_b = [fh.get_tensor(k) for k in fh.keys() if k.startswith("text_encoder.") and ".lora_B." in k]  # noqa: SIM118
+    assert text_b and any(t.abs().max() > 0 for t in text_b), "CLIP-L's LoRA trained (lora_B starts at zero)"
+
+    kohya = export(run, "kohya", tmp_path / "kohya.safetensors", dtype=torch.float32)
+    with safe_open(str(kohya), "pt") as fh:
+        kkeys = set(fh.keys())
+    assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in kkeys
+    assert "lora_te1_text_model_encoder_layers_0_self_attn_out_proj.alpha" in kkeys
+    assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in kkeys
+    diffusers_file = export(run, "diffusers", tmp_path / "lora.safetensors", dtype=torch.float32)
+    with safe_open(str(diffusers_file), "pt") as fh:
+        dkeys = set(fh.keys())
+    assert "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight" in dkeys
+    assert all(k.startswith(("transformer.", "text_encoder.text_model.")) for k in dkeys)
+
+    trained = load_trained(run, use_ema=False, device="cpu").bundle
+    pipe = FluxPipeline.from_pretrained(str(flux_dev), local_files_only=True)
+    pipe.load_lora_weights(str(tmp_path), weight_name="lora.safetensors")
+    base = FluxPipeline.from_pretrained(str(flux_dev), local_files_only=True)
+    ids = trained.clip_ids(["a red circle", "a blue square"], torch.device("cpu"))
+    with torch.no_grad():
+        want_pooled = trained.components.text_encoder(ids).pooler_output
+        got_pooled = pipe.text_encoder(ids).pooler_output
+        base_pooled = base.text_encoder(ids).pooler_output
+    assert torch.allclose(got_pooled, want_pooled, atol=1e-5), (got_pooled - want_pooled).abs().max()
+    assert (base_pooled - want_pooled).abs().max() > 1e-3, "the CLIP-L LoRA matters"
+    gen = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 16, 4, 4, generator=gen), torch.tensor([0.3, 0.8])
+    cond = trained.encode_captions(["a red circle", "a blue square"], torch.device("cpu"))
+    with torch.no_grad():
+        want = trained.trainable(x, t, cond)
+        got = FluxDenoiser(pipe.transformer)(x, t, {**cond, "pooled": got_pooled})
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
