@@ -221,3 +221,36 @@ def test_a_tiny_model_trained_to_memorise_four_images_raises_the_alarm(tiny_conf
 
 
 MEMORISE_STEPS = 400
+
+
+# -- the checkpoint grid's memorisation score per column --------------------------------------------------
+def test_grid_columns_carry_the_memorisation_score_and_mark_copies(tiny_config, four_images: Path,
+                                                                    tmp_path: Path, monkeypatch) -> None:
+    from sdstudio.core.sampling import checkpoint_grid as cg
+
+    config = _memo_config(tiny_config, four_images, steps=4, every=0).with_overrides(
+        {"checkpoint.every_steps": 2, "sample.at_end": True})
+    run = tmp_path / "run"
+    assert isinstance(list(train(config, run_dir=run))[-1], ev.Finished)
+    grid = cg.checkpoint_grid(run, [""], seeds=[0, 1], steps=2, device="cpu")
+    assert [c.step for c in grid.columns] == [2, 4]
+    assert all(c.memo_ratio is not None and c.diversity is not None for c in grid.columns)
+    assert all(not c.copying for c in grid.columns)  # 4 steps of training: noise, nothing copied
+
+    train_images = _training_images(config)
+    real_load = cg.load_trained
+
+    class Copier:
+        def __init__(self, loaded):
+            self.loaded = loaded
+
+        def generate(self, prompts, seeds, **_):
+            return train_images[[k % len(train_images) for k in range(len(prompts) * len(seeds))]]
+
+    monkeypatch.setattr(cg, "load_trained", lambda *a, **k: Copier(real_load(*a, **k)))
+    copied = cg.checkpoint_grid(run, [""], seeds=[0, 1], every=1, device="cpu")
+    assert all(c.copying and c.memo_ratio < 0.05 for c in copied.columns)
+    assert "COPY" in " ".join(copied.columns[0].label())
+    summary = cg.column_summary(copied)
+    assert summary[0]["copying"] is True and summary[0]["memo_ratio"] < 0.05
+    assert copied.render().shape[0] > 0

@@ -119,7 +119,7 @@ class RunMemorisation:
                 parts.append(self.features(s, np.stack(arrays)))
             feats = np.concatenate(parts, axis=0)
             if cache is not None:
-                _write_cache(cache, key, feats)
+                _write_cache(cache, key, feats, self.kind)
         self._reference = TrainingReference.from_features(feats)
         self.alarm.train_diversity = self._reference.diversity
         return self._reference
@@ -150,14 +150,41 @@ def _read_cache(path: Path | None, key: str) -> np.ndarray | None:
         return None
 
 
-def _write_cache(path: Path, key: str, features: np.ndarray) -> None:
+def _write_cache(path: Path, key: str, features: np.ndarray, kind: str) -> None:
     from ..atomic import write_file_atomic
 
     def fill(tmp: Path) -> None:
         with open(tmp, "wb") as fh:
-            np.savez(fh, key=np.array(key), features=features.astype(np.float32))
+            np.savez(fh, key=np.array(key), kind=np.array(kind), features=features.astype(np.float32))
 
     try:
         write_file_atomic(path, fill)
     except OSError as exc:
         log.warning("memorisation: could not cache the training features in %s: %s", path, exc)
+
+
+def run_reference(run_dir: Path, config: RunConfig, *, device: str = "cpu") -> tuple[TrainingReference, Any] | None:
+    """The cached training features of a finished run and a function giving the same kind of features for new
+    images (the checkpoint grid's memorisation score); None when the run has no cache (memorisation off, or
+    no sample grid yet) or its features cannot be made again (a CLIP / Inception file gone)."""
+    path = RunFolder(run_dir).memorisation_features_file
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            feats, kind = np.asarray(data["features"]), str(data["kind"])
+        if kind == "pixels":
+            extract: Any = pixel_features
+        elif kind == "clip":
+            from ..metrics.clip_features import ClipFeatures
+
+            extract = ClipFeatures(config.eval.memorisation_clip_model, device=device).features
+        else:
+            from .evaluation import load_checked_inception
+
+            net = load_checked_inception(config.eval.inception_weights)
+            extract = FidEvaluator(net, device=device, batch_size=config.eval.batch_size).features
+    except (OSError, KeyError, ValueError, UserError) as exc:
+        log.warning("memorisation: no score for the grid (%s)", exc)
+        return None
+    return TrainingReference.from_features(feats), extract
