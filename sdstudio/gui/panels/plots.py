@@ -62,8 +62,10 @@ class PlotsPanel(QWidget):
         # eval.memorisation: near 0 = samples copy training images; diversity across seeds (collapse)
         self.memo_plot = self._plot(
             "Samples: " + " · ".join(f"<span style='color:{_hex(COLORS[key])}'>{name}</span>" for key, name in
-                                     (("memo", "distance to training ÷ training NN"),
-                                      ("diversity", "diversity across seeds"))), 3, 1)
+                                     (("memo", "copy ratio"), ("diversity", "diversity"))), 3, 1)
+        self.memo_plot.setToolTip("Copy ratio: a sample's distance to its nearest training image over the training "
+                                  "images' own nearest-neighbour distance (near 0: samples copy training images). "
+                                  "Diversity: how much one prompt's samples differ across seeds (eval.memorisation)")
         self.memo_ratio = Series()
         self.diversity = Series()
         self.view.ci.layout.setColumnStretchFactor(0, 3)
