@@ -105,3 +105,24 @@ def test_plots_show_the_memorisation_curve_and_the_alarm(qtbot) -> None:
     panel.show()
     qtbot.waitExposed(panel)
     panel.grab().save(str(SHOTS / "plots-memorisation.png"))
+
+
+def test_checkpoint_grid_view_shows_the_memorisation_score_per_column(qtbot, tmp_path: Path,
+                                                                     tiny_dataset: Path) -> None:
+    import numpy as np
+
+    from sdstudio.core.runs import save_run_config
+    from sdstudio.core.sampling.checkpoint_grid import CheckpointGrid, GridColumn
+    from sdstudio.gui.panels.checkpoint_grid import CheckpointGridDialog
+    from tests.gui.gui_helpers import tiny_run_config
+
+    save_run_config(tmp_path, tiny_run_config(tiny_dataset))
+    panel = CheckpointGridDialog(tmp_path)
+    qtbot.addWidget(panel)
+    columns = [GridColumn(2, tmp_path / "a", 0.5, None, None, memo_ratio=1.1, diversity=0.9),
+               GridColumn(4, tmp_path / "b", 0.4, 0.01, None, memo_ratio=0.05, diversity=0.1)]
+    images = [np.zeros((2, 16, 16, 3), np.uint8), np.full((2, 16, 16, 3), 200, np.uint8)]
+    panel.set_grid(CheckpointGrid(columns, [("x", 0), ("x", 1)], images))
+    items = [panel.column.itemText(i) for i in range(panel.column.count())]
+    assert items == ["step 2 · val 0.5000 · memo 1.10", "step 4 · val 0.4000 · KID 0.0100 · memo 0.05 COPY"]
+    assert "copy training images at step 4" in panel.status.text()
