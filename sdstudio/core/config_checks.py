@@ -75,7 +75,21 @@ def run_config_problems(c: RunConfig) -> list[str]:
     if c.export.ema and not t.ema:
         problems.append("export.ema: true needs train.ema = true")
     problems += _schedule_problems(t)
+    problems += _memorisation_problems(c)
     return problems
+
+
+def _memorisation_problems(c: RunConfig) -> list[str]:
+    e = c.eval
+    if not e.memorisation:
+        return []
+    if e.memorisation_features == "inception" and not e.inception_weights:
+        return [("eval.memorisation_features: 'inception' needs eval.inception_weights (the FID Inception file); "
+                "use 'pixels' or 'auto' without it")]
+    if e.memorisation_features == "clip" and not e.memorisation_clip_model:
+        return [("eval.memorisation_features: 'clip' needs eval.memorisation_clip_model (a CLIP model folder); "
+                "use 'pixels' or 'auto' without it")]
+    return []
 
 
 def _schedule_problems(t: TrainConfig) -> list[str]:

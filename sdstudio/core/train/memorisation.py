@@ -58,12 +58,6 @@ class RunMemorisation:
         self._inception = inception
         if not self.enabled:
             return
-        if self.kind == "inception" and not self.cfg.inception_weights:
-            raise UserError("eval.memorisation_features = 'inception' needs eval.inception_weights (the FID "
-                            "Inception file); or use 'pixels' / 'clip'")
-        if self.kind == "clip" and not self.cfg.memorisation_clip_model:
-            raise UserError("eval.memorisation_features = 'clip' needs eval.memorisation_clip_model (a CLIP "
-                            "model folder); or use 'pixels'")
         if not is_main:
             return
         if self.kind == "clip":
