@@ -157,7 +157,8 @@ def test_a_real_three_trial_search_prunes_and_its_study_resumes(base_toml: Path,
     from sdstudio.core.control import TrainingControl
     from sdstudio.core.sweeps.runner import SweepRunStarted
 
-    plan = load_sweep(sweep_file(tmp_path, SEARCH.format(trials=3)))
+    fast = '[set]\n"train.threads" = 1\n"sample.at_end" = false\n"eval.memorisation" = false\n'
+    plan = load_sweep(sweep_file(tmp_path, SEARCH.format(trials=3).replace("[search]", fast + "[search]")))
     out = tmp_path / "out"
     control = TrainingControl()
     first: list = []
