@@ -260,3 +260,18 @@ def test_grid_columns_carry_the_memorisation_score_and_mark_copies(tiny_config, 
     summary = cg.column_summary(copied)
     assert summary[0]["copying"] is True and summary[0]["memo_ratio"] < 0.05
     assert copied.render().shape[0] > 0
+
+
+def test_the_cli_says_the_alarm_once_with_its_step(tiny_config, four_images: Path, tmp_path: Path, monkeypatch,
+                                                   capsys) -> None:
+    from sdstudio.cli import main
+    from sdstudio.core.presets import config_to_toml
+
+    config = _memo_config(tiny_config, four_images, steps=4, every=1)
+    _copying_sampler(monkeypatch, _training_images(config), from_step=2)
+    path = tmp_path / "memo.toml"
+    path.write_text(config_to_toml(config), encoding="utf-8")
+    assert main(["train", "--config", str(path), "--out", str(tmp_path / "run")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("memorisation: from step 2 the samples reproduce training images") == 1, err
+    assert "step 1: memorisation: copy ratio" in err
