@@ -20,6 +20,7 @@ from sdstudio.core.metrics.memorisation import (
 )
 from sdstudio.core.runs import RunFolder
 from sdstudio.core.train.loop import train
+from tests.test_eval_run import fid_weights  # noqa: F401 - the fixture
 
 
 def _train_features(n: int = 8, dim: int = 64, seed: int = 0) -> np.ndarray:
@@ -275,3 +276,14 @@ def test_the_cli_says_the_alarm_once_with_its_step(tiny_config, four_images: Pat
     err = capsys.readouterr().err
     assert err.count("memorisation: from step 2 the samples reproduce training images") == 1, err
     assert "step 1: memorisation: copy ratio" in err
+
+
+def test_auto_features_are_the_fid_inception_when_its_weights_are_set(tiny_config, fid_weights: Path,  # noqa: F811
+                                                                      tmp_path: Path) -> None:
+    config = tiny_config.with_overrides({"eval.inception_weights": str(fid_weights), "eval.fid_at_end": False,
+                                         "train.max_steps": 2, "checkpoint.every_steps": 0})
+    events = list(train(config, run_dir=tmp_path / "run"))
+    result = next(e for e in events if isinstance(e, ev.MemorisationResult))
+    assert result.features == "inception" and np.isfinite(result.ratio) and np.isfinite(result.diversity)
+    with np.load(RunFolder(tmp_path / "run").memorisation_features_file) as data:
+        assert str(data["kind"]) == "inception" and data["features"].shape[1] == 2048
