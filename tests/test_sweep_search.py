@@ -146,3 +146,52 @@ def test_cli_search_dry_run(base_toml: Path, tmp_path: Path, capsys) -> None:  #
     assert cli(["sweep", str(path), "--out", str(tmp_path / "o"), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "search: tpe, 2 trials, prune true, seed 0" in out and "study.db" in out
+
+
+@pytest.mark.slow
+def test_a_real_three_trial_search_prunes_and_its_study_resumes(base_toml: Path, tmp_path: Path) -> None:  # noqa: F811
+    """Real training (the tiny pixel model, 4 steps, validation at 2 and 4): 3 TPE trials with pruning, the second
+    stopped mid-run (as Ctrl-C does) and the search run again: the study in study.db continues that trial from its
+    checkpoint and runs the last one; summary.json says completed / pruned."""
+    from sdstudio.core import events as ev
+    from sdstudio.core.control import TrainingControl
+    from sdstudio.core.sweeps.runner import SweepRunStarted
+
+    fast = '[set]\n"train.threads" = 1\n"sample.at_end" = false\n"eval.memorisation" = false\n'
+    plan = load_sweep(sweep_file(tmp_path, SEARCH.format(trials=3).replace("[search]", fast + "[search]")))
+    out = tmp_path / "out"
+    control = TrainingControl()
+    first: list = []
+    trial = -1
+    from sdstudio.core.sweeps.search import run_search
+
+    for event in run_search(plan, out, control):
+        first.append(event)
+        if isinstance(event, SweepRunStarted):
+            trial = event.index
+        if trial == 1 and isinstance(event, ev.ValidationResult) and event.step == 2:
+            control.request_stop()
+    assert next(e for e in first if isinstance(e, SweepFinished)).reason == "stopped"
+    rows = json.loads((out / "summary.json").read_text())["rows"]
+    assert [r["status"] for r in rows][:1] in (["completed"], ["pruned"]) and rows[1]["status"] in ("stopped",
+                                                                                                    "running")
+    assert (out / "study.db").is_file()
+
+    again = _events(plan, out)
+    started = next(e for e in again if isinstance(e, SweepStarted))
+    assert started.total == 3 and started.to_run == 2
+    runs = [e for e in again if isinstance(e, SweepRunStarted)]
+    assert len(runs) == 2 and runs[0].resumed and runs[0].run_dir.name == rows[1]["run_dir"]  # from its checkpoint
+    summary = json.loads((out / "summary.json").read_text())
+    rows = summary["rows"]
+    # the interrupted trial (failed, continued by another in its folder) does not count towards the 3 trials
+    assert [r["status"] for r in rows][1] == "failed" and "continued in the same folder" in rows[1]["message"]
+    rows = [r for i, r in enumerate(rows) if i != 1]
+    assert len(rows) == 3 and {r["status"] for r in rows} <= {"completed", "pruned"}
+    assert "completed" in {r["status"] for r in rows}
+    for row in rows:
+        assert row["steps"] == (4 if row["status"] == "completed" else 2)
+        assert (out / row["run_dir"] / "metrics.jsonl").is_file()
+    assert next(e for e in again if isinstance(e, SweepFinished)).reason == "completed"
+    # finished: running it once more trains nothing
+    assert next(e for e in _events(plan, out) if isinstance(e, SweepStarted)).to_run == 0

@@ -46,6 +46,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         for c in columns:
             metrics = ", ".join(f"{k} {c[k]:.5f}" for k in ("val_loss", "kid", "fid") if c[k] is not None)
+            if c["memo_ratio"] is not None:  # eval.memorisation: near 0 = the samples copy training images
+                metrics += (", " if metrics else "") + f"memorisation {c['memo_ratio']:.3f}" + (
+                    " (copies training images)" if c["copying"] else "")
             say(f"step {c['step']}: {c['checkpoint']}" + (f" ({metrics})" if metrics else ""))
     say(f"grid: {args.out}")
     return 0

@@ -113,6 +113,10 @@ def drive_training(config: Any, run_dir: Path, *, resume: bool, quiet: bool, arg
                     say(f"step {event.step}: validation loss {event.val_loss:.5f}")
                 elif isinstance(event, ev.EvalResult):
                     say(f"step {event.step}: {describe_eval(event)}")
+                elif isinstance(event, ev.MemorisationResult) and event.ratio is not None:  # eval.memorisation
+                    div = "" if event.diversity is None else f", diversity across seeds {event.diversity:.3f}"
+                    say(f"step {event.step}: memorisation: copy ratio {event.ratio:.3f} (near 0 = copies of "
+                        f"training images){div}")
                 elif isinstance(event, ev.SampleGrid) and event.path is not None:
                     say(f"step {event.step}: samples {event.path}")
                 elif isinstance(event, ev.CheckpointSaved):

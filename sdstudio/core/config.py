@@ -441,6 +441,28 @@ class EvalConfig(Section):
     sampler_steps: int = Field(0, ge=0, le=1000, description="Sampler steps of the FID/KID images (0 = "
                                "sample.steps).")
     batch_size: int = Field(16, ge=1, le=512, description="Images generated (and fed to Inception) per batch.")
+    memorisation: bool = Field(True, description="At every sample grid, measure how close the samples are to "
+                               "their nearest training image and how much one prompt's samples differ across "
+                               "seeds (metrics.jsonl memo_ratio, diversity) and warn once when samples reproduce "
+                               "training images or collapse to one look (see docs/metrics.md).")
+    memorisation_features: Literal["auto", "pixels", "inception", "clip"] = Field(
+        "auto", description="Features the memorisation distances use: pixels (32 x 32, no weights needed), "
+        "inception (the FID network of eval.inception_weights), clip (eval.memorisation_clip_model); auto = clip "
+        "when a CLIP model is given, else inception when its weights are, else pixels.")
+    memorisation_clip_model: str = Field("", description="A CLIP vision model folder (transformers: CLIPModel or "
+                                         "CLIPVisionModelWithProjection) for the memorisation features; empty = "
+                                         "none.")
+    memorisation_threshold: float = Field(0.3, gt=0.0, le=2.0, description="Copy alarm: samples whose median "
+                                          "distance to the nearest training image is below this multiple of the "
+                                          "training images' own nearest-neighbour distance reproduce training "
+                                          "images.")
+    collapse_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="Collapse alarm: the samples of one "
+                                     "prompt collapsed to one look when their diversity across seeds falls below "
+                                     "this fraction of its reference (the smaller of the first measurement and the "
+                                     "training set's own diversity).")
+    memorisation_max_images: int = Field(4096, ge=2, le=1_000_000, description="Training images compared with "
+                                         "(an evenly spaced subset of larger sets); their features are computed "
+                                         "once and cached in the run folder.")
 
 
 class ExportConfig(Section):

@@ -76,6 +76,7 @@ def run_config_problems(c: RunConfig) -> list[str]:
         problems.append("export.ema: true needs train.ema = true")
     problems += _schedule_problems(t)
     problems += _recipe_problems(c)
+    problems += _memorisation_problems(c)
     return problems
 
 
@@ -105,6 +106,19 @@ def _recipe_problems(c: RunConfig) -> list[str]:
             problems.append(f"loss.contrastive_weight: {c.loss.contrastive_weight} compares an image's captions "
                             f"with the batch's others, but train.batch_size = {c.train.batch_size}; use 2 or more")
     return problems
+
+
+def _memorisation_problems(c: RunConfig) -> list[str]:
+    e = c.eval
+    if not e.memorisation:
+        return []
+    if e.memorisation_features == "inception" and not e.inception_weights:
+        return [("eval.memorisation_features: 'inception' needs eval.inception_weights (the FID Inception file); "
+                "use 'pixels' or 'auto' without it")]
+    if e.memorisation_features == "clip" and not e.memorisation_clip_model:
+        return [("eval.memorisation_features: 'clip' needs eval.memorisation_clip_model (a CLIP model folder); "
+                "use 'pixels' or 'auto' without it")]
+    return []
 
 
 def _schedule_problems(t: TrainConfig) -> list[str]:

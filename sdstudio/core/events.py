@@ -89,6 +89,24 @@ class SampleGrid(Event):
 
 
 @dataclass(frozen=True)
+class MemorisationResult(Event):
+    """How close the samples of one grid are to the training images and how much they differ across seeds
+    (``eval.memorisation``; core/metrics/memorisation.py). ``ratio``: median nearest-training-image distance
+    over the training set's own nearest-neighbour distance (near 0 = copies); ``copies``: share of samples
+    below the threshold; ``diversity``: mean pairwise distance across seeds per prompt. ``alarms``: the
+    warnings new at this step (each said once in a run)."""
+
+    step: int
+    epoch: int
+    ratio: float | None
+    nearest: float | None
+    copies: float | None
+    diversity: float | None
+    features: str = "pixels"
+    alarms: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class CheckpointSaved(Event):
     path: Path
     step: int

@@ -58,6 +58,7 @@ class MainWindow(QueueControl, QMainWindow):
         self._stop_quit_button: object = None
         self.export_dialog: ExportDialog | None = None
         self.sweep_dialog: SweepDialog | None = None
+        self.search_dir: Path | None = None  # the folder of a search sweep running in the app
         self._quit_when_idle = False
         self.force_quit = False
 

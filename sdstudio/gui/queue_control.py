@@ -8,8 +8,11 @@ from typing import Any
 
 from PySide6.QtCore import Qt, QTimer
 
+from sdstudio.core import events as ev
+from sdstudio.core import paths
 from sdstudio.core.runs import default_run_dir
 from sdstudio.core.sweeps.plan import SweepPlan
+from sdstudio.core.sweeps.runner import SweepFinished, SweepRunStarted
 
 from .panels.datasets import same_folder
 from .panels.export_dialog import run_checkpoints
@@ -33,6 +36,11 @@ class QueueControl:
     _config_dataset: Any
     _run_label: Any
     _start_run: Any
+    plots: Any
+    samples: Any
+    compare: Any
+    training_tab: Any
+    search_dir: Any
 
     def add_current_to_queue(self) -> QueueItem | None:
         """Queue a run with the current settings and dataset (refused, with the reasons, when they cannot train)."""
@@ -62,6 +70,7 @@ class QueueControl:
             return None
         dialog = SweepDialog(config, self.presets.current_name or "custom", self)
         dialog.queue_requested.connect(self._queue_sweep)
+        dialog.search_requested.connect(self.run_search)
         dialog.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
         self.sweep_dialog = dialog
         dialog.open()
@@ -72,6 +81,44 @@ class QueueControl:
             self.queue.add(combo.config, f"{name}-{combo.folder}", combo.describe())
         self.log.note(f"sweep {name}: {len(plan.combinations)} runs added to the queue")
         self.tabs.setCurrentWidget(self.queue)
+
+    def run_search(self, plan: SweepPlan) -> bool:
+        """A [search] sweep in the app: its trials train one after another on the training worker, each shown
+        live; the folder is ``<runs>/sweeps/NAME`` (its study.db resumes an interrupted search); when it ends
+        the comparison view opens it (pruned trials marked, parameter importances)."""
+        from sdstudio.core.sweeps.search import run_search
+
+        if self.runner.is_running():
+            show_error(self, "A run is in progress", "The search starts when no run is training.",
+                       hint="Wait for the current run to end, or stop it, then run the search again.")
+            return False
+        out = paths.runs_dir() / "sweeps" / plan.name
+        self.search_dir = out
+        self.plots.clear()
+        self.runner.event.connect(self._search_event)
+        self.runner.running_changed.connect(self._search_ended)
+        self.log.note(f"search {plan.name}: {plan.search['trials'] if plan.search else '?'} trials in {out}")
+        self.runner.start(None, None, events=lambda control: run_search(plan, out, control))
+        self.tabs.setCurrentWidget(self.training_tab)
+        return True
+
+    def _search_event(self, event: ev.Event) -> None:
+        if isinstance(event, SweepRunStarted):  # a new trial: its own curves and samples
+            self.plots.clear()
+            self.samples.set_entries([])
+            values = ", ".join(f"{k}={v!r}" for k, v in event.overrides.items())
+            self.log.note(f"search trial {event.index + 1} of {event.total}: {values}")
+        elif isinstance(event, SweepFinished):
+            self.log.note(f"search finished: {event.out_dir}")
+
+    def _search_ended(self, running: bool) -> None:
+        if running:
+            return
+        self.runner.event.disconnect(self._search_event)
+        self.runner.running_changed.disconnect(self._search_ended)
+        if self.search_dir is not None and (self.search_dir / "summary.json").is_file():
+            self.compare.open_sweep(self.search_dir)
+            self.tabs.setCurrentWidget(self.compare)
 
     def run_queue(self) -> None:
         if self.runner.is_running():

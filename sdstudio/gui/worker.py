@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import logging
 import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from PySide6.QtCore import QObject, Qt, QThread, Signal, Slot
@@ -23,20 +24,25 @@ log = logging.getLogger("sdstudio")
 
 
 class TrainingWorker(QObject):
-    """Runs one training run when ``run`` is invoked on its thread."""
+    """Runs one training run when ``run`` is invoked on its thread (or, given ``events``, iterates the stream it
+    makes from the control: a search sweep's runs one after another)."""
 
     event = Signal(object)  # every core Event, in order
     done = Signal()  # after the last event (Finished or Failed), always
 
-    def __init__(self, config: RunConfig, control: TrainingControl, run_dir: Path | None, resume: bool) -> None:
+    def __init__(self, config: RunConfig | None, control: TrainingControl, run_dir: Path | None, resume: bool,
+                 events: Callable[[TrainingControl], Iterator[ev.Event]] | None = None) -> None:
         super().__init__()
         self.config, self.control, self.run_dir, self.resume = config, control, run_dir, resume
+        self.events = events
 
     @Slot()
     def run(self) -> None:
         ended = False
         try:
-            for event in train(self.config, self.control, run_dir=self.run_dir, resume=self.resume):
+            stream = (self.events(self.control) if self.events is not None else
+                      train(self.config, self.control, run_dir=self.run_dir, resume=self.resume))
+            for event in stream:
                 ended = ended or isinstance(event, (ev.Finished, ev.Failed))
                 self.event.emit(event)
         except Exception as exc:  # noqa: BLE001 - the engine failed outside its own handling: report it
@@ -46,7 +52,7 @@ class TrainingWorker(QObject):
                                       _newest_checkpoint(self.run_dir), self.run_dir))
             ended = True
         finally:
-            if not ended:
+            if not ended and self.events is None:  # a stream of several runs (a search) says its own end
                 self.event.emit(ev.Failed("The training run ended without saying why.", "",
                                           _newest_checkpoint(self.run_dir), self.run_dir))
             self.done.emit()
@@ -85,7 +91,9 @@ class TrainingRunner(QObject):
     def is_running(self) -> bool:
         return self.thread is not None
 
-    def start(self, config: RunConfig, run_dir: Path | None, *, resume: bool = False) -> None:
+    def start(self, config: RunConfig | None, run_dir: Path | None, *, resume: bool = False,
+              events: Callable[[TrainingControl], Iterator[ev.Event]] | None = None) -> None:
+        """Train ``config`` in ``run_dir``; or, with ``events``, iterate that stream (e.g. a search sweep)."""
         if self.is_running():
             raise RuntimeError("a run is in progress")
         freeze_heap()
@@ -93,7 +101,7 @@ class TrainingRunner(QObject):
         self.run_dir = run_dir
         thread = QThread(self)
         thread.setObjectName("sdstudio-training")
-        worker = TrainingWorker(config, self.control, run_dir, resume)
+        worker = TrainingWorker(config, self.control, run_dir, resume, events)
         worker.moveToThread(thread)
         thread.started.connect(worker.run)
         worker.event.connect(self.event)  # queued: the worker lives on the other thread

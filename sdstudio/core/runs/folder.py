@@ -38,6 +38,7 @@ EXPORTS_DIR = "exports"
 BEST_FILE = "best.json"  # in checkpoints/: {"step", "checkpoint", "val_loss"} of the best by validation loss
 CARD_FILE = "run-card.json"  # written at the start: config, dataset manifest, versions, device (card.py)
 IMAGE_LOSS_FILE = "image_loss.json"  # per-image loss (core/train/image_loss.py)
+MEMORISATION_FEATURES_FILE = "memorisation-features.npz"  # training images' features (core/train/memorisation.py)
 
 
 class RunFolder:
@@ -99,6 +100,10 @@ class RunFolder:
     @property
     def image_loss_file(self) -> Path:
         return self.path / IMAGE_LOSS_FILE
+
+    @property
+    def memorisation_features_file(self) -> Path:
+        return self.path / MEMORISATION_FEATURES_FILE
 
     def checkpoint_dir(self, step: int) -> Path:
         """``checkpoints/step-00000120`` (whether or not it exists)."""

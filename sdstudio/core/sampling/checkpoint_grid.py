@@ -13,8 +13,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import CheckpointError
+from ..metrics.memorisation import measure
 from ..runs import RunFolder
 from ..runs.checkpoints import verify_checkpoint
+from ..train.memorisation import run_reference
 from .from_run import load_trained
 
 MIN_CELL = 96  # small images (a 16 px test model) are scaled up so the labels stay readable
@@ -28,6 +30,8 @@ class GridColumn:
     val_loss: float | None = None
     kid: float | None = None
     fid: float | None = None
+    memo_ratio: float | None = None  # distance to the nearest training image / the training set's own (0 = copy)
+    diversity: float | None = None  # across seeds, per prompt
 
     def label(self) -> list[str]:
         lines = [f"step {self.step}"]
@@ -35,7 +39,15 @@ class GridColumn:
             lines.append(f"val {self.val_loss:.4f}")
         if self.kid is not None:
             lines.append(f"KID {self.kid:.4f}")
+        if self.memo_ratio is not None:
+            lines.append(f"memo {self.memo_ratio:.2f}" + (" COPY" if self.copying else ""))
         return lines
+
+    copy_threshold: float = 0.3
+
+    @property
+    def copying(self) -> bool:
+        return self.memo_ratio is not None and self.memo_ratio < self.copy_threshold
 
 
 @dataclass
@@ -92,6 +104,8 @@ def checkpoint_grid(run: Path, prompts: Sequence[str], *, seeds: Sequence[int] =
     folder = RunFolder(run)
     checkpoints = grid_checkpoints(run, every)
     metrics = _step_metrics(folder)
+    config = folder.load_config()
+    reference = run_reference(folder.path, config) if config.eval.memorisation else None
     rows = [(p, int(s)) for p in prompts for s in seeds]
     grid = CheckpointGrid([], rows)
     for i, path in enumerate(checkpoints):
@@ -101,7 +115,13 @@ def checkpoint_grid(run: Path, prompts: Sequence[str], *, seeds: Sequence[int] =
         loaded = load_trained(path, use_ema=use_ema, device=device)
         images = loaded.generate(list(prompts), list(seeds), steps=steps, guidance=guidance)
         m = metrics.get(info.step, {})
-        grid.columns.append(GridColumn(info.step, path, m.get("val_loss"), m.get("kid_mean"), m.get("fid")))
+        column = GridColumn(info.step, path, m.get("val_loss"), m.get("kid_mean"), m.get("fid"),
+                            copy_threshold=config.eval.memorisation_threshold)
+        if reference is not None:  # the same measure as the run's alarm, on this column's images
+            numbers = measure(reference[1](images), len(prompts), reference[0],
+                              copy_threshold=config.eval.memorisation_threshold)
+            column.memo_ratio, column.diversity = numbers["memo_ratio"], numbers["diversity"]
+        grid.columns.append(column)
         grid.images.append(images)
         del loaded
         if progress is not None:
@@ -118,7 +138,7 @@ def render_grid(grid: CheckpointGrid) -> np.ndarray:
     scale = max(1, -(-MIN_CELL // max(h, w)))
     ch, cw = h * scale, w * scale
     pad = 4
-    header = LABEL_LINE * 3 + pad
+    header = LABEL_LINE * max(3, max(len(c.label()) for c in grid.columns)) + pad
     left = 160
     width = left + len(grid.columns) * (cw + pad) + pad
     height = header + len(grid.rows) * (ch + pad) + pad
@@ -140,6 +160,6 @@ def render_grid(grid: CheckpointGrid) -> np.ndarray:
 
 
 def column_summary(grid: CheckpointGrid) -> list[dict[str, Any]]:
-    """One dict per column (step, checkpoint, val_loss, kid, fid): what the CLI prints and the app lists."""
-    return [{"step": c.step, "checkpoint": str(c.checkpoint), "val_loss": c.val_loss, "kid": c.kid, "fid": c.fid}
-            for c in grid.columns]
+    """One dict per column (step, checkpoint, val_loss, kid, fid, memo_ratio, diversity, copying): what the CLI prints and the app lists."""
+    return [{"step": c.step, "checkpoint": str(c.checkpoint), "val_loss": c.val_loss, "kid": c.kid, "fid": c.fid,
+             "memo_ratio": c.memo_ratio, "diversity": c.diversity, "copying": c.copying} for c in grid.columns]

@@ -82,13 +82,13 @@ def run_search(plan: SweepPlan, out_dir: Path, control: TrainingControl | None =
         total = plan.search["trials"]
         states = optuna.trial.TrialState
         interrupted = [t for t in study.trials if t.state == states.RUNNING]
-        finished = [t for t in study.trials if t.state.is_finished()]
+        finished = _finished(study)
         to_run = max(0, total - len(finished))
         _log(out_dir, f"search {plan.name}: {len(finished)} of {total} trials finished, {to_run} to run")
         yield SweepStarted(out_dir, total, to_run)
         _write_summary(plan, out_dir, study)
         reason = "completed"
-        while len([t for t in study.trials if t.state.is_finished()]) < total:
+        while len(_finished(study)) < total:
             if control.stop_requested:
                 reason = "stopped"
                 break
@@ -108,6 +108,13 @@ def run_search(plan: SweepPlan, out_dir: Path, control: TrainingControl | None =
         yield SweepFinished(out_dir, reason, counts)
     finally:
         lock.release()
+
+
+def _finished(study: Any) -> list[Any]:
+    """The finished trials that count towards ``trials``: an interrupted trial closed as failed because another
+    continues its run does not (else every interruption would cost the search one of its trials)."""
+    continued = {t.user_attrs.get("continues") for t in study.trials}
+    return [t for t in study.trials if t.state.is_finished() and t.number not in continued]
 
 
 def _continue(study: Any, old: Any, out_dir: Path) -> tuple[Any, Path | None, bool]:

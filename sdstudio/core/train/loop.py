@@ -192,6 +192,7 @@ def _run(s: TrainingSession, control: TrainingControl) -> Iterator[ev.Event]:
             yield ev.Warning(warning)
         if s.is_main and s.run_dir is not None:
             RunFolder(s.run_dir).truncate_metrics_after(p.step)
+            s.memorisation.replay(RunFolder(s.run_dir).metrics_rows())  # alarms already said stay said
         if p.finished:
             ended = _resume_at_the_end(s)
             if ended is not None:  # nothing left to do: said once, nothing written (resume is idempotent)
@@ -399,13 +400,32 @@ def _sample(s: TrainingSession, metrics: MetricsWriter | None,
     scores = previews.prompt_adherence()
     if scores:
         log.info("prompt adherence at step %d: %s", p.step, ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
+    memo, alarms = s.memorisation.observe(s, previews.last_images, len(previews.prompts), p.step)
     if metrics and path is not None:
-        metrics.write(metrics_row("sample", p.step, p.epoch, path=str(path.name), **scores))
+        metrics.write(metrics_row("sample", p.step, p.epoch, path=str(path.name), **scores, **memo))
+    yield from _memorisation_events(s, memo, alarms, metrics)
     if tensorboard is not None:
         tensorboard.image("samples", p.step, grid)
     yield ev.SampleGrid(p.step, p.epoch, grid, tuple(previews.prompts), tuple(s.config.sample.seeds), path,
                         scores)
     yield ev.Status("training", "training")
+
+
+def _memorisation_events(s: TrainingSession, memo: dict, alarms: list[str],
+                         metrics: MetricsWriter | None) -> Iterator[ev.Event]:
+    """eval.memorisation: the numbers of this grid, and each alarm once (run.log, an event row, a Warning)."""
+    if not memo:
+        return
+    p = s.progress
+    log.info("memorisation at step %d: ratio %s, diversity %s", p.step, memo.get("memo_ratio"), memo.get("diversity"))
+    for text in alarms:
+        event = "memorisation" if text.startswith("memorisation") else "collapse"
+        began = s.memorisation.alarm.alarms()[event]
+        if metrics:
+            metrics.write(metrics_row("event", p.step, p.epoch, event=event, began=began, text=text))
+        yield _warning(text)
+    yield ev.MemorisationResult(p.step, p.epoch, memo.get("memo_ratio"), memo.get("memo_nearest"),
+                                memo.get("memo_copies"), memo.get("diversity"), s.memorisation.kind, tuple(alarms))
 
 
 def _auto_export(s: TrainingSession, metrics: MetricsWriter | None) -> Iterator[ev.Event]:

@@ -8,6 +8,7 @@
 - ``steps`` (OptimizerStep): one guarded optimizer step (+ schedule, scaler, EMA update).
 - ``previews`` (Previews): sample grids and FID/KID images under the EMA weights.
 - ``evaluation`` (RunEvaluation): FID/KID during the run.
+- ``memorisation`` (RunMemorisation): the memorisation / collapse alarm at each sample grid.
 
 The session builds them (``build``), and does what spans them: checkpoints (save, resume, best)."""
 
@@ -34,6 +35,7 @@ from .checkpoint import CheckpointInfo, prune_checkpoints, write_checkpoint
 from .ema import EmaWeights
 from .evaluation import RunEvaluation
 from .image_loss import ImageLossTracker
+from .memorisation import RunMemorisation
 from .memory import estimate_memory, memory_advice
 from .objective import make_objective, training_schedule
 from .optim import LRSchedule, build_optimizer, optimizer_warnings, param_groups
@@ -96,6 +98,7 @@ class TrainingSession:
         # package is an input error at the start, not a failure at the first evaluation / log line.
         self.evaluation = RunEvaluation(config, is_main=self.is_main)
         self.init_warnings += self.evaluation.warnings
+        self.memorisation = RunMemorisation(config, is_main=self.is_main, inception=self.evaluation.inception)
         if cfg.tensorboard and run_dir is not None:
             require_tensorboard()
         if cfg.wandb and run_dir is not None:

@@ -141,7 +141,13 @@ class CheckpointGridDialog(QDialog):
         if best >= 0:
             self.column.setCurrentIndex(best)
         self.export_button.setEnabled(bool(grid.columns))
-        self.status.setText(f"{len(grid.columns)} checkpoints")
+        copying = [str(c.step) for c in grid.columns if c.copying]  # eval.memorisation's measure, per column
+        self.status.setText(f"{len(grid.columns)} checkpoints" + (
+            f"; <span style='color:#b3261e'>samples copy training images at step {', '.join(copying)}</span>"
+            if copying else ""))
+        self.status.setToolTip("memo: distance of the samples to their nearest training image over the training "
+                               "images' own nearest-neighbour distance (near 0 = copies; COPY below "
+                               "eval.memorisation_threshold)")
 
     def _failed(self, message: str, details: str) -> None:
         self.busy = False

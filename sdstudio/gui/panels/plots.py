@@ -20,7 +20,8 @@ from ..widgets.series import Series, SmoothedSeries
 pg.setConfigOptions(background="w", foreground="#333", antialias=False)
 REDRAW_MS = 100
 COLORS = {"raw": (150, 180, 230), "smooth": (25, 85, 190), "val": (220, 90, 20), "lr": (40, 140, 60),
-          "grad": (140, 60, 160), "speed": (90, 90, 90)}
+          "grad": (140, 60, 160), "speed": (90, 90, 90),
+          "memo": (200, 30, 60), "diversity": (20, 150, 150)}
 
 
 def live_curve(plot: pg.PlotItem, color: tuple[int, int, int], *, width: float = 1, name: str | None = None,
@@ -54,10 +55,19 @@ class PlotsPanel(QWidget):
         self.loss_plot = self._plot(
             "Loss: " + " · ".join(f"<span style='color:{_hex(COLORS[key])}'>{name}</span>" for key, name in
                                   (("raw", "per log step"), ("smooth", "smoothed"), ("val", "validation"))),
-            0, 0, rowspan=3)
+            0, 0, rowspan=4)
         self.lr_plot = self._plot("Learning rate", 0, 1)
         self.grad_plot = self._plot("Gradient norm", 1, 1)
         self.speed_plot = self._plot("Throughput (images/s)", 2, 1)
+        # eval.memorisation: near 0 = samples copy training images; diversity across seeds (collapse)
+        self.memo_plot = self._plot(
+            "Samples: " + " · ".join(f"<span style='color:{_hex(COLORS[key])}'>{name}</span>" for key, name in
+                                     (("memo", "copy ratio"), ("diversity", "diversity"))), 3, 1)
+        self.memo_plot.setToolTip("Copy ratio: a sample's distance to its nearest training image over the training "
+                                  "images' own nearest-neighbour distance (near 0: samples copy training images). "
+                                  "Diversity: how much one prompt's samples differ across seeds (eval.memorisation)")
+        self.memo_ratio = Series()
+        self.diversity = Series()
         self.view.ci.layout.setColumnStretchFactor(0, 3)
         self.view.ci.layout.setColumnStretchFactor(1, 2)
         self.curves: dict[str, tuple[pg.PlotDataItem, Series]] = {
@@ -69,12 +79,15 @@ class PlotsPanel(QWidget):
             "lr": (live_curve(self.lr_plot, COLORS["lr"]), self.lr),
             "grad_norm": (live_curve(self.grad_plot, COLORS["grad"]), self.grad_norm),
             "speed": (live_curve(self.speed_plot, COLORS["speed"]), self.speed),
+            "memo_ratio": (live_curve(self.memo_plot, COLORS["memo"], width=2, symbol="o"), self.memo_ratio),
+            "diversity": (live_curve(self.memo_plot, COLORS["diversity"], width=2, symbol="t"), self.diversity),
         }
         self.followers = {plot: RangeFollower(plot) for plot in (self.loss_plot, self.lr_plot, self.grad_plot,
-                                                                 self.speed_plot)}
+                                                                 self.speed_plot, self.memo_plot)}
         self._plot_series: dict[pg.PlotItem, list[Series]] = {
             self.loss_plot: [self.loss, self.loss_smooth, self.val_loss], self.lr_plot: [self.lr],
-            self.grad_plot: [self.grad_norm], self.speed_plot: [self.speed]}
+            self.grad_plot: [self.grad_norm], self.speed_plot: [self.speed],
+            self.memo_plot: [self.memo_ratio, self.diversity]}
         self.log_scale = QCheckBox("Log scale (loss, gradient norm)")
         self.log_scale.toggled.connect(self.set_log_scale)
         self.follow = QCheckBox("Follow the data")
@@ -92,6 +105,11 @@ class PlotsPanel(QWidget):
         bar.addWidget(self.log_scale)
         bar.addWidget(self.follow)
         bar.addStretch(1)
+        self.alarm_label = QLabel("")  # the memorisation / collapse alarm of the run, once raised
+        self.alarm_label.setObjectName("memorisationAlarm")
+        self.alarm_label.setStyleSheet("color: #b3261e; font-weight: bold;")
+        self.alarm_label.setVisible(False)
+        bar.addWidget(self.alarm_label)
         bar.addWidget(self.eval_label)
         bar.addWidget(self.points)
         layout = QVBoxLayout(self)
@@ -124,9 +142,31 @@ class PlotsPanel(QWidget):
             if _finite(event.val_loss):
                 self.val_loss.append(float(event.step), event.val_loss)
                 self._dirty = True
+        elif isinstance(event, ev.MemorisationResult):
+            self.add_memorisation(event.step, event.ratio, event.diversity)
+            for text in event.alarms:
+                self.show_alarm(text)
         elif isinstance(event, ev.EvalResult):
             self.show_eval(event.step, event.fid, event.kid_mean, event.kid_std, event.n_generated, event.n_real,
                            event.fid_meaningful, event.note)
+
+    def add_memorisation(self, step: int, ratio: float | None, diversity: float | None) -> None:
+        if _finite(ratio):
+            self.memo_ratio.append(float(step), float(ratio))
+        if _finite(diversity):
+            self.diversity.append(float(step), float(diversity))
+        self._dirty = True
+
+    def show_alarm(self, text: str) -> None:
+        """The alarm (copying / collapse, with the step it began) above the plots; the full text as tooltip."""
+        head = text.split(" the samples")[0].split(";")[0]
+        shown = [t for t in self.alarm_label.text().split("  ·  ") if t]
+        if head not in shown:
+            shown.append(head)
+        self.alarm_label.setText("  ·  ".join(shown))
+        tips = [t for t in self.alarm_label.toolTip().split("\n\n") if t]
+        self.alarm_label.setToolTip("\n\n".join([*tips, text]))
+        self.alarm_label.setVisible(True)
 
     def show_eval(self, step: int, fid: float | None, kid_mean: float | None, kid_std: float | None,
                   n_generated: int = 0, n_real: int = 0, fid_meaningful: bool = False, note: str = "") -> None:
@@ -159,6 +199,11 @@ class PlotsPanel(QWidget):
         if vals:
             self.val_loss.extend(np.array([r["step"] for r in vals], dtype=np.float64),
                                  np.array([r["val_loss"] for r in vals]))
+        for r in rows:
+            if r.get("kind") == "sample" and ("memo_ratio" in r or "diversity" in r):
+                self.add_memorisation(int(r.get("step", 0)), r.get("memo_ratio"), r.get("diversity"))
+            if r.get("kind") == "event" and r.get("event") in ("memorisation", "collapse") and r.get("text"):
+                self.show_alarm(str(r["text"]))
         evals = [r for r in rows if r.get("kind") == "val" and ("fid" in r or "kid_mean" in r)]
         if evals:  # FID / KID rows are "val" rows without val_loss
             last = evals[-1]
@@ -179,6 +224,9 @@ class PlotsPanel(QWidget):
             series.clear()
         self.eval_label.setText("")
         self.eval_label.setVisible(False)
+        self.alarm_label.setText("")
+        self.alarm_label.setToolTip("")
+        self.alarm_label.setVisible(False)
         for follower in self.followers.values():
             follower.follow(self.follow.isChecked())
         self._dirty = True

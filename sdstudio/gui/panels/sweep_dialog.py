@@ -1,6 +1,12 @@
-"""A small grid-sweep dialog: pick a few settings and the values to try; it shows how many runs that makes,
+"""A small sweep dialog: pick a few settings and the values to try; it shows how many runs that makes,
 validates every combination with the core's sweep expansion (``core/sweeps/plan.py``, the same checks as
 `sdstudio sweep`) and either queues them or writes a sweep file for `sdstudio sweep`.
+
+Method "TPE search" is the file's ``[search]`` table: each row is a range (``1e-4 .. 1e-2 log``, or
+``{ min = ..., max = ..., log = true }``) or comma-separated choices, with the number of trials, pruning and
+the seed; "Run search" runs it in the app (Optuna, the study in ``<runs>/sweeps/NAME/study.db``, so running it
+again resumes it) and the comparison view then shows its trials, the pruned ones marked, and the parameter
+importances.
 
 The base of the sweep is the current settings (written next to the sweep file as ``<name>-base.toml``)."""
 
@@ -21,6 +27,7 @@ import tomli_w
 from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtWidgets import (
     QAbstractItemView,
+    QCheckBox,
     QComboBox,
     QCompleter,
     QDialog,
@@ -32,6 +39,7 @@ from PySide6.QtWidgets import (
     QLineEdit,
     QListWidget,
     QPushButton,
+    QSpinBox,
     QTableWidget,
     QVBoxLayout,
     QWidget,
@@ -45,6 +53,8 @@ from sdstudio.core.presets import config_to_toml
 from sdstudio.core.sweeps.plan import NOT_OVERRIDABLE, SweepPlan, format_value, load_sweep, parse_sweep
 
 PREVIEW_LIMIT = 200  # combinations listed in the dialog (all of them are validated)
+METHODS = {"grid": "Grid: every combination", "tpe": "TPE search (Optuna): learns from finished runs"}
+_RANGE = re.compile(r"^\s*([-+0-9.eE]+)\s*(?:\.\.|–|to)\s*([-+0-9.eE]+)\s*(log)?\s*$")
 
 
 def sweep_keys() -> list[str]:
@@ -90,9 +100,54 @@ def sweep_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text.strip()).strip("-.")[:64] or "sweep"
 
 
-def sweep_data(name: str, base_file: str, grid: dict[str, list[Any]]) -> dict[str, Any]:
-    """A sweep file's content (docs/sweeps.md)."""
+def sweep_data(name: str, base_file: str, grid: dict[str, Any],
+               search: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A sweep file's content (docs/sweeps.md): a [grid] table, or with ``search`` settings (method, trials,
+    prune, seed) a [search] table of those settings and the ranges."""
+    if search is not None:
+        return {"name": name, "base_config": base_file, "search": {**search, **grid}}
     return {"name": name, "base_config": base_file, "grid": dict(grid)}
+
+
+def parse_range(text: str) -> Any:
+    """A search row: ``low .. high [log]`` or an inline ``{ min, max, log }`` table is a range; anything else is
+    comma-separated choices (read like ``--set``)."""
+    match = _RANGE.match(text)
+    if match:
+        low, high = (parse_set_value(match.group(i)) for i in (1, 2))
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)):
+            raise UserError(f"{text!r}: a range needs two numbers, e.g. 1e-4 .. 1e-2 log")
+        return {"min": low, "max": high, **({"log": True} if match.group(3) else {})}
+    values = parse_values(text)
+    if len(values) == 1 and isinstance(values[0], dict):
+        return values[0]
+    return values
+
+
+def build_search(rows: list[tuple[str, str]]) -> dict[str, Any]:
+    """``{key: range or choices}`` from the dialog's rows in search mode."""
+    ranges: dict[str, Any] = {}
+    for key, text in rows:
+        key = key.strip()
+        if not key and not text.strip():
+            continue
+        if not key:
+            raise UserError(f"values {text!r} without a setting: pick the setting they are for")
+        if key in ranges:
+            raise UserError(f"{key}: chosen twice; give its range in one row")
+        try:
+            ranges[key] = parse_range(text)
+        except UserError as exc:
+            raise UserError(f"{key}: {exc}") from None
+    if not ranges:
+        raise UserError("choose at least one setting and its range, e.g. 1e-4 .. 1e-2 log")
+    return ranges
+
+
+def describe_range(spec: Any) -> str:
+    if isinstance(spec, dict):
+        return f"{format_value(spec['min'])} .. {format_value(spec['max'])}" + (" (log)" if spec.get("log") else "")
+    return "one of " + ", ".join(format_value(v) for v in spec)
 
 
 def build_grid(rows: list[tuple[str, str]]) -> dict[str, list[Any]]:
@@ -115,22 +170,24 @@ def build_grid(rows: list[tuple[str, str]]) -> dict[str, list[Any]]:
     return grid
 
 
-def plan_sweep(base: RunConfig, name: str, grid: dict[str, list[Any]], folder: Path) -> SweepPlan:
+def plan_sweep(base: RunConfig, name: str, grid: dict[str, Any], folder: Path,
+               search: dict[str, Any] | None = None) -> SweepPlan:
     """Validate with the core's sweep expansion: write the base config and the sweep file into ``folder``."""
     base_file = f"{name}-base.toml"
     write_text_atomic(folder / base_file, config_to_toml(base))
     path = folder / f"{name}.toml"
     try:
-        return parse_sweep(sweep_data(name, base_file, grid), path=path)
+        return parse_sweep(sweep_data(name, base_file, grid, search), path=path)
     except UserError as exc:
         raise UserError(str(exc).replace(f"{path}: ", "").replace(f"{path}, ", "")) from None
 
 
-def write_sweep_file(base: RunConfig, name: str, grid: dict[str, list[Any]], path: Path) -> SweepPlan:
+def write_sweep_file(base: RunConfig, name: str, grid: dict[str, Any], path: Path,
+                     search: dict[str, Any] | None = None) -> SweepPlan:
     """Write ``path`` and ``<stem>-base.toml`` beside it (the current settings) and check them by loading."""
     base_file = f"{path.stem}-base.toml"
     write_text_atomic(path.parent / base_file, config_to_toml(base))
-    write_text_atomic(path, tomli_w.dumps(sweep_data(name, base_file, grid)))
+    write_text_atomic(path, tomli_w.dumps(sweep_data(name, base_file, grid, search)))
     return load_sweep(path)
 
 
@@ -140,9 +197,11 @@ def _default_values(base: RunConfig) -> str:
 
 
 class SweepDialog(QDialog):
-    """Emits ``queue_requested(name, plan)`` for "Add to queue"; writes files itself for "Save sweep file"."""
+    """Emits ``queue_requested(name, plan)`` for "Add to queue" (grid), ``search_requested(plan)`` for "Run
+    search" (TPE); writes files itself for "Save sweep file"."""
 
     queue_requested = Signal(str, object)  # sweep name, SweepPlan
+    search_requested = Signal(object)  # SweepPlan of mode "search"
 
     def __init__(self, base: RunConfig, base_label: str, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -156,12 +215,41 @@ class SweepDialog(QDialog):
         self._keys = sweep_keys()
         self._docs = {key: (typ, desc) for key, typ, _default, desc in field_docs()}
 
-        intro = QLabel(f"Every combination of the values below trains one run, starting from the current "
+        self.intro = intro = QLabel(f"Every combination of the values below trains one run, starting from the current "
                        f"settings ({base_label}). Values are separated by commas and read like <tt>--set</tt>: "
                        "numbers, true/false, text, [lists] for list settings.")
         intro.setWordWrap(True)
         self.name = QLineEdit(sweep_name(f"{base_label}-sweep"))
         self.name.textChanged.connect(self._schedule)
+        self.method = QComboBox()
+        self.method.setObjectName("sweepMethod")
+        for key, label in METHODS.items():
+            self.method.addItem(label, key)
+        self.method.currentIndexChanged.connect(lambda _i: self._method_changed())
+        self.trials = QSpinBox()
+        self.trials.setRange(1, 10_000)
+        self.trials.setValue(12)
+        self.trials.setToolTip("How many runs the search trains ([search] trials)")
+        self.prune = QCheckBox("Prune runs that fall behind")
+        self.prune.setChecked(True)
+        self.prune.setToolTip("Stop a run whose validation loss is worse than the median of the finished runs at "
+                              "the same step (Optuna's median rule; needs validation, e.g. train.val_every_steps)")
+        self.seed = QSpinBox()
+        self.seed.setRange(0, 2**31 - 1)
+        self.seed.setToolTip("The search's own seed: the same seed draws the same trials")
+        for widget in (self.trials, self.seed):
+            widget.valueChanged.connect(self._schedule)
+        self.prune.toggled.connect(self._schedule)
+        search_row = QHBoxLayout()
+        search_row.addWidget(QLabel("Trials"))
+        search_row.addWidget(self.trials)
+        search_row.addWidget(self.prune)
+        search_row.addWidget(QLabel("Seed"))
+        search_row.addWidget(self.seed)
+        search_row.addStretch(1)
+        self.search_box = QWidget()
+        self.search_box.setLayout(search_row)
+        self.search_box.setVisible(False)
         self.table = QTableWidget(0, 2)
         self.table.setHorizontalHeaderLabels(["Setting", "Values (comma-separated)"])
         self.table.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.Interactive)
@@ -204,6 +292,8 @@ class SweepDialog(QDialog):
 
         form = QFormLayout()
         form.addRow("Sweep name", self.name)
+        form.addRow("Method", self.method)
+        form.addRow("", self.search_box)
         layout = QVBoxLayout(self)
         layout.addWidget(intro)
         layout.addLayout(form)
@@ -211,7 +301,8 @@ class SweepDialog(QDialog):
         layout.addLayout(row_buttons)
         layout.addWidget(self.doc)
         layout.addWidget(self.count)
-        layout.addWidget(QLabel("Combinations:"))
+        self.preview_title = QLabel("Combinations:")
+        layout.addWidget(self.preview_title)
         layout.addWidget(self.preview)
         layout.addLayout(buttons)
         self.resize(820, 560)
@@ -222,6 +313,38 @@ class SweepDialog(QDialog):
         self._timer.timeout.connect(self.validate_now)
         self.add_row("train.learning_rate", _default_values(base))
         self.validate_now()
+
+    # -- method --------------------------------------------------------------------------------------------
+    def is_search(self) -> bool:
+        return self.method.currentData() == "tpe"
+
+    def set_method(self, method: str) -> None:
+        self.method.setCurrentIndex(list(METHODS).index(method))
+
+    def search_settings(self) -> dict[str, Any] | None:
+        if not self.is_search():
+            return None
+        return {"method": "tpe", "trials": self.trials.value(), "prune": self.prune.isChecked(),
+                "seed": self.seed.value()}
+
+    def _method_changed(self) -> None:
+        search = self.is_search()
+        self.search_box.setVisible(search)
+        self.preview_title.setText("Ranges searched:" if search else "Combinations:")
+        self._grid_intro = getattr(self, "_grid_intro", self.intro.text())
+        self.intro.setText("Each trial trains one run from the current settings with values Optuna's TPE sampler "
+                           "draws from the ranges below, learning from the finished trials; pruning stops a run "
+                           "whose validation loss falls behind the others at the same step. A range is "
+                           "<tt>low .. high</tt> (add <tt>log</tt> for a log scale); commas give choices."
+                           if search else self._grid_intro)
+        self.table.setHorizontalHeaderLabels(["Setting", "Range (low .. high [log]) or choices" if search
+                                              else "Values (comma-separated)"])
+        for row in range(self.table.rowCount()):
+            self._values_edit(row).setPlaceholderText("e.g. 1e-4 .. 1e-2 log" if search else "e.g. 1e-4, 3e-4, 1e-3")
+        self._schedule()
+
+    def _rows_table(self) -> dict[str, Any]:
+        return build_search(self.rows()) if self.is_search() else build_grid(self.rows())
 
     # -- rows ------------------------------------------------------------------------------------------------
     def add_row(self, key: str = "", values: str = "") -> int:
@@ -283,6 +406,8 @@ class SweepDialog(QDialog):
         self._timer.start()
 
     def grid_size(self) -> int | None:
+        if self.is_search():
+            return self.trials.value()
         try:
             return math.prod(len(v) for v in build_grid(self.rows()).values())
         except UserError:
@@ -295,11 +420,18 @@ class SweepDialog(QDialog):
         self.plan, self.error = None, ""
         name = sweep_name(self.name.text())
         try:
-            grid = build_grid(self.rows())
-            self.plan = plan_sweep(self.base, name, grid, Path(self._tmp.name))
+            grid = self._rows_table()
+            self.plan = plan_sweep(self.base, name, grid, Path(self._tmp.name), self.search_settings())
         except UserError as exc:
             self.error = str(exc)
-        if self.plan is not None:
+        if self.plan is not None and self.plan.mode == "search":
+            n = self.trials.value()
+            self.count.setText(f"<span style='color:#287d3c'><b>{n} trial{'s' * (n != 1)}</b> of a TPE search"
+                               f"{', pruning runs that fall behind' if self.prune.isChecked() else ''}; the lowest "
+                               "and highest values are valid.</span>")
+            for key, spec in (self.plan.ranges or {}).items():
+                self.preview.addItem(f"{key}: {describe_range(spec)}")
+        elif self.plan is not None:
             n = len(self.plan.combinations)
             sizes = " × ".join(str(len(v)) for v in grid.values()) + " = " if len(grid) > 1 else ""
             self.count.setText(f"<span style='color:#287d3c'>{sizes}<b>{n} combination{'s' * (n != 1)}</b>, "
@@ -315,14 +447,21 @@ class SweepDialog(QDialog):
         ok = self.plan is not None
         n = len(self.plan.combinations) if self.plan else 0
         self.queue_button.setEnabled(ok)
-        self.queue_button.setText(f"Add {n} run{'s' * (n != 1)} to the queue" if ok else "Add to queue")
+        if self.is_search():
+            n = self.trials.value()
+            self.queue_button.setText(f"Run the search ({n} trial{'s' * (n != 1)})")
+        else:
+            self.queue_button.setText(f"Add {n} run{'s' * (n != 1)} to the queue" if ok else "Add to queue")
         self.save_button.setEnabled(ok)
         return self.plan
 
     # -- results ---------------------------------------------------------------------------------------------
     def _queue(self) -> None:
         plan = self.validate_now()
-        if plan is not None:
+        if plan is not None and plan.mode == "search":
+            self.search_requested.emit(plan)
+            self.accept()
+        elif plan is not None:
             self.queue_requested.emit(plan.name, plan)
             self.accept()
 
@@ -342,12 +481,14 @@ class SweepDialog(QDialog):
         if self.validate_now() is None:
             return None
         try:
-            plan = write_sweep_file(self.base, sweep_name(self.name.text()), build_grid(self.rows()), path)
+            plan = write_sweep_file(self.base, sweep_name(self.name.text()), self._rows_table(), path,
+                                    self.search_settings())
         except (UserError, OSError) as exc:
             self.count.setText(f"<span style='color:#b3261e'>Not saved: {_escape(str(exc))}</span>")
             return None
         self.saved_path = path
-        self.count.setText(f"Saved {path} ({len(plan.combinations)} combinations). Run it with "
+        what = f"{self.trials.value()} trials" if plan.mode == "search" else f"{len(plan.combinations)} combinations"
+        self.count.setText(f"Saved {path} ({what}). Run it with "
                            f"<tt>sdstudio sweep {_escape(str(path))}</tt>.")
         return plan
 
