@@ -238,3 +238,72 @@ def test_the_memory_estimate_counts_the_quantized_base(model: dict[str, Any], fo
         if type(m) is torch.nn.Linear and not m.weight.requires_grad)
     # fp32 (4 bytes) -> 1 byte per weight, plus per-row scales
     assert sizes["none"] - sizes["fp8"] > 2.5 * transformer_linears
+
+
+def test_block_swap_is_placed_before_the_device(model: dict[str, Any], four_images: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """As for the SD family (tests/test_blockswap_placement.py, ``meta`` standing for the device): the swapped
+    blocks, here with their int8 storage, never materialise on the device."""
+    import importlib
+
+    from sdstudio.core.train.blockswap import BlockSwapper
+    from tests.test_blockswap_placement import META, DeviceAllocations
+
+    config = _config(model, four_images, **{"model.quantize": "int8", "train.blocks_to_swap": 2})
+    family = get_family(config.model.family)
+    package = importlib.import_module(type(family).__module__.rsplit(".", 1)[0] + ".model")
+    comps = package.load_components(config)  # loading builds on meta itself: done before counting
+    monkeypatch.setattr(package, "load_components", lambda *args, **kwargs: comps)
+    with DeviceAllocations() as seen:
+        bundle = family.build(config, [""], device=META)
+    swapper = bundle.block_swap
+    assert isinstance(swapper, BlockSwapper) and len(swapper.blocks) == 2
+    homes = [t for b in swapper.blocks for t in b.home]
+    assert all(t.device.type == "cpu" for t in homes) and any(t.dtype == torch.int8 for t in homes)
+    swapped = sum(t.numel() * t.element_size() for t in homes)
+    assert all(p.device == META for p in bundle.trainable.parameters() if p.requires_grad)
+
+    def on_meta(module: torch.nn.Module) -> int:
+        return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()]
+                   if t.device == META)
+
+    stays = on_meta(bundle.trainable) + sum(on_meta(m) for m in (getattr(bundle.components, n, None)
+                                            for n in ("vae", *family.text_encoders)) if m is not None)
+    assert swapped > 0 and seen.allocated < stays + swapped / 4
+
+
+def test_the_full_precision_base_never_reaches_the_device(model: dict[str, Any], four_images: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Quantized in CPU memory, then placed: the device gets the 8-bit storage, never the blocks' fp32 weights."""
+    import importlib
+
+    from tests.test_blockswap_placement import META, DeviceAllocations
+
+    config = _config(model, four_images, **{"model.quantize": "int8"})
+    family = get_family(config.model.family)
+    package = importlib.import_module(type(family).__module__.rsplit(".", 1)[0] + ".model")
+    comps = package.load_components(config)
+    full = sum(m.weight.numel() * 4 for _, b in block_lists(comps.transformer) for m in b.modules()
+               if type(m) is torch.nn.Linear)
+    monkeypatch.setattr(package, "load_components", lambda *args, **kwargs: comps)
+    with DeviceAllocations() as seen:
+        bundle = family.build(config, [""], device=META)
+    quantized, _ = _block_linears(bundle.save_modules["transformer"])
+    assert quantized and all(q.stored.device == META for q in quantized)
+    others = sum(t.numel() * t.element_size() for m in (getattr(bundle.components, n, None)
+                 for n in ("vae", *family.text_encoders)) if m is not None for t in [*m.parameters(), *m.buffers()])
+    rest = sum(t.numel() * t.element_size() for t in [*bundle.trainable.parameters(), *bundle.trainable.buffers()])
+    assert rest < others + full / 2  # sanity: the model on the device is much smaller than its fp32 blocks
+    assert seen.allocated < others + rest + full / 8  # nothing near the fp32 blocks was ever allocated there
+
+
+def test_fit_sees_the_smaller_quantized_base(model: dict[str, Any], four_images: Path) -> None:
+    """`sdstudio fit`'s trials (on the CPU: the memory estimate of the trial's model) peak lower with an fp8 base."""
+    from sdstudio.core.train.fit import Trial, run_trial
+
+    config = _config(model, four_images, **{"checkpoint.every_steps": 0})
+    trials = [Trial("as configured", {}), Trial("+ fp8 base", {"model.quantize": "fp8"})]
+    for trial in trials:
+        run_trial(config, trial, budget=1e12, device=torch.device("cpu"), steps=1)
+    plain, fp8 = (t.peak_bytes for t in trials)
+    assert plain is not None and fp8 is not None and fp8 < plain, [t.row() for t in trials]
