@@ -148,6 +148,51 @@ def quantize_frozen_linears(module: nn.Module, kind: str,
     return count, kept
 
 
+def stored_fp8_weights(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The float8 e4m3fn matrices (2-D: linear layers' weights) of a file's state dict, by the same names."""
+    return {k: v for k, v in state.items() if v.dtype == torch.float8_e4m3fn and v.ndim == 2}
+
+
+_STORED_FP8 = "_sdstudio_stored_fp8"  # attribute of a loaded model: its file's fp8 matrices (see below)
+
+
+def fp8_placeholder(shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A weight of ``shape`` and ``dtype`` that takes one element of memory (stride 0): what a linear layer
+    holds until ``quantize_frozen_linears`` gives it the file's fp8 weight. Never computed with."""
+    return torch.zeros((), dtype=dtype).expand(*shape)
+
+
+def is_placeholder(t: torch.Tensor) -> bool:
+    return t.numel() > 1 and all(s == 0 for s in t.stride())
+
+
+def remember_stored_fp8(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Keep a file's fp8 matrices (state-dict names of ``model``) with the model until it is quantized."""
+    setattr(model, _STORED_FP8, weights)
+
+
+def take_stored_fp8(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The fp8 matrices remembered on ``model`` (and forgotten there): for ``quantize_frozen_linears`` and
+    ``widen_placeholders``."""
+    return model.__dict__.pop(_STORED_FP8, None) or {}
+
+
+def widen_placeholders(module: nn.Module, stored: Mapping[str, torch.Tensor], dtype: torch.dtype,
+                       prefix: str = "") -> int:
+    """Give every placeholder weight in ``module`` (named ``prefix`` in ``stored``) its stored fp8 tensor widened to
+    ``dtype`` (layers that are not quantized: the fp8 values exactly, in a wider dtype); returns how many."""
+    count = 0
+    for name, m in module.named_modules():
+        w = getattr(m, "weight", None)
+        if type(m) is nn.Linear and isinstance(w, nn.Parameter) and is_placeholder(w):
+            key = ".".join(part for part in (prefix, name, "weight") if part).replace(".base_layer", "")
+            if key not in stored:
+                raise RuntimeError(f"{key}: a placeholder weight without its file tensor")
+            m.weight = nn.Parameter(stored[key].to(w.device, dtype), requires_grad=False)
+            count += 1
+    return count
+
+
 def linear_bytes(module: nn.Module) -> float:
     """Bytes of the quantized storage in ``module`` (for the memory estimate)."""
     total = 0.0

@@ -68,16 +68,20 @@ def read_tensors(path: Path) -> Tensors:
         raise ModelFileError(f"{path}: not a readable safetensors file ({exc})") from None
 
 
-def load_into(module: torch.nn.Module, state: Tensors, what: str, path: Path,
-              allowed_missing: tuple[str, ...] = ()) -> None:
-    """Copy ``state`` into ``module`` (cast to its dtype: an fp8 file goes straight to the module's dtype)."""
-    own = module.state_dict()
+def _check_fits(own: Tensors, state: Tensors, what: str, path: Path, allowed_missing: tuple[str, ...] = ()) -> None:
     missing = [k for k in own if k not in state and not k.endswith(allowed_missing)]
     wrong = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
     if missing or wrong:
         looks = describe_keys(list(state))
         detail = f"missing {missing[:3]}" if missing else f"shape of {wrong[:3]} differs"
         raise ModelFileError(f"{path}: does not fit the {what} ({detail}); it looks like {looks}")
+
+
+def load_into(module: torch.nn.Module, state: Tensors, what: str, path: Path,
+              allowed_missing: tuple[str, ...] = ()) -> None:
+    """Copy ``state`` into ``module`` (cast to its dtype: an fp8 file goes straight to the module's dtype)."""
+    own = module.state_dict()
+    _check_fits(own, state, what, path, allowed_missing)
     # extra tensors (text projections, position ids) are not used
     with torch.no_grad():
         for k, v in state.items():
@@ -85,13 +89,48 @@ def load_into(module: torch.nn.Module, state: Tensors, what: str, path: Path,
                 own[k].copy_(v.to(own[k].dtype))
 
 
-def empty_model(cls: Any, config: Any) -> Any:
-    """A model built without initialising its weights (they are all loaded next)."""
+def load_transformer(cls: Any, config: dict[str, Any], state: Tensors, what: str, path: Path, *,
+                     dtype: torch.dtype = torch.float32, keep_fp8: bool = False) -> Any:
+    """A transformer built without memory for its weights (``meta``) and given the file's tensors one by one,
+    each cast to ``dtype`` as it is assigned: the model never exists in fp32 beside the file (as with
+    ``empty_model`` + ``load_into``) unless ``dtype`` is fp32.
+
+    ``keep_fp8`` (``model.quantize = 'fp8'`` under a LoRA): the file's float8 e4m3fn weight matrices of linear
+    layers are not widened at all: their layers get a placeholder of the right shape and dtype that takes no
+    memory (``quantize.fp8_placeholder``) and the file's tensors are remembered on the model
+    (``quantize.remember_stored_fp8``), for the quantization to keep as they are."""
     from accelerate import init_empty_weights
 
-    with init_empty_weights():
+    from .quantize import fp8_placeholder, remember_stored_fp8, stored_fp8_weights
+
+    with init_empty_weights():  # parameters on meta; buffers (position tables) are built as usual
+        model = cls(**config)
+    own = model.state_dict()
+    _check_fits(own, state, what, path)
+    linears = {f"{name}.weight" for name, m in model.named_modules() if type(m) is torch.nn.Linear}
+    kept = {k: v for k, v in stored_fp8_weights(state).items() if k in linears} if keep_fp8 else {}
+    cast = {k: (fp8_placeholder(v.shape, dtype) if k in kept else v.to(dtype) if v.is_floating_point() else v)
+            for k, v in state.items() if k in own}
+    model.load_state_dict(cast, strict=False, assign=True)
+    if kept:
+        remember_stored_fp8(model, kept)
+    return model
+
+
+def empty_model(cls: Any, config: Any) -> Any:
+    """A model built without initialising its weights (they are all loaded next). Its buffers are built as
+    usual: CLIP's ``position_ids`` are not in every file (non-persistent in transformers 5), and ``to_empty`` would
+    leave them uninitialised (garbage positions, an index error in the embedding)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():  # parameters on meta, buffers real
         model = cls(**config) if isinstance(config, dict) else cls(config)
-    return model.to_empty(device="cpu")
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None and p.device.type == "meta":
+                module._parameters[name] = torch.nn.Parameter(torch.empty_like(p, device="cpu"),
+                                                              requires_grad=p.requires_grad)
+    return model
 
 
 def file_stamps(source: str) -> list[str]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -300,6 +301,17 @@ def swap_before_placement(config: Any, device: torch.device) -> int:
     if not config.lora.enabled or device.type == "cpu" or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return 0
     return int(config.train.blocks_to_swap)
+
+
+def build_placed(config: Any, device: torch.device, build: Callable[[torch.device | None], Any]) -> Any:
+    """A family's bundle built by ``build(denoiser_device)`` and placed on ``device``: with blocks to swap
+    (``swap_before_placement``) the denoiser is built in CPU memory and ``place_with_block_swap`` moves the rest
+    (the swapper becomes ``bundle.block_swap``); else ``build(None)`` puts it on ``device`` itself."""
+    swap = swap_before_placement(config, device)
+    bundle = build(torch.device("cpu") if swap else None)
+    if swap:
+        bundle.block_swap = place_with_block_swap(bundle.trainable, swap, device=device)
+    return bundle
 
 
 def place_with_block_swap(model: nn.Module, count: int, *, device: torch.device) -> BlockSwapper | None:

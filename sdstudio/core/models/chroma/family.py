@@ -94,7 +94,10 @@ class ChromaFamily(ModelFamily):
             if other is not None:
                 raise ModelFileError(f"model.path {path}: a {other.title} model, but model.family = 'chroma'; "
                                      f"set model.family = {other.name!r}")
-        return build_chroma_model(config, device or torch.device("cpu"))
+        from ...train.blockswap import build_placed
+
+        device = device or torch.device("cpu")  # with block swap the transformer stays in CPU memory until it is set up
+        return build_placed(config, device, lambda at: build_chroma_model(config, device, denoiser_device=at))
 
     def config_problems(self, config: RunConfig) -> list[str]:
         problems = []

@@ -25,6 +25,7 @@ import torch
 from ..family import ModelFileError
 from ..flux import files as flux_files
 from ..flux.files import describe_keys, file_keys, load_t5_file, load_vae_file
+from ..split_files import load_transformer
 from . import offline
 
 Tensors = dict[str, torch.Tensor]
@@ -115,9 +116,10 @@ class ChromaComponents:
     text_encoder_2: Any = None  # none (the memory estimate reads Flux's component names)
 
 
-def load_transformer_file(path: Path, config: dict[str, Any], dtype: torch.dtype = torch.float32) -> Any:
+def load_transformer_file(path: Path, config: dict[str, Any], dtype: torch.dtype = torch.float32, *,
+                          keep_fp8: bool = False) -> Any:
     """A Chroma transformer file (original or diffusers key names, any float dtype incl. fp8) as a
-    ChromaTransformer2DModel in ``dtype``."""
+    ChromaTransformer2DModel in ``dtype`` (``keep_fp8``: see ``split_files.load_transformer``)."""
     from diffusers import ChromaTransformer2DModel
 
     if not is_chroma_transformer_file(path):
@@ -129,9 +131,8 @@ def load_transformer_file(path: Path, config: dict[str, Any], dtype: torch.dtype
     if any(k.startswith("double_blocks.") for k in state):
         state = original_to_diffusers(state, config)
     params = {k: v for k, v in config.items() if not k.startswith("_")}
-    model = flux_files._empty(ChromaTransformer2DModel, params)
-    flux_files._load_into(model, state, "Chroma transformer", path)
-    return model.to(dtype)
+    return load_transformer(ChromaTransformer2DModel, params, state, "Chroma transformer", path, dtype=dtype,
+                            keep_fp8=keep_fp8)
 
 
 def _t5_tokenizer(config_folder: Path | None) -> Any:
@@ -144,9 +145,11 @@ def _t5_tokenizer(config_folder: Path | None) -> Any:
 
 
 def load_chroma_components(path: Path, *, config_folder: Path | None = None, vae_path: Path | None = None,
-                           text_encoder_path: Path | None = None) -> ChromaComponents:
+                           text_encoder_path: Path | None = None,
+                           transformer_options: dict[str, Any] | None = None) -> ChromaComponents:
     """Everything of a Chroma model, offline: a diffusers folder, or a transformer file with the separate T5
-    and VAE files (configs from ``config_folder``, a Chroma diffusers folder, or the ones sdstudio ships)."""
+    and VAE files (configs from ``config_folder``, a Chroma diffusers folder, or the ones sdstudio ships; a
+    transformer file is loaded with ``transformer_options``: ``transformer_parts.load_options``)."""
     from diffusers import AutoencoderKL, ChromaTransformer2DModel
 
     if not path.exists():
@@ -174,7 +177,7 @@ def load_chroma_components(path: Path, *, config_folder: Path | None = None, vae
         assert text_encoder_path is not None
         tconfig = (dict(ChromaTransformer2DModel.load_config(str(config_folder), subfolder="transformer"))
                    if config_folder else dict(offline.TRANSFORMER_CONFIG))
-        transformer = load_transformer_file(path, tconfig)
+        transformer = load_transformer_file(path, tconfig, **(transformer_options or {}))
         te = load_t5_file(text_encoder_path, config_folder, subfolder="text_encoder", key="model.text_encoder_2_path")
         tok = _t5_tokenizer(config_folder)
         sources["text_encoder"] = str(text_encoder_path)

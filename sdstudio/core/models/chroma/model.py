@@ -23,6 +23,7 @@ from torch import nn
 from ...config import RunConfig
 from ..flux.model import LORA_TARGETS, FluxBundle, _file_stamps, _weight_dtype, image_ids, pack, unpack
 from ..registry import get_family
+from ..transformer_parts import load_options, prepare_transformer
 from . import offline
 from .files import ChromaComponents, load_chroma_components
 
@@ -119,40 +120,26 @@ def _path(value: str) -> Path | None:
     return Path(value).expanduser() if value else None
 
 
-def load_components(config: RunConfig) -> ChromaComponents:
+def load_components(config: RunConfig, device: torch.device | None = None) -> ChromaComponents:
     """The model's files; the T5 file is model.text_encoder_2_path as for Flux (model.text_encoder_path is
-    taken when only it is set: Chroma has no CLIP)."""
+    taken when only it is set: Chroma has no CLIP). For a run on ``device`` the transformer loads as
+    ``load_options`` says."""
     m = config.model
     return load_chroma_components(Path(m.path).expanduser(), config_folder=_path(m.config_folder),
                                   vae_path=_path(m.vae_path),
-                                  text_encoder_path=_path(m.text_encoder_2_path or m.text_encoder_path))
+                                  text_encoder_path=_path(m.text_encoder_2_path or m.text_encoder_path),
+                                  transformer_options=load_options(config, device) if device else None)
 
 
-def make_bundle(comps: ChromaComponents, config: RunConfig, device: torch.device, *, lora: bool) -> ChromaBundle:
+def make_bundle(comps: ChromaComponents, config: RunConfig, device: torch.device, *, lora: bool,
+                denoiser_device: torch.device | None = None) -> ChromaBundle:
     """The bundle around loaded components: frozen parts in the weight dtype, a seeded peft LoRA (fp32) when
-    ``lora``."""
+    ``lora``; the transformer on ``denoiser_device`` (default ``device``; the CPU when block swap places it)."""
     family = get_family("chroma")
     wdtype = _weight_dtype(config, device)
-    for module in (comps.vae, comps.text_encoder):
-        module.requires_grad_(False)
-        module.eval()
-        module.to(device, dtype=wdtype)
     transformer = comps.transformer
-    transformer.requires_grad_(False)
-    transformer.to(device, dtype=wdtype)
-    if lora:
-        from peft import LoraConfig
-
-        torch.manual_seed(config.train.seed)
-        transformer.add_adapter(LoraConfig(r=config.lora.rank, lora_alpha=config.lora.alpha,
-                                           lora_dropout=config.lora.dropout, init_lora_weights="gaussian",
-                                           target_modules=LORA_TARGETS[config.lora.targets]))
-        for p in transformer.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()  # trainable parameters are always fp32
-        transformer.train()
-    else:
-        transformer.eval()
+    prepare_transformer(transformer, (comps.vae, comps.text_encoder), config, device, wdtype,
+                        LORA_TARGETS[config.lora.targets], lora=lora, denoiser_device=denoiser_device)
     t5_length = config.model.t5_max_length or offline.DEFAULT_T5_LENGTH
     latent_down = 2 ** (len(comps.vae.config.block_out_channels) - 1)
     tc = transformer.config
@@ -173,5 +160,7 @@ def make_bundle(comps: ChromaComponents, config: RunConfig, device: torch.device
     return bundle
 
 
-def build_chroma_model(config: RunConfig, device: torch.device) -> ChromaBundle:
-    return make_bundle(load_components(config), config, device, lora=config.lora.enabled)
+def build_chroma_model(config: RunConfig, device: torch.device, *,
+                       denoiser_device: torch.device | None = None) -> ChromaBundle:
+    return make_bundle(load_components(config, device), config, device, lora=config.lora.enabled,
+                       denoiser_device=denoiser_device)

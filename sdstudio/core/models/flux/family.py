@@ -65,14 +65,11 @@ class FluxFamily(ModelFamily):
               device: torch.device | None = None) -> FluxBundle:
         import torch
 
-        from ...train.blockswap import place_with_block_swap, swap_before_placement
+        from ...train.blockswap import build_placed
         from .model import build_flux_model
 
         device = device or torch.device("cpu")
-        swap = swap_before_placement(config, device)  # the transformer stays in CPU memory until the swap is set up
-        bundle = build_flux_model(config, device, denoiser_device=torch.device("cpu") if swap else None)
-        if swap:
-            bundle.block_swap = place_with_block_swap(bundle.trainable, swap, device=device)
+        bundle = build_placed(config, device, lambda at: build_flux_model(config, device, denoiser_device=at))
         if bundle.family != self.name:
             raise ModelFileError(f"model.path {config.model.path}: a {bundle.model_family.title} model, but "
                                  f"model.family = {self.name!r}; set model.family = {bundle.family!r}")

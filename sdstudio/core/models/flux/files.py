@@ -20,7 +20,14 @@ from typing import Any
 import torch
 
 from ..family import ModelFileError
-from ..split_files import FLUX_ORIGINAL_MARKERS, TRANSFORMER_PREFIXES, Tensors, describe_keys, file_keys
+from ..split_files import (
+    FLUX_ORIGINAL_MARKERS,
+    TRANSFORMER_PREFIXES,
+    Tensors,
+    describe_keys,
+    file_keys,
+    load_transformer,
+)
 from ..split_files import empty_model as _empty
 from ..split_files import load_into as _load_into
 from ..split_files import read_tensors as _read
@@ -203,9 +210,10 @@ class FluxComponents:
     sources: dict[str, str]  # component -> the file or folder it came from (cache identities)
 
 
-def load_transformer_file(path: Path, config: dict[str, Any], dtype: torch.dtype = torch.float32) -> Any:
+def load_transformer_file(path: Path, config: dict[str, Any], dtype: torch.dtype = torch.float32, *,
+                          keep_fp8: bool = False) -> Any:
     """A Flux transformer file (original or diffusers key names, any float dtype incl. fp8) as a
-    FluxTransformer2DModel in ``dtype``."""
+    FluxTransformer2DModel in ``dtype`` (``keep_fp8``: see ``split_files.load_transformer``)."""
     from diffusers import FluxTransformer2DModel
 
     state = _strip_prefix(_read(path))
@@ -215,9 +223,8 @@ def load_transformer_file(path: Path, config: dict[str, Any], dtype: torch.dtype
     if any(k.startswith("double_blocks.") for k in state):
         state = bfl_to_diffusers(state, config)
     params = {k: v for k, v in config.items() if not k.startswith("_")}
-    model = _empty(FluxTransformer2DModel, params)
-    _load_into(model, state, "Flux transformer", path)
-    return model.to(dtype)
+    return load_transformer(FluxTransformer2DModel, params, state, "Flux transformer", path, dtype=dtype,
+                            keep_fp8=keep_fp8)
 
 
 def load_clip_file(path: Path, folder: Path | None) -> Any:
@@ -278,9 +285,11 @@ def load_vae_file(path: Path, folder: Path | None) -> Any:
 
 
 def load_flux_components(path: Path, *, config_folder: Path | None = None, vae_path: Path | None = None,
-                         text_encoder_path: Path | None = None, text_encoder_2_path: Path | None = None) -> FluxComponents:
+                         text_encoder_path: Path | None = None, text_encoder_2_path: Path | None = None,
+                         transformer_options: dict[str, Any] | None = None) -> FluxComponents:
     """Everything of a Flux model, offline: a diffusers folder, or a transformer file with the separate
-    text-encoder and VAE files (configs from ``config_folder`` or the ones sdstudio ships)."""
+    text-encoder and VAE files (configs from ``config_folder`` or the ones sdstudio ships; a transformer file is
+    loaded with ``transformer_options``: ``transformer_parts.load_options``)."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
 
     if not path.exists():
@@ -317,7 +326,7 @@ def load_flux_components(path: Path, *, config_folder: Path | None = None, vae_p
         assert text_encoder_path and text_encoder_2_path and vae_path
         tconfig = (dict(FluxTransformer2DModel.load_config(str(config_folder), subfolder="transformer"))
                    if config_folder else offline.transformer_config(variant))
-        transformer = load_transformer_file(path, tconfig)
+        transformer = load_transformer_file(path, tconfig, **(transformer_options or {}))
         te = load_clip_file(text_encoder_path, config_folder)
         te2 = load_t5_file(text_encoder_2_path, config_folder)
         tok, tok2 = offline.clip_tokenizer(config_folder), offline.t5_tokenizer(config_folder)

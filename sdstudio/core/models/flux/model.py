@@ -17,8 +17,8 @@ from ...config import RunConfig
 from ..bundle import ModelBundle
 from ..registry import get_family
 from ..split_files import file_stamps as _file_stamps
+from ..transformer_parts import load_options, prepare_transformer
 from ..transformer_parts import optional_path as _path
-from ..transformer_parts import prepare_transformer
 from ..transformer_parts import weight_dtype as _weight_dtype
 from .files import VARIANT_FAMILIES, FluxComponents, load_flux_components
 
@@ -222,11 +222,13 @@ class FluxBundle(ModelBundle):
         (folder / "model.json").write_text(json.dumps(self.architecture, indent=1), encoding="utf-8")
 
 
-def load_components(config: RunConfig) -> FluxComponents:
+def load_components(config: RunConfig, device: torch.device | None = None) -> FluxComponents:
+    """The model's files; for a run on ``device`` the transformer loads as ``load_options`` says."""
     m = config.model
     return load_flux_components(Path(m.path).expanduser(), config_folder=_path(m.config_folder),
                                 vae_path=_path(m.vae_path), text_encoder_path=_path(m.text_encoder_path),
-                                text_encoder_2_path=_path(m.text_encoder_2_path))
+                                text_encoder_2_path=_path(m.text_encoder_2_path),
+                                transformer_options=load_options(config, device) if device else None)
 
 
 def make_bundle(comps: FluxComponents, config: RunConfig, device: torch.device, *, lora: bool,
@@ -290,5 +292,5 @@ def _add_clip_lora(text_encoder: nn.Module, config: RunConfig) -> None:
 
 def build_flux_model(config: RunConfig, device: torch.device, *,
                      denoiser_device: torch.device | None = None) -> FluxBundle:
-    return make_bundle(load_components(config), config, device, lora=config.lora.enabled,
+    return make_bundle(load_components(config, device), config, device, lora=config.lora.enabled,
                        full=not config.lora.enabled, denoiser_device=denoiser_device)

@@ -79,15 +79,11 @@ class StableDiffusionFamily(ModelFamily):
               device: torch.device | None = None) -> SDBundle:
         import torch
 
-        from ...train.blockswap import place_with_block_swap, swap_before_placement
+        from ...train.blockswap import build_placed
         from .model import build_sd_model
 
-        device = device or torch.device("cpu")
-        swap = swap_before_placement(config, device)  # the UNet stays in CPU memory until the swap is set up
-        bundle = build_sd_model(config, device, denoiser_device=torch.device("cpu") if swap else None)
-        if swap:
-            bundle.block_swap = place_with_block_swap(bundle.trainable, swap, device=device)
-        return bundle
+        device = device or torch.device("cpu")  # with block swap the UNet stays in CPU memory until it is set up
+        return build_placed(config, device, lambda at: build_sd_model(config, device, denoiser_device=at))
 
     def load_for_sampling(self, path: Path, device: torch.device, *, lora: Path | None = None,
                           config_folder: Path | None = None, prediction_type: str = "auto") -> LoadedBaseModel:

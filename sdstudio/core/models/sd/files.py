@@ -198,11 +198,11 @@ def stored_fp8_unet_weights(path: Path, unet_config: Any) -> dict[str, Any]:
         if not any(fh.get_slice(k).get_dtype() == "F8_E4M3" for k in keys):
             return {}
         state = {k: fh.get_tensor(k) for k in keys}
-    import torch
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-    converted = convert_ldm_unet_checkpoint(state, dict(unet_config))
-    return {k: v for k, v in converted.items() if v.dtype == torch.float8_e4m3fn and v.ndim == 2}
+    from ..quantize import stored_fp8_weights
+
+    return stored_fp8_weights(convert_ldm_unet_checkpoint(state, dict(unet_config)))
 
 
 def _vae_config(pipe: Any) -> Path:

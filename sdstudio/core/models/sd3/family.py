@@ -97,7 +97,10 @@ class SD3Family(ModelFamily):
         if not config.lora.enabled:  # refused here, not in config_problems: a new config is valid before it is set
             raise ConfigError("lora.enabled: false, but SD3 trains a LoRA (a full fine-tune of the transformer is "
                               "not supported yet); set lora.enabled = true")
-        return build_sd3_model(config, device or torch.device("cpu"))
+        from ...train.blockswap import build_placed
+
+        device = device or torch.device("cpu")  # with block swap the transformer stays in CPU memory until it is set up
+        return build_placed(config, device, lambda at: build_sd3_model(config, device, denoiser_device=at))
 
     def config_problems(self, config: RunConfig) -> list[str]:
         problems: list[str] = []

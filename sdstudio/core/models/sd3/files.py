@@ -28,6 +28,7 @@ from ..split_files import (
     empty_model,
     file_keys,
     load_into,
+    load_transformer,
     read_tensors,
     strip_prefix,
 )
@@ -168,9 +169,10 @@ def _transformer_part(state: Tensors) -> Tensors:
     return strip_prefix(state)
 
 
-def load_transformer_file(path: Path, config: dict[str, Any]) -> Any:
-    """An SD3 transformer file (original or diffusers key names, any float dtype incl. fp8) as an fp32
-    SD3Transformer2DModel."""
+def load_transformer_file(path: Path, config: dict[str, Any], dtype: torch.dtype = torch.float32, *,
+                          keep_fp8: bool = False) -> Any:
+    """An SD3 transformer file (original or diffusers key names, any float dtype incl. fp8) as an
+    SD3Transformer2DModel in ``dtype`` (``keep_fp8``: see ``split_files.load_transformer``)."""
     from diffusers import SD3Transformer2DModel
 
     state = _transformer_part(read_tensors(path))
@@ -178,9 +180,8 @@ def load_transformer_file(path: Path, config: dict[str, Any]) -> Any:
         raise ModelFileError(f"model.path {path}: this is {describe_keys(list(state))}, not an SD3 transformer")
     if any(k.startswith("joint_blocks.") for k in state):
         state = sd3_to_diffusers(state)
-    model = empty_model(SD3Transformer2DModel, {k: v for k, v in config.items() if not k.startswith("_")})
-    load_into(model, state, "SD3 transformer", path)
-    return model
+    return load_transformer(SD3Transformer2DModel, {k: v for k, v in config.items() if not k.startswith("_")}, state,
+                            "SD3 transformer", path, dtype=dtype, keep_fp8=keep_fp8)
 
 
 def load_clip_file(path: Path, config: dict[str, Any], key: str, what: str) -> Any:
@@ -246,9 +247,10 @@ def _has_vae(path: Path) -> bool:
 
 def load_sd3_components(path: Path, *, config_folder: Path | None = None, vae_path: Path | None = None,
                         text_encoder_path: Path | None = None, clip_g_path: Path | None = None,
-                        t5_path: Path | None = None) -> SD3Components:
+                        t5_path: Path | None = None, transformer_options: dict[str, Any] | None = None) -> SD3Components:
     """Everything of an SD3 model, offline: a diffusers folder, or a transformer file with the separate
-    text-encoder and VAE files (configs from ``config_folder`` or the ones sdstudio ships)."""
+    text-encoder and VAE files (configs from ``config_folder`` or the ones sdstudio ships; a transformer file is
+    loaded with ``transformer_options``: ``transformer_parts.load_options``)."""
     if not path.exists():
         raise ModelFileError(f"model.path {path}: no such file or folder")
     variant = model_variant(path)
@@ -288,7 +290,7 @@ def load_sd3_components(path: Path, *, config_folder: Path | None = None, vae_pa
         def cfg(component: str) -> dict[str, Any]:
             return offline.component_config(config_folder, variant, component)  # type: ignore[arg-type]
 
-        transformer = load_transformer_file(path, cfg("transformer"))
+        transformer = load_transformer_file(path, cfg("transformer"), **(transformer_options or {}))
         te = load_clip_file(text_encoder_path, cfg("text_encoder"), "model.text_encoder_path", "CLIP-L")
         te2 = load_clip_file(clip_g_path, cfg("text_encoder_2"), "model.clip_g_path", "CLIP-G")
         te3 = load_t5_file(t5_path, cfg("text_encoder_3"))

@@ -21,7 +21,7 @@ from ..family import ModelFamily
 from ..flux.model import FluxBundle
 from ..registry import get_family
 from ..split_files import file_stamps
-from ..transformer_parts import optional_path, prepare_transformer, weight_dtype
+from ..transformer_parts import load_options, optional_path, prepare_transformer, weight_dtype
 from .files import SD3Components, load_sd3_components
 
 # peft target_modules (regexes) of the transformer LoRA, per lora.targets. attn2 is 3.5 medium's second
@@ -102,20 +102,24 @@ class SD3Bundle(FluxBundle):
         return f"text-sd3-{hashlib.sha256('|'.join(parts).encode()).hexdigest()[:16]}"
 
 
-def load_components(config: RunConfig) -> SD3Components:
+def load_components(config: RunConfig, device: torch.device | None = None) -> SD3Components:
+    """The model's files; for a run on ``device`` the transformer loads as ``load_options`` says."""
     m = config.model
     return load_sd3_components(Path(m.path).expanduser(), config_folder=optional_path(m.config_folder),
                                vae_path=optional_path(m.vae_path), text_encoder_path=optional_path(m.text_encoder_path),
-                               clip_g_path=optional_path(m.clip_g_path), t5_path=optional_path(m.text_encoder_2_path))
+                               clip_g_path=optional_path(m.clip_g_path), t5_path=optional_path(m.text_encoder_2_path),
+                               transformer_options=load_options(config, device) if device else None)
 
 
-def make_bundle(comps: SD3Components, config: RunConfig, device: torch.device, *, lora: bool) -> SD3Bundle:
+def make_bundle(comps: SD3Components, config: RunConfig, device: torch.device, *, lora: bool,
+                denoiser_device: torch.device | None = None) -> SD3Bundle:
     """The bundle around loaded components: frozen parts in the weight dtype, a seeded peft LoRA (fp32) when
-    ``lora``."""
+    ``lora``; the transformer on ``denoiser_device`` (default ``device``; the CPU when block swap places it)."""
     wdtype = weight_dtype(config, device)
     transformer = comps.transformer
     prepare_transformer(transformer, (comps.vae, comps.text_encoder, comps.text_encoder_2, comps.text_encoder_3),
-                        config, device, wdtype, LORA_TARGETS[config.lora.targets], lora=lora)
+                        config, device, wdtype, LORA_TARGETS[config.lora.targets], lora=lora,
+                        denoiser_device=denoiser_device)
     t5_length = config.model.t5_max_length or DEFAULT_T5_LENGTH
     latent_down = 2 ** (len(comps.vae.config.block_out_channels) - 1)
     tc = transformer.config
@@ -134,7 +138,9 @@ def make_bundle(comps: SD3Components, config: RunConfig, device: torch.device, *
     return bundle
 
 
-def build_sd3_model(config: RunConfig, device: torch.device) -> SD3Bundle:
-    return make_bundle(load_components(config), config, device, lora=config.lora.enabled)
+def build_sd3_model(config: RunConfig, device: torch.device, *,
+                    denoiser_device: torch.device | None = None) -> SD3Bundle:
+    return make_bundle(load_components(config, device), config, device, lora=config.lora.enabled,
+                       denoiser_device=denoiser_device)
 
 
