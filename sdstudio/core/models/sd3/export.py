@@ -9,7 +9,8 @@
   ``..._x_block_attn2_qkv`` (3.5 medium), each ``.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``. The
   original layout fuses q/k/v: the LoRAs trained on diffusers' split layers are stacked into one LoRA of the fused
   weight (downs concatenated, ups block-diagonal, the up weights carrying the factor that keeps alpha / rank the
-  trained scale), as for Flux.
+  trained scale), as for Flux. A LoHa / LoKr / DoRA / OFT run (lora.type) is written here with LyCORIS keys in
+  the same names (``ss_network_module = lycoris.kohya``; ``core/models/fused_lycoris.py`` stacks each kind).
 """
 
 from __future__ import annotations
@@ -18,12 +19,15 @@ import re
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ...errors import UserError
 from ...export.metadata import cast, training_metadata, write_safetensors
 from ...export.source import ExportSource, lora_peft_state
 from ...export.transformer_lora import write_diffusers_lora
+from ...lora_tools.files import ModuleAdapter
 from ..fused_lora import peft_pairs, stack_loras
+from ..fused_lycoris import Block, BlockLayout, fused_lycoris_modules, lycoris_network_metadata
 from .files import BLOCK_NAMES, FUSED
 
 _BLOCK = re.compile(r"^transformer_blocks\.(?P<i>\d+)\.(?P<rest>.+)$")
@@ -81,7 +85,47 @@ def _metadata(source: ExportSource, path: Path) -> dict[str, str]:
 
 def export_kohya_lora(source: ExportSource, path: Path, *, dtype: torch.dtype = torch.float16,
                       force: bool = False) -> Path:
+    if source.lora is not None and source.lora.get("type", "lora") != "lora":
+        return export_lycoris_sd3(source, path, dtype=dtype, force=force)
     return write_safetensors(kohya_state(source, dtype), path, _metadata(source, path), force=force)
+
+
+def _sd3_block(last: int) -> BlockLayout:
+    """SD3's name table as a ``fused_lycoris`` layout; the last block's context adaLN has its halves swapped."""
+    def block(path: str) -> Block | None:
+        m = _BLOCK.match(path)
+        if m is None:
+            return None
+        i = int(m["i"])
+        return Block(f"transformer_blocks.{i}", f"joint_blocks_{i}", BLOCK_NAMES, FUSED,
+                     frozenset({"norm1_context.linear"}) if i == last else frozenset())
+    return block
+
+
+def lycoris_modules(transformer: nn.Module, kind: str) -> dict[str, ModuleAdapter]:
+    """File module name -> adapter for every adapted layer of a peft-wrapped SD3 transformer: LyCORIS keys in
+    sd-scripts' SD3 names (``lora_unet_joint_blocks_0_x_block_attn_qkv.hada_w1_a``), which ComfyUI maps onto its
+    MMDiT weights; a LoKr part of a fused q/k/v as ``lycoris_transformer_blocks_0_attn_to_q`` (ComfyUI's SD3
+    slice names). Stacking per kind: ``core/models/fused_lycoris.py``."""
+    last = int(transformer.config.num_layers) - 1
+    return fused_lycoris_modules(transformer, kind, _sd3_block(last), "SD3 LyCORIS export")
+
+
+def export_lycoris_sd3(source: ExportSource, path: Path, *, dtype: torch.dtype = torch.float16,
+                       force: bool = False) -> Path:
+    """The run's LoHa / LoKr / DoRA / OFT adapter as a LyCORIS file ComfyUI and Forge load for SD3 / SD3.5
+    (diffusers has no LyCORIS loader for SD3)."""
+    from ...export.lycoris import rebuilt_bundle
+    from ...lora_tools.files import save_adapter_file
+
+    lora = source.lora
+    assert lora is not None
+    if path.exists() and not force:
+        raise UserError(f"{path}: exists already; choose another `out` or pass `force` to overwrite it")
+    modules = lycoris_modules(rebuilt_bundle(source).components.transformer, lora["type"])
+    meta = _metadata(source, path)
+    meta.update(lycoris_network_metadata(lora, text_encoder=False))
+    return save_adapter_file(modules, path, meta, dtype=dtype, force=force)
 
 
 def export_diffusers_lora(source: ExportSource, path: Path, *, dtype: torch.dtype = torch.float16,
@@ -90,6 +134,10 @@ def export_diffusers_lora(source: ExportSource, path: Path, *, dtype: torch.dtyp
 
     from .model import LORA_TARGETS
 
+    kind = (source.lora or {}).get("type", "lora")
+    if kind != "lora":
+        raise UserError(f"diffusers export: diffusers loads no {kind} adapter for SD3; export it as kohya "
+                        "(LyCORIS keys, which ComfyUI and Forge load)")
     assert source.lora is not None
     return write_diffusers_lora(source, path, StableDiffusion3Pipeline, LORA_TARGETS[source.lora["targets"]],
                                 _metadata(source, path), dtype=dtype, force=force)
