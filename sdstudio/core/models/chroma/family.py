@@ -106,9 +106,9 @@ class ChromaFamily(ModelFamily):
         if config.lora.text_encoder or config.train.train_text_encoder:
             problems.append("lora.text_encoder / train.train_text_encoder: Chroma trains the transformer only for "
                             "now; turn them off")
-        if config.lora.enabled and config.lora.type != "lora" and "diffusers" in config.export.formats:
-            problems.append(f"export.formats: diffusers loads no {config.lora.type} adapter for Chroma; use 'kohya' "
-                            "(LyCORIS keys, which ComfyUI and Forge load)")
+        if config.lora.enabled and config.lora.type == "dora" and "diffusers" in config.export.formats:
+            problems.append("export.formats: diffusers loads no DoRA adapter for Chroma; use 'kohya' (LyCORIS keys, "
+                            "which ComfyUI and Forge load)")
         if config.loss.min_snr_gamma > 0:
             problems.append(f"loss.min_snr_gamma: {config.loss.min_snr_gamma} is a DDPM weighting; Chroma trains by "
                             "flow matching: set it to 0 and use flow.weighting")

@@ -39,6 +39,7 @@ def kohya_state(source: ExportSource, dtype: torch.dtype) -> dict[str, torch.Ten
     assert lora is not None
     alpha = float(lora["alpha"])
     inner = int(source.architecture.get("inner_dim", 2432))
+    last = int(source.architecture.get("num_layers", 0)) - 1
     out: dict[str, torch.Tensor] = {}
 
     def put(name: str, down: torch.Tensor, up: torch.Tensor) -> None:
@@ -67,7 +68,10 @@ def kohya_state(source: ExportSource, dtype: torch.dtype) -> dict[str, torch.Ten
                 continue
             if rest not in BLOCK_NAMES:
                 raise UserError(f"SD3 kohya export: no original-layout name for transformer_blocks.{i}.{rest}")
-            put(f"joint_blocks_{i}_{BLOCK_NAMES[rest].replace('.', '_')}", pair["A"], pair["B"])
+            up = pair["B"]
+            if i == last and rest == "norm1_context.linear":  # original (shift, scale) = diffusers' halves swapped
+                up = torch.cat(list(reversed(up.chunk(2, dim=0))))
+            put(f"joint_blocks_{i}_{BLOCK_NAMES[rest].replace('.', '_')}", pair["A"], up)
     return cast(out, dtype)
 
 
