@@ -43,6 +43,7 @@ class ChromaFamily(ModelFamily):
     default_prediction_type = "flow"
     text_encoders = ("text_encoder",)  # T5-XXL (per-token states and its attention mask)
     lora_targets = LORA_TARGETS  # type: ignore[assignment]  # peft regexes; "all" = "attention_ff" here
+    sampling_file_keys = ("model.text_encoder_2_path", "model.text_encoder_path", "model.vae_path")
     default_lora_targets = "attention_ff"
     kohya_text_prefixes: ClassVar[Mapping[str, str]] = {"text_encoder": "lora_te3"}  # T5, as sd-scripts names it
     # Flux's transformer minus ~25 % of its parameters (no modulation linears): not measured on a GPU yet, so
@@ -121,10 +122,12 @@ class ChromaFamily(ModelFamily):
         return problems
 
     def load_for_sampling(self, path: Path, device: torch.device, *, lora: Path | None = None,
-                          config_folder: Path | None = None, prediction_type: str = "auto") -> LoadedBaseModel:
+                          config_folder: Path | None = None, prediction_type: str = "auto",
+                          files: Mapping[str, Path] | None = None) -> LoadedBaseModel:
         from .sampling import load_chroma_for_sampling
 
-        return load_chroma_for_sampling(self, path, device, lora=lora, config_folder=config_folder)
+        return load_chroma_for_sampling(self, path, device, lora=lora, config_folder=config_folder,
+                                        files=files or {})
 
     def pipeline(self, bundle: Any) -> Any:
         """A diffusers ChromaPipeline around the bundle's modules (shared, not copied)."""

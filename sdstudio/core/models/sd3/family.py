@@ -60,6 +60,8 @@ class SD3Family(ModelFamily):
     sampling = SamplingDefaults(sampler="euler", steps=28, guidance=4.5)
     text_encoders = ("text_encoder", "text_encoder_2", "text_encoder_3")  # CLIP-L, CLIP-G, T5-XXL
     lora_targets = LORA_TARGETS  # type: ignore[assignment]  # peft regexes
+    sampling_file_keys = ("model.text_encoder_path", "model.clip_g_path",
+                          "model.text_encoder_2_path", "model.vae_path")
     default_lora_targets = "attention"
     # kohya names: lora_te1_ = CLIP-L, lora_te2_ = CLIP-G, lora_te3_ = T5 (as sd-scripts writes them for SD3)
     kohya_text_prefixes: ClassVar[Mapping[str, str]] = {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2",
@@ -121,10 +123,12 @@ class SD3Family(ModelFamily):
         return problems
 
     def load_for_sampling(self, path: Path, device: torch.device, *, lora: Path | None = None,
-                          config_folder: Path | None = None, prediction_type: str = "auto") -> LoadedBaseModel:
+                          config_folder: Path | None = None, prediction_type: str = "auto",
+                          files: Mapping[str, Path] | None = None) -> LoadedBaseModel:
         from .sampling import load_sd3_for_sampling
 
-        return load_sd3_for_sampling(self, path, device, lora=lora, config_folder=config_folder)
+        return load_sd3_for_sampling(self, path, device, lora=lora, config_folder=config_folder,
+                                     files=files or {})
 
     def pipeline(self, bundle: Any) -> Any:
         """A diffusers StableDiffusion3Pipeline around the bundle's modules (shared, not copied)."""
