@@ -25,8 +25,9 @@ def register(sub: Any) -> None:
     p = sub.add_parser("sample", help="generate images from a run, a checkpoint or a model file / folder")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", type=Path, help="run folder (uses its newest valid checkpoint)")
-    src.add_argument("--model", type=Path, help="a Stable Diffusion .safetensors/.ckpt file or diffusers folder, or "
-                     "a folder made by `sdstudio export --format diffusers-folder`")
+    src.add_argument("--model", type=Path, help="a Stable Diffusion .safetensors/.ckpt file, a transformer "
+                     ".safetensors file (with its part files, below), a diffusers folder, or a folder made by "
+                     "`sdstudio export --format diffusers-folder`")
     p.add_argument("--checkpoint", type=Path, help="a checkpoint folder of the run")
     p.add_argument("--lora", type=Path, help="a LoRA file (kohya or diffusers format) applied to --model")
     p.add_argument("--config-folder", type=Path, default=None, help="with --model FILE: the diffusers config "
