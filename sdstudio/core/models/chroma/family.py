@@ -22,8 +22,8 @@ if TYPE_CHECKING:
     from ...sampling.from_files import LoadedBaseModel
     from .model import ChromaBundle
 
-_NO_FULL_EXPORT = ("Chroma runs train a LoRA; merging it into a Chroma model file is not supported yet: export "
-                   "it as diffusers or kohya.")
+_NO_FULL_EXPORT = ("a Chroma run exports its transformer as a single file (single-file: the LoRA merged in, "
+                   "original key names) or its LoRA (diffusers or kohya); a diffusers folder is not written yet.")
 
 
 @functools.lru_cache(maxsize=16)
@@ -55,10 +55,10 @@ class ChromaFamily(ModelFamily):
     # Chroma1-HD's card and the peers: ~26-40 Euler steps at CFG ~4 with a negative prompt
     sampling = SamplingDefaults(sampler="euler", steps=30, guidance=4.0,
                                 negative_prompt="low quality, ugly, unfinished, out of focus, deformed, blurry")
-    unsupported_exports: ClassVar[Mapping[str, str]] = {"single-file": _NO_FULL_EXPORT,
-                                                         "diffusers-folder": _NO_FULL_EXPORT}
+    unsupported_exports: ClassVar[Mapping[str, str]] = {"diffusers-folder": _NO_FULL_EXPORT}
     # Flux's writers: Chroma's blocks have Flux's module names in both layouts (diffusers / original)
     export_writers: ClassVar[Mapping[str, str]] = {
+        "single-file": "sdstudio.core.models.chroma.export:export_single_file",
         "kohya": "sdstudio.core.models.flux.export:export_kohya_lora",
         "diffusers": "sdstudio.core.models.flux.export:export_diffusers_lora"}
     # as kohya sd-scripts writes Chroma LoRAs (library/sai_model_spec.py, flux_utils.MODEL_VERSION_CHROMA)

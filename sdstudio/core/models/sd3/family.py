@@ -21,8 +21,9 @@ if TYPE_CHECKING:
     from ...sampling.from_files import LoadedBaseModel
     from .model import SD3Bundle
 
-_NO_FULL_EXPORT = ("SD3 runs train a LoRA; merging it into an SD3 model file is not supported yet: export it "
-                   "as diffusers (the default, loaded by diffusers and ComfyUI) or kohya.")
+_NO_FULL_EXPORT = ("an SD3 run exports its transformer as a single file (single-file: the LoRA merged in, original "
+                   "key names) or its LoRA (diffusers, the default, or kohya); a diffusers folder is not written "
+                   "yet.")
 
 
 @dataclass(frozen=True)
@@ -70,9 +71,9 @@ class SD3Family(ModelFamily):
     kohya_base_version = "sd3.5_large"
     modelspec_architecture = "stable-diffusion-3-3-5-large"
     lora_metadata_markers = ("sd3", "stable-diffusion-3")
-    unsupported_exports: ClassVar[Mapping[str, str]] = {"single-file": _NO_FULL_EXPORT,
-                                                         "diffusers-folder": _NO_FULL_EXPORT}
+    unsupported_exports: ClassVar[Mapping[str, str]] = {"diffusers-folder": _NO_FULL_EXPORT}
     export_writers: ClassVar[Mapping[str, str]] = {
+        "single-file": "sdstudio.core.models.sd3.export:export_single_file",
         "kohya": "sdstudio.core.models.sd3.export:export_kohya_lora",
         "diffusers": "sdstudio.core.models.sd3.export:export_diffusers_lora"}
 
