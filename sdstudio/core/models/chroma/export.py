@@ -14,7 +14,7 @@ from ...export.source import ExportSource
 def export_single_file(source: ExportSource, path: Path, *, dtype: torch.dtype = torch.float16,
                        force: bool = False) -> Path:
     """What ComfyUI's diffusion-model loader, diffusers' ``ChromaTransformer2DModel.from_single_file`` and
-    sdstudio's own ``model.path`` read (any LyCORIS kind merged)."""
+    sdstudio's own ``model.path`` read (the run's adapter merged by the generic merge Flux's export uses)."""
     from ..flux.export import write_merged_transformer
     from .files import diffusers_to_original
 

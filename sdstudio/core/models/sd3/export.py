@@ -100,7 +100,7 @@ def export_single_file(source: ExportSource, path: Path, *, dtype: torch.dtype =
     """The transformer as one .safetensors in the original (MMDiT) key names under ``model.diffusion_model.``,
     as Stability AI's ``sd3.5_large.safetensors`` holds it (without its text encoders and VAE, which stay the
     base model's files): what ComfyUI's diffusion-model loader, diffusers' ``SD3Transformer2DModel.from_single_file``
-    and sdstudio's own ``model.path`` read. A LoRA run is merged into it (any LyCORIS kind)."""
+    and sdstudio's own ``model.path`` read. A LoRA run is merged into it."""
     from ..flux.export import write_merged_transformer
     from .files import diffusers_to_sd3
 
