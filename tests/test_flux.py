@@ -88,7 +88,7 @@ def test_wrong_files_are_refused_with_what_they_look_like(flux_dev: Path, flux_s
     # a file in the wrong text-encoder slot
     with pytest.raises(ModelFileError, match="text_encoder_2_path.*a CLIP text encoder"):
         family.build(_split_config(flux_split["flux1"], {**flux_split, "t5xxl": flux_split["clip_l"]}, flux_dev), [])
-    with pytest.raises(ModelFileError, match="text_encoder_path, model.text_encoder_2_path"):
+    with pytest.raises(ModelFileError, match="text_encoder_path`, `model.text_encoder_2_path`"):
         family.build(RunConfig().with_overrides({"model.family": "flux-dev", "lora.enabled": True,
                                                  "model.path": str(flux_split["flux1"])}), [])
     with pytest.raises(ModelFileError, match="model.family = 'flux-dev'"):

@@ -98,7 +98,7 @@ def test_the_family_recognises_its_files_and_refuses_others(sd35: Path, sd35_spl
     with pytest.raises(ModelFileError, match="clip_g_path.*a T5 text encoder"):
         family.build(RunConfig().with_overrides({**base, "model.path": str(sd35_split["sd3"]),
                                                  "model.clip_g_path": str(sd35_split["t5xxl"])}), [])
-    with pytest.raises(ModelFileError, match="text_encoder_path, model.clip_g_path, model.text_encoder_2_path"):
+    with pytest.raises(ModelFileError, match="text_encoder_path`, `model.clip_g_path`, `model.text_encoder_2_path`"):
         family.build(RunConfig().with_overrides({"model.family": "sd3", "lora.enabled": True,
                                                  "model.path": str(sd35_split["sd3"])}), [])
 

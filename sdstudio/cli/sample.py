@@ -13,20 +13,36 @@ from ..core.errors import UserError
 from .common import EXIT_OK
 
 # core messages about a model given with --model name it as model.path (see cli_text)
-FLAGS = {"model.path": "--model", "lora": "--lora", "prediction_type": "--prediction-type", "out": "--out"}
-MODEL_SUBJECTS = ("model.path", "lora", "prediction_type")
+# the separate part files of a model kept as split single files: config key -> flag (named after the key)
+PART_FLAGS = {"model.vae_path": "--vae", "model.text_encoder_path": "--text-encoder",
+              "model.text_encoder_2_path": "--text-encoder-2", "model.clip_g_path": "--clip-g"}
+FLAGS = {"model.path": "--model", "lora": "--lora", "prediction_type": "--prediction-type", "out": "--out",
+         "model.config_folder": "--config-folder", **PART_FLAGS}
+MODEL_SUBJECTS = ("model.path", "lora", "prediction_type", "model.config_folder", *PART_FLAGS)
 
 
 def register(sub: Any) -> None:
     p = sub.add_parser("sample", help="generate images from a run, a checkpoint or a model file / folder")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", type=Path, help="run folder (uses its newest valid checkpoint)")
-    src.add_argument("--model", type=Path, help="a Stable Diffusion .safetensors/.ckpt file or diffusers folder, or "
-                     "a folder made by `sdstudio export --format diffusers-folder`")
+    src.add_argument("--model", type=Path, help="a Stable Diffusion .safetensors/.ckpt file, a transformer "
+                     ".safetensors file (with its part files, below), a diffusers folder, or a folder made by "
+                     "`sdstudio export --format diffusers-folder`")
     p.add_argument("--checkpoint", type=Path, help="a checkpoint folder of the run")
     p.add_argument("--lora", type=Path, help="a LoRA file (kohya or diffusers format) applied to --model")
     p.add_argument("--config-folder", type=Path, default=None, help="with --model FILE: the diffusers config "
                    "folder of the single-file model (default: the one sdstudio ships for the detected family)")
+    parts = p.add_argument_group("split single files", "with --model TRANSFORMER.safetensors of Flux, SD3 or Chroma: "
+                                  "the separate files a run gives as model.* config keys (as ComfyUI keeps them)")
+    parts.add_argument("--vae", type=Path, default=None, metavar="FILE",
+                       help="the VAE file (model.vae_path; ae.safetensors for Flux / Chroma); also replaces the VAE "
+                       "of a Stable Diffusion model or a diffusers folder")
+    parts.add_argument("--text-encoder", type=Path, default=None, metavar="FILE",
+                       help="the CLIP-L file (model.text_encoder_path: clip_l.safetensors; Flux, SD3)")
+    parts.add_argument("--text-encoder-2", type=Path, default=None, metavar="FILE",
+                       help="the T5-XXL file (model.text_encoder_2_path: t5xxl_fp16.safetensors; Flux, SD3, Chroma)")
+    parts.add_argument("--clip-g", type=Path, default=None, metavar="FILE",
+                       help="the CLIP-G file (model.clip_g_path: clip_g.safetensors; SD3)")
     p.add_argument("--prediction-type", choices=["auto", "epsilon", "v_prediction", "sample"], default="auto",
                    help="with --model: override what the model file says (e.g. a v-prediction SD2/SDXL file "
                    "without the marker keys); default: detect")
@@ -57,6 +73,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--prediction-type {args.prediction_type}: only for --model (a run knows what it predicts)")
     if args.model is None and args.config_folder is not None:
         raise UserError(f"--config-folder {args.config_folder}: only for --model with a single-file model")
+    given_parts = {key: getattr(args, flag[2:].replace("-", "_")) for key, flag in PART_FLAGS.items()}
+    if args.model is None and any(given_parts.values()):
+        flag = next(PART_FLAGS[key] for key, v in given_parts.items() if v is not None)
+        raise UserError(f"{flag}: only for --model (a run loads the files its config names)")
     if not args.prompt and args.prompts_file is None:
         raise UserError("give at least one --prompt or a --prompts-file")
     if args.n < 1:
@@ -74,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
         args.flag_subjects = MODEL_SUBJECTS  # with --run, model.path is the run's base model, not a flag
 
         loaded: Any = load_model(args.model, lora=args.lora, config_folder=args.config_folder,
-                                 prediction_type=args.prediction_type)
+                                 prediction_type=args.prediction_type,
+                                 files={k: v for k, v in given_parts.items() if v is not None})
         what = loaded.describe()
     else:
         from ..core.sampling.from_run import load_trained

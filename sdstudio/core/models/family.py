@@ -99,6 +99,9 @@ class ModelFamily:
 
     # -- previews and memory --------------------------------------------------------------------------------
     sampling: ClassVar[SamplingDefaults] = SamplingDefaults()
+    # config keys of the separate part files `sdstudio sample --model` takes beside a model file (split single
+    # files: "model.vae_path", "model.text_encoder_path", ...); a key not listed is refused with a sentence
+    sampling_file_keys: ClassVar[tuple[str, ...]] = ()
     # activation bytes per image per model-space pixel (reference/performance.md; see train/memory.py)
     activation_bytes_per_pixel: ClassVar[float] = 0.3e6
 
@@ -137,8 +140,10 @@ class ModelFamily:
         raise NotImplementedError
 
     def load_for_sampling(self, path: Path, device: torch.device, *, lora: Path | None = None,
-                          config_folder: Path | None = None, prediction_type: str = "auto") -> LoadedBaseModel:
-        """A model file or folder of this family, ready for `sdstudio sample --model`."""
+                          config_folder: Path | None = None, prediction_type: str = "auto",
+                          files: Mapping[str, Path] | None = None) -> LoadedBaseModel:
+        """A model file or folder of this family, ready for `sdstudio sample --model`. ``files``: part files
+        by config key (``sampling_file_keys``; checked by ``sampling/from_files.load_model``)."""
         raise NotImplementedError
 
     def config_problems(self, config: RunConfig) -> list[str]:

@@ -12,7 +12,7 @@ text-encoder modules) with diffusers' own ``load_lora_weights``.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,19 +69,40 @@ class LoadedBaseModel:
 
 # -- entry point ------------------------------------------------------------------------------------------
 def load_model(path: Path, *, lora: Path | None = None, device: str = "auto",
-               config_folder: Path | None = None, prediction_type: str = "auto") -> LoadedBaseModel:
+               config_folder: Path | None = None, prediction_type: str = "auto",
+               files: Mapping[str, Path] | None = None) -> LoadedBaseModel:
     """Load PATH for sampling. ``config_folder``: the diffusers config folder of a single-file model (default:
     the one sdstudio ships for the detected family). ``prediction_type``: override what the SD file says
-    (a v-prediction model without the marker keys); "auto" = detect."""
+    (a v-prediction model without the marker keys); "auto" = detect. ``files``: the separate part files of a
+    model kept as split single files, by config key ("model.vae_path", "model.text_encoder_path", ...: the
+    family's ``sampling_file_keys``), loaded as a run loads them."""
     from ..train.setup import pick_device
 
     path = Path(path).expanduser()
     lora = Path(lora).expanduser() if lora is not None else None
     family = get_family(detect_model(path))
+    files = {key: Path(p).expanduser() for key, p in (files or {}).items() if p is not None}
+    check_part_files(family, path, files)
     dev = pick_device(device)
     _quiet_loading()
     return family.load_for_sampling(path, dev, lora=lora, config_folder=config_folder,
-                                    prediction_type=prediction_type)
+                                    prediction_type=prediction_type, files=files)
+
+
+def check_part_files(family: ModelFamily, path: Path, files: Mapping[str, Path]) -> None:
+    """Refuse part files the family does not take, text-encoder files beside a diffusers folder (which holds
+    its own) and part files that do not exist, each with a sentence naming its config key."""
+    takes = family.sampling_file_keys
+    for key, part in files.items():
+        if key not in takes:
+            instead = (f"it takes only {', '.join(f'`{k}`' for k in takes)}" if takes
+                       else "it is loaded whole from `model.path`")
+            raise ModelFileError(f"{key} {part}: a {family.title} model has no such separate file; {instead}")
+        if path.is_dir() and key != "model.vae_path":
+            raise ModelFileError(f"{key} {part}: belongs with a single transformer file; the diffusers folder "
+                                 f"{path} holds its own text encoders (only `model.vae_path` replaces a part of it)")
+        if not part.is_file() and not (key == "model.vae_path" and part.is_dir()):
+            raise ModelFileError(f"{key} {part}: no such file")
 
 
 def cast_module(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -146,8 +167,10 @@ def sd_schedule(scheduler_config: dict[str, Any], prediction_type: str, zero_ter
 
 
 def load_sd_base(path: Path, family: str, device: torch.device, *, lora: Path | None,
-                 config_folder: Path | None, prediction_type: str = "auto") -> LoadedBaseModel:
-    """A Stable Diffusion base model (file or folder) for sampling, with an optional LoRA on it."""
+                 config_folder: Path | None, prediction_type: str = "auto",
+                 vae_path: Path | None = None) -> LoadedBaseModel:
+    """A Stable Diffusion base model (file or folder) for sampling, with an optional LoRA on it (and a separate
+    VAE instead of its own, ``vae_path``)."""
     from ..config import RunConfig
     from ..errors import ConfigError
     from ..models.sd.model import build_sd_model
@@ -157,6 +180,8 @@ def load_sd_base(path: Path, family: str, device: torch.device, *, lora: Path | 
                                  "model.prediction_type": prediction_type}
     if config_folder is not None:
         overrides["model.config_folder"] = str(Path(config_folder).expanduser())
+    if vae_path is not None:
+        overrides["model.vae_path"] = str(Path(vae_path).expanduser())
     try:
         config = RunConfig().with_overrides(overrides)
     except ConfigError as exc:

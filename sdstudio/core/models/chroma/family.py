@@ -22,8 +22,8 @@ if TYPE_CHECKING:
     from ...sampling.from_files import LoadedBaseModel
     from .model import ChromaBundle
 
-_NO_FULL_EXPORT = ("Chroma runs train a LoRA; merging it into a Chroma model file is not supported yet: export "
-                   "it as diffusers or kohya.")
+_NO_FULL_EXPORT = ("a Chroma run exports its transformer as a single file (single-file: the LoRA merged in, "
+                   "original key names) or its LoRA (diffusers or kohya); a diffusers folder is not written yet.")
 
 
 @functools.lru_cache(maxsize=16)
@@ -43,6 +43,7 @@ class ChromaFamily(ModelFamily):
     default_prediction_type = "flow"
     text_encoders = ("text_encoder",)  # T5-XXL (per-token states and its attention mask)
     lora_targets = LORA_TARGETS  # type: ignore[assignment]  # peft regexes; "all" = "attention_ff" here
+    sampling_file_keys = ("model.text_encoder_2_path", "model.text_encoder_path", "model.vae_path")
     default_lora_targets = "attention_ff"
     kohya_text_prefixes: ClassVar[Mapping[str, str]] = {"text_encoder": "lora_te3"}  # T5, as sd-scripts names it
     # Flux's transformer minus ~25 % of its parameters (no modulation linears): not measured on a GPU yet, so
@@ -54,10 +55,10 @@ class ChromaFamily(ModelFamily):
     # Chroma1-HD's card and the peers: ~26-40 Euler steps at CFG ~4 with a negative prompt
     sampling = SamplingDefaults(sampler="euler", steps=30, guidance=4.0,
                                 negative_prompt="low quality, ugly, unfinished, out of focus, deformed, blurry")
-    unsupported_exports: ClassVar[Mapping[str, str]] = {"single-file": _NO_FULL_EXPORT,
-                                                         "diffusers-folder": _NO_FULL_EXPORT}
+    unsupported_exports: ClassVar[Mapping[str, str]] = {"diffusers-folder": _NO_FULL_EXPORT}
     # Flux's writers: Chroma's blocks have Flux's module names in both layouts (diffusers / original)
     export_writers: ClassVar[Mapping[str, str]] = {
+        "single-file": "sdstudio.core.models.chroma.export:export_single_file",
         "kohya": "sdstudio.core.models.flux.export:export_kohya_lora",
         "diffusers": "sdstudio.core.models.flux.export:export_diffusers_lora"}
     # as kohya sd-scripts writes Chroma LoRAs (library/sai_model_spec.py, flux_utils.MODEL_VERSION_CHROMA)
@@ -121,10 +122,12 @@ class ChromaFamily(ModelFamily):
         return problems
 
     def load_for_sampling(self, path: Path, device: torch.device, *, lora: Path | None = None,
-                          config_folder: Path | None = None, prediction_type: str = "auto") -> LoadedBaseModel:
+                          config_folder: Path | None = None, prediction_type: str = "auto",
+                          files: Mapping[str, Path] | None = None) -> LoadedBaseModel:
         from .sampling import load_chroma_for_sampling
 
-        return load_chroma_for_sampling(self, path, device, lora=lora, config_folder=config_folder)
+        return load_chroma_for_sampling(self, path, device, lora=lora, config_folder=config_folder,
+                                        files=files or {})
 
     def pipeline(self, bundle: Any) -> Any:
         """A diffusers ChromaPipeline around the bundle's modules (shared, not copied)."""

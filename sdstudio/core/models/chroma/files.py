@@ -172,7 +172,7 @@ def load_chroma_components(path: Path, *, config_folder: Path | None = None, vae
         missing = [key for key, p in (("model.text_encoder_2_path", text_encoder_path), ("model.vae_path", vae_path))
                    if p is None]
         if missing:
-            raise ModelFileError(f"model.path {path} is a single Chroma transformer file: set {', '.join(missing)} "
+            raise ModelFileError(f"model.path {path} is a single Chroma transformer file: set {', '.join(f'`{k}`' for k in missing)} "
                                  "to the T5-XXL (t5xxl_fp16.safetensors) and VAE (Flux's ae.safetensors) files")
         assert text_encoder_path is not None
         tconfig = (dict(ChromaTransformer2DModel.load_config(str(config_folder), subfolder="transformer"))

@@ -5,30 +5,21 @@ guidance with the negative prompt (``sampling/sampler.flow_pairs``)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from ...config import RunConfig
-from ...errors import ConfigError
 from ...flow import FlowSchedule
 from ...sampling.from_files import LoadedBaseModel, cast_module
-from ..family import ModelFamily, ModelFileError
-from ..flux.sampling import apply_flux_lora
+from ..family import ModelFamily
+from ..flux.sampling import apply_flux_lora, sampling_config
 from .model import load_components, make_bundle
 
 
 def load_chroma_for_sampling(family: ModelFamily, path: Path, device: torch.device, *, lora: Path | None,
-                             config_folder: Path | None) -> LoadedBaseModel:
-    overrides: dict[str, Any] = {"model.family": family.name, "model.path": str(path), "train.device": "cpu",
-                                 "train.mixed_precision": "no", "lora.enabled": True, "data.resolution": 1024}
-    if config_folder is not None:
-        overrides["model.config_folder"] = str(config_folder)
-    try:
-        config = RunConfig().with_overrides(overrides)
-    except ConfigError as exc:
-        raise ModelFileError(f"model.path {path}: {exc}") from None
+                             config_folder: Path | None, files: Mapping[str, Path]) -> LoadedBaseModel:
+    config = sampling_config(family, path, config_folder, files)
     bundle = make_bundle(load_components(config), config, torch.device("cpu"), lora=False)
     modules = apply_flux_lora(family, bundle, lora, path) if lora is not None else 0
     wdtype = torch.bfloat16 if device.type == "cuda" else torch.float32

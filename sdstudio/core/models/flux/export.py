@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from ...export.transformer_lora import write_diffusers_lora
 from ..fused_lora import peft_pairs as _pairs
 from ..fused_lora import stack_loras as _stack
 from ..registry import get_family
+from ..split_files import Tensors
 from .files import DOUBLE_FUSED, DOUBLE_NAMES, SINGLE_FUSED, SINGLE_NAMES
 
 _BLOCK = re.compile(r"^(?P<kind>transformer_blocks|single_transformer_blocks)\.(?P<i>\d+)\.(?P<rest>.+)$")
@@ -173,16 +175,28 @@ def export_single_file(source: ExportSource, path: Path, *, dtype: torch.dtype =
     ``FluxTransformer2DModel.from_single_file`` read. A LoRA run is merged into it (any LyCORIS kind)."""
     from .files import diffusers_to_bfl
 
+    return write_merged_transformer(source, path, diffusers_to_bfl,
+                                    implementation="https://github.com/black-forest-labs/flux", dtype=dtype,
+                                    force=force)
+
+
+def write_merged_transformer(source: ExportSource, path: Path, to_original: Callable[[Tensors], Tensors], *,
+                             implementation: str, prefix: str = "", dtype: torch.dtype = torch.float16,
+                             force: bool = False) -> Path:
+    """The single-file export of a transformer family (Flux, SD3, Chroma): the run's transformer (a LoRA merged
+    in, any LyCORIS kind) renamed by ``to_original`` to the key names its original file has (``prefix`` before
+    each, as that file has it), with the training metadata."""
     if path.exists() and not force:
         raise UserError(f"{path}: exists already; choose another `out` or pass `force` to overwrite it")
     if source.text_encoders_trained:
-        raise UserError("single-file export of a Flux run that trained CLIP-L's LoRA: the file holds the "
-                        "transformer only, so CLIP-L's training would be lost; export the LoRA (kohya) instead")
-    state = diffusers_to_bfl(trained_transformer(source).state_dict())
+        title = get_family(source.family).short_title
+        raise UserError(f"single-file export of a {title} run that trained a text encoder's LoRA: the file holds "
+                        "the transformer only, so that training would be lost; export the LoRA (kohya) instead")
+    state = to_original(trained_transformer(source).state_dict())
     meta = training_metadata(source, title=path.stem, lora=False)
     meta.pop("modelspec.prediction_type", None)
-    meta["modelspec.implementation"] = "https://github.com/black-forest-labs/flux"
-    return write_safetensors(cast(state, dtype), path, meta, force=force)
+    meta["modelspec.implementation"] = implementation
+    return write_safetensors(cast({prefix + k: v for k, v in state.items()}, dtype), path, meta, force=force)
 
 
 def lora_rank(source: ExportSource) -> int:

@@ -42,6 +42,7 @@ class FluxFamily(ModelFamily):
     default_prediction_type = "flow"
     text_encoders = ("text_encoder", "text_encoder_2")  # CLIP-L (pooled), T5-XXL (states)
     lora_targets = LORA_TARGETS  # type: ignore[assignment]  # peft regexes
+    sampling_file_keys = ("model.text_encoder_path", "model.text_encoder_2_path", "model.vae_path")
     default_lora_targets = "attention_ff"
     # kohya names: lora_te1_ = CLIP-L, lora_te3_ = T5 (as sd-scripts writes them for Flux)
     kohya_text_prefixes: ClassVar[Mapping[str, str]] = {"text_encoder": "lora_te1", "text_encoder_2": "lora_te3"}
@@ -94,10 +95,12 @@ class FluxFamily(ModelFamily):
         return problems
 
     def load_for_sampling(self, path: Path, device: torch.device, *, lora: Path | None = None,
-                          config_folder: Path | None = None, prediction_type: str = "auto") -> LoadedBaseModel:
+                          config_folder: Path | None = None, prediction_type: str = "auto",
+                          files: Mapping[str, Path] | None = None) -> LoadedBaseModel:
         from .sampling import load_flux_for_sampling
 
-        return load_flux_for_sampling(self, path, device, lora=lora, config_folder=config_folder)
+        return load_flux_for_sampling(self, path, device, lora=lora, config_folder=config_folder,
+                                      files=files or {})
 
     def pipeline(self, bundle: Any) -> Any:
         """A diffusers FluxPipeline around the bundle's modules (shared, not copied)."""

@@ -320,7 +320,7 @@ def load_flux_components(path: Path, *, config_folder: Path | None = None, vae_p
                                       ("model.text_encoder_2_path", text_encoder_2_path),
                                       ("model.vae_path", vae_path)) if p is None]
         if missing:
-            raise ModelFileError(f"model.path {path} is a single Flux transformer file: set {', '.join(missing)} to "
+            raise ModelFileError(f"model.path {path} is a single Flux transformer file: set {', '.join(f'`{k}`' for k in missing)} to "
                                  "the CLIP-L (clip_l.safetensors), T5-XXL (t5xxl_fp16.safetensors) and VAE "
                                  "(ae.safetensors) files")
         assert text_encoder_path and text_encoder_2_path and vae_path

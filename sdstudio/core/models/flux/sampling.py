@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,18 +27,27 @@ from ..registry import family_of_lora
 from .model import make_bundle
 
 
-def load_flux_for_sampling(family: ModelFamily, path: Path, device: torch.device, *, lora: Path | None,
-                           config_folder: Path | None) -> LoadedBaseModel:
-    from .model import load_components
-
+def sampling_config(family: ModelFamily, path: Path, config_folder: Path | None,
+                    files: Mapping[str, Path]) -> RunConfig:
+    """The config a transformer family's model is loaded with for sampling: the model (a diffusers folder, or a
+    transformer file with its part ``files`` by config key: model.vae_path, model.text_encoder_path, ...), as a
+    run with these keys loads it (the family's split-file loader names a missing one)."""
     overrides: dict[str, Any] = {"model.family": family.name, "model.path": str(path), "train.device": "cpu",
                                  "train.mixed_precision": "no", "lora.enabled": True, "data.resolution": 1024}
     if config_folder is not None:
         overrides["model.config_folder"] = str(config_folder)
+    overrides.update({key: str(part) for key, part in files.items()})
     try:
-        config = RunConfig().with_overrides(overrides)
+        return RunConfig().with_overrides(overrides)
     except ConfigError as exc:
         raise ModelFileError(f"model.path {path}: {exc}") from None
+
+
+def load_flux_for_sampling(family: ModelFamily, path: Path, device: torch.device, *, lora: Path | None,
+                           config_folder: Path | None, files: Mapping[str, Path]) -> LoadedBaseModel:
+    from .model import load_components
+
+    config = sampling_config(family, path, config_folder, files)
     bundle = make_bundle(load_components(config), config, torch.device("cpu"), lora=False)
     modules = apply_flux_lora(family, bundle, lora, path) if lora is not None else 0
     wdtype = torch.bfloat16 if device.type == "cuda" else torch.float32

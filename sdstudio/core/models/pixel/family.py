@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
@@ -59,7 +60,8 @@ class PixelFamily(ModelFamily):
         return build_pixel_model(config, captions, tokenizer_file=tokenizer_file)
 
     def load_for_sampling(self, path: Path, device: torch.device, *, lora: Path | None = None,
-                          config_folder: Path | None = None, prediction_type: str = "auto") -> LoadedBaseModel:
+                          config_folder: Path | None = None, prediction_type: str = "auto",
+                          files: Mapping[str, Path] | None = None) -> LoadedBaseModel:
         from ...sampling.from_files import LoraFileError, load_pixel_export
 
         if lora is not None:

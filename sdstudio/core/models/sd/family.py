@@ -45,6 +45,7 @@ class StableDiffusionFamily(ModelFamily):
     """What SD1.x, SD2.x and SDXL share: a latent UNet with CLIP text encoder(s), fine-tuned from a base model."""
 
     space = "latent"
+    sampling_file_keys = ("model.vae_path",)  # a separate VAE; the file holds the rest
     latent_downscale = 8
     objective = "diffusion"
     default_prediction_type = "epsilon"
@@ -86,11 +87,12 @@ class StableDiffusionFamily(ModelFamily):
         return build_placed(config, device, lambda at: build_sd_model(config, device, denoiser_device=at))
 
     def load_for_sampling(self, path: Path, device: torch.device, *, lora: Path | None = None,
-                          config_folder: Path | None = None, prediction_type: str = "auto") -> LoadedBaseModel:
+                          config_folder: Path | None = None, prediction_type: str = "auto",
+                          files: Mapping[str, Path] | None = None) -> LoadedBaseModel:
         from ...sampling.from_files import load_sd_base
 
         return load_sd_base(path, self.name, device, lora=lora, config_folder=config_folder,
-                            prediction_type=prediction_type)
+                            prediction_type=prediction_type, vae_path=(files or {}).get("model.vae_path"))
 
     def pipeline_class(self) -> Any:
         """The diffusers pipeline class (``save_lora_weights``, ``from_single_file``)."""

@@ -145,3 +145,17 @@ def export_diffusers_lora(source: ExportSource, path: Path, *, dtype: torch.dtyp
     assert source.lora is not None
     return write_diffusers_lora(source, path, StableDiffusion3Pipeline, LORA_TARGETS[source.lora["targets"]],
                                 _metadata(source, path), dtype=dtype, force=force)
+
+
+def export_single_file(source: ExportSource, path: Path, *, dtype: torch.dtype = torch.float16,
+                       force: bool = False) -> Path:
+    """The transformer as one .safetensors in the original (MMDiT) key names under ``model.diffusion_model.``,
+    as Stability AI's ``sd3.5_large.safetensors`` holds it (without its text encoders and VAE, which stay the
+    base model's files): what ComfyUI's diffusion-model loader, diffusers' ``SD3Transformer2DModel.from_single_file``
+    and sdstudio's own ``model.path`` read. A LoRA run is merged into it."""
+    from ..flux.export import write_merged_transformer
+    from .files import diffusers_to_sd3
+
+    return write_merged_transformer(source, path, diffusers_to_sd3, prefix="model.diffusion_model.",
+                                    implementation="https://github.com/Stability-AI/sd3.5", dtype=dtype,
+                                    force=force)

@@ -21,8 +21,9 @@ if TYPE_CHECKING:
     from ...sampling.from_files import LoadedBaseModel
     from .model import SD3Bundle
 
-_NO_FULL_EXPORT = ("SD3 runs train a LoRA; merging it into an SD3 model file is not supported yet: export it "
-                   "as diffusers (the default, loaded by diffusers and ComfyUI) or kohya.")
+_NO_FULL_EXPORT = ("an SD3 run exports its transformer as a single file (single-file: the LoRA merged in, original "
+                   "key names) or its LoRA (diffusers, the default, or kohya); a diffusers folder is not written "
+                   "yet.")
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,8 @@ class SD3Family(ModelFamily):
     sampling = SamplingDefaults(sampler="euler", steps=28, guidance=4.5)
     text_encoders = ("text_encoder", "text_encoder_2", "text_encoder_3")  # CLIP-L, CLIP-G, T5-XXL
     lora_targets = LORA_TARGETS  # type: ignore[assignment]  # peft regexes
+    sampling_file_keys = ("model.text_encoder_path", "model.clip_g_path",
+                          "model.text_encoder_2_path", "model.vae_path")
     default_lora_targets = "attention"
     # kohya names: lora_te1_ = CLIP-L, lora_te2_ = CLIP-G, lora_te3_ = T5 (as sd-scripts writes them for SD3)
     kohya_text_prefixes: ClassVar[Mapping[str, str]] = {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2",
@@ -68,9 +71,9 @@ class SD3Family(ModelFamily):
     kohya_base_version = "sd3.5_large"
     modelspec_architecture = "stable-diffusion-3-3-5-large"
     lora_metadata_markers = ("sd3", "stable-diffusion-3")
-    unsupported_exports: ClassVar[Mapping[str, str]] = {"single-file": _NO_FULL_EXPORT,
-                                                         "diffusers-folder": _NO_FULL_EXPORT}
+    unsupported_exports: ClassVar[Mapping[str, str]] = {"diffusers-folder": _NO_FULL_EXPORT}
     export_writers: ClassVar[Mapping[str, str]] = {
+        "single-file": "sdstudio.core.models.sd3.export:export_single_file",
         "kohya": "sdstudio.core.models.sd3.export:export_kohya_lora",
         "diffusers": "sdstudio.core.models.sd3.export:export_diffusers_lora"}
 
@@ -121,10 +124,12 @@ class SD3Family(ModelFamily):
         return problems
 
     def load_for_sampling(self, path: Path, device: torch.device, *, lora: Path | None = None,
-                          config_folder: Path | None = None, prediction_type: str = "auto") -> LoadedBaseModel:
+                          config_folder: Path | None = None, prediction_type: str = "auto",
+                          files: Mapping[str, Path] | None = None) -> LoadedBaseModel:
         from .sampling import load_sd3_for_sampling
 
-        return load_sd3_for_sampling(self, path, device, lora=lora, config_folder=config_folder)
+        return load_sd3_for_sampling(self, path, device, lora=lora, config_folder=config_folder,
+                                     files=files or {})
 
     def pipeline(self, bundle: Any) -> Any:
         """A diffusers StableDiffusion3Pipeline around the bundle's modules (shared, not copied)."""

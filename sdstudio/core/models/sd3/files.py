@@ -282,7 +282,7 @@ def load_sd3_components(path: Path, *, config_folder: Path | None = None, vae_pa
         if vae_path is None and not _has_vae(path):
             missing.append("model.vae_path")
         if missing:
-            raise ModelFileError(f"model.path {path} is a single SD3 transformer file: set {', '.join(missing)} to "
+            raise ModelFileError(f"model.path {path} is a single SD3 transformer file: set {', '.join(f'`{k}`' for k in missing)} to "
                                  "the CLIP-L (clip_l.safetensors), CLIP-G (clip_g.safetensors), T5-XXL "
                                  "(t5xxl_fp16.safetensors) and VAE files")
         assert text_encoder_path and clip_g_path and t5_path
