@@ -77,6 +77,7 @@ def run_config_problems(c: RunConfig) -> list[str]:
     problems += _schedule_problems(t)
     problems += _recipe_problems(c)
     problems += _memorisation_problems(c)
+    problems += _flow_loss_problems(c)
     return problems
 
 
@@ -163,4 +164,28 @@ def _memory_lever_problems(c: RunConfig) -> list[str]:
                         "(set train.fsdp = false)")
     if t.fsdp and (t.blocks_to_swap or t.fused_backward):
         problems.append("train.fsdp: true cannot be combined with train.blocks_to_swap or train.fused_backward")
+    return problems
+
+
+def _flow_loss_problems(c: RunConfig) -> list[str]:
+    """Loss keys of the DDPM families that a flow-matching family would otherwise ignore in silence, each with the
+    flow key that does its job."""
+    family = get_family(c.model.family)
+    if family.objective != "flow_matching":
+        return []
+    problems = []
+    lo = c.loss
+    if lo.debiased_estimation:
+        problems.append(f"loss.debiased_estimation: true is a DDPM (SNR) weighting; {family.short_title} trains by "
+                        "flow matching: set it to false and use flow.weighting")
+    if lo.huber_schedule != "constant" and lo.kind in ("huber", "pseudo_huber"):
+        problems.append(f"loss.huber_schedule: {lo.huber_schedule!r} follows DDPM timesteps; {family.short_title} "
+                        "trains by flow matching with a constant delta: set it to 'constant'")
+    if lo.timestep_distribution != "uniform" or lo.timestep_shift != 1.0:
+        problems.append(f"loss.timestep_distribution / loss.timestep_shift: DDPM timesteps; {family.short_title} "
+                        "draws its timesteps by flow.timestep_sampling and flow.shift: set those instead (and "
+                        "leave these at 'uniform' / 1.0)")
+    if lo.timestep_min or lo.timestep_max:
+        problems.append(f"loss.timestep_min / loss.timestep_max: DDPM timestep bounds; {family.short_title} trains "
+                        "by flow matching over the whole range: set them to 0")
     return problems
