@@ -94,13 +94,9 @@ class SD3Family(ModelFamily):
               device: torch.device | None = None) -> SD3Bundle:
         import torch
 
-        from ...errors import ConfigError
+        from ...train.blockswap import build_placed
         from .model import build_sd3_model
 
-        if not config.lora.enabled:  # refused here, not in config_problems: a new config is valid before it is set
-            raise ConfigError("lora.enabled: false, but SD3 trains a LoRA (a full fine-tune of the transformer is "
-                              "not supported yet); set lora.enabled = true")
-        from ...train.blockswap import build_placed
 
         device = device or torch.device("cpu")  # with block swap the transformer stays in CPU memory until it is set up
         return build_placed(config, device, lambda at: build_sd3_model(config, device, denoiser_device=at))
