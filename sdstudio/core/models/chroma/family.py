@@ -22,8 +22,9 @@ if TYPE_CHECKING:
     from ...sampling.from_files import LoadedBaseModel
     from .model import ChromaBundle
 
-_NO_FULL_EXPORT = ("a Chroma run exports its transformer as a single file (single-file: the LoRA merged in, "
-                   "original key names) or its LoRA (diffusers or kohya); a diffusers folder is not written yet.")
+_NO_FULL_EXPORT = ("a Chroma run exports its transformer as a single file (single-file: the LoRA merged in or the "
+                   "full fine-tune's weights, original key names) or its LoRA (diffusers or kohya); a diffusers "
+                   "folder is not written yet.")
 
 
 @functools.lru_cache(maxsize=16)

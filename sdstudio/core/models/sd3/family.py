@@ -21,9 +21,9 @@ if TYPE_CHECKING:
     from ...sampling.from_files import LoadedBaseModel
     from .model import SD3Bundle
 
-_NO_FULL_EXPORT = ("an SD3 run exports its transformer as a single file (single-file: the LoRA merged in, original "
-                   "key names) or its LoRA (diffusers, the default, or kohya); a diffusers folder is not written "
-                   "yet.")
+_NO_FULL_EXPORT = ("an SD3 run exports its transformer as a single file (single-file: the LoRA merged in or the full "
+                   "fine-tune's weights, original key names) or its LoRA (diffusers, the default, or kohya); a "
+                   "diffusers folder is not written yet.")
 
 
 @dataclass(frozen=True)
