@@ -137,3 +137,20 @@ def test_a_lora_export_of_a_full_run_is_refused(fmt: str, full_run: tuple[Path, 
     with pytest.raises(UserError, match=r"trains the full model, not a LoRA \(lora.enabled = false\)"):
         export(full_run[0], fmt, out, dtype=torch.float32)
     assert not out.exists()
+
+
+def test_a_full_run_samples_with_its_trained_transformer(family: dict[str, Any],
+                                                         full_run: tuple[Path, list[float], list[float]]) -> None:
+    """`sdstudio sample --run` / previews load a full run's checkpoint: the whole trained transformer."""
+    from sdstudio.core.sampling.from_run import load_trained
+
+    bundle = load_trained(full_run[0], use_ema=False, device="cpu").bundle
+    assert bundle.lora is False
+    state = bundle.components.transformer.state_dict()
+    ckpt = _checkpoint(full_run[0], 4)
+    assert all(torch.equal(state[k].float(), ckpt[f"transformer.{k}"]) for k in state)
+    gen = torch.Generator().manual_seed(0)
+    x, t = torch.randn(1, bundle.in_channels, 4, 4, generator=gen), torch.tensor([0.5])
+    with torch.no_grad():
+        out = bundle.trainable(x, t, bundle.encode_captions(["a red circle"], torch.device("cpu")))
+    assert out.shape == x.shape and torch.isfinite(out).all()
