@@ -359,10 +359,9 @@ def test_config_checks_and_text_length(chroma: Path) -> None:
     numel = sum(p.numel() for m in (c.transformer, c.text_encoder, c.vae) for p in m.parameters())
     est = estimate_memory(default, RunConfig().with_overrides(base))
     assert est.weights >= 4 * numel and est.activations >= family.activation_bytes_per_pixel * 8 * 8 * 0.25
-    from sdstudio.core.errors import ConfigError
-
-    with pytest.raises(ConfigError, match="lora.enabled"):
-        family.build(RunConfig().with_overrides({**base, "lora.enabled": False}), [])
+    full = family.build(RunConfig().with_overrides({**base, "lora.enabled": False}), [])  # a full fine-tune
+    params = list(full.components.transformer.parameters())
+    assert not full.lora and all(p.requires_grad and p.dtype == torch.float32 for p in params)
     with pytest.raises(Exception, match="multiple of 16"):
         RunConfig().with_overrides({**base, "data.resolution": 72})
     with pytest.raises(Exception, match="flow.weighting"):

@@ -347,7 +347,7 @@ def test_sample_an_sd3_folder_with_the_exported_lora(trained: tuple[Path, list[f
 
 def test_config_keys_of_the_text_conditioning(sd35: Path) -> None:
     """model.t5_max_length sets the T5 part of the sequence (77 CLIP tokens first; SD3's default 256);
-    a full fine-tune is refused when the model is built; DDPM-only settings are refused by the config."""
+    a full fine-tune builds the whole transformer trainable in fp32; DDPM-only settings are refused by the config."""
     family = get_family("sd3")
     base = {"model.family": "sd3", "lora.enabled": True, "model.path": str(sd35), "data.resolution": 64}
     short = family.build(RunConfig().with_overrides({**base, "model.t5_max_length": 8}), [])
@@ -356,10 +356,9 @@ def test_config_keys_of_the_text_conditioning(sd35: Path) -> None:
     assert "guidance" not in cond  # real CFG: no guidance input
     default = family.build(RunConfig().with_overrides(base), [])
     assert default.encode_captions(["x"], torch.device("cpu"))["states"].shape[1] == 77 + 256
-    from sdstudio.core.errors import ConfigError
-
-    with pytest.raises(ConfigError, match="lora.enabled"):
-        family.build(RunConfig().with_overrides({**base, "lora.enabled": False}), [])
+    full = family.build(RunConfig().with_overrides({**base, "lora.enabled": False}), [])  # a full fine-tune
+    params = list(full.components.transformer.parameters())
+    assert not full.lora and all(p.requires_grad and p.dtype == torch.float32 for p in params)
     with pytest.raises(Exception, match="multiple of 16"):
         RunConfig().with_overrides({**base, "data.resolution": 72})
     with pytest.raises(Exception, match="flow.weighting"):

@@ -22,8 +22,9 @@ if TYPE_CHECKING:
     from ...sampling.from_files import LoadedBaseModel
     from .model import ChromaBundle
 
-_NO_FULL_EXPORT = ("a Chroma run exports its transformer as a single file (single-file: the LoRA merged in, "
-                   "original key names) or its LoRA (diffusers or kohya); a diffusers folder is not written yet.")
+_NO_FULL_EXPORT = ("a Chroma run exports its transformer as a single file (single-file: the LoRA merged in or the "
+                   "full fine-tune's weights, original key names) or its LoRA (diffusers or kohya); a diffusers "
+                   "folder is not written yet.")
 
 
 @functools.lru_cache(maxsize=16)
@@ -80,13 +81,9 @@ class ChromaFamily(ModelFamily):
               device: torch.device | None = None) -> ChromaBundle:
         import torch
 
-        from ...errors import ConfigError
         from .files import is_chroma_model
         from .model import build_chroma_model
 
-        if not config.lora.enabled:  # refused here, not in config_problems: a new config is valid before it is set
-            raise ConfigError("lora.enabled: false, but Chroma trains a LoRA (a full fine-tune of the 8.9B "
-                              "transformer is not supported yet); set lora.enabled = true")
         path = Path(config.model.path).expanduser()
         if path.exists() and not is_chroma_model(path):
             from ..registry import recognise_model

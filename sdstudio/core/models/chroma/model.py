@@ -132,14 +132,16 @@ def load_components(config: RunConfig, device: torch.device | None = None) -> Ch
 
 
 def make_bundle(comps: ChromaComponents, config: RunConfig, device: torch.device, *, lora: bool,
-                denoiser_device: torch.device | None = None) -> ChromaBundle:
+                denoiser_device: torch.device | None = None, full: bool = False) -> ChromaBundle:
     """The bundle around loaded components: frozen parts in the weight dtype, a seeded peft LoRA (fp32) when
-    ``lora``; the transformer on ``denoiser_device`` (default ``device``; the CPU when block swap places it)."""
+    ``lora``, the whole transformer trainable in fp32 when ``full`` (a full fine-tune); the transformer on
+    ``denoiser_device`` (default ``device``; the CPU when block swap places it)."""
     family = get_family("chroma")
     wdtype = _weight_dtype(config, device)
     transformer = comps.transformer
     prepare_transformer(transformer, (comps.vae, comps.text_encoder), config, device, wdtype,
-                        LORA_TARGETS[config.lora.targets], lora=lora, denoiser_device=denoiser_device)
+                        LORA_TARGETS[config.lora.targets], lora=lora, full=full,
+                        denoiser_device=denoiser_device)
     t5_length = config.model.t5_max_length or offline.DEFAULT_T5_LENGTH
     latent_down = 2 ** (len(comps.vae.config.block_out_channels) - 1)
     tc = transformer.config
@@ -156,6 +158,7 @@ def make_bundle(comps: ChromaComponents, config: RunConfig, device: torch.device
     bundle.components = comps
     bundle.weight_dtype = wdtype
     bundle.t5_length = t5_length
+    bundle.lora = lora
     bundle.train_guidance = None
     return bundle
 
@@ -163,4 +166,4 @@ def make_bundle(comps: ChromaComponents, config: RunConfig, device: torch.device
 def build_chroma_model(config: RunConfig, device: torch.device, *,
                        denoiser_device: torch.device | None = None) -> ChromaBundle:
     return make_bundle(load_components(config, device), config, device, lora=config.lora.enabled,
-                       denoiser_device=denoiser_device)
+                       full=not config.lora.enabled, denoiser_device=denoiser_device)

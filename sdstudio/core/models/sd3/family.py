@@ -21,9 +21,9 @@ if TYPE_CHECKING:
     from ...sampling.from_files import LoadedBaseModel
     from .model import SD3Bundle
 
-_NO_FULL_EXPORT = ("an SD3 run exports its transformer as a single file (single-file: the LoRA merged in, original "
-                   "key names) or its LoRA (diffusers, the default, or kohya); a diffusers folder is not written "
-                   "yet.")
+_NO_FULL_EXPORT = ("an SD3 run exports its transformer as a single file (single-file: the LoRA merged in or the full "
+                   "fine-tune's weights, original key names) or its LoRA (diffusers, the default, or kohya); a "
+                   "diffusers folder is not written yet.")
 
 
 @dataclass(frozen=True)
@@ -94,13 +94,9 @@ class SD3Family(ModelFamily):
               device: torch.device | None = None) -> SD3Bundle:
         import torch
 
-        from ...errors import ConfigError
+        from ...train.blockswap import build_placed
         from .model import build_sd3_model
 
-        if not config.lora.enabled:  # refused here, not in config_problems: a new config is valid before it is set
-            raise ConfigError("lora.enabled: false, but SD3 trains a LoRA (a full fine-tune of the transformer is "
-                              "not supported yet); set lora.enabled = true")
-        from ...train.blockswap import build_placed
 
         device = device or torch.device("cpu")  # with block swap the transformer stays in CPU memory until it is set up
         return build_placed(config, device, lambda at: build_sd3_model(config, device, denoiser_device=at))

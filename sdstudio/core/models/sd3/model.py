@@ -112,14 +112,15 @@ def load_components(config: RunConfig, device: torch.device | None = None) -> SD
 
 
 def make_bundle(comps: SD3Components, config: RunConfig, device: torch.device, *, lora: bool,
-                denoiser_device: torch.device | None = None) -> SD3Bundle:
+                denoiser_device: torch.device | None = None, full: bool = False) -> SD3Bundle:
     """The bundle around loaded components: frozen parts in the weight dtype, a seeded peft LoRA (fp32) when
-    ``lora``; the transformer on ``denoiser_device`` (default ``device``; the CPU when block swap places it)."""
+    ``lora``, the whole transformer trainable in fp32 when ``full`` (a full fine-tune); the transformer on
+    ``denoiser_device`` (default ``device``; the CPU when block swap places it)."""
     wdtype = weight_dtype(config, device)
     transformer = comps.transformer
     prepare_transformer(transformer, (comps.vae, comps.text_encoder, comps.text_encoder_2, comps.text_encoder_3),
                         config, device, wdtype, LORA_TARGETS[config.lora.targets], lora=lora,
-                        denoiser_device=denoiser_device)
+                        full=full, denoiser_device=denoiser_device)
     t5_length = config.model.t5_max_length or DEFAULT_T5_LENGTH
     latent_down = 2 ** (len(comps.vae.config.block_out_channels) - 1)
     tc = transformer.config
@@ -134,6 +135,7 @@ def make_bundle(comps: SD3Components, config: RunConfig, device: torch.device, *
     bundle.components = comps
     bundle.weight_dtype = wdtype
     bundle.t5_length = t5_length
+    bundle.lora = lora
     bundle.train_guidance = None  # real classifier-free guidance, no guidance input
     return bundle
 
@@ -141,6 +143,6 @@ def make_bundle(comps: SD3Components, config: RunConfig, device: torch.device, *
 def build_sd3_model(config: RunConfig, device: torch.device, *,
                     denoiser_device: torch.device | None = None) -> SD3Bundle:
     return make_bundle(load_components(config, device), config, device, lora=config.lora.enabled,
-                       denoiser_device=denoiser_device)
+                       full=not config.lora.enabled, denoiser_device=denoiser_device)
 
 
