@@ -26,7 +26,7 @@ def main() -> int:
 
     def recording_step(self: TrainingSession, group):
         out = original_step(self, group)
-        losses[self.step + 1] = out[0]
+        losses[self.step + 1] = float(out[0])  # the lazy step may return a device tensor
         return out
 
     def close_with_report(self: TrainingSession) -> None:

@@ -69,7 +69,7 @@ def _one_process_in_turn(tiny_dataset: Path, monkeypatch: pytest.MonkeyPatch) ->
 
     def recording_step(self: TrainingSession, group):
         out = original_step(self, group)
-        losses[self.step + 1] = out[0]
+        losses[self.step + 1] = float(out[0])  # the lazy step may return a device tensor
         return out
 
     def keep_weights(self: TrainingSession) -> None:
