@@ -168,13 +168,19 @@ def _memory_lever_problems(c: RunConfig) -> list[str]:
 
 
 def _flow_loss_problems(c: RunConfig) -> list[str]:
-    """Loss keys of the DDPM families that a flow-matching family would otherwise ignore in silence, each with the
-    flow key that does its job."""
+    """What every flow-matching family refuses: DDPM-only loss keys (each with the flow key that does its job) and a
+    resolution its 2x2 latent patches cannot tile."""
     family = get_family(c.model.family)
     if family.objective != "flow_matching":
         return []
     problems = []
     lo = c.loss
+    if lo.min_snr_gamma > 0:
+        problems.append(f"loss.min_snr_gamma: {lo.min_snr_gamma} is a DDPM weighting; {family.short_title} trains by "
+                        "flow matching: set it to 0 and use flow.weighting")
+    if c.data.resolution % 16:
+        problems.append(f"data.resolution: {c.data.resolution} is not a multiple of 16 ({family.short_title} packs "
+                        "2x2 latent patches); use 512, 768, 1024, ...")
     if lo.debiased_estimation:
         problems.append(f"loss.debiased_estimation: true is a DDPM (SNR) weighting; {family.short_title} trains by "
                         "flow matching: set it to false and use flow.weighting")

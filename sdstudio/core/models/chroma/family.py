@@ -107,15 +107,9 @@ class ChromaFamily(ModelFamily):
         if config.lora.enabled and config.lora.type == "dora" and "diffusers" in config.export.formats:
             problems.append("export.formats: diffusers loads no DoRA adapter for Chroma; use 'kohya' (LyCORIS keys, "
                             "which ComfyUI and Forge load)")
-        if config.loss.min_snr_gamma > 0:
-            problems.append(f"loss.min_snr_gamma: {config.loss.min_snr_gamma} is a DDPM weighting; Chroma trains by "
-                            "flow matching: set it to 0 and use flow.weighting")
         if config.model.text_encoder_path and config.model.text_encoder_2_path:
             problems.append("model.text_encoder_path: Chroma has one text encoder, T5-XXL (model.text_encoder_2_path; "
                             "no CLIP-L); clear model.text_encoder_path")
-        if config.data.resolution % 16:
-            problems.append(f"data.resolution: {config.data.resolution} is not a multiple of 16 (Chroma packs 2x2 "
-                            "latent patches); use 512, 768, 1024, ...")
         return problems
 
     def load_for_sampling(self, path: Path, device: torch.device, *, lora: Path | None = None,

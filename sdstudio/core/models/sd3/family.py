@@ -111,12 +111,6 @@ class SD3Family(ModelFamily):
         if config.lora.enabled and config.lora.type == "dora" and "diffusers" in config.export.formats:
             problems.append("export.formats: diffusers loads no DoRA adapter for SD3; use 'kohya' (LyCORIS keys, "
                             "which ComfyUI and Forge load)")
-        if config.loss.min_snr_gamma > 0:
-            problems.append(f"loss.min_snr_gamma: {config.loss.min_snr_gamma} is a DDPM weighting; SD3 trains by "
-                            "flow matching: set it to 0 and use flow.weighting")
-        if config.data.resolution % 16:
-            problems.append(f"data.resolution: {config.data.resolution} is not a multiple of 16 (SD3 patches 2x2 "
-                            "latent pixels); use 512, 768, 1024, ...")
         return problems
 
     def load_for_sampling(self, path: Path, device: torch.device, *, lora: Path | None = None,
