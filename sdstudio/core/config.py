@@ -121,7 +121,8 @@ class ModelConfig(Section):
                                                                     "initialisation of a new model.")
     init_std: float = Field(0.02, gt=0.0, le=1.0, description="Std of the 'normal' initialisation.")
     text_width: int = Field(64, ge=8, le=1024, description="Hidden size of the from-scratch text encoder.")
-    text_layers: int = Field(2, ge=1, le=12, description="Layers of the from-scratch text encoder.")
+    text_layers: int = Field(2, ge=0, le=12, description="Layers of the from-scratch text encoder (0 = word and "
+                             "position embeddings only: each word reaches the UNet as itself).")
     text_heads: int = Field(4, ge=1, le=16, description="Attention heads of the from-scratch text encoder.")
     max_caption_tokens: int = Field(16, ge=4, le=77, description="Caption length in tokens "
                                     "(from-scratch text encoder).")
