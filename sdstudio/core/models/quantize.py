@@ -11,7 +11,10 @@ computes in the activations' dtype (bf16 on a GPU, fp32 on the CPU).
 A single file that already stores its weights in float8 e4m3fn (the ``*_fp8_e4m3fn.safetensors`` checkpoints)
 keeps them as they are under ``fp8``: the file's tensor becomes the stored weight with a scale of 1, so the
 weights trained under the LoRA are exactly the file's, not the file's dequantized and quantized again with other
-scales (a second rounding). ``stored_fp8`` in ``quantize_frozen_linears`` names them.
+scales (a second rounding). ``stored_fp8`` in ``quantize_frozen_linears`` names them. ComfyUI's "scaled fp8"
+files store a scale beside each such weight (``X.scale_weight``, read by ``split_files.take_fp8_scales``): the
+file's tensor is kept the same way, with the file's scale (one per output row; a per-tensor scale repeated) in place
+of 1, so the layer computes weight * scale exactly as the file means it.
 
 The matmul runs in a custom autograd function that saves the *stored* (quantized) weight for the backward pass,
 never a dequantized copy: otherwise every layer's full-precision weight would stay alive from the forward to the
@@ -34,6 +37,7 @@ QUANTIZE_CHOICES = ("none", "fp8", "int8", "nf4")
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 NF4_BLOCK = 64  # weights per 4-bit block (QLoRA's)
 NF4_SCALER_BLOCK = 256  # block scales per double-quantized scale
+SCALE_SUFFIX = ".scale_weight"  # a kept fp8 weight's scale in ``stored_fp8`` (ComfyUI's name), beside ``.weight``
 
 
 def _require_torchao() -> Any:
@@ -65,7 +69,7 @@ def quantize_tensor(weight: torch.Tensor, kind: str) -> tuple[torch.Tensor, torc
 
 
 def dequantize(stored: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if stored.dtype in (torch.float8_e4m3fn, torch.int8):
+    if stored.dtype in (torch.float8_e4m3fn, torch.float8_e5m2, torch.int8):
         return (stored.to(torch.float32) * scale).to(dtype)
     return stored.to(dtype)  # NF4Tensor: torchao dequantizes
 
@@ -91,12 +95,16 @@ class QuantizedLinear(nn.Module):
     """A frozen linear layer whose weight is stored quantized (buffers ``stored`` and ``scale``); the bias (small)
     keeps the weight dtype."""
 
-    def __init__(self, linear: nn.Linear, kind: str, stored_fp8: torch.Tensor | None = None) -> None:
-        """``stored_fp8``: the weight as a file stores it in float8 e4m3fn, kept as is (scale 1)."""
+    def __init__(self, linear: nn.Linear, kind: str, stored_fp8: torch.Tensor | None = None,
+                 stored_scale: torch.Tensor | None = None) -> None:
+        """``stored_fp8``: the weight as a file stores it in float8 e4m3fn, kept as is, with ``stored_scale`` (a
+        scaled fp8 file's scale, one per output row) or 1."""
         super().__init__()
         self.in_features, self.out_features, self.kind = linear.in_features, linear.out_features, kind
         if stored_fp8 is not None:
-            stored, scale = stored_fp8, torch.ones(linear.out_features, 1)
+            stored = stored_fp8
+            scale = (torch.ones(linear.out_features, 1) if stored_scale is None
+                     else stored_scale.float().reshape(-1, 1).expand(linear.out_features, 1).contiguous())
         else:
             stored, scale = quantize_tensor(linear.weight, kind)
         device = linear.weight.device
@@ -126,7 +134,8 @@ def quantize_frozen_linears(module: nn.Module, kind: str,
     returns (how many, how many kept the file's fp8 weight). Trainable linears (LoRA's A/B) are left as they are.
 
     ``stored_fp8``: for ``fp8``, weights a file stores in float8 e4m3fn by their state-dict names in ``module``
-    (``down_blocks.0....to_q.weight``); those layers keep them as they are."""
+    (``down_blocks.0....to_q.weight``); those layers keep them as they are, with the file's scale where it has one
+    (``...to_q.scale_weight``: ``SCALE_SUFFIX``)."""
     if kind == "none":
         return 0, 0
     if kind == "nf4":
@@ -136,14 +145,15 @@ def quantize_frozen_linears(module: nn.Module, kind: str,
     for prefix, parent in list(module.named_modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear and not any(p.requires_grad for p in child.parameters()):
-                path = f"{prefix}.{name}" if prefix else name
-                weight = files.get(path.replace(".base_layer", "") + ".weight")
+                path = (f"{prefix}.{name}" if prefix else name).replace(".base_layer", "")
+                weight, scale = files.get(path + ".weight"), files.get(path + SCALE_SUFFIX)
                 if weight is not None and (weight.dtype != torch.float8_e4m3fn or weight.shape != child.weight.shape):
                     weight = None
                 if weight is not None:
                     weight = weight.to(child.weight.device)
+                    scale = None if scale is None else scale.to(child.weight.device)
                     kept += 1
-                setattr(parent, name, QuantizedLinear(child, kind, stored_fp8=weight))
+                setattr(parent, name, QuantizedLinear(child, kind, stored_fp8=weight, stored_scale=scale))
                 count += 1
     return count, kept
 
@@ -167,7 +177,8 @@ def is_placeholder(t: torch.Tensor) -> bool:
 
 
 def remember_stored_fp8(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    """Keep a file's fp8 matrices (state-dict names of ``model``) with the model until it is quantized."""
+    """Keep a file's fp8 matrices (state-dict names of ``model``; a scaled file's scales beside them, named with
+    ``SCALE_SUFFIX``) with the model until it is quantized."""
     setattr(model, _STORED_FP8, weights)
 
 
@@ -180,7 +191,8 @@ def take_stored_fp8(model: nn.Module) -> dict[str, torch.Tensor]:
 def widen_placeholders(module: nn.Module, stored: Mapping[str, torch.Tensor], dtype: torch.dtype,
                        prefix: str = "") -> int:
     """Give every placeholder weight in ``module`` (named ``prefix`` in ``stored``) its stored fp8 tensor widened to
-    ``dtype`` (layers that are not quantized: the fp8 values exactly, in a wider dtype); returns how many."""
+    ``dtype`` (layers that are not quantized: the fp8 values exactly, in a wider dtype; times the file's scale where
+    it has one, as ``dequantize`` computes it); returns how many."""
     count = 0
     for name, m in module.named_modules():
         w = getattr(m, "weight", None)
@@ -188,7 +200,10 @@ def widen_placeholders(module: nn.Module, stored: Mapping[str, torch.Tensor], dt
             key = ".".join(part for part in (prefix, name, "weight") if part).replace(".base_layer", "")
             if key not in stored:
                 raise RuntimeError(f"{key}: a placeholder weight without its file tensor")
-            m.weight = nn.Parameter(stored[key].to(w.device, dtype), requires_grad=False)
+            scale = stored.get(key.removesuffix(".weight") + SCALE_SUFFIX)
+            weight = stored[key].to(w.device)
+            weight = weight.to(dtype) if scale is None else dequantize(weight, scale.to(w.device), dtype)
+            m.weight = nn.Parameter(weight, requires_grad=False)
             count += 1
     return count
 

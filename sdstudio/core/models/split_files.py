@@ -5,6 +5,7 @@ weights. Moved here from ``flux/files.py`` so every family shares one copy."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,13 @@ Tensors = dict[str, torch.Tensor]
 # keys only a Flux transformer in the original layout has (with or without ComfyUI's prefix)
 FLUX_ORIGINAL_MARKERS = ("double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight")
 TRANSFORMER_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+# ComfyUI's "scaled fp8" files: beside a float8 ``X.weight`` its scale ``X.scale_weight`` (newer files:
+# ``X.weight_scale``); the real weight is weight.float() * scale. The activation scales and markers are only for
+# ComfyUI's fp8 matmul and are dropped here (we compute in the weight dtype).
+FP8_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
+FP8_IGNORED_SUFFIXES = (".scale_input", ".input_scale", ".comfy_quant")
+FP8_MARKER = "scaled_fp8"  # at the top level or under the model's prefix (model.diffusion_model.scaled_fp8)
+_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def describe_keys(keys: list[str]) -> str:
@@ -68,6 +76,61 @@ def read_tensors(path: Path) -> Tensors:
         raise ModelFileError(f"{path}: not a readable safetensors file ({exc})") from None
 
 
+def take_fp8_scales(state: Tensors, path: Path) -> tuple[Tensors, Tensors]:
+    """(``state`` without the scale and marker keys of a ComfyUI scaled-fp8 file, the scales by their weights'
+    keys, each an fp32 column of one scale per output row (a per-tensor scale repeated): the form quantize.py
+    keeps). A file without scales comes back as it is. A scale that does not fit its weight (no float8 weight
+    beside it, or neither one value nor one per row) is refused naming the file and the key."""
+    if not any(k.endswith(FP8_SCALE_SUFFIXES + FP8_IGNORED_SUFFIXES) or k.rsplit(".", 1)[-1] == FP8_MARKER
+               for k in state):
+        return state, {}
+    out: Tensors = {}
+    scales: Tensors = {}
+    for key, value in state.items():
+        if key.rsplit(".", 1)[-1] == FP8_MARKER or key.endswith(FP8_IGNORED_SUFFIXES):
+            continue
+        if not key.endswith(FP8_SCALE_SUFFIXES):
+            out[key] = value
+            continue
+        weight_key = key.rsplit(".", 1)[0] + ".weight"
+        weight = state.get(weight_key)
+        if weight is None or weight.dtype not in _FP8_DTYPES or weight.ndim != 2:
+            what = "no weight" if weight is None else f"a {weight.dtype} weight of shape {tuple(weight.shape)}"
+            raise ModelFileError(f"{path}: {key} scales {weight_key}, but the file has {what} there (only float8 "
+                                 "matrices of linear layers are scaled in ComfyUI's scaled fp8 files)")
+        rows = weight.shape[0]
+        if value.numel() not in (1, rows) or not value.is_floating_point():
+            raise ModelFileError(f"{path}: {key} has shape {tuple(value.shape)} ({value.dtype}), which does not "
+                                 f"scale {weight_key} of shape {tuple(weight.shape)} (one scale, or one per "
+                                 f"output row: {rows})")
+        scales[weight_key] = value.detach().float().reshape(-1, 1).expand(rows, 1).contiguous()
+    return out, scales
+
+
+def convert_with_scales(state: Tensors, scales: Tensors, convert: Callable[[Tensors], Tensors]) -> tuple[Tensors,
+                                                                                                          Tensors]:
+    """``convert`` (a family's original -> diffusers layout) applied to ``state`` and to its fp8 ``scales``
+    (``take_fp8_scales``) alike: the scales go through the same conversion as zero-memory views of their weights'
+    shape (a fused q/k/v split by rows splits its scale column the same way, a row swap swaps it), every other
+    tensor as a ``meta`` stand-in."""
+    if not scales:
+        return convert(state), {}
+    proxies = {k: (scales[k].expand(v.shape) if k in scales else torch.empty_like(v, device="meta"))
+               for k, v in state.items()}
+    converted = {k: v[:, :1].contiguous() for k, v in convert(proxies).items() if v.device.type != "meta"}
+    return convert(state), converted
+
+
+def dequantize_scaled(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """A file's tensor in ``dtype``; a scaled fp8 weight as weight * scale (computed in fp32 one tensor at a time,
+    as ``quantize.dequantize`` does for a kept one)."""
+    from .quantize import dequantize
+
+    if scale is None:
+        return weight.to(dtype) if weight.is_floating_point() else weight
+    return dequantize(weight, scale.to(weight.device), dtype)
+
+
 def _check_fits(own: Tensors, state: Tensors, what: str, path: Path, allowed_missing: tuple[str, ...] = ()) -> None:
     missing = [k for k in own if k not in state and not k.endswith(allowed_missing)]
     wrong = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
@@ -81,16 +144,18 @@ def load_into(module: torch.nn.Module, state: Tensors, what: str, path: Path,
               allowed_missing: tuple[str, ...] = ()) -> None:
     """Copy ``state`` into ``module`` (cast to its dtype: an fp8 file goes straight to the module's dtype)."""
     own = module.state_dict()
+    state, scales = take_fp8_scales(state, path)  # ComfyUI's scaled fp8 text encoders (t5xxl_fp8_e4m3fn_scaled)
     _check_fits(own, state, what, path, allowed_missing)
     # extra tensors (text projections, position ids) are not used
     with torch.no_grad():
         for k, v in state.items():
             if k in own:
-                own[k].copy_(v.to(own[k].dtype))
+                own[k].copy_(dequantize_scaled(v, scales.get(k), own[k].dtype))
 
 
 def load_transformer(cls: Any, config: dict[str, Any], state: Tensors, what: str, path: Path, *,
-                     dtype: torch.dtype = torch.float32, keep_fp8: bool = False) -> Any:
+                     dtype: torch.dtype = torch.float32, keep_fp8: bool = False,
+                     scales: Tensors | None = None) -> Any:
     """A transformer built without memory for its weights (``meta``) and given the file's tensors one by one,
     each cast to ``dtype`` as it is assigned: the model never exists in fp32 beside the file (as with
     ``empty_model`` + ``load_into``) unless ``dtype`` is fp32.
@@ -98,21 +163,27 @@ def load_transformer(cls: Any, config: dict[str, Any], state: Tensors, what: str
     ``keep_fp8`` (``model.quantize = 'fp8'`` under a LoRA): the file's float8 e4m3fn weight matrices of linear
     layers are not widened at all: their layers get a placeholder of the right shape and dtype that takes no
     memory (``quantize.fp8_placeholder``) and the file's tensors are remembered on the model
-    (``quantize.remember_stored_fp8``), for the quantization to keep as they are."""
+    (``quantize.remember_stored_fp8``), for the quantization to keep as they are.
+
+    ``scales``: a ComfyUI scaled-fp8 file's weight scales by the model's weight names (``take_fp8_scales``, through
+    ``convert_with_scales``): without ``keep_fp8`` each such weight is dequantized (weight * scale) into ``dtype``
+    as it is assigned; with it the kept fp8 tensor is remembered with its scale (``quantize.SCALE_SUFFIX``)."""
     from accelerate import init_empty_weights
 
-    from .quantize import fp8_placeholder, remember_stored_fp8, stored_fp8_weights
+    from .quantize import SCALE_SUFFIX, fp8_placeholder, remember_stored_fp8, stored_fp8_weights
 
     with init_empty_weights():  # parameters on meta; buffers (position tables) are built as usual
         model = cls(**config)
     own = model.state_dict()
     _check_fits(own, state, what, path)
     linears = {f"{name}.weight" for name, m in model.named_modules() if type(m) is torch.nn.Linear}
+    scales = scales or {}
     kept = {k: v for k, v in stored_fp8_weights(state).items() if k in linears} if keep_fp8 else {}
-    cast = {k: (fp8_placeholder(v.shape, dtype) if k in kept else v.to(dtype) if v.is_floating_point() else v)
+    cast = {k: (fp8_placeholder(v.shape, dtype) if k in kept else dequantize_scaled(v, scales.get(k), dtype))
             for k, v in state.items() if k in own}
     model.load_state_dict(cast, strict=False, assign=True)
     if kept:
+        kept.update({k.removesuffix(".weight") + SCALE_SUFFIX: s for k, s in scales.items() if k in kept})
         remember_stored_fp8(model, kept)
     return model
 

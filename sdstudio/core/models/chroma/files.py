@@ -25,7 +25,7 @@ import torch
 from ..family import ModelFileError
 from ..flux import files as flux_files
 from ..flux.files import describe_keys, file_keys, load_t5_file, load_vae_file
-from ..split_files import load_transformer
+from ..split_files import convert_with_scales, load_transformer, take_fp8_scales
 from . import offline
 
 Tensors = dict[str, torch.Tensor]
@@ -128,11 +128,12 @@ def load_transformer_file(path: Path, config: dict[str, Any], dtype: torch.dtype
         raise ModelFileError(f"model.path {path}: this is {looks}, not a Chroma transformer file "
                              "(Chroma1-HD.safetensors / Chroma1-Base.safetensors)")
     state = _strip_prefix(flux_files._read(path))
+    state, scales = take_fp8_scales(state, path)  # ComfyUI's scaled fp8 files
     if any(k.startswith("double_blocks.") for k in state):
-        state = original_to_diffusers(state, config)
+        state, scales = convert_with_scales(state, scales, lambda s: original_to_diffusers(s, config))
     params = {k: v for k, v in config.items() if not k.startswith("_")}
     return load_transformer(ChromaTransformer2DModel, params, state, "Chroma transformer", path, dtype=dtype,
-                            keep_fp8=keep_fp8)
+                            keep_fp8=keep_fp8, scales=scales)
 
 
 def _t5_tokenizer(config_folder: Path | None) -> Any:

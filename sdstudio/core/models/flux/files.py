@@ -24,9 +24,11 @@ from ..split_files import (
     FLUX_ORIGINAL_MARKERS,
     TRANSFORMER_PREFIXES,
     Tensors,
+    convert_with_scales,
     describe_keys,
     file_keys,
     load_transformer,
+    take_fp8_scales,
 )
 from ..split_files import empty_model as _empty
 from ..split_files import load_into as _load_into
@@ -220,11 +222,12 @@ def load_transformer_file(path: Path, config: dict[str, Any], dtype: torch.dtype
     variant = transformer_file_variant(path)
     if variant is None:
         raise ModelFileError(f"model.path {path}: this is {describe_keys(list(state))}, not a Flux transformer")
+    state, scales = take_fp8_scales(state, path)  # ComfyUI's scaled fp8 files
     if any(k.startswith("double_blocks.") for k in state):
-        state = bfl_to_diffusers(state, config)
+        state, scales = convert_with_scales(state, scales, lambda s: bfl_to_diffusers(s, config))
     params = {k: v for k, v in config.items() if not k.startswith("_")}
     return load_transformer(FluxTransformer2DModel, params, state, "Flux transformer", path, dtype=dtype,
-                            keep_fp8=keep_fp8)
+                            keep_fp8=keep_fp8, scales=scales)
 
 
 def load_clip_file(path: Path, folder: Path | None) -> Any:

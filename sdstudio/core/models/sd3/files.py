@@ -24,6 +24,7 @@ import torch
 from ..family import ModelFileError
 from ..split_files import (
     Tensors,
+    convert_with_scales,
     describe_keys,
     empty_model,
     file_keys,
@@ -31,6 +32,7 @@ from ..split_files import (
     load_transformer,
     read_tensors,
     strip_prefix,
+    take_fp8_scales,
 )
 from . import offline
 
@@ -178,10 +180,11 @@ def load_transformer_file(path: Path, config: dict[str, Any], dtype: torch.dtype
     state = _transformer_part(read_tensors(path))
     if variant_of_keys(list(state)) is None:
         raise ModelFileError(f"model.path {path}: this is {describe_keys(list(state))}, not an SD3 transformer")
+    state, scales = take_fp8_scales(state, path)  # ComfyUI's scaled fp8 files
     if any(k.startswith("joint_blocks.") for k in state):
-        state = sd3_to_diffusers(state)
+        state, scales = convert_with_scales(state, scales, sd3_to_diffusers)
     return load_transformer(SD3Transformer2DModel, {k: v for k, v in config.items() if not k.startswith("_")}, state,
-                            "SD3 transformer", path, dtype=dtype, keep_fp8=keep_fp8)
+                            "SD3 transformer", path, dtype=dtype, keep_fp8=keep_fp8, scales=scales)
 
 
 def load_clip_file(path: Path, config: dict[str, Any], key: str, what: str) -> Any:
