@@ -182,3 +182,23 @@ def test_caption_options_are_saved_with_the_run_config(tmp_path: Path) -> None:
     default = RunConfig().model  # today's model unless asked: old runs load unchanged
     assert (default.text_causal, default.text_pooled_to_time, default.cross_attention_everywhere) == (True, False,
                                                                                                       False)
+
+
+def test_text_layers_zero_passes_each_word_to_the_unet_as_itself(tmp_path: Path) -> None:
+    """model.text_layers = 0: word + position embeddings (and the final norm) only, so a word's state does not
+    depend on the other words."""
+    bundle = _model(text_layers=0, text_causal=False)
+    te = bundle.trainable.text_encoder
+    assert len(getattr(te, "text_model", te).encoder.layers) == 0  # transformers 4 nests one deeper
+    with torch.no_grad():
+        a, b = (_tokens(bundle, [c]) for c in ("a red circle on white", "a blue circle on black"))
+        sa = encode_tokens(te, a["input_ids"], a["attention_mask"])
+        sb = encode_tokens(te, b["input_ids"], b["attention_mask"])
+    # <bos> a red|blue circle on white|black: "circle" (position 3) and "on" (4) are the same states
+    assert torch.equal(sa[0, 3:5], sb[0, 3:5])
+    assert (sa[0, 2] - sb[0, 2]).abs().max().item() > 1e-4
+    with_layers = _model(text_layers=1, text_causal=False)
+    with torch.no_grad():
+        la, lb = (encode_tokens(with_layers.trainable.text_encoder, t["input_ids"], t["attention_mask"])
+                  for t in (_tokens(with_layers, [c]) for c in ("a red circle on white", "a blue circle on black")))
+    assert (la[0, 3] - lb[0, 3]).abs().max().item() > 1e-4  # one layer mixes the words

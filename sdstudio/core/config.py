@@ -102,7 +102,7 @@ class ModelConfig(Section):
         "large LoRAs (flow matching); chroma: Chroma1 LoRAs (flow matching, T5 only).")
     path: str = Field("", description="Base model: a diffusers folder or a .safetensors/.ckpt file "
                       "(SD families; Flux / SD3 / Chroma: the transformer file, e.g. flux1-dev.safetensors, "
-                      "sd3.5_large.safetensors, Chroma1-HD.safetensors, bf16 or fp8).")
+                      "sd3.5_large.safetensors, Chroma1-HD.safetensors, bf16, fp8 or ComfyUI scaled fp8).")
     vae_path: str = Field("", description="Optional separate VAE file or folder (Flux / SD3 / Chroma as split files: "
                           "ae.safetensors, required).")
     config_folder: str = Field("", description="diffusers config folder for a single-file model (empty = the "
