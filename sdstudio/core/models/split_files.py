@@ -66,6 +66,17 @@ def swap_halves(w: torch.Tensor) -> torch.Tensor:
     return torch.cat([b, a], dim=0)
 
 
+def fuse_parts(src: Tensors, out: Tensors, fused: Mapping[str, tuple[str, ...]], block: str, original: str) -> None:
+    """Stack the diffusers modules of one block (``block``: "transformer_blocks.3") that the original layout keeps
+    as one tensor (``fused``: original module -> its diffusers modules, in order) under the original block name
+    (``original``: "double_blocks.3"); weight and bias, where every part is there (taken out of ``src``)."""
+    for name, parts in fused.items():
+        for suffix in ("weight", "bias"):
+            keys = [f"{block}.{p}.{suffix}" for p in parts]
+            if all(k in src for k in keys):
+                out[f"{original}.{name}.{suffix}"] = torch.cat([src.pop(k) for k in keys])
+
+
 def folder_configs(path: Path) -> tuple[str, dict[str, Any]] | None:
     """A diffusers folder's pipeline class (model_index.json) and its transformer's config; None when unreadable."""
     try:

@@ -25,6 +25,7 @@ from ..split_files import (
     describe_keys,
     file_keys,
     folder_configs,
+    fuse_parts,
     load_folder_parts,
     load_t5,
     load_transformer,
@@ -139,11 +140,7 @@ def diffusers_to_bfl(state: Tensors) -> Tensors:
     for ours, theirs, pairs, fused in _BLOCKS:
         for i in range(_block_count(src, rf"{theirs}\.(\d+)\.")):
             _rename(src, out, [(f"{ours}.{i}.{o}", f"{theirs}.{i}.{d}") for o, d in pairs], to_original=True)
-            for o, parts in fused.items():
-                for suffix in ("weight", "bias"):
-                    keys = [f"{theirs}.{i}.{p}.{suffix}" for p in parts]
-                    if all(k in src for k in keys):
-                        out[f"{ours}.{i}.{o}.{suffix}"] = torch.cat([src.pop(k) for k in keys])
+            fuse_parts(src, out, fused, f"{theirs}.{i}", f"{ours}.{i}")
     if src:
         raise ModelFileError(f"Flux transformer: no original-layout name for {sorted(src)[:5]}")
     return out

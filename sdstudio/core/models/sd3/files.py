@@ -27,6 +27,7 @@ from ..split_files import (
     empty_model,
     file_keys,
     folder_configs,
+    fuse_parts,
     load_folder_parts,
     load_into,
     load_t5,
@@ -130,11 +131,7 @@ def diffusers_to_sd3(state: Tensors) -> Tensors:
         for o, d in BLOCK:
             take(f"joint_blocks.{i}.{o}", f"transformer_blocks.{i}.{d}",
                  swap=i == last and d == "norm1_context.linear")
-        for o, parts in FUSED.items():
-            for suffix in ("weight", "bias"):
-                keys = [f"transformer_blocks.{i}.{p}.{suffix}" for p in parts]
-                if all(k in src for k in keys):
-                    out[f"joint_blocks.{i}.{o}.{suffix}"] = torch.cat([src.pop(k) for k in keys])
+        fuse_parts(src, out, FUSED, f"transformer_blocks.{i}", f"joint_blocks.{i}")
     if src:
         raise ModelFileError(f"SD3 transformer: no original-layout name for {sorted(src)[:5]}")
     return out
@@ -226,9 +223,9 @@ def _has_vae(path: Path) -> bool:
 def load_sd3_components(path: Path, *, config_folder: Path | None = None, vae_path: Path | None = None,
                         text_encoder_path: Path | None = None, clip_g_path: Path | None = None,
                         t5_path: Path | None = None, transformer_options: dict[str, Any] | None = None) -> SD3Components:
-    """Everything of an SD3 model, offline: a diffusers folder, or a transformer file with the separate
-    text-encoder and VAE files (configs from ``config_folder`` or the ones sdstudio ships; a transformer file is
-    loaded with ``transformer_options``: ``transformer_parts.load_options``)."""
+    """Everything of an SD3 model, offline: a diffusers folder, or a transformer file (an all-in-one file holds
+    its VAE) with the CLIP-L, CLIP-G and T5 files; ``config_folder`` and ``transformer_options`` as for Flux
+    (``flux/files.load_flux_components``)."""
     require_model_path(path)
     variant = model_variant(path)
     sources = {"transformer": str(path)}
