@@ -34,7 +34,8 @@ def _from_single_file(path: Path, flux_dev: Path):
     return load_transformer_file(path, config, torch.float32)
 
 
-def test_full_fine_tune_trains_resumes_and_exports_a_single_file(flux_dev: Path, four_images: Path, tmp_path: Path) -> None:
+def test_full_fine_tune_trains_resumes_and_exports_a_single_file(flux_dev: Path, four_images: Path,
+                                                                  tmp_path: Path) -> None:
     from diffusers import FluxTransformer2DModel
 
     from sdstudio.core.export.api import export

@@ -32,15 +32,17 @@ def test_the_text_cache_is_refused_with_a_clip_lora(flux_dev: Path, four_images:
                                     "train.train_text_encoder": True, "lora.enabled": False})
 
 
-def test_clip_lora_trains_resumes_and_exports_in_both_formats(flux_dev: Path, four_images: Path, tmp_path: Path) -> None:
+def test_clip_lora_trains_resumes_and_exports_in_both_formats(flux_dev: Path, four_images: Path,
+                                                              tmp_path: Path) -> None:
     from diffusers import FluxPipeline
 
     from sdstudio.core.export.api import export
     from sdstudio.core.models.flux.model import FluxDenoiser
     from sdstudio.core.sampling.from_run import load_trained
 
-    cfg = _train_config(flux_dev, four_images, **{"lora.text_encoder": True, "data.resolution": 32, "train.max_steps": 2,
-                                           "checkpoint.every_steps": 2, "train.learning_rate": 3e-2})
+    cfg = _train_config(flux_dev, four_images, **{"lora.text_encoder": True, "data.resolution": 32,
+                                                  "train.max_steps": 2, "checkpoint.every_steps": 2,
+                                                  "train.learning_rate": 3e-2})
     run = tmp_path / "run"
     _losses(cfg, run)
     events = list(train(cfg.with_overrides({"train.max_steps": 4}), run_dir=run, resume=True))

@@ -157,7 +157,8 @@ def test_chroma_adapter_type_trains_and_exports_for_comfyui(kind: str, chroma: P
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_sd3_adapter_type_trains_and_exports_for_comfyui(kind: str, sd35: Path, four_images: Path, tmp_path: Path) -> None:
+def test_sd3_adapter_type_trains_and_exports_for_comfyui(kind: str, sd35: Path, four_images: Path,
+                                                         tmp_path: Path) -> None:
     """SD3.5 medium (its second attention, attn2, fuses q/k/v as well), every linear of the joint blocks
     (lora.targets = 'all': the last block's context adaLN has its halves swapped in the original layout)."""
     from sdstudio.core.models.sd3.export import _sd3_block
@@ -182,7 +183,8 @@ def test_sd3_adapter_type_trains_and_exports_for_comfyui(kind: str, sd35: Path, 
                 "lora_unet_joint_blocks_0_context_block_attn_qkv"} <= names
 
 
-def test_sd3_kohya_lora_of_every_linear_reproduces_the_trained_weights(sd35: Path, four_images: Path, tmp_path: Path) -> None:
+def test_sd3_kohya_lora_of_every_linear_reproduces_the_trained_weights(sd35: Path, four_images: Path,
+                                                                       tmp_path: Path) -> None:
     """A plain LoRA with lora.targets = 'all': the kohya file applied as ComfyUI applies it gives the trained
     weights, the last block's context adaLN (halves swapped in the original layout) included."""
     from sdstudio.core.export.api import export

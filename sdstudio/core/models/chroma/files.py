@@ -21,20 +21,16 @@ from typing import Any
 
 import torch
 
+from .. import split_files
 from ..flux import files as flux_files
 from ..flux.files import load_t5_file, load_vae_file
 from ..split_files import (
     Tensors,
     file_keys,
     folder_configs,
-    load_folder_parts,
     load_transformer,
     model_params,
-    not_a_folder,
-    not_a_transformer_file,
     read_tensors,
-    require_model_path,
-    require_part_files,
     strip_prefix,
     transformer_keys,
 )
@@ -118,12 +114,12 @@ def load_transformer_file(path: Path, config: dict[str, Any], dtype: torch.dtype
     from diffusers import ChromaTransformer2DModel
 
     if not is_chroma_transformer_file(path):
-        raise not_a_transformer_file(path, "a Chroma", "Chroma1-HD.safetensors / Chroma1-Base.safetensors")
+        raise split_files.not_a_transformer_file(path, "a Chroma", "Chroma1-HD.safetensors / Chroma1-Base.safetensors")
     state = strip_prefix(read_tensors(path))
     if any(k.startswith("double_blocks.") for k in state):
         state = original_to_diffusers(state, config)
-    return load_transformer(ChromaTransformer2DModel, model_params(config), state, "Chroma transformer", path, dtype=dtype,
-                            keep_fp8=keep_fp8)
+    return load_transformer(ChromaTransformer2DModel, model_params(config), state, "Chroma transformer", path,
+                            dtype=dtype, keep_fp8=keep_fp8)
 
 
 def _t5_tokenizer(config_folder: Path | None) -> Any:
@@ -143,21 +139,22 @@ def load_chroma_components(path: Path, *, config_folder: Path | None = None, vae
     transformer file is loaded with ``transformer_options``: ``transformer_parts.load_options``)."""
     from diffusers import AutoencoderKL, ChromaTransformer2DModel
 
-    require_model_path(path)
+    split_files.require_model_path(path)
     sources = {"transformer": str(path)}
     vae = None
     if path.is_dir():
         if not is_chroma_folder(path):
-            raise not_a_folder(path, "Chroma", "ChromaPipeline", "a ChromaTransformer2DModel")
+            raise split_files.not_a_folder(path, "Chroma", "ChromaPipeline", "a ChromaTransformer2DModel")
         from transformers import T5EncoderModel, T5TokenizerFast
 
-        transformer, vae, te, tok = load_folder_parts(path, {
+        transformer, vae, te, tok = split_files.load_folder_parts(path, {
             "transformer": ChromaTransformer2DModel, "vae": AutoencoderKL, "text_encoder": T5EncoderModel,
             "tokenizer": T5TokenizerFast})
         sources.update(vae=str(path), text_encoder=str(path))
     else:
-        require_part_files(path, "Chroma", {"model.text_encoder_2_path": text_encoder_path, "model.vae_path": vae_path},
-                           "the T5-XXL (t5xxl_fp16.safetensors) and VAE (Flux's ae.safetensors) files")
+        split_files.require_part_files(path, "Chroma", {"model.text_encoder_2_path": text_encoder_path,
+                                                        "model.vae_path": vae_path},
+                                       "the T5-XXL (t5xxl_fp16.safetensors) and VAE (Flux's ae.safetensors) files")
         assert text_encoder_path is not None
         tconfig = (dict(ChromaTransformer2DModel.load_config(str(config_folder), subfolder="transformer"))
                    if config_folder else dict(offline.TRANSFORMER_CONFIG))

@@ -177,7 +177,8 @@ def load_transformer_file(path: Path, config: dict[str, Any], dtype: torch.dtype
         raise ModelFileError(f"model.path {path}: this is {describe_keys(list(state))}, not an SD3 transformer")
     if any(k.startswith("joint_blocks.") for k in state):
         state = sd3_to_diffusers(state)
-    return load_transformer(SD3Transformer2DModel, model_params(config), state, "SD3 transformer", path, dtype=dtype, keep_fp8=keep_fp8)
+    return load_transformer(SD3Transformer2DModel, model_params(config), state, "SD3 transformer", path, dtype=dtype,
+                            keep_fp8=keep_fp8)
 
 
 def load_clip_file(path: Path, config: dict[str, Any], key: str, what: str) -> Any:
