@@ -5,7 +5,6 @@ exports reloaded by diffusers' own ChromaPipeline.load_lora_weights."""
 
 from __future__ import annotations
 
-import statistics
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,7 +12,6 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from sdstudio.core import events as ev
 from sdstudio.core.config import RunConfig
 from sdstudio.core.models.chroma.files import (
     diffusers_to_original,
@@ -23,12 +21,10 @@ from sdstudio.core.models.chroma.files import (
 from sdstudio.core.models.chroma.offline import TRANSFORMER_CONFIG
 from sdstudio.core.models.family import ModelFileError
 from sdstudio.core.models.registry import family_of_lora, get_family, recognise_model
-from sdstudio.core.presets import load_preset
-from sdstudio.core.train.loop import train
+from tests import transformer_helpers as th
 from tests.tiny_chroma import save_tiny_chroma, save_tiny_chroma_split, tiny_chroma_components
 from tests.tiny_flux import save_tiny_flux_split, tiny_flux_components
-
-CPU = torch.device("cpu")
+from tests.transformer_helpers import same_weights as _same
 
 
 @pytest.fixture(scope="module")
@@ -39,24 +35,6 @@ def chroma(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def split(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return save_tiny_chroma_split(tmp_path_factory.mktemp("chroma-split"), tiny_chroma_components())
-
-
-@pytest.fixture(scope="module")
-def four(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from sdstudio.core.demo_shapes import generate_demo_dataset
-
-    data = tmp_path_factory.mktemp("four")
-    generate_demo_dataset(data, per_class=1, size=32, seed=5)
-    for extra in sorted(data.glob("*.png"))[4:]:
-        extra.unlink()
-        extra.with_suffix(".txt").unlink()
-    return data
-
-
-def _same(a: torch.nn.Module, b: torch.nn.Module) -> None:
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    assert all(torch.equal(sa[k], sb[k]) for k in sa), [k for k in sa if not torch.equal(sa[k], sb[k])][:3]
 
 
 def test_both_layouts_give_identical_weights(chroma: Path, split: dict[str, Path], tmp_path: Path) -> None:
@@ -144,7 +122,7 @@ def test_padding_tokens_are_masked_in_attention_with_and_without_checkpointing(c
     bundle = get_family("chroma").build(RunConfig().with_overrides(
         {"model.family": "chroma", "model.path": str(chroma), "lora.enabled": True, "data.resolution": 64,
          "model.t5_max_length": 16}), [])
-    cond = bundle.encode_captions(["a red circle", "a blue square on a green field"], CPU)
+    cond = bundle.encode_captions(["a red circle", "a blue square on a green field"], th.CPU)
     mask = cond["mask"]
     assert mask.dtype == torch.bool and mask.shape == (2, 16)
     lengths = bundle.components.tokenizer(["a red circle", "a blue square on a green field"]).input_ids
@@ -173,24 +151,11 @@ def test_padding_tokens_are_masked_in_attention_with_and_without_checkpointing(c
 
 
 def _config(model: Path, data: Path, **overrides) -> RunConfig:
-    base = {"model.path": str(model), "data.path": str(data), "data.resolution": 64, "data.val_split": 0.0,
-            "data.caption_dropout": 0.0, "data.cache_latents": False, "data.cache_text_embeddings": False,
-            "train.batch_size": 4, "train.max_steps": 30, "train.log_every": 1, "train.warmup_steps": 0,
-            "train.lr_scheduler": "constant", "train.device": "cpu", "train.mixed_precision": "no",
-            "train.gradient_checkpointing": False, "train.learning_rate": 3e-2, "sample.every_steps": 0,
-            "sample.at_end": False, "sample.steps": 2, "sample.seeds": [0], "checkpoint.every_steps": 0,
-            "model.t5_max_length": 16, "lora.rank": 4, "lora.alpha": 8.0, "export.formats": []}
-    return load_preset("chroma-lora").with_overrides({**base, **overrides})
-
-
-def _losses(config: RunConfig, run_dir: Path, **kw) -> list[float]:
-    events = list(train(config, run_dir=run_dir, **kw))
-    assert isinstance(events[-1], ev.Finished), events[-1]
-    return [e.loss for e in events if isinstance(e, ev.StepMetrics)]
+    return th.tiny_run_config("chroma-lora", model, data, **{"train.learning_rate": 3e-2, **overrides})
 
 
 @pytest.fixture(scope="module")
-def trained(chroma: Path, four: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def trained(chroma: Path, four_images: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`sdstudio train --preset chroma-lora` on the tiny model (caches on, gradient checkpointing on, as the
     preset has them), with a preview at the end and the preset's default export."""
     from sdstudio.cli import main
@@ -202,7 +167,7 @@ def trained(chroma: Path, four: Path, tmp_path_factory: pytest.TempPathFactory) 
             "train.learning_rate": 3e-2, "sample.every_steps": 0, "sample.at_end": True, "sample.steps": 2,
             "sample.seeds": [0], "checkpoint.every_steps": 30, "model.t5_max_length": 16, "lora.rank": 4,
             "lora.alpha": 8.0, "flow.shift": "none"}
-    argv = ["train", "--preset", "chroma-lora", "--data", str(four), "--out", str(run)]
+    argv = ["train", "--preset", "chroma-lora", "--data", str(four_images), "--out", str(run)]
     for key, value in sets.items():
         argv += ["--set", f"{key}={value!r}" if isinstance(value, str) else f"{key}={str(value).lower()}"
                  if isinstance(value, bool) else f"{key}={value}"]
@@ -210,27 +175,10 @@ def trained(chroma: Path, four: Path, tmp_path_factory: pytest.TempPathFactory) 
     return run
 
 
-def _train_losses(run: Path) -> list[float]:
-    import json
-
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [r["loss"] for r in rows if r.get("kind") == "train" and "loss" in r]
-
-
 def test_lora_overfits_a_tiny_batch_through_the_cli(trained: Path) -> None:
-    losses = _train_losses(trained)
+    losses = th.logged_losses(trained)
     assert len(losses) == 30
-    first, last = statistics.mean(losses[:5]), statistics.mean(losses[-5:])
-    assert last < 0.85 * first, (first, last)
-    ckpt = trained / "checkpoints" / "step-00000030"
-    with safe_open(str(ckpt / "model.safetensors"), "pt") as fh:
-        keys = list(fh.keys())
-    assert keys and all(k.startswith("transformer.") and ".lora_" in k for k in keys)
-    for part in ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.add_k_proj",
-                 "transformer_blocks.0.attn.to_add_out", "transformer_blocks.0.ff.net.2",
-                 "transformer_blocks.0.ff_context.net.0.proj", "single_transformer_blocks.0.attn.to_v",
-                 "single_transformer_blocks.0.proj_mlp", "single_transformer_blocks.0.proj_out"):
-        assert f"transformer.{part}.lora_A.weight" in keys, part
+    keys = th.overfit_lora_keys(trained, losses, th.FLUX_BLOCK_PARTS)
     assert not any("distilled_guidance_layer" in k or k.startswith(("transformer.proj_out", "transformer.x_embedder"))
                    for k in keys)
     assert list((trained / "samples").glob("*.png")), "the preview at the end was written"
@@ -240,50 +188,28 @@ def test_lora_overfits_a_tiny_batch_through_the_cli(trained: Path) -> None:
     assert exported, "the preset's default export (diffusers) was written"
 
 
-def test_cached_text_trains_as_encoding_and_resume_is_exact(chroma: Path, four: Path, tmp_path: Path) -> None:
+def test_cached_text_trains_as_encoding_and_resume_is_exact(chroma: Path, four_images: Path, tmp_path: Path) -> None:
     """T5 states + mask from the disk cache train exactly as encoding every step; 4 steps straight equal
     2 + resume + 2."""
-    plain = _losses(_config(chroma, four, **{"train.max_steps": 4}), tmp_path / "plain")
-    cached_cfg = _config(chroma, four, **{"train.max_steps": 4, "data.cache_latents": True,
-                                          "data.cache_text_embeddings": True})
-    cached = _losses(cached_cfg, tmp_path / "cached")
-    assert cached == pytest.approx(plain, rel=1e-4, abs=1e-5)
-    first = _losses(cached_cfg.with_overrides({"train.max_steps": 2, "checkpoint.every_steps": 2}), tmp_path / "r")
-    rest = _losses(cached_cfg.with_overrides({"checkpoint.every_steps": 2}), tmp_path / "r", resume=True)
-    assert first + rest == pytest.approx(cached, rel=1e-5, abs=1e-6)
+    th.caches_match_and_resume_is_exact(_config(chroma, four_images, **{"train.max_steps": 4}), tmp_path)
 
 
 def test_diffusers_export_loads_in_chromapipeline_and_matches_the_trained_model(trained: Path, chroma: Path,
                                                                                 tmp_path: Path) -> None:
     from diffusers import ChromaPipeline
 
-    from sdstudio.core.export.formats import writer_for
-    from sdstudio.core.export.source import load_export_source
     from sdstudio.core.models.chroma.model import ChromaDenoiser
-    from sdstudio.core.sampling.from_run import load_trained
 
-    source = load_export_source(trained)
-    family = get_family("chroma")
-    path = writer_for("diffusers", family)(source, tmp_path / "lora.safetensors", dtype=torch.float32)
-    with safe_open(str(path), "pt") as fh:
-        meta, keys = fh.metadata(), list(fh.keys())
-    assert keys and all(k.startswith("transformer.") for k in keys)
+    out = th.export_loras(trained, "chroma", tmp_path, kohya=False)
+    meta, family = out.meta, out.family
     assert meta["modelspec.architecture"] == "chroma/lora" and meta["ss_base_model_version"] == "chroma"
     assert meta["modelspec.implementation"] == "https://huggingface.co/lodestones/Chroma"
     assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "4"  # alpha folded into lora_B
     assert family_of_lora(meta) is family
-    trained_model = load_trained(trained, use_ema=False, device="cpu")
-    pipe = ChromaPipeline.from_pretrained(str(chroma), local_files_only=True)
-    pipe.load_lora_weights(str(tmp_path), weight_name="lora.safetensors")
-    x, t = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([0.3, 0.8])
-    cond = trained_model.bundle.encode_captions(["a red circle", "a blue square"], CPU)
-    with torch.no_grad():
-        want = trained_model.bundle.trainable(x, t, cond)
-        got = ChromaDenoiser(pipe.transformer)(x, t, cond)
-        base = ChromaDenoiser(ChromaPipeline.from_pretrained(str(chroma), local_files_only=True).transformer)(x, t, cond)
-    scale = want.abs().max()
-    assert (got - want).abs().max() <= 1e-4 * scale, (got - want).abs().max()
-    assert (base - want).abs().max() > 1e-2  # the LoRA matters
+    check = th.lora_in_pipeline(trained, chroma, ChromaPipeline, ChromaDenoiser, tmp_path)
+    scale = check.want.abs().max()
+    assert (check.got - check.want).abs().max() <= 1e-4 * scale, (check.got - check.want).abs().max()
+    assert (check.base - check.want).abs().max() > 1e-2  # the LoRA matters
 
 
 def test_kohya_export_names_the_real_size_layout_and_diffusers_reads_it_at_strength() -> None:
@@ -328,30 +254,17 @@ def test_kohya_export_names_the_real_size_layout_and_diffusers_reads_it_at_stren
 
 def test_sample_a_chroma_folder_with_real_cfg_and_the_exported_lora(trained: Path, chroma: Path,
                                                                      tmp_path: Path) -> None:
-    from sdstudio.core.export.formats import writer_for
-    from sdstudio.core.export.source import load_export_source
-    from sdstudio.core.sampling.from_files import load_model
-
-    lora = writer_for("diffusers", get_family("chroma"))(load_export_source(trained), tmp_path / "l.safetensors",
-                                                        dtype=torch.float32)
-    plain = load_model(chroma, device="cpu")
-    assert plain.kind == "chroma" and plain.defaults["steps"] == 30 and plain.defaults["guidance"] == 4.0
-    a = plain.generate(["a red circle"], [0], steps=3)
-    assert a.shape == (1, 64, 64, 3)
-    # real classifier-free guidance: the negative prompt and the guidance scale both change the image
-    assert (plain.generate(["a red circle"], [0], steps=3, negative_prompt="blue") != a).any()
-    assert (plain.generate(["a red circle"], [0], steps=3, guidance=1.0) != a).any()
-    with_lora = load_model(chroma, lora=lora, device="cpu")
-    assert with_lora.lora_modules > 0
-    assert (with_lora.generate(["a red circle"], [0], steps=3) != a).any()
+    sampled = th.sample_with_exported_lora(trained, chroma, "chroma", tmp_path, steps=30, guidance=4.0)
+    # real classifier-free guidance: the negative prompt changes the image too (the guidance scale: above)
+    assert (sampled.plain.generate(["a red circle"], [0], steps=3, negative_prompt="blue") != sampled.image).any()
 
 
 def test_config_checks_and_text_length(chroma: Path) -> None:
     family = get_family("chroma")
     base = {"model.family": "chroma", "lora.enabled": True, "model.path": str(chroma), "data.resolution": 64}
     default = family.build(RunConfig().with_overrides(base), [])
-    assert default.encode_captions(["x"], CPU)["states"].shape[1] == 512  # ChromaPipeline's length
-    assert "guidance" not in default.encode_captions(["x"], CPU)  # no guidance input
+    assert default.encode_captions(["x"], th.CPU)["states"].shape[1] == 512  # ChromaPipeline's length
+    assert "guidance" not in default.encode_captions(["x"], th.CPU)  # no guidance input
     # the memory estimate counts the transformer, T5 and VAE weights and Chroma's activation profile
     from sdstudio.core.train.memory import estimate_memory
 

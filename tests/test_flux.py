@@ -4,7 +4,6 @@ the kohya and diffusers exports (the latter reloaded with diffusers' own load_lo
 
 from __future__ import annotations
 
-import statistics
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,15 +12,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from sdstudio.core import events as ev
 from sdstudio.core.config import RunConfig
 from sdstudio.core.models.family import ModelFileError
 from sdstudio.core.models.flux.files import bfl_to_diffusers, diffusers_to_bfl, load_flux_components
 from sdstudio.core.models.flux.offline import TRANSFORMER_CONFIG
 from sdstudio.core.models.registry import get_family, recognise_model
-from sdstudio.core.presets import load_preset
-from sdstudio.core.train.loop import train
+from tests import transformer_helpers as th
 from tests.tiny_flux import save_tiny_flux, save_tiny_flux_split, tiny_flux_components
+from tests.transformer_helpers import same_weights as _same
+from tests.transformer_helpers import train_losses as _losses
 
 
 @pytest.fixture(scope="module")
@@ -32,12 +31,6 @@ def flux_dev(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def flux_split(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return save_tiny_flux_split(tmp_path_factory.mktemp("flux-split"), tiny_flux_components())
-
-
-def _same(a: torch.nn.Module, b: torch.nn.Module) -> None:
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    assert all(torch.equal(sa[k], sb[k]) for k in sa), [k for k in sa if not torch.equal(sa[k], sb[k])][:3]
 
 
 def test_both_layouts_give_identical_weights(flux_dev: Path, flux_split: dict[str, Path], tmp_path: Path) -> None:
@@ -133,56 +126,25 @@ def test_original_key_mapping_round_trips_values() -> None:
 
 
 def _train_config(model: Path, data: Path, **overrides) -> RunConfig:
-    base = {"model.path": str(model), "data.path": str(data), "data.resolution": 64, "data.val_split": 0.0,
-            "data.caption_dropout": 0.0, "data.cache_latents": False, "data.cache_text_embeddings": False,
-            "train.batch_size": 4, "train.max_steps": 30, "train.log_every": 1, "train.warmup_steps": 0,
-            "train.lr_scheduler": "constant", "train.device": "cpu", "train.mixed_precision": "no",
-            "train.optimizer": "adamw", "train.gradient_checkpointing": False, "train.learning_rate": 1e-2,
-            "sample.every_steps": 0, "sample.every_epochs": 0, "sample.at_end": False, "sample.steps": 2,
-            "sample.seeds": [0], "checkpoint.every_steps": 0, "model.t5_max_length": 16, "lora.rank": 4,
-            "lora.alpha": 8.0, "export.formats": []}
-    return load_preset("flux-lora").with_overrides({**base, **overrides})
-
-
-def _losses(config: RunConfig, run_dir: Path) -> list[float]:
-    events = list(train(config, run_dir=run_dir))
-    assert isinstance(events[-1], ev.Finished), events[-1]
-    return [e.loss for e in events if isinstance(e, ev.StepMetrics)]
+    return th.tiny_run_config("flux-lora", model, data, **overrides)
 
 
 @pytest.fixture(scope="module")
-def trained(flux_dev: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[float]]:
-    from sdstudio.core.demo_shapes import generate_demo_dataset
-
-    data = tmp_path_factory.mktemp("four")
-    generate_demo_dataset(data, per_class=1, size=32, seed=5)
-    for extra in sorted(data.glob("*.png"))[4:]:
-        extra.unlink()
-        extra.with_suffix(".txt").unlink()
+def trained(flux_dev: Path, four_images: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[float]]:
     run = tmp_path_factory.mktemp("flux-run") / "run"
     # the caches on: latents and T5 / CLIP features come from the disk caches, as in the presets
-    cfg = _train_config(flux_dev, data, **{"sample.at_end": True, "checkpoint.every_steps": 30, "flow.shift": "none",
-                                           "train.learning_rate": 3e-2, "data.cache_latents": True,
-                                           "data.cache_text_embeddings": True})
+    cfg = _train_config(flux_dev, four_images, **{"sample.at_end": True, "checkpoint.every_steps": 30,
+                                                  "flow.shift": "none", "train.learning_rate": 3e-2,
+                                                  "data.cache_latents": True, "data.cache_text_embeddings": True})
     return run, _losses(cfg, run)
 
 
 def test_lora_overfits_a_tiny_batch(trained: tuple[Path, list[float]]) -> None:
     run, losses = trained
-    first, last = statistics.mean(losses[:5]), statistics.mean(losses[-5:])
     # measured ~1.36 -> ~1.07 (a learning rate of 0 stays at ~1.36): the velocity's noise part is not
-    # learnable from a random tiny transformer through LoRA in 30 steps, the images' part is
-    assert last < 0.85 * first, (first, last)
-    ckpt = run / "checkpoints" / "step-00000030"
-    with safe_open(str(ckpt / "model.safetensors"), "pt") as fh:
-        keys = list(fh.keys())
-    assert keys and all(k.startswith("transformer.") and ".lora_" in k for k in keys)
-    # the default targets: attention + MLP of the double and single blocks
-    for part in ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.add_k_proj",
-                 "transformer_blocks.0.attn.to_add_out", "transformer_blocks.0.ff.net.2",
-                 "transformer_blocks.0.ff_context.net.0.proj", "single_transformer_blocks.0.attn.to_v",
-                 "single_transformer_blocks.0.proj_mlp", "single_transformer_blocks.0.proj_out"):
-        assert f"transformer.{part}.lora_A.weight" in keys, part
+    # learnable from a random tiny transformer through LoRA in 30 steps, the images' part is.
+    # The default targets: attention + MLP of the double and single blocks
+    keys = th.overfit_lora_keys(run, losses, th.FLUX_BLOCK_PARTS)
     assert not any(k.startswith(("transformer.proj_out", "transformer.norm_out", "transformer.x_embedder"))
                    for k in keys)
     assert list((run / "samples").glob("*.png")), "the preview at the end was written"
@@ -249,58 +211,26 @@ def test_exports_load_with_diffusers_and_match_the_trained_model(trained: tuple[
                                                                   tmp_path: Path) -> None:
     from diffusers import FluxPipeline
 
-    from sdstudio.core.export.formats import writer_for
-    from sdstudio.core.export.source import load_export_source
     from sdstudio.core.models.flux.model import FluxDenoiser
-    from sdstudio.core.sampling.from_run import load_trained
 
     run, _ = trained
-    source = load_export_source(run)
-    family = get_family("flux-dev")
-    path = writer_for("diffusers", family)(source, tmp_path / "lora.safetensors", dtype=torch.float32)
-    kohya = writer_for("kohya", family)(source, tmp_path / "kohya.safetensors", dtype=torch.float16)
-    with safe_open(str(path), "pt") as fh:
-        meta, keys = fh.metadata(), list(fh.keys())
-    assert keys and all(k.startswith("transformer.") for k in keys)
+    out = th.export_loras(run, "flux-dev", tmp_path)
+    meta, kmeta, kkeys = out.meta, out.kmeta, out.kkeys
     assert meta["modelspec.architecture"] == "flux-1-dev/lora" and meta["ss_base_model_version"] == "flux1"
-    with safe_open(str(kohya), "pt") as fh:
-        kmeta, kkeys = fh.metadata(), list(fh.keys())
     assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in kkeys
     assert "lora_unet_single_blocks_0_linear1.alpha" in kkeys
     assert kmeta["ss_network_alpha"] == "8.0" and kmeta["ss_network_dim"] == "4"
     assert kmeta["modelspec.architecture"] == "flux-1-dev/lora" and "modelspec.prediction_type" not in kmeta
 
-    trained_model = load_trained(run, use_ema=False, device="cpu")
-    pipe = FluxPipeline.from_pretrained(str(flux_dev), local_files_only=True)
-    pipe.load_lora_weights(str(tmp_path), weight_name="lora.safetensors")
-    gen = torch.Generator().manual_seed(0)
-    x, t = torch.randn(2, 16, 8, 8, generator=gen), torch.tensor([0.3, 0.8])
-    cond = trained_model.bundle.encode_captions(["a red circle", "a blue square"], torch.device("cpu"))
-    with torch.no_grad():
-        want = trained_model.bundle.trainable(x, t, cond)
-        got = FluxDenoiser(pipe.transformer)(x, t, cond)
-        base = FluxDenoiser(FluxPipeline.from_pretrained(str(flux_dev), local_files_only=True).transformer)(x, t, cond)
-    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
-    assert (base - want).abs().max() > 1e-2  # the LoRA matters
+    check = th.lora_in_pipeline(run, flux_dev, FluxPipeline, FluxDenoiser, tmp_path)
+    assert torch.allclose(check.got, check.want, atol=1e-5), (check.got - check.want).abs().max()
+    assert (check.base - check.want).abs().max() > 1e-2  # the LoRA matters
 
 
 def test_sample_a_flux_folder_with_the_exported_lora(trained: tuple[Path, list[float]], flux_dev: Path,
                                                      tmp_path: Path) -> None:
-    from sdstudio.core.export.formats import writer_for
-    from sdstudio.core.export.source import load_export_source
-    from sdstudio.core.sampling.from_files import load_model
-
-    source = load_export_source(trained[0])
-    lora = writer_for("diffusers", get_family("flux-dev"))(source, tmp_path / "l.safetensors", dtype=torch.float32)
-    plain = load_model(flux_dev, device="cpu")
-    assert plain.kind == "flux-dev" and plain.defaults["steps"] == 28 and plain.defaults["guidance"] == 3.5
-    a = plain.generate(["a red circle"], [0], steps=3)
-    with_lora = load_model(flux_dev, lora=lora, device="cpu")
-    assert with_lora.lora_modules > 0
-    b = with_lora.generate(["a red circle"], [0], steps=3)
-    assert a.shape == b.shape == (1, 64, 64, 3)  # the model's native size (its VAE config's sample_size)
-    assert (a != b).any()
-    assert not (plain.generate(["a red circle"], [0], steps=3, guidance=1.0) == a).all()  # guidance is an input
+    # guidance is an input of a dev model: changing it changes the image
+    th.sample_with_exported_lora(trained[0], flux_dev, "flux-dev", tmp_path, steps=28, guidance=3.5)
 
 
 def test_config_keys_of_the_text_conditioning(flux_dev: Path) -> None:
@@ -328,29 +258,7 @@ def test_config_keys_of_the_text_conditioning(flux_dev: Path) -> None:
         RunConfig().with_overrides({**base, "loss.min_snr_gamma": 5.0})
 
 
-@pytest.fixture(scope="module")
-def four(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from sdstudio.core.demo_shapes import generate_demo_dataset
-
-    data = tmp_path_factory.mktemp("four-b")
-    generate_demo_dataset(data, per_class=1, size=32, seed=5)
-    for extra in sorted(data.glob("*.png"))[4:]:
-        extra.unlink()
-        extra.with_suffix(".txt").unlink()
-    return data
-
-
-def test_caches_give_the_same_losses_and_resume_is_exact(flux_dev: Path, four: Path, tmp_path: Path) -> None:
+def test_caches_give_the_same_losses_and_resume_is_exact(flux_dev: Path, four_images: Path, tmp_path: Path) -> None:
     """Latents and T5 / CLIP features from the disk caches train exactly as encoding every step; 4 steps
     straight equal 2 + resume + 2 (the flow timesteps and noise are seeded by step)."""
-    plain = _losses(_train_config(flux_dev, four, **{"train.max_steps": 4}), tmp_path / "plain")
-    cached_cfg = _train_config(flux_dev, four, **{"train.max_steps": 4, "data.cache_latents": True,
-                                                  "data.cache_text_embeddings": True})
-    cached = _losses(cached_cfg, tmp_path / "cached")
-    assert cached == pytest.approx(plain, rel=1e-4, abs=1e-5)
-    half = cached_cfg.with_overrides({"train.max_steps": 2, "checkpoint.every_steps": 2})
-    first = _losses(half, tmp_path / "resumed")
-    events = list(train(cached_cfg.with_overrides({"checkpoint.every_steps": 2}), run_dir=tmp_path / "resumed",
-                        resume=True))
-    rest = [e.loss for e in events if isinstance(e, ev.StepMetrics)]
-    assert first + rest == pytest.approx(cached, rel=1e-5, abs=1e-6)
+    th.caches_match_and_resume_is_exact(_train_config(flux_dev, four_images, **{"train.max_steps": 4}), tmp_path)

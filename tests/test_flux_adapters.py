@@ -16,25 +16,14 @@ from safetensors import safe_open
 from sdstudio.core import events as ev
 from sdstudio.core.models.flux.files import DOUBLE_FUSED, SINGLE_FUSED, diffusers_to_bfl
 from sdstudio.core.train.loop import train
-from tests.test_flux import _losses, _real_size_bfl, _train_config
+from tests.test_flux import _real_size_bfl, _train_config
 from tests.tiny_flux import save_tiny_flux, tiny_flux_components
+from tests.transformer_helpers import train_losses as _losses
 
 
 @pytest.fixture(scope="module")
 def flux_dev(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_flux(tmp_path_factory.mktemp("flux") / "dev")
-
-
-@pytest.fixture(scope="module")
-def four(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from sdstudio.core.demo_shapes import generate_demo_dataset
-
-    data = tmp_path_factory.mktemp("four")
-    generate_demo_dataset(data, per_class=1, size=32, seed=5)
-    for extra in sorted(data.glob("*.png"))[4:]:
-        extra.unlink()
-        extra.with_suffix(".txt").unlink()
-    return data
 
 
 def _merged_bfl(source) -> dict[str, torch.Tensor]:
@@ -83,12 +72,12 @@ def _apply(file: Path, base: dict[str, torch.Tensor]) -> tuple[dict[str, torch.T
 
 
 @pytest.mark.parametrize("kind", ["loha", "lokr", "dora", "oft"])
-def test_adapter_type_trains_resumes_and_exports_for_comfyui(kind: str, flux_dev: Path, four: Path,
+def test_adapter_type_trains_resumes_and_exports_for_comfyui(kind: str, flux_dev: Path, four_images: Path,
                                                              tmp_path: Path) -> None:
     from sdstudio.core.export.api import export
     from sdstudio.core.export.source import load_export_source
 
-    cfg = _train_config(flux_dev, four, **{"lora.type": kind, "data.resolution": 32, "train.max_steps": 2,
+    cfg = _train_config(flux_dev, four_images, **{"lora.type": kind, "data.resolution": 32, "train.max_steps": 2,
                                            "checkpoint.every_steps": 2, "train.learning_rate": 1e-2,
                                            "lora.oft_block_size": 8})
     first = _losses(cfg, tmp_path / "run")

@@ -12,25 +12,14 @@ from safetensors import safe_open
 
 from sdstudio.core import events as ev
 from sdstudio.core.train.loop import train
-from tests.test_flux import _losses, _train_config
+from tests.test_flux import _train_config
 from tests.tiny_flux import save_tiny_flux
+from tests.transformer_helpers import train_losses as _losses
 
 
 @pytest.fixture(scope="module")
 def flux_dev(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_flux(tmp_path_factory.mktemp("flux") / "dev")
-
-
-@pytest.fixture(scope="module")
-def four(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from sdstudio.core.demo_shapes import generate_demo_dataset
-
-    data = tmp_path_factory.mktemp("four")
-    generate_demo_dataset(data, per_class=1, size=32, seed=5)
-    for extra in sorted(data.glob("*.png"))[4:]:
-        extra.unlink()
-        extra.with_suffix(".txt").unlink()
-    return data
 
 
 def _from_single_file(path: Path, flux_dev: Path):
@@ -45,14 +34,15 @@ def _from_single_file(path: Path, flux_dev: Path):
     return load_transformer_file(path, config, torch.float32)
 
 
-def test_full_fine_tune_trains_resumes_and_exports_a_single_file(flux_dev: Path, four: Path, tmp_path: Path) -> None:
+def test_full_fine_tune_trains_resumes_and_exports_a_single_file(flux_dev: Path, four_images: Path,
+                                                                  tmp_path: Path) -> None:
     from diffusers import FluxTransformer2DModel
 
     from sdstudio.core.export.api import export
     from sdstudio.core.export.source import load_export_source
     from sdstudio.core.models.flux.export import trained_transformer
 
-    cfg = _train_config(flux_dev, four, **{"lora.enabled": False, "data.resolution": 32, "train.max_steps": 2,
+    cfg = _train_config(flux_dev, four_images, **{"lora.enabled": False, "data.resolution": 32, "train.max_steps": 2,
                                            "checkpoint.every_steps": 2, "train.learning_rate": 1e-3})
     run = tmp_path / "run"
     _losses(cfg, run)
@@ -80,7 +70,7 @@ def test_full_fine_tune_trains_resumes_and_exports_a_single_file(flux_dev: Path,
 
 
 @pytest.mark.parametrize("kind", ["lora", "loha"])
-def test_a_lora_merged_into_a_single_file_gives_the_trained_outputs(kind: str, flux_dev: Path, four: Path,
+def test_a_lora_merged_into_a_single_file_gives_the_trained_outputs(kind: str, flux_dev: Path, four_images: Path,
                                                                     tmp_path: Path) -> None:
     from diffusers import FluxTransformer2DModel
 
@@ -88,7 +78,7 @@ def test_a_lora_merged_into_a_single_file_gives_the_trained_outputs(kind: str, f
     from sdstudio.core.models.flux.model import FluxDenoiser
     from sdstudio.core.sampling.from_run import load_trained
 
-    cfg = _train_config(flux_dev, four, **{"lora.type": kind, "data.resolution": 32, "train.max_steps": 2,
+    cfg = _train_config(flux_dev, four_images, **{"lora.type": kind, "data.resolution": 32, "train.max_steps": 2,
                                            "train.learning_rate": 3e-2})
     run = tmp_path / "run"
     _losses(cfg, run)

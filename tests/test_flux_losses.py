@@ -15,8 +15,9 @@ from PIL import Image
 from sdstudio.core.config import FlowConfig, LossConfig
 from sdstudio.core.flow import flow_loss, flow_loss_per_sample
 from sdstudio.core.models.flux.model import pack, unpack
-from tests.test_flux import _losses, _train_config
+from tests.test_flux import _train_config
 from tests.tiny_flux import save_tiny_flux
+from tests.transformer_helpers import train_losses as _losses
 
 
 @pytest.fixture(scope="module")

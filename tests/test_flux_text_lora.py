@@ -14,8 +14,9 @@ from safetensors import safe_open
 from sdstudio.core import events as ev
 from sdstudio.core.config import RunConfig
 from sdstudio.core.train.loop import train
-from tests.test_flux import _losses, _train_config
+from tests.test_flux import _train_config
 from tests.tiny_flux import save_tiny_flux
+from tests.transformer_helpers import train_losses as _losses
 
 
 @pytest.fixture(scope="module")
@@ -23,35 +24,25 @@ def flux_dev(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_flux(tmp_path_factory.mktemp("flux") / "dev")
 
 
-@pytest.fixture(scope="module")
-def four(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from sdstudio.core.demo_shapes import generate_demo_dataset
-
-    data = tmp_path_factory.mktemp("four")
-    generate_demo_dataset(data, per_class=1, size=32, seed=5)
-    for extra in sorted(data.glob("*.png"))[4:]:
-        extra.unlink()
-        extra.with_suffix(".txt").unlink()
-    return data
-
-
-def test_the_text_cache_is_refused_with_a_clip_lora(flux_dev: Path, four: Path) -> None:
+def test_the_text_cache_is_refused_with_a_clip_lora(flux_dev: Path, four_images: Path) -> None:
     with pytest.raises(Exception, match="cache_text_embeddings"):
-        _train_config(flux_dev, four, **{"lora.text_encoder": True, "data.cache_text_embeddings": True})
+        _train_config(flux_dev, four_images, **{"lora.text_encoder": True, "data.cache_text_embeddings": True})
     with pytest.raises(Exception, match="train.train_text_encoder"):
         RunConfig().with_overrides({"model.family": "flux-dev", "model.path": str(flux_dev),
                                     "train.train_text_encoder": True, "lora.enabled": False})
 
 
-def test_clip_lora_trains_resumes_and_exports_in_both_formats(flux_dev: Path, four: Path, tmp_path: Path) -> None:
+def test_clip_lora_trains_resumes_and_exports_in_both_formats(flux_dev: Path, four_images: Path,
+                                                              tmp_path: Path) -> None:
     from diffusers import FluxPipeline
 
     from sdstudio.core.export.api import export
     from sdstudio.core.models.flux.model import FluxDenoiser
     from sdstudio.core.sampling.from_run import load_trained
 
-    cfg = _train_config(flux_dev, four, **{"lora.text_encoder": True, "data.resolution": 32, "train.max_steps": 2,
-                                           "checkpoint.every_steps": 2, "train.learning_rate": 3e-2})
+    cfg = _train_config(flux_dev, four_images, **{"lora.text_encoder": True, "data.resolution": 32,
+                                                  "train.max_steps": 2, "checkpoint.every_steps": 2,
+                                                  "train.learning_rate": 3e-2})
     run = tmp_path / "run"
     _losses(cfg, run)
     events = list(train(cfg.with_overrides({"train.max_steps": 4}), run_dir=run, resume=True))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import re
-import statistics
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,14 +15,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from sdstudio.core import events as ev
 from sdstudio.core.config import RunConfig
 from sdstudio.core.models.family import ModelFileError
 from sdstudio.core.models.registry import family_of_lora, get_family, recognise_model
 from sdstudio.core.models.sd3.files import diffusers_to_sd3, load_sd3_components, sd3_to_diffusers
-from sdstudio.core.presets import load_preset
-from sdstudio.core.train.loop import train
+from tests import transformer_helpers as th
 from tests.tiny_sd3 import save_tiny_sd3, save_tiny_sd3_split, tiny_sd3_components
+from tests.transformer_helpers import same_weights as _same
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +32,6 @@ def sd35(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def sd35_split(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return save_tiny_sd3_split(tmp_path_factory.mktemp("sd3-split"), tiny_sd3_components())
-
-
-def _same(a: torch.nn.Module, b: torch.nn.Module) -> None:
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    assert all(torch.equal(sa[k], sb[k]) for k in sa), [k for k in sa if not torch.equal(sa[k], sb[k])][:3]
 
 
 def _split_kwargs(split: dict[str, Path]) -> dict[str, Path]:
@@ -139,21 +131,7 @@ def test_original_key_mapping_round_trips_values() -> None:
 
 
 def _train_config(model: Path, data: Path, **overrides) -> RunConfig:
-    base = {"model.path": str(model), "data.path": str(data), "data.resolution": 64, "data.val_split": 0.0,
-            "data.caption_dropout": 0.0, "data.cache_latents": False, "data.cache_text_embeddings": False,
-            "train.batch_size": 4, "train.max_steps": 30, "train.log_every": 1, "train.warmup_steps": 0,
-            "train.lr_scheduler": "constant", "train.device": "cpu", "train.mixed_precision": "no",
-            "train.optimizer": "adamw", "train.gradient_checkpointing": False, "train.learning_rate": 1e-2,
-            "sample.every_steps": 0, "sample.every_epochs": 0, "sample.at_end": False, "sample.steps": 2,
-            "sample.seeds": [0], "checkpoint.every_steps": 0, "model.t5_max_length": 8, "lora.rank": 4,
-            "lora.alpha": 8.0, "export.formats": []}
-    return load_preset("sd35-lora").with_overrides({**base, **overrides})
-
-
-def _losses(config: RunConfig, run_dir: Path) -> list[float]:
-    events = list(train(config, run_dir=run_dir))
-    assert isinstance(events[-1], ev.Finished), events[-1]
-    return [e.loss for e in events if isinstance(e, ev.StepMetrics)]
+    return th.tiny_run_config("sd35-lora", model, data, **{"model.t5_max_length": 8, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -180,21 +158,15 @@ def trained(sd35: Path, four_images: Path, tmp_path_factory: pytest.TempPathFact
     config = load_run_config(run)
     assert config.model.family == "sd3" and config.data.cache_text_embeddings and config.data.cache_latents
     assert config.flow.shift == "auto" and config.export.formats == []
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return run, [r["loss"] for r in rows if r.get("kind") == "train" and "loss" in r]
+    return run, th.logged_losses(run)
 
 
 def test_lora_overfits_a_tiny_batch(trained: tuple[Path, list[float]]) -> None:
     run, losses = trained
-    first, last = statistics.mean(losses[:5]), statistics.mean(losses[-5:])
-    assert last < 0.85 * first, (first, last)
-    with safe_open(str(run / "checkpoints" / "step-00000030" / "model.safetensors"), "pt") as fh:
-        keys = list(fh.keys())
-    assert keys and all(k.startswith("transformer.") and ".lora_" in k for k in keys)
     # the preset's targets: q/k/v/out of both streams of the joint blocks, no MLP, nothing outside the blocks
-    for part in ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
-                 "attn.add_v_proj", "attn.to_add_out"):
-        assert f"transformer.transformer_blocks.0.{part}.lora_A.weight" in keys, part
+    keys = th.overfit_lora_keys(run, losses, tuple(f"transformer_blocks.0.{part}" for part in (
+        "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+        "attn.add_v_proj", "attn.to_add_out")))
     assert not any(".ff." in k or ".ff_context." in k or k.startswith("transformer.proj_out") for k in keys)
     assert list((run / "samples").glob("*.png")), "the preview at the end was written"
 
@@ -275,65 +247,37 @@ def test_exports_load_with_diffusers_and_match_the_trained_model(trained: tuple[
                                                                   tmp_path: Path) -> None:
     from diffusers import StableDiffusion3Pipeline
 
-    from sdstudio.core.export.formats import writer_for
-    from sdstudio.core.export.source import load_export_source
     from sdstudio.core.models.sd3.model import SD3Denoiser
-    from sdstudio.core.sampling.from_run import load_trained
 
     run, _ = trained
-    source = load_export_source(run)
-    family = get_family("sd3")
-    path = writer_for("diffusers", family)(source, tmp_path / "lora.safetensors", dtype=torch.float32)
-    kohya = writer_for("kohya", family)(source, tmp_path / "kohya.safetensors", dtype=torch.float16)
-    with safe_open(str(path), "pt") as fh:
-        meta, keys = fh.metadata(), list(fh.keys())
-    assert keys and all(k.startswith("transformer.") for k in keys)
+    out = th.export_loras(run, "sd3", tmp_path)
+    meta, kmeta, kkeys = out.meta, out.kmeta, out.kkeys
     assert meta["modelspec.architecture"] == "stable-diffusion-3-3-5-large/lora"
     assert meta["ss_base_model_version"] == "sd3.5_large" and meta["ss_network_alpha"] == "4"
     assert "modelspec.prediction_type" not in meta and meta["ss_network_module"] == "networks.lora_sd3"
     assert family_of_lora(meta).name == "sd3"
-    with safe_open(str(kohya), "pt") as fh:
-        kmeta, kkeys = fh.metadata(), list(fh.keys())
     assert "lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight" in kkeys
     assert "lora_unet_joint_blocks_0_context_block_attn_proj.alpha" in kkeys
     assert kmeta["ss_network_alpha"] == "8.0" and kmeta["ss_network_dim"] == "4"
 
-    trained_model = load_trained(run, use_ema=False, device="cpu")
-    pipe = StableDiffusion3Pipeline.from_pretrained(str(sd35), local_files_only=True)
-    pipe.load_lora_weights(str(tmp_path), weight_name="lora.safetensors")
-    gen = torch.Generator().manual_seed(0)
-    x, t = torch.randn(2, 16, 8, 8, generator=gen), torch.tensor([0.3, 0.8])
-    cond = trained_model.bundle.encode_captions(["a red circle", "a blue square"], torch.device("cpu"))
+    check = th.lora_in_pipeline(run, sd35, StableDiffusion3Pipeline, SD3Denoiser, tmp_path)
     # the conditioning is what the diffusers pipeline computes from the prompts
-    states, _, pooled, _ = pipe.encode_prompt(["a red circle", "a blue square"], None, None,
-                                              do_classifier_free_guidance=False, max_sequence_length=8)
-    assert torch.allclose(states, cond["states"], atol=1e-5) and torch.allclose(pooled, cond["pooled"], atol=1e-5)
-    with torch.no_grad():
-        want = trained_model.bundle.trainable(x, t, cond)
-        got = SD3Denoiser(pipe.transformer)(x, t, cond)
-        base = SD3Denoiser(StableDiffusion3Pipeline.from_pretrained(str(sd35), local_files_only=True).transformer)(
-            x, t, cond)
-    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
-    assert (base - want).abs().max() > 1e-2  # the LoRA matters
+    states, _, pooled, _ = check.pipe.encode_prompt(["a red circle", "a blue square"], None, None,
+                                                    do_classifier_free_guidance=False, max_sequence_length=8)
+    assert torch.allclose(states, check.cond["states"], atol=1e-5)
+    assert torch.allclose(pooled, check.cond["pooled"], atol=1e-5)
+    assert torch.allclose(check.got, check.want, atol=1e-5), (check.got - check.want).abs().max()
+    assert (check.base - check.want).abs().max() > 1e-2  # the LoRA matters
 
 
 def test_sample_an_sd3_folder_with_the_exported_lora(trained: tuple[Path, list[float]], sd35: Path,
                                                       tmp_path: Path) -> None:
     from sdstudio.core.export.formats import writer_for
-    from sdstudio.core.export.source import load_export_source
     from sdstudio.core.sampling.from_files import LoraFileError, load_model
 
-    source = load_export_source(trained[0])
-    lora = writer_for("diffusers", get_family("sd3"))(source, tmp_path / "l.safetensors", dtype=torch.float32)
-    plain = load_model(sd35, device="cpu")
-    assert plain.kind == "sd3" and plain.defaults["steps"] == 28 and plain.defaults["guidance"] == 4.5
-    a = plain.generate(["a red circle"], [0], steps=3)
-    with_lora = load_model(sd35, lora=lora, device="cpu")
-    assert with_lora.lora_modules > 0
-    b = with_lora.generate(["a red circle"], [0], steps=3)
-    assert a.shape == b.shape == (1, 64, 64, 3)  # the model's native size (its VAE config's sample_size)
-    assert (a != b).any()
-    assert not (plain.generate(["a red circle"], [0], steps=3, guidance=1.0) == a).all()  # real CFG
+    # real classifier-free guidance: the guidance scale changes the image
+    sampled = th.sample_with_exported_lora(trained[0], sd35, "sd3", tmp_path, steps=28, guidance=4.5)
+    source, lora = sampled.source, sampled.lora
     kohya = writer_for("kohya", get_family("sd3"))(source, tmp_path / "k.safetensors", dtype=torch.float32)
     with pytest.raises(LoraFileError, match="kohya names"):
         load_model(sd35, lora=kohya, device="cpu")
@@ -392,14 +336,4 @@ def test_memory_profile_follows_the_variant(sd35: Path, tmp_path: Path) -> None:
 def test_caches_give_the_same_losses_and_resume_is_exact(sd35: Path, four_images: Path, tmp_path: Path) -> None:
     """Latents and CLIP / T5 features from the disk caches train exactly as encoding every step; 4 steps
     straight equal 2 + resume + 2."""
-    plain = _losses(_train_config(sd35, four_images, **{"train.max_steps": 4}), tmp_path / "plain")
-    cached_cfg = _train_config(sd35, four_images, **{"train.max_steps": 4, "data.cache_latents": True,
-                                              "data.cache_text_embeddings": True})
-    cached = _losses(cached_cfg, tmp_path / "cached")
-    assert cached == pytest.approx(plain, rel=1e-4, abs=1e-5)
-    half = cached_cfg.with_overrides({"train.max_steps": 2, "checkpoint.every_steps": 2})
-    first = _losses(half, tmp_path / "resumed")
-    events = list(train(cached_cfg.with_overrides({"checkpoint.every_steps": 2}), run_dir=tmp_path / "resumed",
-                        resume=True))
-    rest = [e.loss for e in events if isinstance(e, ev.StepMetrics)]
-    assert first + rest == pytest.approx(cached, rel=1e-5, abs=1e-6)
+    th.caches_match_and_resume_is_exact(_train_config(sd35, four_images, **{"train.max_steps": 4}), tmp_path)

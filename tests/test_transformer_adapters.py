@@ -19,24 +19,12 @@ from sdstudio.core.errors import ConfigError, UserError
 from sdstudio.core.models.fused_lycoris import Block
 from sdstudio.core.models.registry import get_family
 from tests.test_chroma_family import _config as _chroma_config
-from tests.test_chroma_family import _losses
 from tests.test_chroma_family import _real_size as _chroma_real_size
 from tests.test_sd3_family import _meta_transformer
 from tests.test_sd3_family import _train_config as _sd3_config
+from tests.transformer_helpers import train_losses as _losses
 
 KINDS = ["loha", "lokr", "dora", "oft"]
-
-
-@pytest.fixture(scope="module")
-def four(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from sdstudio.core.demo_shapes import generate_demo_dataset
-
-    data = tmp_path_factory.mktemp("four")
-    generate_demo_dataset(data, per_class=1, size=32, seed=5)
-    for extra in sorted(data.glob("*.png"))[4:]:
-        extra.unlink()
-        extra.with_suffix(".txt").unlink()
-    return data
 
 
 @pytest.fixture(scope="module")
@@ -144,13 +132,13 @@ def _check_export(run: Path, tmp_path: Path, kind: str, base_diffusers: dict[str
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_chroma_adapter_type_trains_and_exports_for_comfyui(kind: str, chroma: Path, four: Path,
+def test_chroma_adapter_type_trains_and_exports_for_comfyui(kind: str, chroma: Path, four_images: Path,
                                                             tmp_path: Path) -> None:
     from sdstudio.core.models.chroma.files import diffusers_to_original
     from sdstudio.core.models.flux.lycoris import _flux_block
     from tests.tiny_chroma import tiny_chroma_components
 
-    cfg = _chroma_config(chroma, four, **{"lora.type": kind, "data.resolution": 32, "train.max_steps": 2,
+    cfg = _chroma_config(chroma, four_images, **{"lora.type": kind, "data.resolution": 32, "train.max_steps": 2,
                                           "train.learning_rate": 1e-2, "lora.oft_block_size": 8})
     assert get_family("chroma").config_problems(cfg) == []
     assert _diffusers_refused("chroma", cfg)
@@ -169,14 +157,15 @@ def test_chroma_adapter_type_trains_and_exports_for_comfyui(kind: str, chroma: P
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_sd3_adapter_type_trains_and_exports_for_comfyui(kind: str, sd35: Path, four: Path, tmp_path: Path) -> None:
+def test_sd3_adapter_type_trains_and_exports_for_comfyui(kind: str, sd35: Path, four_images: Path,
+                                                         tmp_path: Path) -> None:
     """SD3.5 medium (its second attention, attn2, fuses q/k/v as well), every linear of the joint blocks
     (lora.targets = 'all': the last block's context adaLN has its halves swapped in the original layout)."""
     from sdstudio.core.models.sd3.export import _sd3_block
     from sdstudio.core.models.sd3.files import diffusers_to_sd3
     from tests.tiny_sd3 import tiny_sd3_components
 
-    cfg = _sd3_config(sd35, four, **{"lora.type": kind, "data.resolution": 32, "train.max_steps": 2,
+    cfg = _sd3_config(sd35, four_images, **{"lora.type": kind, "data.resolution": 32, "train.max_steps": 2,
                                      "lora.targets": "all", "lora.oft_block_size": 8})
     assert get_family("sd3").config_problems(cfg) == []
     assert _diffusers_refused("sd3", cfg)
@@ -194,14 +183,15 @@ def test_sd3_adapter_type_trains_and_exports_for_comfyui(kind: str, sd35: Path, 
                 "lora_unet_joint_blocks_0_context_block_attn_qkv"} <= names
 
 
-def test_sd3_kohya_lora_of_every_linear_reproduces_the_trained_weights(sd35: Path, four: Path, tmp_path: Path) -> None:
+def test_sd3_kohya_lora_of_every_linear_reproduces_the_trained_weights(sd35: Path, four_images: Path,
+                                                                       tmp_path: Path) -> None:
     """A plain LoRA with lora.targets = 'all': the kohya file applied as ComfyUI applies it gives the trained
     weights, the last block's context adaLN (halves swapped in the original layout) included."""
     from sdstudio.core.export.api import export
     from sdstudio.core.models.sd3.files import diffusers_to_sd3
     from tests.tiny_sd3 import tiny_sd3_components
 
-    cfg = _sd3_config(sd35, four, **{"data.resolution": 32, "train.max_steps": 2, "lora.targets": "all"})
+    cfg = _sd3_config(sd35, four_images, **{"data.resolution": 32, "train.max_steps": 2, "lora.targets": "all"})
     _losses(cfg, tmp_path / "run")
     out = export(tmp_path / "run", "kohya", tmp_path / "lora.safetensors", dtype=torch.float32)
     base = diffusers_to_sd3(tiny_sd3_components(variant="3.5-medium")["transformer"].state_dict())

@@ -49,18 +49,6 @@ def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     return {"name": request.param, **make(tmp_path_factory.mktemp(request.param))}
 
 
-@pytest.fixture(scope="module")
-def four(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from sdstudio.core.demo_shapes import generate_demo_dataset
-
-    data = tmp_path_factory.mktemp("four")
-    generate_demo_dataset(data, per_class=1, size=32, seed=5)
-    for extra in sorted(data.glob("*.png"))[4:]:
-        extra.unlink()
-        extra.with_suffix(".txt").unlink()
-    return data
-
-
 def _run(config: Any, run_dir: Path, **kw: Any) -> list[float]:
     events = list(train(config, run_dir=run_dir, **kw))
     assert isinstance(events[-1], ev.Finished), events[-1]
@@ -73,10 +61,10 @@ def _checkpoint(run: Path, step: int) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def full_run(family: dict[str, Any], four: Path, tmp_path_factory: pytest.TempPathFactory
+def full_run(family: dict[str, Any], four_images: Path, tmp_path_factory: pytest.TempPathFactory
              ) -> tuple[Path, list[float], list[float]]:
     """A full fine-tune of 2 steps + resume to 4 (checkpoints every 2), and the same 4 steps straight."""
-    cfg = family["config"](family["model"], four, **{
+    cfg = family["config"](family["model"], four_images, **{
         "lora.enabled": False, "data.resolution": 32, "train.max_steps": 4, "checkpoint.every_steps": 2,
         "train.learning_rate": 1e-3, "train.optimizer": "adamw", "train.batch_size": 2})
     root = tmp_path_factory.mktemp(f"{family['name']}-full")

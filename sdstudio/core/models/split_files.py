@@ -1,11 +1,14 @@
 """Reading the split single files of the transformer families (Flux, SD3, Chroma: a transformer file plus
 separate text-encoder and VAE files, as ComfyUI and kohya users keep them): what a file looks like (for the
 message that refuses a wrong one), reading it, and copying it into a model built without initialising its
-weights. Moved here from ``flux/files.py`` so every family shares one copy."""
+weights. Moved here from ``flux/files.py`` so every family shares one copy; so are the steps of their component
+loaders (``load_*_components``): a diffusers folder's parts, the T5 and VAE files, and the refusals of a wrong or
+incomplete set of files."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +58,45 @@ def strip_prefix(state: Tensors, prefixes: tuple[str, ...] = TRANSFORMER_PREFIXE
         if any(k.startswith(prefix) for k in state):
             return {k.removeprefix(prefix): v for k, v in state.items()}
     return state
+
+
+def transformer_keys(keys: list[str]) -> set[str] | None:
+    """A transformer file's keys without ComfyUI's / the original's prefix, None for a LoRA's keys."""
+    if any(k.startswith(("lora_", "transformer.transformer_blocks")) or ".lora_" in k for k in keys):
+        return None
+    return {next((k[len(p):] for p in TRANSFORMER_PREFIXES if k.startswith(p)), k) for k in keys}
+
+
+def swap_halves(w: torch.Tensor) -> torch.Tensor:
+    """adaLN (shift, scale) of the original layouts <-> (scale, shift) of diffusers' norms."""
+    a, b = w.chunk(2, dim=0)
+    return torch.cat([b, a], dim=0)
+
+
+def fuse_parts(src: Tensors, out: Tensors, fused: Mapping[str, tuple[str, ...]], block: str, original: str) -> None:
+    """Stack the diffusers modules of one block (``block``: "transformer_blocks.3") that the original layout keeps
+    as one tensor (``fused``: original module -> its diffusers modules, in order) under the original block name
+    (``original``: "double_blocks.3"); weight and bias, where every part is there (taken out of ``src``)."""
+    for name, parts in fused.items():
+        for suffix in ("weight", "bias"):
+            keys = [f"{block}.{p}.{suffix}" for p in parts]
+            if all(k in src for k in keys):
+                out[f"{original}.{name}.{suffix}"] = torch.cat([src.pop(k) for k in keys])
+
+
+def folder_configs(path: Path) -> tuple[str, dict[str, Any]] | None:
+    """A diffusers folder's pipeline class (model_index.json) and its transformer's config; None when unreadable."""
+    try:
+        index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+        config = json.loads((path / "transformer" / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return index.get("_class_name"), config
+
+
+def model_params(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A diffusers config without its ``_class_name`` / ``_diffusers_version`` entries: the model's arguments."""
+    return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
 def file_keys(path: Path) -> list[str]:
@@ -212,3 +254,70 @@ def file_stamps(source: str) -> list[str]:
     path = Path(source)
     files = sorted(path.rglob("*.safetensors")) if path.is_dir() else [path]
     return [f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.exists()]
+
+
+# -- the steps of a family's component loader ----------------------------------------------------------------
+def require_model_path(path: Path) -> None:
+    if not path.exists():
+        raise ModelFileError(f"model.path {path}: no such file or folder")
+
+
+def not_a_folder(path: Path, what: str, pipeline: str, transformer: str) -> ModelFileError:
+    """``what``: "Flux"; ``transformer`` with its article ("a FluxTransformer2DModel")."""
+    return ModelFileError(f"model.path {path}: not a diffusers {what} folder (model_index.json says no {pipeline} "
+                          f"with {transformer})")
+
+
+def not_a_transformer_file(path: Path, what: str, examples: str) -> ModelFileError:
+    """The refusal of a model.path file that is not ``what`` ("a Flux") transformer (``examples``: its names)."""
+    keys = file_keys(path) if path.suffix.lower() == ".safetensors" else []
+    looks = describe_keys(keys) if keys else "not a .safetensors file"
+    return ModelFileError(f"model.path {path}: this is {looks}, not {what} transformer file ({examples})")
+
+
+def require_part_files(path: Path, what: str, parts: Mapping[str, Path | None], files: str) -> None:
+    """A single transformer file needs its part files (config key -> the file, None when unset): refuse naming
+    the keys still unset."""
+    missing = [key for key, part in parts.items() if part is None]
+    if missing:
+        raise ModelFileError(f"model.path {path} is a single {what} transformer file: set "
+                             f"{', '.join(f'`{k}`' for k in missing)} to {files}")
+
+
+def load_folder_parts(path: Path, parts: Mapping[str, Any]) -> list[Any]:
+    """The parts of a diffusers folder (subfolder -> its class), offline, in order."""
+    return [cls.from_pretrained(str(path), subfolder=name, local_files_only=True) for name, cls in parts.items()]
+
+
+def load_t5(path: Path, config: Any, key: str) -> Any:
+    """t5xxl_fp16 / t5xxl_fp8_e4m3fn.safetensors (transformers key names) as a T5EncoderModel of ``config`` (a
+    T5Config); ``key``: the config key that named the file."""
+    from transformers import T5EncoderModel
+
+    model = empty_model(T5EncoderModel, config)
+    state = read_tensors(path)
+    if not any(k.startswith("encoder.block.") for k in state):
+        raise ModelFileError(f"{key} {path}: this is {describe_keys(list(state))}, "
+                             "not a T5 text encoder (t5xxl_fp16.safetensors)")
+    if "shared.weight" not in state and "encoder.embed_tokens.weight" in state:
+        state["shared.weight"] = state["encoder.embed_tokens.weight"]
+    load_into(model, state, "T5 text encoder", path, allowed_missing=("embed_tokens.weight",))
+    model.tie_weights()
+    return model
+
+
+def load_vae(path: Path, state: Tensors, params: dict[str, Any], what: str, names: str = "") -> Any:
+    """A VAE's tensors (original or diffusers key names, without a prefix) as an AutoencoderKL of ``params``;
+    ``what``: the VAE for an error message, ``names``: its usual file name there (" (ae.safetensors)")."""
+    from diffusers import AutoencoderKL
+
+    if not any(k.startswith(("encoder.", "decoder.")) for k in state) or any(k.startswith("encoder.block.")
+                                                                            for k in state):
+        raise ModelFileError(f"model.vae_path {path}: this is {describe_keys(list(state))}, not a VAE{names}")
+    if any(k.startswith("encoder.down.") for k in state):
+        from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+        state = convert_ldm_vae_checkpoint(state, params)
+    model = empty_model(AutoencoderKL, params)
+    load_into(model, state, what, path)
+    return model

@@ -7,45 +7,28 @@ names in both key layouts, ``flux/export.py``)."""
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-from ..family import FlowDefaults, ModelFamily, ModelFileError, SamplingDefaults
+from ..family import FlowDefaults, SamplingDefaults
 from ..flux.model import LORA_TARGETS
+from ..transformer_family import TransformerFamily
 
 if TYPE_CHECKING:
-    import torch
-
     from ...config import RunConfig
-    from ...sampling.from_files import LoadedBaseModel
-    from .model import ChromaBundle
 
 _NO_FULL_EXPORT = ("a Chroma run exports its transformer as a single file (single-file: the LoRA merged in or the "
                    "full fine-tune's weights, original key names) or its LoRA (diffusers or kohya); a diffusers "
                    "folder is not written yet.")
 
 
-@functools.lru_cache(maxsize=16)
-def _is_chroma(path: str, mtime_ns: int, size: int) -> bool:
-    from .files import is_chroma_model
-
-    return is_chroma_model(Path(path))
-
-
-class ChromaFamily(ModelFamily):
+class ChromaFamily(TransformerFamily):
     name = "chroma"
     title = "Chroma"
     short_title = "Chroma"
-    space = "latent"
-    latent_downscale = 8
-    objective = "flow_matching"
-    default_prediction_type = "flow"
     text_encoders = ("text_encoder",)  # T5-XXL (per-token states and its attention mask)
     lora_targets = LORA_TARGETS  # type: ignore[assignment]  # peft regexes; "all" = "attention_ff" here
     sampling_file_keys = ("model.text_encoder_2_path", "model.text_encoder_path", "model.vae_path")
-    default_lora_targets = "attention_ff"
     kohya_text_prefixes: ClassVar[Mapping[str, str]] = {"text_encoder": "lora_te3"}  # T5, as sd-scripts names it
     # Flux's transformer minus ~25 % of its parameters (no modulation linears): not measured on a GPU yet, so
     # Flux's upper guess (the activations are the same blocks at the same width)
@@ -67,70 +50,17 @@ class ChromaFamily(ModelFamily):
     modelspec_architecture = "chroma"
     original_implementation = "https://huggingface.co/lodestones/Chroma"
     lora_metadata_markers = ("chroma", "chroma")
-
-    def recognise(self, path: Path) -> bool:
-        if path.is_dir():
-            if not (path / "transformer" / "config.json").is_file():
-                return False
-        elif path.suffix.lower() != ".safetensors":
-            return False
-        stat = path.stat()
-        return _is_chroma(str(path), stat.st_mtime_ns, stat.st_size)
-
-    def build(self, config: RunConfig, captions: list[str], *, tokenizer_file: Path | None = None,
-              device: torch.device | None = None) -> ChromaBundle:
-        import torch
-
-        from .files import is_chroma_model
-        from .model import build_chroma_model
-
-        path = Path(config.model.path).expanduser()
-        if path.exists() and not is_chroma_model(path):
-            from ..registry import recognise_model
-
-            other = recognise_model(path)
-            if other is not None:
-                raise ModelFileError(f"model.path {path}: a {other.title} model, but model.family = 'chroma'; "
-                                     f"set model.family = {other.name!r}")
-        from ...train.blockswap import build_placed
-
-        device = device or torch.device("cpu")  # with block swap the transformer stays in CPU memory until it is set up
-        return build_placed(config, device, lambda at: build_chroma_model(config, device, denoiser_device=at))
+    file_reader = "sdstudio.core.models.chroma.files:is_chroma_model"
+    model_builder = "sdstudio.core.models.chroma.model:build_chroma_model"
+    sampling_loader = "sdstudio.core.models.chroma.sampling:load_chroma_for_sampling"
+    pipeline_class = "ChromaPipeline"
+    pipeline_components = ("vae", "text_encoder", "tokenizer", "transformer")
+    # a Flux file would only get "not a Chroma transformer file" from the loader: refused by its family's name first
+    refuses_other_families_first = True
 
     def config_problems(self, config: RunConfig) -> list[str]:
-        problems = []
-        if config.model.family != self.name:
-            return problems
-        if config.lora.text_encoder or config.train.train_text_encoder:
-            problems.append("lora.text_encoder / train.train_text_encoder: Chroma trains the transformer only for "
-                            "now; turn them off")
-        if config.lora.enabled and config.lora.type == "dora" and "diffusers" in config.export.formats:
-            problems.append("export.formats: diffusers loads no DoRA adapter for Chroma; use 'kohya' (LyCORIS keys, "
-                            "which ComfyUI and Forge load)")
-        if config.model.text_encoder_path and config.model.text_encoder_2_path:
+        problems = super().config_problems(config)
+        if config.model.family == self.name and config.model.text_encoder_path and config.model.text_encoder_2_path:
             problems.append("model.text_encoder_path: Chroma has one text encoder, T5-XXL (model.text_encoder_2_path; "
                             "no CLIP-L); clear model.text_encoder_path")
         return problems
-
-    def load_for_sampling(self, path: Path, device: torch.device, *, lora: Path | None = None,
-                          config_folder: Path | None = None, prediction_type: str = "auto",
-                          files: Mapping[str, Path] | None = None) -> LoadedBaseModel:
-        from .sampling import load_chroma_for_sampling
-
-        return load_chroma_for_sampling(self, path, device, lora=lora, config_folder=config_folder,
-                                        files=files or {})
-
-    def pipeline(self, bundle: Any) -> Any:
-        """A diffusers ChromaPipeline around the bundle's modules (shared, not copied)."""
-        from diffusers import ChromaPipeline
-
-        c = bundle.components
-        return ChromaPipeline(scheduler=self.flow_scheduler(), vae=c.vae, text_encoder=c.text_encoder,
-                              tokenizer=c.tokenizer, transformer=c.transformer)
-
-    def flow_scheduler(self) -> Any:
-        from ...config import FlowConfig
-        from ...flow import FlowSchedule
-
-        assert self.flow is not None
-        return FlowSchedule(FlowConfig(), self.flow).sampler()

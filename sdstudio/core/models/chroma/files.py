@@ -14,7 +14,6 @@ real-size layout (meta device) and by round trip on a tiny model.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,16 +21,24 @@ from typing import Any
 
 import torch
 
-from ..family import ModelFileError
+from .. import split_files
 from ..flux import files as flux_files
-from ..flux.files import describe_keys, file_keys, load_t5_file, load_vae_file
-from ..split_files import convert_with_scales, load_transformer, take_fp8_scales
+from ..flux.files import load_t5_file, load_vae_file
+from ..split_files import (
+    Tensors,
+    convert_with_scales,
+    file_keys,
+    folder_configs,
+    load_transformer,
+    model_params,
+    read_tensors,
+    strip_prefix,
+    take_fp8_scales,
+    transformer_keys,
+)
 from . import offline
 
-Tensors = dict[str, torch.Tensor]
-
 APPROXIMATOR = "distilled_guidance_layer."
-_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 # keys every Chroma transformer has in the original layout (Flux's blocks + the approximator) and in diffusers'
 _ORIGINAL_MARKERS = ("double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight",
                      "distilled_guidance_layer.in_proj.weight")
@@ -44,33 +51,19 @@ _TO_ORIGINAL = [(r"^layers\.(\d+)\.linear_1\.", r"layers.\1.in_layer."),
                 (r"^layers\.(\d+)\.linear_2\.", r"layers.\1.out_layer."), (r"^norms\.(\d+)\.weight$", r"norms.\1.scale")]
 
 
-def _strip_prefix(state: Tensors) -> Tensors:
-    for prefix in _PREFIXES:
-        if any(k.startswith(prefix) for k in state):
-            return {k.removeprefix(prefix): v for k, v in state.items()}
-    return state
-
-
 # -- what a file is -----------------------------------------------------------------------------------------
 def is_chroma_transformer_file(path: Path) -> bool:
     """A Chroma transformer file (original or diffusers key names, with or without ComfyUI's prefix)?"""
     if path.suffix.lower() != ".safetensors":
         return False
-    keys = file_keys(path)
-    if any(k.startswith(("lora_", "transformer.transformer_blocks")) or ".lora_" in k for k in keys):
-        return False
-    stripped = {next((k[len(p):] for p in _PREFIXES if k.startswith(p)), k) for k in keys}
-    return set(_ORIGINAL_MARKERS) <= stripped or set(_DIFFUSERS_MARKERS) <= stripped
+    stripped = transformer_keys(file_keys(path))  # None: a LoRA
+    return stripped is not None and (set(_ORIGINAL_MARKERS) <= stripped or set(_DIFFUSERS_MARKERS) <= stripped)
 
 
 def is_chroma_folder(path: Path) -> bool:
     """A diffusers Chroma folder (ChromaPipeline with a ChromaTransformer2DModel)?"""
-    try:
-        index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
-        config = json.loads((path / "transformer" / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return index.get("_class_name") == "ChromaPipeline" and config.get("_class_name") == "ChromaTransformer2DModel"
+    pipeline, config = folder_configs(path) or ("", {})
+    return pipeline == "ChromaPipeline" and config.get("_class_name") == "ChromaTransformer2DModel"
 
 
 def is_chroma_model(path: Path) -> bool:
@@ -99,7 +92,7 @@ def diffusers_to_original(state: Tensors) -> Tensors:
 def original_to_diffusers(state: Tensors, config: dict[str, Any]) -> Tensors:
     """The original key names -> a diffusers ChromaTransformer2DModel state dict (``config``: its config, for
     the widths of the fused q/k/v and linear1 tensors)."""
-    src = _strip_prefix(dict(state))
+    src = strip_prefix(dict(state))
     approx = {k: v for k, v in src.items() if k.startswith(APPROXIMATOR)}
     rest = {k: v for k, v in src.items() if not k.startswith(APPROXIMATOR)}
     return {**_rename_approximator(approx, to_diffusers=True), **flux_files.bfl_to_diffusers(rest, config)}
@@ -123,17 +116,13 @@ def load_transformer_file(path: Path, config: dict[str, Any], dtype: torch.dtype
     from diffusers import ChromaTransformer2DModel
 
     if not is_chroma_transformer_file(path):
-        keys = file_keys(path) if path.suffix.lower() == ".safetensors" else []
-        looks = describe_keys(keys) if keys else "not a .safetensors file"
-        raise ModelFileError(f"model.path {path}: this is {looks}, not a Chroma transformer file "
-                             "(Chroma1-HD.safetensors / Chroma1-Base.safetensors)")
-    state = _strip_prefix(flux_files._read(path))
+        raise split_files.not_a_transformer_file(path, "a Chroma", "Chroma1-HD.safetensors / Chroma1-Base.safetensors")
+    state = strip_prefix(read_tensors(path))
     state, scales = take_fp8_scales(state, path)  # ComfyUI's scaled fp8 files
     if any(k.startswith("double_blocks.") for k in state):
         state, scales = convert_with_scales(state, scales, lambda s: original_to_diffusers(s, config))
-    params = {k: v for k, v in config.items() if not k.startswith("_")}
-    return load_transformer(ChromaTransformer2DModel, params, state, "Chroma transformer", path, dtype=dtype,
-                            keep_fp8=keep_fp8, scales=scales)
+    return load_transformer(ChromaTransformer2DModel, model_params(config), state, "Chroma transformer", path,
+                            dtype=dtype, keep_fp8=keep_fp8, scales=scales)
 
 
 def _t5_tokenizer(config_folder: Path | None) -> Any:
@@ -153,28 +142,22 @@ def load_chroma_components(path: Path, *, config_folder: Path | None = None, vae
     transformer file is loaded with ``transformer_options``: ``transformer_parts.load_options``)."""
     from diffusers import AutoencoderKL, ChromaTransformer2DModel
 
-    if not path.exists():
-        raise ModelFileError(f"model.path {path}: no such file or folder")
+    split_files.require_model_path(path)
     sources = {"transformer": str(path)}
     vae = None
     if path.is_dir():
         if not is_chroma_folder(path):
-            raise ModelFileError(f"model.path {path}: not a diffusers Chroma folder (model_index.json says no "
-                                 "ChromaPipeline with a ChromaTransformer2DModel)")
+            raise split_files.not_a_folder(path, "Chroma", "ChromaPipeline", "a ChromaTransformer2DModel")
         from transformers import T5EncoderModel, T5TokenizerFast
 
-        kw: dict[str, Any] = {"local_files_only": True}
-        transformer = ChromaTransformer2DModel.from_pretrained(str(path), subfolder="transformer", **kw)
-        vae = AutoencoderKL.from_pretrained(str(path), subfolder="vae", **kw)
-        te = T5EncoderModel.from_pretrained(str(path), subfolder="text_encoder", **kw)
-        tok = T5TokenizerFast.from_pretrained(str(path), subfolder="tokenizer", **kw)
+        transformer, vae, te, tok = split_files.load_folder_parts(path, {
+            "transformer": ChromaTransformer2DModel, "vae": AutoencoderKL, "text_encoder": T5EncoderModel,
+            "tokenizer": T5TokenizerFast})
         sources.update(vae=str(path), text_encoder=str(path))
     else:
-        missing = [key for key, p in (("model.text_encoder_2_path", text_encoder_path), ("model.vae_path", vae_path))
-                   if p is None]
-        if missing:
-            raise ModelFileError(f"model.path {path} is a single Chroma transformer file: set {', '.join(f'`{k}`' for k in missing)} "
-                                 "to the T5-XXL (t5xxl_fp16.safetensors) and VAE (Flux's ae.safetensors) files")
+        split_files.require_part_files(path, "Chroma", {"model.text_encoder_2_path": text_encoder_path,
+                                                        "model.vae_path": vae_path},
+                                       "the T5-XXL (t5xxl_fp16.safetensors) and VAE (Flux's ae.safetensors) files")
         assert text_encoder_path is not None
         tconfig = (dict(ChromaTransformer2DModel.load_config(str(config_folder), subfolder="transformer"))
                    if config_folder else dict(offline.TRANSFORMER_CONFIG))

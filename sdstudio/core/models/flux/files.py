@@ -11,7 +11,6 @@ diffusers' own converter hard-codes the real model's width (3072), so it cannot 
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,13 +21,24 @@ import torch
 from ..family import ModelFileError
 from ..split_files import (
     FLUX_ORIGINAL_MARKERS,
-    TRANSFORMER_PREFIXES,
     Tensors,
     convert_with_scales,
     describe_keys,
     file_keys,
+    folder_configs,
+    fuse_parts,
+    load_folder_parts,
+    load_t5,
     load_transformer,
+    load_vae,
+    model_params,
+    not_a_folder,
+    not_a_transformer_file,
+    require_model_path,
+    require_part_files,
+    swap_halves,
     take_fp8_scales,
+    transformer_keys,
 )
 from ..split_files import empty_model as _empty
 from ..split_files import load_into as _load_into
@@ -36,9 +46,7 @@ from ..split_files import read_tensors as _read
 from ..split_files import strip_prefix as _strip_prefix
 from . import offline
 
-_BFL_MARKERS = FLUX_ORIGINAL_MARKERS
 _DIFFUSERS_MARKERS = ("transformer_blocks.0.attn.to_q.weight", "single_transformer_blocks.0.attn.to_q.weight")
-_PREFIXES = TRANSFORMER_PREFIXES
 VARIANT_FAMILIES = {"dev": "flux-dev", "schnell": "flux-schnell"}  # what a file holds -> its family
 
 
@@ -47,13 +55,10 @@ def transformer_file_variant(path: Path) -> str | None:
     """"dev" / "schnell" for a Flux transformer file (original or diffusers key names), None otherwise."""
     if path.suffix.lower() != ".safetensors":
         return None
-    keys = [k for k in file_keys(path)]
-    stripped = {next((k[len(p):] for p in _PREFIXES if k.startswith(p)), k) for k in keys}
-    if any(k.startswith(("lora_", "transformer.transformer_blocks")) or ".lora_" in k for k in keys):
+    stripped = transformer_keys(file_keys(path))  # None: a LoRA
+    if stripped is None or any(k.startswith("distilled_guidance_layer.") for k in stripped):  # a Chroma transformer
         return None
-    if any(k.startswith("distilled_guidance_layer.") for k in stripped):  # a Chroma transformer
-        return None
-    if set(_BFL_MARKERS) <= stripped:
+    if set(FLUX_ORIGINAL_MARKERS) <= stripped:
         return "dev" if "guidance_in.in_layer.weight" in stripped else "schnell"
     if set(_DIFFUSERS_MARKERS) <= stripped:
         return "dev" if "time_text_embed.guidance_embedder.linear_1.weight" in stripped else "schnell"
@@ -62,12 +67,8 @@ def transformer_file_variant(path: Path) -> str | None:
 
 def folder_variant(path: Path) -> str | None:
     """"dev" / "schnell" for a diffusers Flux folder (its transformer config says guidance_embeds)."""
-    try:
-        index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
-        config = json.loads((path / "transformer" / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if index.get("_class_name") != "FluxPipeline" or config.get("_class_name") != "FluxTransformer2DModel":
+    pipeline, config = folder_configs(path) or ("", {})
+    if pipeline != "FluxPipeline" or config.get("_class_name") != "FluxTransformer2DModel":
         return None
     return "dev" if config.get("guidance_embeds") else "schnell"
 
@@ -77,12 +78,7 @@ def model_variant(path: Path) -> str | None:
 
 
 # -- the original <-> diffusers transformer layout ---------------------------------------------------------
-def _swap_halves(w: torch.Tensor) -> torch.Tensor:
-    """final_layer.adaLN_modulation is (shift, scale) in the original, (scale, shift) in diffusers."""
-    a, b = w.chunk(2, dim=0)
-    return torch.cat([b, a], dim=0)
-
-
+# (final_layer.adaLN_modulation is (shift, scale) in the original, (scale, shift) in diffusers: swap_halves)
 # (original module, diffusers module) pairs that are one tensor each
 _TOP = [("img_in", "x_embedder"), ("txt_in", "context_embedder"),
         ("time_in.in_layer", "time_text_embed.timestep_embedder.linear_1"),
@@ -120,38 +116,33 @@ def _block_count(state: Tensors, pattern: str) -> int:
     return max(found) + 1 if found else 0
 
 
+# (original block list, diffusers block list, their unfused modules, their fused tensors)
+_BLOCKS = [("double_blocks", "transformer_blocks", _DOUBLE, DOUBLE_FUSED),
+           ("single_blocks", "single_transformer_blocks", _SINGLE, SINGLE_FUSED)]
+
+
+def _rename(src: Tensors, out: Tensors, pairs: list[tuple[str, str]], *, to_original: bool) -> None:
+    """Move the weight and bias of each (original, diffusers) module pair from ``src`` to ``out``, renamed."""
+    for original, diffusers in pairs:
+        for suffix in ("weight", "bias"):
+            o, d = _param(original, diffusers, suffix)
+            old, new = (d, o) if to_original else (o, d)
+            if old in src:
+                out[new] = src.pop(old)
+
+
 def diffusers_to_bfl(state: Tensors) -> Tensors:
     """A diffusers FluxTransformer2DModel state dict in the original (Black Forest Labs) key names."""
     out: Tensors = {}
     src = dict(state)
-
-    def take(original: str, diffusers: str) -> None:
-        for suffix in ("weight", "bias"):
-            o, d = _param(original, diffusers, suffix)
-            if d in src:
-                out[o] = src.pop(d)
-
-    for o, d in _TOP:
-        take(o, d)
+    _rename(src, out, _TOP, to_original=True)
     for suffix in ("weight", "bias"):
         if f"norm_out.linear.{suffix}" in src:
-            out[f"final_layer.adaLN_modulation.1.{suffix}"] = _swap_halves(src.pop(f"norm_out.linear.{suffix}"))
-    for i in range(_block_count(src, r"transformer_blocks\.(\d+)\.")):
-        for o, d in _DOUBLE:
-            take(f"double_blocks.{i}.{o}", f"transformer_blocks.{i}.{d}")
-        for o, parts in DOUBLE_FUSED.items():
-            for suffix in ("weight", "bias"):
-                keys = [f"transformer_blocks.{i}.{p}.{suffix}" for p in parts]
-                if all(k in src for k in keys):
-                    out[f"double_blocks.{i}.{o}.{suffix}"] = torch.cat([src.pop(k) for k in keys])
-    for i in range(_block_count(src, r"single_transformer_blocks\.(\d+)\.")):
-        for o, d in _SINGLE:
-            take(f"single_blocks.{i}.{o}", f"single_transformer_blocks.{i}.{d}")
-        for o, parts in SINGLE_FUSED.items():
-            for suffix in ("weight", "bias"):
-                keys = [f"single_transformer_blocks.{i}.{p}.{suffix}" for p in parts]
-                if all(k in src for k in keys):
-                    out[f"single_blocks.{i}.{o}.{suffix}"] = torch.cat([src.pop(k) for k in keys])
+            out[f"final_layer.adaLN_modulation.1.{suffix}"] = swap_halves(src.pop(f"norm_out.linear.{suffix}"))
+    for ours, theirs, pairs, fused in _BLOCKS:
+        for i in range(_block_count(src, rf"{theirs}\.(\d+)\.")):
+            _rename(src, out, [(f"{ours}.{i}.{o}", f"{theirs}.{i}.{d}") for o, d in pairs], to_original=True)
+            fuse_parts(src, out, fused, f"{theirs}.{i}", f"{ours}.{i}")
     if src:
         raise ModelFileError(f"Flux transformer: no original-layout name for {sorted(src)[:5]}")
     return out
@@ -164,36 +155,20 @@ def bfl_to_diffusers(state: Tensors, config: dict[str, Any]) -> Tensors:
     inner = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
     mlp = int(inner * float(config.get("mlp_ratio", 4.0)))
     out: Tensors = {}
-
-    def take(original: str, diffusers: str) -> None:
-        for suffix in ("weight", "bias"):
-            o, d = _param(original, diffusers, suffix)
-            if o in src:
-                out[d] = src.pop(o)
-
-    for o, d in _TOP:
-        take(o, d)
+    _rename(src, out, _TOP, to_original=False)
     for suffix in ("weight", "bias"):
         if f"final_layer.adaLN_modulation.1.{suffix}" in src:
-            out[f"norm_out.linear.{suffix}"] = _swap_halves(src.pop(f"final_layer.adaLN_modulation.1.{suffix}"))
-    for i in range(_block_count(src, r"double_blocks\.(\d+)\.")):
-        for o, d in _DOUBLE:
-            take(f"double_blocks.{i}.{o}", f"transformer_blocks.{i}.{d}")
-        for o, parts in DOUBLE_FUSED.items():
-            for suffix in ("weight", "bias"):
-                key = f"double_blocks.{i}.{o}.{suffix}"
-                if key in src:
-                    for p, t in zip(parts, src.pop(key).split([inner] * 3)):
-                        out[f"transformer_blocks.{i}.{p}.{suffix}"] = t
-    for i in range(_block_count(src, r"single_blocks\.(\d+)\.")):
-        for o, d in _SINGLE:
-            take(f"single_blocks.{i}.{o}", f"single_transformer_blocks.{i}.{d}")
-        for o, parts in SINGLE_FUSED.items():
-            for suffix in ("weight", "bias"):
-                key = f"single_blocks.{i}.{o}.{suffix}"
-                if key in src:
-                    for p, t in zip(parts, src.pop(key).split([inner] * 3 + [mlp])):
-                        out[f"single_transformer_blocks.{i}.{p}.{suffix}"] = t
+            out[f"norm_out.linear.{suffix}"] = swap_halves(src.pop(f"final_layer.adaLN_modulation.1.{suffix}"))
+    for ours, theirs, pairs, fused in _BLOCKS:
+        for i in range(_block_count(src, rf"{ours}\.(\d+)\.")):
+            _rename(src, out, [(f"{ours}.{i}.{o}", f"{theirs}.{i}.{d}") for o, d in pairs], to_original=False)
+            for o, parts in fused.items():
+                widths = ([inner] * 3 + [mlp])[:len(parts)]  # q, k, v (and the single blocks' MLP input)
+                for suffix in ("weight", "bias"):
+                    key = f"{ours}.{i}.{o}.{suffix}"
+                    if key in src:
+                        for p, t in zip(parts, src.pop(key).split(widths)):
+                            out[f"{theirs}.{i}.{p}.{suffix}"] = t
     if src:
         raise ModelFileError(f"Flux transformer: unknown original-layout keys {sorted(src)[:5]}")
     return out
@@ -225,8 +200,7 @@ def load_transformer_file(path: Path, config: dict[str, Any], dtype: torch.dtype
     state, scales = take_fp8_scales(state, path)  # ComfyUI's scaled fp8 files
     if any(k.startswith("double_blocks.") for k in state):
         state, scales = convert_with_scales(state, scales, lambda s: bfl_to_diffusers(s, config))
-    params = {k: v for k, v in config.items() if not k.startswith("_")}
-    return load_transformer(FluxTransformer2DModel, params, state, "Flux transformer", path, dtype=dtype,
+    return load_transformer(FluxTransformer2DModel, model_params(config), state, "Flux transformer", path, dtype=dtype,
                             keep_fp8=keep_fp8, scales=scales)
 
 
@@ -252,19 +226,10 @@ def load_t5_file(path: Path, folder: Path | None, subfolder: str = "text_encoder
                  key: str = "model.text_encoder_2_path") -> Any:
     """t5xxl_fp16 / t5xxl_fp8_e4m3fn.safetensors (transformers key names) as a T5EncoderModel (its config from
     ``folder / subfolder``: Flux's T5 is text_encoder_2, Chroma's text_encoder)."""
-    from transformers import T5Config, T5EncoderModel
+    from transformers import T5Config
 
     config = (T5Config.from_pretrained(str(folder / subfolder)) if folder else T5Config(**offline.T5_CONFIG))
-    model = _empty(T5EncoderModel, config)
-    state = _read(path)
-    if not any(k.startswith("encoder.block.") for k in state):
-        raise ModelFileError(f"{key} {path}: this is {describe_keys(list(state))}, "
-                             "not a T5 text encoder (t5xxl_fp16.safetensors)")
-    if "shared.weight" not in state and "encoder.embed_tokens.weight" in state:
-        state["shared.weight"] = state["encoder.embed_tokens.weight"]
-    _load_into(model, state, "T5 text encoder", path, allowed_missing=("embed_tokens.weight",))
-    model.tie_weights()
-    return model
+    return load_t5(path, config, key)
 
 
 def load_vae_file(path: Path, folder: Path | None) -> Any:
@@ -272,19 +237,8 @@ def load_vae_file(path: Path, folder: Path | None) -> Any:
     from diffusers import AutoencoderKL
 
     config = (dict(AutoencoderKL.load_config(str(folder), subfolder="vae")) if folder else dict(offline.VAE_CONFIG))
-    params = {k: v for k, v in config.items() if not k.startswith("_")}
-    state = _read(path)
-    state = {k.removeprefix("first_stage_model.").removeprefix("vae."): v for k, v in state.items()}
-    if not any(k.startswith(("encoder.", "decoder.")) for k in state) or any(k.startswith("encoder.block.")
-                                                                            for k in state):
-        raise ModelFileError(f"model.vae_path {path}: this is {describe_keys(list(state))}, not a VAE (ae.safetensors)")
-    if any(k.startswith("encoder.down.") for k in state):
-        from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-
-        state = convert_ldm_vae_checkpoint(state, params)
-    model = _empty(AutoencoderKL, params)
-    _load_into(model, state, "Flux VAE (16 latent channels)", path)
-    return model
+    state = {k.removeprefix("first_stage_model.").removeprefix("vae."): v for k, v in _read(path).items()}
+    return load_vae(path, state, model_params(config), "Flux VAE (16 latent channels)", " (ae.safetensors)")
 
 
 def load_flux_components(path: Path, *, config_folder: Path | None = None, vae_path: Path | None = None,
@@ -295,37 +249,25 @@ def load_flux_components(path: Path, *, config_folder: Path | None = None, vae_p
     loaded with ``transformer_options``: ``transformer_parts.load_options``)."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
 
-    if not path.exists():
-        raise ModelFileError(f"model.path {path}: no such file or folder")
+    require_model_path(path)
     variant = model_variant(path)
     sources = {"transformer": str(path)}
     if path.is_dir():
         if variant is None:
-            raise ModelFileError(f"model.path {path}: not a diffusers Flux folder (model_index.json says no "
-                                 "FluxPipeline with a FluxTransformer2DModel)")
+            raise not_a_folder(path, "Flux", "FluxPipeline", "a FluxTransformer2DModel")
         from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-        kw: dict[str, Any] = {"local_files_only": True}
-        transformer = FluxTransformer2DModel.from_pretrained(str(path), subfolder="transformer", **kw)
-        vae = AutoencoderKL.from_pretrained(str(path), subfolder="vae", **kw)
-        te = CLIPTextModel.from_pretrained(str(path), subfolder="text_encoder", **kw)
-        te2 = T5EncoderModel.from_pretrained(str(path), subfolder="text_encoder_2", **kw)
-        tok = CLIPTokenizer.from_pretrained(str(path), subfolder="tokenizer", **kw)
-        tok2 = T5TokenizerFast.from_pretrained(str(path), subfolder="tokenizer_2", **kw)
+        transformer, vae, te, te2, tok, tok2 = load_folder_parts(path, {
+            "transformer": FluxTransformer2DModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
+            "text_encoder_2": T5EncoderModel, "tokenizer": CLIPTokenizer, "tokenizer_2": T5TokenizerFast})
         sources.update(vae=str(path), text_encoder=str(path), text_encoder_2=str(path))
     else:
         if variant is None:
-            keys = file_keys(path) if path.suffix.lower() == ".safetensors" else []
-            looks = describe_keys(keys) if keys else "not a .safetensors file"
-            raise ModelFileError(f"model.path {path}: this is {looks}, not a Flux transformer file "
-                                 "(flux1-dev.safetensors / flux1-schnell.safetensors)")
-        missing = [key for key, p in (("model.text_encoder_path", text_encoder_path),
-                                      ("model.text_encoder_2_path", text_encoder_2_path),
-                                      ("model.vae_path", vae_path)) if p is None]
-        if missing:
-            raise ModelFileError(f"model.path {path} is a single Flux transformer file: set {', '.join(f'`{k}`' for k in missing)} to "
-                                 "the CLIP-L (clip_l.safetensors), T5-XXL (t5xxl_fp16.safetensors) and VAE "
-                                 "(ae.safetensors) files")
+            raise not_a_transformer_file(path, "a Flux", "flux1-dev.safetensors / flux1-schnell.safetensors")
+        require_part_files(path, "Flux", {"model.text_encoder_path": text_encoder_path,
+                                          "model.text_encoder_2_path": text_encoder_2_path, "model.vae_path": vae_path},
+                           "the CLIP-L (clip_l.safetensors), T5-XXL (t5xxl_fp16.safetensors) and VAE (ae.safetensors) "
+                           "files")
         assert text_encoder_path and text_encoder_2_path and vae_path
         tconfig = (dict(FluxTransformer2DModel.load_config(str(config_folder), subfolder="transformer"))
                    if config_folder else offline.transformer_config(variant))

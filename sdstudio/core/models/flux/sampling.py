@@ -50,19 +50,27 @@ def load_flux_for_sampling(family: ModelFamily, path: Path, device: torch.device
     config = sampling_config(family, path, config_folder, files)
     bundle = make_bundle(load_components(config), config, torch.device("cpu"), lora=False)
     modules = apply_flux_lora(family, bundle, lora, path) if lora is not None else 0
+    bundle.train_guidance = family.sampling.guidance if bundle.train_guidance is not None else None
+    return ready_for_sampling(family, bundle, config, path, device, lora, modules)
+
+
+def ready_for_sampling(family: ModelFamily, bundle: Any, config: RunConfig, path: Path, device: torch.device,
+                       lora: Path | None, modules: int, defaults: Mapping[str, Any] | None = None) -> LoadedBaseModel:
+    """A transformer family's bundle, loaded for sampling (its LoRA applied), made a ``LoadedBaseModel``: the
+    transformer, the text encoders and the VAE on ``device`` in bf16 on a GPU (fp32 elsewhere), in eval mode, the
+    model's native size from its VAE config; ``defaults``: the preview defaults (the family's when None)."""
     wdtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     c = bundle.components
-    for module in (c.transformer, c.text_encoder, c.text_encoder_2, c.vae):
+    for module in (c.transformer, *(getattr(c, name) for name in family.text_encoders), c.vae):
         cast_module(module, device, wdtype).eval()
     bundle.weight_dtype = wdtype
-    bundle.trainable.weight_dtype = wdtype  # type: ignore[assignment]
+    bundle.trainable.weight_dtype = wdtype
     bundle.trainable.eval()
     down = 2 ** (len(c.vae.config.block_out_channels) - 1)
     bundle.sample_size = int(c.vae.config.sample_size) // down  # the model's native size (1024 px)
-    bundle.train_guidance = family.sampling.guidance if bundle.train_guidance is not None else None
     assert family.flow is not None
     return LoadedBaseModel(bundle, FlowSchedule(config.flow, family.flow), device, path, family.name,
-                           family.sampling.as_dict(), lora, modules,
+                           dict(defaults) if defaults is not None else family.sampling.as_dict(), lora, modules,
                            autocast_dtype=wdtype if wdtype != torch.float32 else None)
 
 

@@ -13,7 +13,6 @@ original (``diffusers_to_sd3``, for tests and the kohya export's names) is ours,
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +27,23 @@ from ..split_files import (
     describe_keys,
     empty_model,
     file_keys,
+    folder_configs,
+    fuse_parts,
+    load_folder_parts,
     load_into,
+    load_t5,
     load_transformer,
+    load_vae,
+    model_params,
+    not_a_folder,
+    not_a_transformer_file,
     read_tensors,
+    require_model_path,
+    require_part_files,
     strip_prefix,
+    swap_halves,
     take_fp8_scales,
+    transformer_keys,
 )
 from . import offline
 
@@ -64,8 +75,8 @@ BLOCK_NAMES = {d: o for o, d in BLOCK}  # diffusers module in a block -> origina
 # -- what a file is -----------------------------------------------------------------------------------------
 def variant_of_keys(keys: list[str] | set[str]) -> str | None:
     """"3-medium" / "3.5-medium" / "3.5-large" for an SD3 transformer's keys (either naming), else None."""
-    stripped = {k.removeprefix(_PREFIX).removeprefix("diffusion_model.") for k in keys}
-    if any(k.startswith(("lora_", "transformer.transformer_blocks")) or ".lora_" in k for k in keys):
+    stripped = transformer_keys(keys)
+    if stripped is None:  # a LoRA
         return None
     if set(_ORIGINAL_MARKERS) <= stripped:
         if not any(".attn.ln_q." in k for k in stripped):
@@ -86,12 +97,8 @@ def config_variant(config: dict[str, Any]) -> str:
 
 
 def folder_variant(path: Path) -> str | None:
-    try:
-        index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
-        config = json.loads((path / "transformer" / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if index.get("_class_name") != "StableDiffusion3Pipeline" or config.get("_class_name") != "SD3Transformer2DModel":
+    pipeline, config = folder_configs(path) or ("", {})
+    if pipeline != "StableDiffusion3Pipeline" or config.get("_class_name") != "SD3Transformer2DModel":
         return None
     return config_variant(config)
 
@@ -105,12 +112,6 @@ def model_variant(path: Path) -> str | None:
 
 
 # -- diffusers -> original names ------------------------------------------------------------------------------
-def _swap_halves(w: torch.Tensor) -> torch.Tensor:
-    """adaLN (shift, scale) of the original <-> (scale, shift) of diffusers' continuous norms."""
-    a, b = w.chunk(2, dim=0)
-    return torch.cat([b, a], dim=0)
-
-
 def diffusers_to_sd3(state: Tensors) -> Tensors:
     """A diffusers SD3Transformer2DModel state dict in the original (MMDiT) key names, without a prefix."""
     src, out = dict(state), {}
@@ -123,7 +124,7 @@ def diffusers_to_sd3(state: Tensors) -> Tensors:
         for suffix in ("weight", "bias"):
             if f"{diffusers}.{suffix}" in src:
                 t = src.pop(f"{diffusers}.{suffix}")
-                out[f"{original}.{suffix}"] = _swap_halves(t) if swap else t
+                out[f"{original}.{suffix}"] = swap_halves(t) if swap else t
 
     for o, d in TOP:
         take(o, d)
@@ -132,11 +133,7 @@ def diffusers_to_sd3(state: Tensors) -> Tensors:
         for o, d in BLOCK:
             take(f"joint_blocks.{i}.{o}", f"transformer_blocks.{i}.{d}",
                  swap=i == last and d == "norm1_context.linear")
-        for o, parts in FUSED.items():
-            for suffix in ("weight", "bias"):
-                keys = [f"transformer_blocks.{i}.{p}.{suffix}" for p in parts]
-                if all(k in src for k in keys):
-                    out[f"joint_blocks.{i}.{o}.{suffix}"] = torch.cat([src.pop(k) for k in keys])
+        fuse_parts(src, out, FUSED, f"transformer_blocks.{i}", f"joint_blocks.{i}")
     if src:
         raise ModelFileError(f"SD3 transformer: no original-layout name for {sorted(src)[:5]}")
     return out
@@ -183,8 +180,8 @@ def load_transformer_file(path: Path, config: dict[str, Any], dtype: torch.dtype
     state, scales = take_fp8_scales(state, path)  # ComfyUI's scaled fp8 files
     if any(k.startswith("joint_blocks.") for k in state):
         state, scales = convert_with_scales(state, scales, sd3_to_diffusers)
-    return load_transformer(SD3Transformer2DModel, {k: v for k, v in config.items() if not k.startswith("_")}, state,
-                            "SD3 transformer", path, dtype=dtype, keep_fp8=keep_fp8, scales=scales)
+    return load_transformer(SD3Transformer2DModel, model_params(config), state, "SD3 transformer", path, dtype=dtype,
+                            keep_fp8=keep_fp8, scales=scales)
 
 
 def load_clip_file(path: Path, config: dict[str, Any], key: str, what: str) -> Any:
@@ -208,40 +205,19 @@ def load_clip_file(path: Path, config: dict[str, Any], key: str, what: str) -> A
 
 def load_t5_file(path: Path, config: dict[str, Any]) -> Any:
     """t5xxl_fp16 / t5xxl_fp8_e4m3fn.safetensors (transformers key names) as a T5EncoderModel."""
-    from transformers import T5Config, T5EncoderModel
+    from transformers import T5Config
 
-    model = empty_model(T5EncoderModel, T5Config(**config))
-    state = read_tensors(path)
-    if not any(k.startswith("encoder.block.") for k in state):
-        raise ModelFileError(f"model.text_encoder_2_path {path}: this is {describe_keys(list(state))}, "
-                             "not a T5 text encoder (t5xxl_fp16.safetensors)")
-    if "shared.weight" not in state and "encoder.embed_tokens.weight" in state:
-        state["shared.weight"] = state["encoder.embed_tokens.weight"]
-    load_into(model, state, "T5 text encoder", path, allowed_missing=("embed_tokens.weight",))
-    model.tie_weights()
-    return model
+    return load_t5(path, T5Config(**config), "model.text_encoder_2_path")
 
 
 def load_vae_file(path: Path, config: dict[str, Any]) -> Any:
     """A VAE file (original key names, with or without ``first_stage_model.``; or diffusers names), or the VAE
     inside an all-in-one SD3 file."""
-    from diffusers import AutoencoderKL
-
-    params = {k: v for k, v in config.items() if not k.startswith("_")}
     state = read_tensors(path)
     if any(k.startswith("first_stage_model.") for k in state):
         state = {k[len("first_stage_model."):]: v for k, v in state.items() if k.startswith("first_stage_model.")}
     state = {k.removeprefix("vae."): v for k, v in state.items()}
-    if not any(k.startswith(("encoder.", "decoder.")) for k in state) or any(k.startswith("encoder.block.")
-                                                                            for k in state):
-        raise ModelFileError(f"model.vae_path {path}: this is {describe_keys(list(state))}, not a VAE")
-    if any(k.startswith("encoder.down.") for k in state):
-        from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-
-        state = convert_ldm_vae_checkpoint(state, params)
-    model = empty_model(AutoencoderKL, params)
-    load_into(model, state, "SD3 VAE (16 latent channels)", path)
-    return model
+    return load_vae(path, state, model_params(config), "SD3 VAE (16 latent channels)")
 
 
 def _has_vae(path: Path) -> bool:
@@ -251,43 +227,33 @@ def _has_vae(path: Path) -> bool:
 def load_sd3_components(path: Path, *, config_folder: Path | None = None, vae_path: Path | None = None,
                         text_encoder_path: Path | None = None, clip_g_path: Path | None = None,
                         t5_path: Path | None = None, transformer_options: dict[str, Any] | None = None) -> SD3Components:
-    """Everything of an SD3 model, offline: a diffusers folder, or a transformer file with the separate
-    text-encoder and VAE files (configs from ``config_folder`` or the ones sdstudio ships; a transformer file is
-    loaded with ``transformer_options``: ``transformer_parts.load_options``)."""
-    if not path.exists():
-        raise ModelFileError(f"model.path {path}: no such file or folder")
+    """Everything of an SD3 model, offline: a diffusers folder, or a transformer file (an all-in-one file holds
+    its VAE) with the CLIP-L, CLIP-G and T5 files; ``config_folder`` and ``transformer_options`` as for Flux
+    (``flux/files.load_flux_components``)."""
+    require_model_path(path)
     variant = model_variant(path)
     sources = {"transformer": str(path)}
     if path.is_dir():
         if variant is None:
-            raise ModelFileError(f"model.path {path}: not a diffusers SD3 folder (model_index.json says no "
-                                 "StableDiffusion3Pipeline with an SD3Transformer2DModel)")
+            raise not_a_folder(path, "SD3", "StableDiffusion3Pipeline", "an SD3Transformer2DModel")
         from diffusers import AutoencoderKL, SD3Transformer2DModel
         from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
-        kw: dict[str, Any] = {"local_files_only": True}
-        transformer = SD3Transformer2DModel.from_pretrained(str(path), subfolder="transformer", **kw)
-        vae = AutoencoderKL.from_pretrained(str(path), subfolder="vae", **kw)
-        te = CLIPTextModelWithProjection.from_pretrained(str(path), subfolder="text_encoder", **kw)
-        te2 = CLIPTextModelWithProjection.from_pretrained(str(path), subfolder="text_encoder_2", **kw)
-        te3 = T5EncoderModel.from_pretrained(str(path), subfolder="text_encoder_3", **kw)
+        transformer, vae, te, te2, te3 = load_folder_parts(path, {
+            "transformer": SD3Transformer2DModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModelWithProjection,
+            "text_encoder_2": CLIPTextModelWithProjection, "text_encoder_3": T5EncoderModel})
         tok, tok2 = offline.clip_tokenizers(path)
         tok3 = offline.t5_tokenizer(path)
         sources.update(vae=str(path), text_encoder=str(path), text_encoder_2=str(path), text_encoder_3=str(path))
     else:
         if variant is None:
-            keys = file_keys(path) if path.suffix.lower() == ".safetensors" else []
-            looks = describe_keys(keys) if keys else "not a .safetensors file"
-            raise ModelFileError(f"model.path {path}: this is {looks}, not an SD3 transformer file "
-                                 "(sd3.5_medium.safetensors / sd3.5_large.safetensors)")
-        missing = [key for key, p in (("model.text_encoder_path", text_encoder_path), ("model.clip_g_path", clip_g_path),
-                                      ("model.text_encoder_2_path", t5_path)) if p is None]
-        if vae_path is None and not _has_vae(path):
-            missing.append("model.vae_path")
-        if missing:
-            raise ModelFileError(f"model.path {path} is a single SD3 transformer file: set {', '.join(f'`{k}`' for k in missing)} to "
-                                 "the CLIP-L (clip_l.safetensors), CLIP-G (clip_g.safetensors), T5-XXL "
-                                 "(t5xxl_fp16.safetensors) and VAE files")
+            raise not_a_transformer_file(path, "an SD3", "sd3.5_medium.safetensors / sd3.5_large.safetensors")
+        # an all-in-one file holds its VAE
+        require_part_files(path, "SD3", {"model.text_encoder_path": text_encoder_path, "model.clip_g_path": clip_g_path,
+                                         "model.text_encoder_2_path": t5_path,
+                                         "model.vae_path": vae_path or (path if _has_vae(path) else None)},
+                           "the CLIP-L (clip_l.safetensors), CLIP-G (clip_g.safetensors), T5-XXL "
+                           "(t5xxl_fp16.safetensors) and VAE files")
         assert text_encoder_path and clip_g_path and t5_path
 
         def cfg(component: str) -> dict[str, Any]:

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import torch
 
-from ...flow import FlowSchedule
-from ...sampling.from_files import LoadedBaseModel, LoraFileError, cast_module
+from ...sampling.from_files import LoadedBaseModel, LoraFileError
 from ..family import ModelFamily
-from ..flux.sampling import apply_flux_lora, sampling_config
+from ..flux.sampling import apply_flux_lora, ready_for_sampling, sampling_config
 from .model import load_components, make_bundle
 
 
@@ -24,20 +23,9 @@ def load_sd3_for_sampling(family: ModelFamily, path: Path, device: torch.device,
     if lora is not None:
         _refuse_kohya(lora)
         modules = apply_flux_lora(family, bundle, lora, path)  # the family's pipeline's load_lora_weights
-    wdtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    c = bundle.components
-    for module in (c.transformer, c.text_encoder, c.text_encoder_2, c.text_encoder_3, c.vae):
-        cast_module(module, device, wdtype).eval()
-    bundle.weight_dtype = wdtype
-    bundle.trainable.weight_dtype = wdtype  # type: ignore[assignment]
-    bundle.trainable.eval()
-    down = 2 ** (len(c.vae.config.block_out_channels) - 1)
-    bundle.sample_size = int(c.vae.config.sample_size) // down  # the model's native size (1024 px)
-    assert family.flow is not None
-    variant = bundle.model_family
-    return LoadedBaseModel(bundle, FlowSchedule(config.flow, family.flow), device, path, family.name,
-                           variant.sampling.as_dict(), lora, modules,
-                           autocast_dtype=wdtype if wdtype != torch.float32 else None)
+    # the variant's preview defaults
+    return ready_for_sampling(family, bundle, config, path, device, lora, modules,
+                              bundle.model_family.sampling.as_dict())
 
 
 def _refuse_kohya(lora: Path) -> None:
