@@ -356,9 +356,14 @@ def test_tiny_run_with_every_option_trains_resumes_and_samples(tiny_config, tmp_
     wb = load_file(str(tmp_path / "b" / "checkpoints" / "step-00000004" / "model.safetensors"))
     assert any(k.startswith("noise_schedule.") for k in wa)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    rows_a = [r["loss"] for r in read_metrics(tmp_path / "a" / "metrics.jsonl") if r["kind"] == "train"]
-    rows_b = [r["loss"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl") if r["kind"] == "train"]
-    assert rows_a == rows_b
+    train_a = [r for r in read_metrics(tmp_path / "a" / "metrics.jsonl") if r["kind"] == "train"]
+    train_b = [r for r in read_metrics(tmp_path / "b" / "metrics.jsonl") if r["kind"] == "train"]
+    assert [r["loss"] for r in train_a] == [r["loss"] for r in train_b]
+    # the recipe's terms are logged beside the loss (mean over the logged window), the same after a resume
+    for term in ("vlb", "contrastive"):
+        values = [r[term] for r in train_a]
+        assert len(values) == 4 and all(math.isfinite(v) and v > 0 for v in values), (term, values)
+        assert values == [r[term] for r in train_b]
     saved = load_run_config(tmp_path / "b")
     assert saved.diffusion.learned_schedule and saved.model.learned_variance and saved.loss.contrastive_weight == 0.1
     # sampling from the run: the learned schedule's alphas and the learned-variance head

@@ -45,6 +45,9 @@ class _Window:
     steps: Any = 0
     images: int = 0
     t0: float = field(default_factory=time.perf_counter)
+    # the recipe's extra loss terms (loss.vlb_weight, loss.contrastive_weight), summed unread like the loss
+    term_sums: dict[str, Any] = field(default_factory=dict)
+    term_steps: dict[str, int] = field(default_factory=dict)
 
     def add(self, loss: Any, grad_norm: Any) -> None:
         if isinstance(loss, torch.Tensor):
@@ -56,6 +59,18 @@ class _Window:
             self.loss_sum += loss
             self.grad_sum += grad_norm
             self.steps += 1
+
+    def add_terms(self, terms: dict[str, torch.Tensor]) -> None:
+        """The recipe's terms of the step just taken (its last micro-batch), detached; taken out of ``terms``
+        so a step that computes none adds nothing."""
+        for name in list(terms):
+            value = terms.pop(name).detach().to(torch.float64)
+            self.term_sums[name] = value + self.term_sums.get(name, 0.0)
+            self.term_steps[name] = self.term_steps.get(name, 0) + 1
+
+    def term_means(self) -> dict[str, float]:
+        """Mean of each recipe term over the window's steps (read when the window is logged)."""
+        return {name: float(total) / self.term_steps[name] for name, total in self.term_sums.items()}
 
     def means(self) -> tuple[float, float]:
         """(mean loss, mean grad norm) of the window's good steps (NaN without one): one read of the device."""
@@ -273,6 +288,9 @@ def _epochs(s: TrainingSession, control: TrainingControl, metrics: MetricsWriter
             step_times.stop()
             p.step_done()
             window.add(loss, grad_norm)  # a skipped (NaN / out-of-memory) step is not averaged in
+            recipe = getattr(s.objective, "recipe", None)
+            if recipe is not None and recipe.last:
+                window.add_terms(recipe.last)
             window.images += s.batches.global_batch
             if p.step % cfg.train.log_every == 0 or p.step == p.total_steps:
                 s.steps.settle()  # NaN steps not read yet: warned about, or the run fails as at the step
@@ -333,7 +351,8 @@ def _log_window(s: TrainingSession, w: _Window, lr: float, step_times: StepTimer
     ips = w.images / elapsed
     eta = step_times.median() * (p.total_steps - p.step)
     if metrics:
-        metrics.write(metrics_row("train", p.step, p.epoch, loss=loss, lr=lr, grad_norm=grad, img_per_s=ips))
+        metrics.write(metrics_row("train", p.step, p.epoch, loss=loss, lr=lr, grad_norm=grad, img_per_s=ips,
+                                  **w.term_means()))
     return ev.StepMetrics(p.step, p.epoch, loss, lr, grad, ips, p.total_steps, eta)
 
 
