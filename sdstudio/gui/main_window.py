@@ -163,6 +163,7 @@ class MainWindow(QueueControl, QMainWindow):
         self.datasets.report_ready.connect(lambda _report: self._update_can_train())
         self.runs.resume_requested.connect(self.resume_run)
         self.runs.samples_requested.connect(self._show_run_samples)
+        self.runs.run_selected.connect(self.schedule.show_run_schedule)  # a past run's learned noise schedule
         self.runs.export_requested.connect(self.open_export)
         self.runs.compare_requested.connect(self.compare_runs)
         bar.queue_clicked.connect(self.add_current_to_queue)

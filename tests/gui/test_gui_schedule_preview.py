@@ -110,3 +110,35 @@ def test_learned_schedule_shows_live_in_the_schedule_view(window, qtbot) -> None
         window.grab().save(str(Path(os.environ["SDSTUDIO_SCREENSHOT_DIR"]) / "learned-schedule.png"))
     window.on_event(ev.Started(Path("."), {}, 10))
     assert panel.learned_step is None and len(panel.learned_snr.yData or []) == 0
+
+
+def test_a_past_runs_learned_schedule_shows_when_it_is_selected(window, qtbot, tmp_path: Path) -> None:
+    """Selecting a run in the Runs tab shows the learned schedule its noise_schedule.json kept; a run without
+    one (or with a broken file) clears a past run's curve but never the live run's."""
+    import json
+
+    from sdstudio.core import events as ev
+    from sdstudio.core.train.recipe import SCHEDULE_FILE, read_schedule_snapshot
+
+    panel = window.schedule
+    steps, values = [0, 500, 999], [2.0, 0.1, -2.5]
+    learned = tmp_path / "learned-run"
+    learned.mkdir()
+    (learned / SCHEDULE_FILE).write_text(json.dumps({"step": 1200, "timesteps": steps, "log10_snr": values}))
+    plain, broken = tmp_path / "plain-run", tmp_path / "broken-run"
+    plain.mkdir()
+    broken.mkdir()
+    (broken / SCHEDULE_FILE).write_text('{"step": 3, "timesteps": [1, 2]')  # cut short
+    assert read_schedule_snapshot(broken) is None and read_schedule_snapshot(plain) is None
+
+    window.runs.run_selected.emit(learned)
+    assert panel.learned_step == 1200 and panel.learned_run == learned
+    assert list(panel.learned_snr.yData) == values
+    assert "learned by learned-run, step 1200" in panel.snr_plot.titleLabel.text
+    window.runs.run_selected.emit(broken)
+    assert panel.learned_step is None and len(panel.learned_snr.yData or []) == 0
+    # the live run's curve stays when a run without a schedule is selected
+    window.on_event(ev.LearnedSchedule(40, steps, [1.0, 0.0, -1.0]))
+    window.runs.run_selected.emit(plain)
+    window.runs.run_selected.emit(None)
+    assert panel.learned_step == 40 and list(panel.learned_snr.yData) == [1.0, 0.0, -1.0]

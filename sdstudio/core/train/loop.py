@@ -24,8 +24,8 @@ from ..export.api import export
 from ..export.formats import get_format, torch_dtype
 from ..runs import MetricsWriter, RunFolder, RunLock, close_run_log, metrics_row
 from .evaluation import evaluate
-from .recipe import schedule_snapshot
 from .progress import StepTimer
+from .recipe import schedule_snapshot
 from .session import TrainingSession
 from .step import NonFiniteLoss
 from .tensorboard_log import TensorBoardLog, open_tensorboard

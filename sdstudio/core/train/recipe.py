@@ -161,3 +161,17 @@ def schedule_snapshot(model: torch.nn.Module, step: int, run_dir: Path | None) -
         text = json.dumps({"step": step, "timesteps": steps, "log10_snr": values})
         write_text_atomic(Path(run_dir) / SCHEDULE_FILE, text, fsync=False)
     return ev.LearnedSchedule(step, steps, values)
+
+
+def read_schedule_snapshot(run_dir: Path) -> ev.LearnedSchedule | None:
+    """A finished or stopped run's learned schedule as its noise_schedule.json holds it (None when the run has
+    none or the file does not read as one), for showing a past run's curve."""
+    path = Path(run_dir) / SCHEDULE_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        steps = [int(v) for v in data["timesteps"]]
+        values = [float(v) for v in data["log10_snr"]]
+        step = int(data["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return ev.LearnedSchedule(step, steps, values) if steps and len(steps) == len(values) else None

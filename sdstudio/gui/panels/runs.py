@@ -75,6 +75,7 @@ def summarize_run(run_dir: Path) -> RunSummary:
 class RunsPanel(QWidget):
     resume_requested = Signal(Path)
     samples_requested = Signal(Path)
+    run_selected = Signal(object)  # Path of the current run, or None
     export_requested = Signal(Path)
     compare_requested = Signal(list)  # list[Path]
 
@@ -215,6 +216,7 @@ class RunsPanel(QWidget):
 
     def _selection_changed(self) -> None:
         summary = self.summaries.get(str(self.selected_path()))
+        self.run_selected.emit(summary.path if summary is not None else None)
         self.export_button.setEnabled(summary is not None and summary.has_checkpoint)
         if summary is None:
             self.export_button.setToolTip("Select a run")

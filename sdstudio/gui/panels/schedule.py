@@ -21,6 +21,7 @@ from sdstudio.core.diffusion import snr_curve, training_scheduler
 from sdstudio.core.errors import UserError
 from sdstudio.core.timesteps import density
 from sdstudio.core.train.optim import LRSchedule
+from sdstudio.core.train.recipe import read_schedule_snapshot
 
 from ..widgets.image_view import ImageView, array_to_qimage
 
@@ -157,6 +158,7 @@ class SchedulePanel(QWidget):
         self.learned_alpha = self.alpha_plot.plot(pen=pg.mkPen((200, 30, 30), width=2, style=Qt.PenStyle.DashLine))
         self.learned_snr = self.snr_plot.plot(pen=pg.mkPen((200, 30, 30), width=2, style=Qt.PenStyle.DashLine))
         self.learned_step: int | None = None
+        self.learned_run: Path | None = None  # the past run whose curve is shown (None: the live run's or none)
         self.summary = QLabel("")
         self.summary.setWordWrap(True)
         row = QHBoxLayout()
@@ -198,12 +200,28 @@ class SchedulePanel(QWidget):
         t = np.asarray(timesteps, dtype=np.float64)
         log_snr = np.asarray(log10_snr, dtype=np.float64)
         self.learned_step = step
+        self.learned_run = None
         self.learned_snr.setData(t, log_snr)
         self.learned_alpha.setData(t, 1.0 / (1.0 + np.power(10.0, -log_snr)))
         self.snr_plot.setTitle(f"log₁₀ SNR per timestep (dashed: learned, step {step})")
         self.alpha_plot.setTitle(f"ᾱ (signal kept) per timestep (dashed: learned, step {step})")
 
+    def show_run_schedule(self, run_dir: Path | None) -> None:
+        """The learned schedule of a run selected in the Runs tab (its noise_schedule.json), until the live run
+        sends its own; a run without one clears a past run's curve (never the live run's)."""
+        snapshot = read_schedule_snapshot(run_dir) if run_dir is not None else None
+        if snapshot is None:
+            if self.learned_run is not None:
+                self.clear_learned()
+            return
+        self.show_learned(snapshot.step, snapshot.timesteps, snapshot.log10_snr)
+        self.learned_run = Path(run_dir)
+        name = Path(run_dir).name
+        self.snr_plot.setTitle(f"log₁₀ SNR per timestep (dashed: learned by {name}, step {snapshot.step})")
+        self.alpha_plot.setTitle(f"ᾱ (signal kept) per timestep (dashed: learned by {name}, step {snapshot.step})")
+
     def clear_learned(self) -> None:
+        self.learned_run = None
         self.learned_step = None
         self.learned_snr.setData([], [])
         self.learned_alpha.setData([], [])
