@@ -308,18 +308,54 @@ FLUX_BASELINE_TARGETS = (rf"^(transformer_blocks\.\d+\.({_FLUX_DOUBLE})"
                          r"|single_transformer_blocks\.\d+\.(attn\.(to_k|to_q|to_v)|proj_mlp|proj_out))$")
 
 
+@dataclass
+class FluxInputs:
+    """A Flux.1 batch as the diffusers example feeds it: (latent - shift) * scale (cached), T5 states, CLIP-L's
+    pooled output, the text / image position ids and the guidance input (dev)."""
+    latents: torch.Tensor  # [B, 16, H/8, W/8], fp32
+    states: torch.Tensor
+    pooled: torch.Tensor
+    text_ids: torch.Tensor
+    image_ids: torch.Tensor
+    guidance: torch.Tensor | None
+
+    @classmethod
+    def random(cls, transformer: torch.nn.Module, batch: int, resolution: int, tiny: bool, device: torch.device,
+               dtype: torch.dtype) -> FluxInputs:
+        from diffusers import FluxPipeline
+
+        shapes = Shapes.of_flux(transformer, resolution, tiny)
+        side = shapes.latent
+        guided = bool(transformer.config.guidance_embeds)
+        return cls(latents=torch.randn(batch, shapes.channels, side, side, device=device),
+                   states=torch.randn(batch, shapes.tokens, shapes.text_width, device=device, dtype=dtype),
+                   pooled=torch.randn(batch, shapes.pooled, device=device, dtype=dtype),
+                   text_ids=torch.zeros(shapes.tokens, 3, device=device, dtype=dtype),
+                   image_ids=FluxPipeline._prepare_latent_image_ids(batch, side // 2, side // 2, device, dtype),
+                   guidance=torch.full((batch,), FLUX_GUIDANCE, device=device) if guided else None)
+
+    def predict(self, transformer: torch.nn.Module, noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The velocity for ``noisy`` [B, C, H, W] at ``t`` in [0, 1]: packed into 2x2 patches and back."""
+        from diffusers import FluxPipeline
+
+        b, c, h, w = noisy.shape
+        out = transformer(hidden_states=FluxPipeline._pack_latents(noisy, b, c, h, w), timestep=t,
+                          guidance=self.guidance, pooled_projections=self.pooled, encoder_hidden_states=self.states,
+                          txt_ids=self.text_ids, img_ids=self.image_ids, return_dict=False)[0]
+        return FluxPipeline._unpack_latents(out, h * 8, w * 8, 8)
+
+
 def flux_baseline_loop(w: Workload, tiny: bool, device: torch.device) -> Loop:
     """Flux.1 dev LoRA the way diffusers' ``train_dreambooth_lora_flux.py`` trains it (module docstring), on
     cached-style inputs already on the device (random latents, T5 states, CLIP pooled output)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler
     from peft import LoraConfig
 
     batch = w.tiny_batch if tiny else w.batch
     on_gpu = device.type == "cuda"
     dtype = torch.bfloat16 if on_gpu else torch.float32
     transformer = flux_transformer(tiny, device)
-    transformer.requires_grad_(False)
-    transformer.to(dtype)
+    transformer.requires_grad_(False)  # built in the weight dtype: bf16 on a GPU (real size), fp32 tiny on a CPU
     if w.checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian",
@@ -332,15 +368,8 @@ def flux_baseline_loop(w: Workload, tiny: bool, device: torch.device) -> Loop:
                             foreach=on_gpu or None)  # the example's defaults
     sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)  # FLUX.1-dev's training copy
     sigmas, timesteps = sched.sigmas.to(device), sched.timesteps.to(device)
-    shapes = Shapes.of_flux(transformer, 64 if tiny else w.resolution, tiny)
-    side, channels = shapes.latent, shapes.channels
-    latents = torch.randn(batch, channels, side, side, device=device)  # (latent - shift) * scale, cached
-    states = torch.randn(batch, shapes.tokens, shapes.text_width, device=device, dtype=dtype)
-    pooled = torch.randn(batch, shapes.pooled, device=device, dtype=dtype)
-    text_ids = torch.zeros(shapes.tokens, 3, device=device, dtype=dtype)
-    image_ids = FluxPipeline._prepare_latent_image_ids(batch, side // 2, side // 2, device, dtype)
-    guidance = (torch.full((batch,), FLUX_GUIDANCE, device=device)
-                if transformer.config.guidance_embeds else None)
+    inputs = FluxInputs.random(transformer, batch, 64 if tiny else w.resolution, tiny, device, dtype)
+    latents = inputs.latents
 
     def step() -> torch.Tensor:
         noise = torch.randn_like(latents)
@@ -348,12 +377,8 @@ def flux_baseline_loop(w: Workload, tiny: bool, device: torch.device) -> Loop:
         index = (torch.rand(batch, device=device) * sched.config.num_train_timesteps).long()
         sigma = sigmas[index].view(-1, 1, 1, 1)
         noisy = (1.0 - sigma) * latents + sigma * noise
-        packed = FluxPipeline._pack_latents(noisy, batch, channels, side, side)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
-            pred = transformer(hidden_states=packed, timestep=timesteps[index] / 1000, guidance=guidance,
-                               pooled_projections=pooled, encoder_hidden_states=states, txt_ids=text_ids,
-                               img_ids=image_ids, return_dict=False)[0]
-        pred = FluxPipeline._unpack_latents(pred, side * 8, side * 8, 8)
+            pred = inputs.predict(transformer, noisy, timesteps[index] / 1000)
         target = noise - latents
         loss = torch.mean(((pred.float() - target.float()) ** 2).reshape(batch, -1), 1).mean()
         loss.backward()
