@@ -182,7 +182,10 @@ def main(argv: list[str]) -> int:
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         parser.error(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
-    results = []
+    results: list[dict[str, Any]] = []
+    out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "date": datetime.date.today().isoformat(), "torch": torch.__version__, "tiny": args.tiny,
+           "steps": args.steps, "workloads": results}
     for name in names:
         levers = VARIANTS[name]
         try:
@@ -196,9 +199,7 @@ def main(argv: list[str]) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         print(json.dumps(results[-1]), flush=True)
-    out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-           "date": datetime.date.today().isoformat(), "torch": torch.__version__, "tiny": args.tiny,
-           "workloads": results}
+        args.out.write_text(json.dumps(out, indent=1), encoding="utf-8")  # after each: a time limit loses one
     args.out.write_text(json.dumps(out, indent=1), encoding="utf-8")
     return 1 if any("error" in r for r in results) else 0
 
