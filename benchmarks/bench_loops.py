@@ -3,14 +3,22 @@
 - ``baseline_loop``: plain diffusers + peft, trained the way diffusers' example scripts train (SDPA, TF32 on,
   AdamW (foreach), clipping at 1.0; full fine-tune = fp32 UNet under bf16 autocast; LoRA = UNet frozen in bf16,
   peft LoRA r16 on to_q/to_k/to_v/to_out.0 with fp32 adapters); latents, noise and text states on the GPU.
+- ``flux_baseline_loop``: Flux.1 dev as diffusers' ``train_dreambooth_lora_flux.py`` trains it: the transformer
+  frozen in bf16, peft LoRA r16 (gaussian init, fp32 adapters), gradient checkpointing, flow matching (uniform
+  timesteps, FLUX.1-dev's scheduler sigmas with shift 3, target noise - latents, unweighted MSE), packed 2x2
+  latents with FluxPipeline's own helpers, the guidance input, AdamW (foreach), clipping at 1.0.
 - ``sdstudio_loop``: a real ``TrainingSession`` from the workload's preset (``build()``, ``optimizer_step()``),
   fed a batch in the shape its latent cache and text-embedding cache produce (CPU features, pinned as the
   loader pins them). Only the checkpoint loader is replaced: random-weight components stand in for a file.
+
+Real-size Flux is FLUX.1-dev's topology (the config sdstudio ships, ~11.9 B parameters) built straight on the
+GPU in bf16 (``flux_transformer``): never in fp32, never in CPU memory.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +29,8 @@ import torch
 
 GIB = 2**30
 TEXT_TOKENS = 77
+FLUX_T5_TOKENS = {False: 512, True: 16}  # T5 states per caption: FLUX.1-dev's 512 (real size), 16 (tiny)
+FLUX_GUIDANCE = 1.0  # the guidance input while training flux-dev (the flux-lora preset's flow.guidance)
 
 
 @dataclass(frozen=True)
@@ -34,14 +44,21 @@ class Workload:
     tiny_batch: int = 2
     default: bool = True
     missing: str = ""  # why it cannot be measured yet (recorded in the JSON instead)
+    checkpointing: bool = False  # both loops train with gradient checkpointing (Flux: as the preset and the
+    # diffusers example for Flux do; two bf16 Flux transformers and their activations would not fit 80 GB)
+    max_rounds: int = 0  # caps on --rounds / --steps / --warmup for this workload (0: none): Flux steps are
+    max_steps: int = 0  # ~1 s each, so fewer of them keep the whole GPU run in its time budget
+    max_warmup: int = 0
+    compile_default: bool = True  # measured compiled by a bare --compile (Flux: only when named: a third
+    # 24 GB transformer fits an H200, not an H100)
 
 
 WORKLOADS = {w.name: w for w in (
     Workload("sd15-lora-b16", "sd15-lora", "sd1", lora=True, batch=16, resolution=512),
     Workload("sd15-full-b16", "sd15-full", "sd1", lora=False, batch=16, resolution=512),
     Workload("sdxl-lora-b8", "sdxl-lora", "sdxl", lora=True, batch=8, resolution=1024),
-    Workload("flux-lora", "flux-lora", "flux", lora=True, batch=1, resolution=1024,
-             missing="no random-weight Flux builder and no plain-diffusers Flux baseline loop in this benchmark yet"),
+    Workload("flux-lora", "flux-lora", "flux", lora=True, batch=1, resolution=1024, tiny_batch=1,
+             checkpointing=True, max_rounds=3, max_steps=5, max_warmup=1, compile_default=False),
     # opt-in (--only sdxl-full-b8): needs ~100 GiB at batch 8, more than an H100 has
     Workload("sdxl-full-b8", "sdxl-lora", "sdxl", lora=False, batch=8, resolution=1024, default=False),
 )}
@@ -54,6 +71,9 @@ SDSTUDIO_OVERRIDES: dict[str, Any] = {
     "data.cache_latents": True, "data.cache_text_embeddings": True, "data.num_workers": 0,
     "model.path": "random-weights", "data.path": "",  # empty: the bundled demo set, only scanned for build()
 }
+# Flux: checkpointing on both sides (Workload.checkpointing); the frozen CLIP-L and T5-XXL (9.5 GB) leave the
+# GPU once the text cache is there, as a Flux user on cached text runs (the baseline holds no text encoder)
+FLUX_OVERRIDES: dict[str, Any] = {"train.gradient_checkpointing": True, "train.offload_frozen": True}
 
 
 # -- models with random weights ------------------------------------------------------------------------------
@@ -113,11 +133,82 @@ def random_unet(family: str, tiny: bool, device: torch.device) -> torch.nn.Modul
         return UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config_folder(family) / "unet"))
 
 
+@contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Modules built inside create their parameters in ``dtype`` (a real-size model is never built in fp32)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _tiny_flux() -> dict[str, Any]:
+    """tests/tiny_flux.py's components (one double and one single block, width 32; CLIP, T5, VAE, tokenizers)."""
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from tests.tiny_flux import tiny_flux_components
+
+    return tiny_flux_components(seed=0)
+
+
+def _real_size(device: torch.device) -> None:
+    if device.type == "cpu":
+        raise RuntimeError("a real-size Flux model is built on a GPU (or the meta device), never in CPU memory: "
+                           "pass --tiny on a machine without one")
+
+
+def flux_transformer(tiny: bool, device: torch.device) -> torch.nn.Module:
+    """FLUX.1-dev's transformer with random weights: its real topology (the config sdstudio ships) built straight
+    on ``device`` in bf16, or the tiny one of the tests."""
+    if tiny:
+        return _tiny_flux()["transformer"].to(device)
+    from diffusers import FluxTransformer2DModel
+
+    from sdstudio.core.models.flux.offline import transformer_config
+
+    _real_size(device)
+    config = {k: v for k, v in transformer_config("dev").items() if not k.startswith("_")}
+    with torch.device(device), default_dtype(torch.bfloat16):
+        return FluxTransformer2DModel(**config)
+
+
+def random_flux_components(tiny: bool, device: torch.device):  # -> FluxComponents
+    """Flux.1 dev with random weights: transformer, VAE, CLIP-L, T5-XXL (real sizes, bf16, built on the GPU) and
+    the tokenizers sdstudio ships; or the tiny ones."""
+    from sdstudio.core.models.flux import offline
+    from sdstudio.core.models.flux.files import FluxComponents
+
+    if tiny:
+        parts = _tiny_flux()
+        for key in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+            parts[key] = parts[key].to(device)
+    else:
+        from diffusers import AutoencoderKL
+        from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+        _real_size(device)
+        parts = {"transformer": flux_transformer(False, device), "tokenizer": offline.clip_tokenizer(),
+                 "tokenizer_2": offline.t5_tokenizer()}
+        with torch.device(device), default_dtype(torch.bfloat16):
+            parts["vae"] = AutoencoderKL(**{k: v for k, v in offline.VAE_CONFIG.items() if not k.startswith("_")})
+            parts["text_encoder"] = CLIPTextModel(CLIPTextConfig(**offline.CLIP_L_CONFIG))
+            parts["text_encoder_2"] = T5EncoderModel(T5Config(**offline.T5_CONFIG))
+    return FluxComponents(transformer=parts["transformer"], vae=parts["vae"], text_encoder=parts["text_encoder"],
+                          text_encoder_2=parts["text_encoder_2"], tokenizer=parts["tokenizer"],
+                          tokenizer_2=parts["tokenizer_2"], variant="dev",
+                          sources={k: "random-weights" for k in ("transformer", "vae", "text_encoder", "text_encoder_2")})
+
+
 @dataclass(frozen=True)
 class Shapes:
     latent: int  # side of the latent grid
-    text_width: int  # cross-attention width (SDXL: both encoders' states concatenated)
-    pooled: int  # SDXL's pooled text embedding (0 for SD1)
+    text_width: int  # cross-attention width (SDXL: both encoders' states concatenated; Flux: T5's width)
+    pooled: int  # SDXL's pooled text embedding, Flux's CLIP-L pooled output (0 for SD1)
+    channels: int = 4  # latent channels (Flux: 16)
+    tokens: int = TEXT_TOKENS  # text states per caption (Flux: T5's length)
 
     @classmethod
     def of(cls, unet: torch.nn.Module) -> Shapes:
@@ -126,6 +217,12 @@ class Shapes:
         if c.addition_embed_type == "text_time":
             pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
         return cls(int(c.sample_size), int(c.cross_attention_dim), int(pooled))
+
+    @classmethod
+    def of_flux(cls, transformer: torch.nn.Module, resolution: int, tiny: bool) -> Shapes:
+        c = transformer.config
+        return cls(resolution // 8, int(c.joint_attention_dim), int(c.pooled_projection_dim),
+                   channels=int(c.in_channels) // 4, tokens=FLUX_T5_TOKENS[tiny])
 
 
 # -- the two training loops ----------------------------------------------------------------------------------
@@ -153,6 +250,9 @@ def tf32(enabled: bool):
 def baseline_loop(w: Workload, tiny: bool, device: torch.device) -> Loop:
     """The diffusers example-script recipe, written out plainly (see the module docstring)."""
     from diffusers import DDPMScheduler
+
+    if w.family == "flux":
+        return flux_baseline_loop(w, tiny, device)
 
     batch = w.tiny_batch if tiny else w.batch
     on_gpu = device.type == "cuda"
@@ -199,6 +299,98 @@ def baseline_loop(w: Workload, tiny: bool, device: torch.device) -> Loop:
     return Loop(step, batch, params, [unet], info={"tf32": on_gpu, "optimizer": _describe_optimizer(opt)})
 
 
+# diffusers' train_dreambooth_lora_flux.py default layers (double blocks: attention + both MLPs; single blocks:
+# q/k/v) + the single blocks' proj_mlp / proj_out, which sdstudio's preset (lora.targets = attention_ff) also
+# trains: both loops train the same layers. A regex, so the final proj_out is not matched.
+_FLUX_DOUBLE = (r"attn\.(to_k|to_q|to_v|to_out\.0|add_k_proj|add_q_proj|add_v_proj|to_add_out)"
+                r"|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2)")
+FLUX_BASELINE_TARGETS = (rf"^(transformer_blocks\.\d+\.({_FLUX_DOUBLE})"
+                         r"|single_transformer_blocks\.\d+\.(attn\.(to_k|to_q|to_v)|proj_mlp|proj_out))$")
+
+
+@dataclass
+class FluxInputs:
+    """A Flux.1 batch as the diffusers example feeds it: (latent - shift) * scale (cached), T5 states, CLIP-L's
+    pooled output, the text / image position ids and the guidance input (dev)."""
+    latents: torch.Tensor  # [B, 16, H/8, W/8], fp32
+    states: torch.Tensor
+    pooled: torch.Tensor
+    text_ids: torch.Tensor
+    image_ids: torch.Tensor
+    guidance: torch.Tensor | None
+
+    @classmethod
+    def random(cls, transformer: torch.nn.Module, batch: int, resolution: int, tiny: bool, device: torch.device,
+               dtype: torch.dtype) -> FluxInputs:
+        from diffusers import FluxPipeline
+
+        shapes = Shapes.of_flux(transformer, resolution, tiny)
+        side = shapes.latent
+        guided = bool(transformer.config.guidance_embeds)
+        return cls(latents=torch.randn(batch, shapes.channels, side, side, device=device),
+                   states=torch.randn(batch, shapes.tokens, shapes.text_width, device=device, dtype=dtype),
+                   pooled=torch.randn(batch, shapes.pooled, device=device, dtype=dtype),
+                   text_ids=torch.zeros(shapes.tokens, 3, device=device, dtype=dtype),
+                   image_ids=FluxPipeline._prepare_latent_image_ids(batch, side // 2, side // 2, device, dtype),
+                   guidance=torch.full((batch,), FLUX_GUIDANCE, device=device) if guided else None)
+
+    def predict(self, transformer: torch.nn.Module, noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The velocity for ``noisy`` [B, C, H, W] at ``t`` in [0, 1]: packed into 2x2 patches and back."""
+        from diffusers import FluxPipeline
+
+        b, c, h, w = noisy.shape
+        out = transformer(hidden_states=FluxPipeline._pack_latents(noisy, b, c, h, w), timestep=t,
+                          guidance=self.guidance, pooled_projections=self.pooled, encoder_hidden_states=self.states,
+                          txt_ids=self.text_ids, img_ids=self.image_ids, return_dict=False)[0]
+        return FluxPipeline._unpack_latents(out, h * 8, w * 8, 8)
+
+
+def flux_baseline_loop(w: Workload, tiny: bool, device: torch.device) -> Loop:
+    """Flux.1 dev LoRA the way diffusers' ``train_dreambooth_lora_flux.py`` trains it (module docstring), on
+    cached-style inputs already on the device (random latents, T5 states, CLIP pooled output)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from peft import LoraConfig
+
+    batch = w.tiny_batch if tiny else w.batch
+    on_gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    transformer = flux_transformer(tiny, device)
+    transformer.requires_grad_(False)  # built in the weight dtype: bf16 on a GPU (real size), fp32 tiny on a CPU
+    if w.checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian",
+                                       target_modules=FLUX_BASELINE_TARGETS))
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    for p in params:  # cast_training_params: the adapters train in fp32
+        p.data = p.data.float()
+    transformer.train()
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8,
+                            foreach=on_gpu or None)  # the example's defaults
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)  # FLUX.1-dev's training copy
+    sigmas, timesteps = sched.sigmas.to(device), sched.timesteps.to(device)
+    inputs = FluxInputs.random(transformer, batch, 64 if tiny else w.resolution, tiny, device, dtype)
+    latents = inputs.latents
+
+    def step() -> torch.Tensor:
+        noise = torch.randn_like(latents)
+        # weighting_scheme "none": uniform u; the sigma at the sampled timestep index
+        index = (torch.rand(batch, device=device) * sched.config.num_train_timesteps).long()
+        sigma = sigmas[index].view(-1, 1, 1, 1)
+        noisy = (1.0 - sigma) * latents + sigma * noise
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
+            pred = inputs.predict(transformer, noisy, timesteps[index] / 1000)
+        target = noise - latents
+        loss = torch.mean(((pred.float() - target.float()) ** 2).reshape(batch, -1), 1).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return Loop(step, batch, params, [transformer],
+                info={"tf32": on_gpu, "optimizer": _describe_optimizer(opt), "checkpointing": w.checkpointing})
+
+
 class PrecomputedText:
     """Stands in for sdstudio's text-embedding ``FeatureCache``: every caption's features already encoded."""
 
@@ -217,10 +409,10 @@ def cached_batch(family: str, batch: int, shapes: Shapes) -> tuple[dict[str, Any
     captions = [f"benchmark caption {i}" for i in range(batch)]
     rows = {}
     for caption in captions:
-        rows[caption] = {"states": torch.randn(TEXT_TOKENS, shapes.text_width)}
-        if family == "sdxl":
+        rows[caption] = {"states": torch.randn(shapes.tokens, shapes.text_width)}
+        if shapes.pooled:
             rows[caption]["pooled"] = torch.randn(shapes.pooled)
-    items = [{"features": {"latents": torch.randn(4, shapes.latent, shapes.latent)}, "caption": caption,
+    items = [{"features": {"latents": torch.randn(shapes.channels, shapes.latent, shapes.latent)}, "caption": caption,
               "original_size": (side, side), "crop_top_left": (0, 0), "target_size": (side, side),
               "cache_item": None} for caption in captions]
     return collate_cached(items), PrecomputedText(rows)
@@ -229,11 +421,14 @@ def cached_batch(family: str, batch: int, shapes: Shapes) -> tuple[dict[str, Any
 def sdstudio_config(w: Workload, tiny: bool, steps: int, compile_: bool, extra: dict[str, Any]):  # -> RunConfig
     from sdstudio.core.presets import load_preset
 
-    overrides = {**SDSTUDIO_OVERRIDES, "train.batch_size": w.tiny_batch if tiny else w.batch,
+    overrides = {**SDSTUDIO_OVERRIDES, **(FLUX_OVERRIDES if w.family == "flux" else {}),
+                 "train.gradient_checkpointing": w.checkpointing, "train.batch_size": w.tiny_batch if tiny else w.batch,
                  "train.max_steps": steps, "train.compile": compile_,
                  "data.resolution": 64 if tiny else w.resolution}
     if not w.lora:
         overrides["lora.enabled"] = False
+    if tiny and w.family == "flux":
+        overrides["model.t5_max_length"] = FLUX_T5_TOKENS[True]
     return load_preset(w.preset).with_overrides({**overrides, **extra})
 
 
@@ -242,7 +437,8 @@ def sdstudio_loop(w: Workload, tiny: bool, device: torch.device, steps: int, com
     from sdstudio.core.train.session import TrainingSession
 
     config = sdstudio_config(w, tiny, steps, compile_, extra)
-    components = random_components(w.family, tiny, device)
+    flux = w.family == "flux"
+    components = random_flux_components(tiny, device) if flux else random_components(w.family, tiny, device)
 
     def load_random(path: Path, *, family: str, **_: Any):
         assert family == w.family, f"preset family {family} != workload family {w.family}"
@@ -251,37 +447,43 @@ def sdstudio_loop(w: Workload, tiny: bool, device: torch.device, steps: int, com
     session = TrainingSession(config, run_dir=None, resume=False)
     session.prepare_data()
     # the one stand-in: the checkpoint loader returns the random-weight components (see docs/gpu-benchmark.md)
-    with mock.patch("sdstudio.core.models.sd.model.load_sd_components", load_random):
+    loader = ("sdstudio.core.models.flux.model.load_components", lambda *a, **k: components) if flux else \
+        ("sdstudio.core.models.sd.model.load_sd_components", load_random)
+    with mock.patch(*loader):
         session.build()
-    unet = components.unet
-    shapes = Shapes.of(unet)
+    denoiser = components.transformer if flux else components.unet
+    shapes = (Shapes.of_flux(denoiser, config.data.resolution, tiny) if flux else Shapes.of(denoiser))
     batch, text_cache = cached_batch(w.family, config.train.batch_size, shapes)
     if device.type == "cuda":  # what the loader's pin_memory thread hands the loop
         from torch.utils.data._utils.pin_memory import pin_memory
 
         batch = pin_memory(batch)
     session.caches.read_text_from(text_cache)
+    session.park_frozen()  # train.offload_frozen (Flux): the text encoders leave the GPU, as the loop does
 
     def step() -> Any:
         loss, _grad_norm, _lr = session.optimizer_step([batch])  # a device tensor on the no-sync path
         session.progress.step_done()  # what the loop does after each step (noise seeds and the LR schedule follow it)
         return loss
 
+    parked = session.frozen_parts.parked if session.frozen_parts is not None else {}
     frozen = [m for m in (session.bundle.components.vae, session.bundle.components.text_encoder,
-                          session.bundle.components.text_encoder_2) if m is not None]
-    info = {"preset": w.preset, "overrides": {k: v for k, v in {**SDSTUDIO_OVERRIDES, **extra}.items()
-                                              if k != "model.path"},
+                          session.bundle.components.text_encoder_2)
+              if m is not None and all(m is not p for p in parked.values())]  # on the device while training
+    overrides = {**SDSTUDIO_OVERRIDES, **(FLUX_OVERRIDES if flux else {}),
+                 "train.gradient_checkpointing": w.checkpointing, **extra}
+    info = {"preset": w.preset, "overrides": {k: v for k, v in overrides.items() if k != "model.path"},
             "compile": compile_, "compiled_regions": getattr(session, "compiled_regions", 0),
             "lazy_step": bool(getattr(session.steps, "lazy", False)),
             "mixed_precision": session.accelerator.mixed_precision,
             "optimizer": _describe_optimizer(getattr(session.optimizer, "optimizer", session.optimizer)),
             "tf32": bool(torch.backends.cuda.matmul.allow_tf32),
-            "frozen_gib": sum(_bytes(m) for m in frozen) / GIB}
+            "frozen_gib": sum(_bytes(m) for m in frozen) / GIB, "frozen_parked": sorted(parked)}
     if device.type == "cuda":
         from sdstudio.core.train.memory import estimate_memory
 
         info["sdstudio_estimate_gib"] = estimate_memory(session.bundle, config).total / GIB
-    return Loop(step, config.train.batch_size, session.steps.params, [unet, *frozen], close=session.close,
+    return Loop(step, config.train.batch_size, session.steps.params, [denoiser, *frozen], close=session.close,
                 info=info)
 
 

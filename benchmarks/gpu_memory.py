@@ -6,11 +6,20 @@ latents), batch 1, cached text (random text states), AdamW. Each variant adds le
 fp8 / nf4 base (core/models/quantize.py), block swap (core/train/blockswap.py), gradient checkpointing,
 offloaded activations, 8-bit AdamW, the fused backward step (core/train/fused_backward.py).
 
-    python benchmarks/gpu_memory.py OUT.json [--tiny] [--steps N] [--only NAME,NAME]
+Flux.1-dev (the ``flux-*`` variants): FLUX.1-dev's transformer topology (~11.9 B parameters) with random weights,
+built straight on the GPU in bf16 (never fp32, never in CPU memory; bench_loops.flux_transformer), LoRA rank 16
+on the flux-lora preset's layers (lora.targets = attention_ff, fp32 adapters), 1024 px (16x128x128 latents,
+4096 image tokens), 512 T5 tokens, guidance 1.0, batch 1, flow-matching loss, AdamW. Levers: ``model.quantize``
+fp8 / nf4 of the blocks' frozen linears (transformer_parts.quantize_blocks, what the run does), gradient
+checkpointing as the preset has it, ``train.blocks_to_swap`` (the 19 double blocks, the largest: ~6.5 GB fp8).
+Issue 13's target: peak <= 16 GB (goal 12 GB) with an fp8 or nf4 base + block swap.
 
-``--tiny``: a tiny UNet at 64 px on the CPU in seconds (the test); peak_gb is then null (nothing measures CPU
-memory per allocation). Flux.1-dev is not measured: sdstudio has no Flux family yet.
-JSON: {device, date, torch, tiny, workloads: [{name, peak_gb, step_s, levers}]}.
+    python benchmarks/gpu_memory.py OUT.json [--tiny] [--steps N] [--only NAME,NAME] [--model sdxl|flux|all]
+
+``--tiny``: a tiny UNet / the tests' tiny Flux at 64 px on the CPU in seconds (the test); peak_gb is then null
+(nothing measures CPU memory per allocation). A variant that fails (out of memory, say) is recorded with its
+``error``; one whose library is missing (nf4: torchao; 8-bit AdamW: bitsandbytes) with ``skipped``.
+JSON: {device, date, torch, tiny, workloads: [{name, model, peak_gb, step_s, levers, loss}]}.
 """
 
 from __future__ import annotations
@@ -28,6 +37,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+FLUX_SWAP = 19  # FLUX.1-dev's double blocks: the largest ones, what block swap picks first
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "plain-bf16": {},
@@ -37,6 +48,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "fp8-swap8": {"quantize": "fp8", "checkpointing": True, "swap": 8},
     "fp8-offload-activations": {"quantize": "fp8", "checkpointing": True, "offload_activations": True},
     "fp8-adamw8bit-fused": {"quantize": "fp8", "checkpointing": True, "optimizer": "adamw8bit", "fused": True},
+    # Flux.1-dev (issue 13): the plain bf16 step, then each lever against it
+    "flux-plain-bf16": {},
+    "flux-checkpointing": {"checkpointing": True},
+    "flux-fp8": {"quantize": "fp8", "checkpointing": True},
+    "flux-nf4": {"quantize": "nf4", "checkpointing": True},
+    f"flux-fp8-swap{FLUX_SWAP}": {"quantize": "fp8", "checkpointing": True, "swap": FLUX_SWAP},
 }
 
 
@@ -64,15 +81,28 @@ def run_variant(name: str, levers: dict[str, Any], *, tiny: bool, steps: int, de
 
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     torch.manual_seed(0)
-    unet = build_unet(tiny, device, dtype)
+    flux = name.startswith("flux-")
+    if flux:
+        from bench_loops import FluxInputs, flux_transformer
+
+        from sdstudio.core.models.flux.model import LORA_TARGETS
+        from sdstudio.core.models.transformer_parts import quantize_blocks
+
+        unet = flux_transformer(tiny, device)  # real size: bf16 on the GPU from the start; tiny: fp32
+        targets: Any = LORA_TARGETS["attention_ff"]  # the flux-lora preset's layers
+    else:
+        unet = build_unet(tiny, device, dtype)
+        targets = ["to_q", "to_k", "to_v", "to_out.0"]
     unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian",
-                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    unet.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian", target_modules=targets))
     params = [p for p in unet.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()
     if levers.get("quantize"):
-        quantize_frozen_linears(unet, levers["quantize"])
+        if flux:  # model.quantize: the blocks' frozen linears (peft's base layers included), as a run does
+            quantize_blocks(unet, levers["quantize"], {})
+        else:
+            quantize_frozen_linears(unet, levers["quantize"])
     if levers.get("checkpointing"):
         unet.enable_gradient_checkpointing()
     if levers.get("swap"):
@@ -86,11 +116,26 @@ def run_variant(name: str, levers: dict[str, Any], *, tiny: bool, steps: int, de
         return torch.optim.AdamW(groups, lr=1e-4)
     fused = levers.get("fused", False)
     opt: Any = FusedBackwardOptimizer([{"params": params}], make) if fused else make([{"params": params}])
-    side, ctx_dim = (8, 32) if tiny else (128, 2048)
-    latents = torch.randn(1, 4, side, side, device=device, dtype=dtype)
-    states = torch.randn(1, 77, ctx_dim, device=device, dtype=dtype)
-    added = None if tiny else {"text_embeds": torch.randn(1, 1280, device=device, dtype=dtype),
-                               "time_ids": torch.tensor([[1024, 1024, 0, 0, 1024, 1024]], device=device, dtype=dtype)}
+    if flux:
+        inputs = FluxInputs.random(unet, 1, 64 if tiny else 1024, tiny, device, dtype)
+        latents = inputs.latents
+
+        def predict() -> torch.Tensor:  # flow matching at t = 0.5: velocity target noise - latents
+            noise = torch.randn_like(latents)
+            pred = inputs.predict(unet, 0.5 * (latents + noise), torch.full((1,), 0.5, device=device))
+            return torch.nn.functional.mse_loss(pred.float(), (noise - latents).float())
+    else:
+        side, ctx_dim = (8, 32) if tiny else (128, 2048)
+        latents = torch.randn(1, 4, side, side, device=device, dtype=dtype)
+        states = torch.randn(1, 77, ctx_dim, device=device, dtype=dtype)
+        added = None if tiny else {"text_embeds": torch.randn(1, 1280, device=device, dtype=dtype),
+                                   "time_ids": torch.tensor([[1024, 1024, 0, 0, 1024, 1024]], device=device,
+                                                            dtype=dtype)}
+
+        def predict() -> torch.Tensor:
+            pred = unet(latents, torch.tensor([500], device=device), encoder_hidden_states=states,
+                        added_cond_kwargs=added).sample
+            return torch.nn.functional.mse_loss(pred.float(), latents.float())
     times = []
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -100,9 +145,7 @@ def run_variant(name: str, levers: dict[str, Any], *, tiny: bool, steps: int, de
         offload = torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda") \
             if levers.get("offload_activations") else _null()
         with offload, torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
-            pred = unet(latents, torch.tensor([500], device=device), encoder_hidden_states=states,
-                        added_cond_kwargs=added).sample
-        loss = torch.nn.functional.mse_loss(pred.float(), latents.float())
+            loss = predict()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -110,12 +153,9 @@ def run_variant(name: str, levers: dict[str, Any], *, tiny: bool, steps: int, de
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    del unet, opt
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     step_s = sum(times[1:]) / max(1, len(times) - 1) if len(times) > 1 else times[0]
-    return {"name": name, "peak_gb": peak, "step_s": step_s, "levers": levers}
+    return {"name": name, "model": "flux-dev" if flux else "sdxl", "peak_gb": peak, "step_s": step_s,
+            "levers": levers, "loss": float(loss)}
 
 
 class _null:
@@ -131,23 +171,37 @@ def main(argv: list[str]) -> int:
     parser.add_argument("out", type=Path)
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--only", default="")
+    parser.add_argument("--only", default="", help="comma-separated variant names")
+    parser.add_argument("--model", choices=("all", "sdxl", "flux"), default="all",
+                        help="the SDXL variants, the flux-* ones, or both")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     names = [n for n in (args.only.split(",") if args.only else VARIANTS) if n]
-    results = []
+    if args.model != "all":
+        names = [n for n in names if n.startswith("flux-") == (args.model == "flux")]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
+    results: list[dict[str, Any]] = []
+    out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "date": datetime.date.today().isoformat(), "torch": torch.__version__, "tiny": args.tiny,
+           "steps": args.steps, "workloads": results}
     for name in names:
         levers = VARIANTS[name]
         try:
             results.append(run_variant(name, levers, tiny=args.tiny, steps=args.steps, device=device))
         except ImportError as exc:  # nf4 without torchao, 8-bit Adam without bitsandbytes
             results.append({"name": name, "peak_gb": None, "step_s": None, "levers": levers, "skipped": str(exc)})
+        except Exception as exc:  # noqa: BLE001 - out of memory, say: recorded, the other variants still run
+            results.append({"name": name, "peak_gb": None, "step_s": None, "levers": levers,
+                            "error": f"{type(exc).__name__}: {str(exc)[:600]}"})
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         print(json.dumps(results[-1]), flush=True)
-    out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-           "date": datetime.date.today().isoformat(), "torch": torch.__version__, "tiny": args.tiny,
-           "workloads": results}
+        args.out.write_text(json.dumps(out, indent=1), encoding="utf-8")  # after each: a time limit loses one
     args.out.write_text(json.dumps(out, indent=1), encoding="utf-8")
-    return 0
+    return 1 if any("error" in r for r in results) else 0
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """GPU training throughput: sdstudio's training step against the diffusers-example baseline, in one process.
 
-Per workload (sd15-lora-b16, sd15-full-b16, sdxl-lora-b8; flux-lora recorded as not measurable yet) the loops
-of bench_loops.py are built side by side in this process: the baseline, sdstudio's eager step and, with
-``--compile``, sdstudio with ``train.compile = true`` (its defaults: regional, static shapes, compile cache).
+Per workload (sd15-lora-b16, sd15-full-b16, sdxl-lora-b8, flux-lora) the loops of bench_loops.py are built side
+by side in this process: the baseline, sdstudio's eager step and, with ``--compile``, sdstudio with
+``train.compile = true`` (its defaults: regional, static shapes, compile cache; flux-lora only when named,
+``--compile flux-lora``: a third real-size Flux transformer needs more than an H100's 80 GB). flux-lora runs at
+most 3 rounds of 5 steps after 1 warm-up step (``Workload.max_*``): its steps take about a second each.
 
 - Warm-up: each loop's first ``--warmup`` steps, timed on their own (``warmup_s``: compile time included),
   with the torch._dynamo counters (graphs, graph breaks, recompiles) of the compiled loop.
@@ -10,6 +12,8 @@ of bench_loops.py are built side by side in this process: the baseline, sdstudio
   ...), each round timed with CUDA events (the host clock on a CPU); the ratio is the median of the per-round
   ratios of img/s, with its min and max. Peak memory per loop: its resident bytes (weights, optimizer state)
   plus the peak above the allocation at the start of its rounds.
+- Training happens: the last loss of each loop (``loss``, finite) and whether its trainable weights moved
+  (``trainable_changed``: a checksum before the warm-up against one after the rounds).
 - The attention kernel per shape of each loop (one profiled step), FLOPs of one step (FlopCounterMode), MFU.
 - ``--e2e``: one ``train()`` through the real data path (images on disk, latent + text caches, the loader).
 - Compile warm-up with a warm cache: a second process re-runs only the compiled warm-up of the first compiled
@@ -118,7 +122,8 @@ def count_flops(loop: Loop) -> int:
 # -- one workload --------------------------------------------------------------------------------------------
 def build_loops(w: Workload, args: argparse.Namespace, device: torch.device) -> dict[str, Loop | dict[str, Any]]:
     """name -> Loop, or {"error": ...} for a loop that could not be built (the others still run)."""
-    tiny, extra, total = args.tiny, dict(args.set), args.warmup + args.rounds * args.steps + 4
+    rounds, steps, warmup = plan(w, args)
+    tiny, extra, total = args.tiny, dict(args.set), warmup + rounds * steps + 4
     builders: dict[str, Callable[[], Loop]] = {
         "baseline": lambda: baseline_loop(w, tiny, device),
         "sdstudio": lambda: sdstudio_loop(w, tiny, device, total, False, extra)}
@@ -128,6 +133,19 @@ def build_loops(w: Workload, args: argparse.Namespace, device: torch.device) -> 
     for name, build in builders.items():
         loops[name] = attempt(lambda build=build, name=name: _build_one(name, build, device), device)
     return loops
+
+
+def plan(w: Workload, args: argparse.Namespace) -> tuple[int, int, int]:
+    """(rounds, steps per round, warm-up steps) of a workload: the arguments, within the workload's caps."""
+    def cap(value: int, limit: int) -> int:
+        return min(value, limit) if limit else value
+    return cap(args.rounds, w.max_rounds), cap(args.steps, w.max_steps), cap(args.warmup, w.max_warmup)
+
+
+def checksum(params: list[torch.nn.Parameter]) -> float:
+    """A fingerprint of the trainable weights (no copy kept: a real-size LoRA's copy would count in the peak)."""
+    with torch.no_grad():
+        return float(sum(p.detach().double().abs().sum() for p in params))
 
 
 def _build_one(name: str, build: Callable[[], Loop], device: torch.device) -> Loop:
@@ -142,9 +160,11 @@ def _build_one(name: str, build: Callable[[], Loop], device: torch.device) -> Lo
 
 
 def run_workload(w: Workload, args: argparse.Namespace, device: torch.device, peak: float | None) -> dict[str, Any]:
+    rounds, steps, warmup = plan(w, args)
     entry: dict[str, Any] = {"name": w.name, "family": w.family, "mode": "lora" if w.lora else "full",
                              "batch": w.tiny_batch if args.tiny else w.batch,
-                             "resolution": 64 if args.tiny else w.resolution}
+                             "resolution": 64 if args.tiny else w.resolution, "rounds": rounds, "steps": steps,
+                             "warmup": warmup, "gradient_checkpointing": w.checkpointing}
     if w.missing:
         entry["skipped"] = w.missing
         return entry
@@ -152,29 +172,32 @@ def run_workload(w: Workload, args: argparse.Namespace, device: torch.device, pe
     live = {n: lp for n, lp in loops.items() if isinstance(lp, Loop)}
     results: dict[str, dict[str, Any]] = {n: dict(lp) for n, lp in loops.items() if not isinstance(lp, Loop)}
     try:
+        sums = {name: checksum(loop.trainable) for name, loop in live.items()}
         for name, loop in live.items():  # warm-up, one loop after the other: compile time lands here
             before = dynamo_counters()
             t0 = time.perf_counter()
-            for _ in range(args.warmup):
+            for _ in range(warmup):
                 loop.step()
             sync(device)
             after = dynamo_counters()
             results[name] = {**(loop.info or {}), "warmup_s": time.perf_counter() - t0,
                              "dynamo": {k: after[k] - before[k] for k in after}, "round_s": []}
         peaks = {name: 0.0 for name in live}
-        for _ in range(args.rounds):  # interleaved: A/B/C, A/B/C, ...
+        for _ in range(rounds):  # interleaved: A/B/C, A/B/C, ...
             for name, loop in live.items():
                 start = allocated(device)
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
-                results[name]["round_s"].append(timed_steps(loop, args.steps, device))
+                results[name]["round_s"].append(timed_steps(loop, steps, device))
                 if start is not None:
                     peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated(device) / GIB - start)
         for name, loop in live.items():
             r = results[name]
-            per_step = statistics.median(r["round_s"]) / args.steps
+            per_step = statistics.median(r["round_s"]) / steps
             r.update(step_s=per_step, img_per_s=loop.batch / per_step, batch=loop.batch,
-                     trainable_m=sum(p.numel() for p in loop.trainable) / 1e6)
+                     trainable_m=sum(p.numel() for p in loop.trainable) / 1e6,
+                     loss=attend(lambda loop=loop: float(loop.step())),  # one more step, its loss
+                     trainable_changed=checksum(loop.trainable) != sums[name])
             if device.type == "cuda":
                 r["peak_gib"] = (r.get("resident_gib") or 0.0) + peaks[name]
             r["attention_kernels"] = attend(lambda loop=loop: attention_kernels(loop))
@@ -325,7 +348,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (3 on a GPU, 1 tiny)")
     parser.add_argument("--max-steps", type=int, default=1500, help="for time_to_max_steps_s (the presets' 1500)")
     parser.add_argument("--compile", nargs="?", const="all", default="",
-                        help="also measure sdstudio with train.compile for these workloads (default: all)")
+                        help="also measure sdstudio with train.compile for these workloads (default: all but "
+                             "flux-lora, which must be named)")
     parser.add_argument("--e2e", dest="e2e", action="store_true", default=None, help="one train() run (default on)")
     parser.add_argument("--no-e2e", dest="e2e", action="store_false")
     parser.add_argument("--no-warm-probe", dest="warm_probe", action="store_false",
@@ -341,7 +365,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"unknown workload(s) {', '.join(unknown)}; known: {', '.join(WORKLOADS)}")
     args.names = names
     compiled = [n.strip() for n in args.compile.split(",") if n.strip()]
-    args.compiled = set(names) if compiled == ["all"] else set(compiled)
+    args.compiled = {n for n in names if WORKLOADS[n].compile_default} if compiled == ["all"] else set(compiled)
     args.rounds = args.rounds or (2 if args.tiny else 5)
     args.steps = args.steps or (2 if args.tiny else 30)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 3)
