@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from PySide6.QtCore import QSettings, Qt, QTimer
-from PySide6.QtGui import QAction, QCloseEvent, QKeySequence
+from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import QMainWindow, QMessageBox, QSplitter, QTabWidget, QVBoxLayout, QWidget
 
 from sdstudio.core import events as ev
@@ -17,8 +17,12 @@ from sdstudio.core.config import RunConfig
 from sdstudio.core.errors import UserError
 from sdstudio.core.runs import RunFolder, default_run_dir, load_run_config
 
-from . import qt_compat  # noqa: F401 - first: guards PySide6 6.12.0 on Python < 3.12
+from . import (
+    close_control,
+    qt_compat,  # noqa: F401 - first: guards PySide6 6.12.0 on Python < 3.12
+)
 from .app_settings import app_settings
+from .close_control import CLOSE_KEEP, CLOSE_LATER, CLOSE_STOP, CloseControl  # noqa: F401 - the choices, for callers
 from .icon import app_icon
 from .panels.compare import ComparePanel
 from .panels.datasets import DatasetsPanel, same_folder
@@ -39,11 +43,8 @@ from .widgets.failure_dialog import show_error
 from .widgets.image_view import ImageView
 from .worker import TrainingRunner, freeze_heap
 
-STOP_TIMEOUT_MS = 120_000  # a stop request not answered by then: say so and offer to quit anyway
-CLOSE_STOP, CLOSE_LATER, CLOSE_KEEP = "stop", "later", "keep"
 
-
-class MainWindow(QueueControl, QMainWindow):
+class MainWindow(CloseControl, QueueControl, QMainWindow):
     def __init__(self, settings: QSettings | None = None) -> None:
         super().__init__()
         self.settings = settings or app_settings()
@@ -299,7 +300,7 @@ class MainWindow(QueueControl, QMainWindow):
             self.train_bar.stop_requested()
             self.log.note("stop requested: the run saves a checkpoint after the current step")
             if not self._stop_watchdog.isActive():
-                self._stop_watchdog.start(STOP_TIMEOUT_MS)
+                self._stop_watchdog.start(close_control.STOP_TIMEOUT_MS)
 
     def _pause(self) -> None:
         self.runner.pause()
@@ -412,93 +413,3 @@ class MainWindow(QueueControl, QMainWindow):
     def compare_runs(self, run_dirs: list[Path], title: str = "") -> None:
         self.compare.set_runs(list(run_dirs), title)
         self.tabs.setCurrentWidget(self.compare)
-
-    # -- closing ----------------------------------------------------------------------------------------------
-    def ask_close_choice(self) -> str:
-        box = QMessageBox(self)
-        box.setIcon(QMessageBox.Icon.Question)
-        box.setWindowTitle("Training is running")
-        box.setText("A training run is in progress.")
-        box.setInformativeText("Stop it (a resumable checkpoint is saved first) and quit, quit when it ends, or "
-                               "keep training?")
-        stop = box.addButton("Stop, save and quit", QMessageBox.ButtonRole.AcceptRole)
-        later = box.addButton("Quit when it ends", QMessageBox.ButtonRole.ActionRole)
-        keep = box.addButton("Keep training", QMessageBox.ButtonRole.RejectRole)
-        box.setDefaultButton(keep)
-        box.exec()
-        clicked = box.clickedButton()
-        return CLOSE_STOP if clicked is stop else CLOSE_LATER if clicked is later else CLOSE_KEEP
-
-    def closeEvent(self, event: QCloseEvent) -> None:
-        if self.export_dialog is not None and self.export_dialog.busy and not self.force_quit:
-            # quitting would end the export half-way (nothing corrupt: it is written atomically, but lost)
-            self.statusBar().showMessage("An export is being written: sdstudio can close when it is done")
-            self.export_dialog.raise_()
-            event.ignore()
-            return
-        if self.runner.is_running() and not self.force_quit:
-            choice = self.ask_close_choice()
-            if choice == CLOSE_STOP:
-                self._quit_when_idle = True
-                self.stop_training()
-                self._stop_watchdog.start(STOP_TIMEOUT_MS)
-            elif choice == CLOSE_LATER:
-                self._quit_when_idle = True
-                self.statusBar().showMessage("sdstudio quits when the run ends")
-            else:
-                self._quit_when_idle = False
-            event.ignore()
-            return
-        self.save_session()
-        self.datasets.shutdown()
-        self.runs.shutdown()
-        self.compare.shutdown()
-        self.log.detach()
-        event.accept()
-
-    def shutdown_for_quit(self) -> None:
-        """On application quit: a run still going is stopped (it saves a checkpoint) and its thread joined."""
-        if not self.force_quit and not self.runner.shutdown(STOP_TIMEOUT_MS):
-            self.force_quit = True
-
-    def _stop_not_answered(self) -> None:
-        """The watchdog: a stop request not answered in time. Says so and offers to quit (not blocking: the
-        window stays usable, and the box closes itself when the run does stop)."""
-        if not self.runner.is_running() or (self.stop_box is not None and self.stop_box.isVisible()):
-            return
-        waited = STOP_TIMEOUT_MS / 1000
-        box = QMessageBox(self)
-        box.setObjectName("stopNotAnswered")
-        box.setIcon(QMessageBox.Icon.Warning)
-        box.setWindowTitle("The run does not stop")
-        box.setText(f"The training thread has not answered the stop request for {waited:g} s (a long step, or "
-                    "it hangs).")
-        box.setInformativeText("Quit anyway? The newest checkpoint on disk stays resumable. Or keep waiting: this "
-                               "message closes itself when the run stops.")
-        self._stop_quit_button = box.addButton("Quit anyway", QMessageBox.ButtonRole.DestructiveRole)
-        wait = box.addButton("Keep waiting", QMessageBox.ButtonRole.RejectRole)
-        box.setDefaultButton(wait)
-        box.finished.connect(self._stop_box_answered)
-        self.stop_box = box
-        self.log.note(f"the run has not answered the stop request for {waited:g} s")
-        box.open()
-
-    def _stop_box_answered(self, _result: int) -> None:
-        box, self.stop_box = self.stop_box, None
-        if box is None:
-            return
-        box.deleteLater()
-        if not self.runner.is_running():
-            return
-        if box.clickedButton() is self._stop_quit_button:
-            self.log.note("quitting without waiting for the run to stop")
-            self.force_quit = True
-            self.close()
-        else:
-            self._stop_watchdog.start(STOP_TIMEOUT_MS)
-
-    def _close_stop_box(self) -> None:
-        box, self.stop_box = self.stop_box, None  # cleared first: closing it is not an answer
-        if box is not None:
-            box.done(0)
-            box.deleteLater()

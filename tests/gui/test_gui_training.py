@@ -202,9 +202,9 @@ def _hanging_after_stop(monkeypatch) -> tuple[threading.Event, threading.Event]:
 
 def _start_a_run_whose_stop_hangs(window, qtbot, tiny_dataset, monkeypatch):
     """A demo run whose step blocks once a stop is asked for (until ``gate`` is set); the watchdog set to 0.3 s."""
-    from sdstudio.gui import main_window
+    from sdstudio.gui import close_control
 
-    monkeypatch.setattr(main_window, "STOP_TIMEOUT_MS", 300)
+    monkeypatch.setattr(close_control, "STOP_TIMEOUT_MS", 300)
     gate, hanging = _hanging_after_stop(monkeypatch)
     use_tiny_settings(window, tiny_dataset, **{"train.max_steps": 400, "checkpoint.every_steps": 0})
     seen = _record(window)
