@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from sdstudio.cli.common import parse_sets
-from sdstudio.core.config import RunConfig, field_docs
+from sdstudio.core.config import RunConfig
+from sdstudio.core.config_docs import field_docs
 from sdstudio.core.errors import ConfigError, UserError
 from sdstudio.core.overrides import parse_set_value
 

@@ -7,11 +7,12 @@ one, a range (the form uses it for spin boxes). `RunConfig.from_dict` turns pyda
 
 from __future__ import annotations
 
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .config_checks import run_config_problems
+from .config_input import format_validation_error, set_dotted
 from .errors import ConfigError
 from .export.formats import DTYPE_NAMES, FORMAT_NAMES
 from .models.registry import FAMILY_NAMES, get_family
@@ -530,71 +531,3 @@ class RunConfig(BaseModel):
 
     def resolved_timestep_range(self) -> tuple[int, int]:
         return self.loss.timestep_min, (self.loss.timestep_max or self.diffusion.num_timesteps)
-
-
-def _allowed(err: dict[str, Any]) -> str:
-    ctx = err.get("ctx") or {}
-    typ = err.get("type", "")
-    if typ == "literal_error" and "expected" in ctx:
-        return f"allowed: {ctx['expected']}"
-    for key, word in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"), ("multiple_of", "a multiple of")):
-        if key in ctx:
-            return f"allowed: {word} {ctx[key]}"
-    if typ == "extra_forbidden":
-        return "unknown key (check the spelling; `sdstudio presets show demo` lists all keys)"
-    return err.get("msg", "invalid")
-
-
-def format_validation_error(exc: ValidationError, source: str = "config") -> str:
-    lines = []
-    for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "config"
-        if err.get("type") == "value_error":
-            msg = str(err.get("ctx", {}).get("error", err["msg"]))
-            lines.extend(f"{source}: {part.strip()}" for part in msg.split("\n") if part.strip())
-            continue
-        value = err.get("input")
-        shown = repr(value) if not isinstance(value, dict) else "{...}"
-        if err.get("type") == "literal_error":
-            lines.append(f"{source}: {field} = {shown} is invalid ({_allowed(err)})")
-        else:
-            lines.append(f"{source}: {field} = {shown} is invalid: {err['msg']} ({_allowed(err)})")
-    return "\n".join(lines)
-
-
-def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    """Set ``data["train"]["learning_rate"]`` from ``"train.learning_rate"``; unknown sections are errors."""
-    parts = key.split(".")
-    if not all(parts):
-        raise ConfigError(f"{key}: not a config key; a key looks like section.name, e.g. train.learning_rate")
-    node = data
-    for part in parts[:-1]:
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"{key}: {part!r} is a value, not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def _type_name(annotation: Any) -> str:
-    if get_origin(annotation) is Literal:
-        return "one of " + ", ".join(repr(a) for a in get_args(annotation))
-    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
-
-
-def field_docs() -> list[tuple[str, str, str, str]]:
-    """(key, type, default, description) for every config field, for docs and the settings form."""
-    rows: list[tuple[str, str, str, str]] = []
-    default = RunConfig().to_dict()
-    for sname, sfield in RunConfig.model_fields.items():
-        ann = sfield.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            for fname, f in ann.model_fields.items():
-                typ = _type_name(f.annotation)
-                rows.append((f"{sname}.{fname}", typ, repr(default[sname][fname]), f.description or ""))
-        else:
-            rows.append((sname, getattr(ann, "__name__", str(ann)), repr(default[sname]),
-                         sfield.description or ""))
-    return rows

@@ -9,7 +9,7 @@ from sdstudio.core.config import RunConfig
 
 
 def test_form_has_every_config_field_with_tooltip_and_range(qtbot) -> None:
-    from sdstudio.core.config import field_docs
+    from sdstudio.core.config_docs import field_docs
     from sdstudio.gui.panels.settings_form import SettingsForm
 
     form = SettingsForm()

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from .. import paths
-from ..config import RunConfig, field_docs, set_dotted
+from ..config import RunConfig
+from ..config_docs import field_docs
+from ..config_input import set_dotted
 from ..errors import ConfigError, UserError
 from ..presets import DEFAULT_PRESET, load_config_file, load_preset, read_toml
 from .space import (

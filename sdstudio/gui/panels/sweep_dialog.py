@@ -46,7 +46,8 @@ from PySide6.QtWidgets import (
 )
 
 from sdstudio.core.atomic import write_text_atomic
-from sdstudio.core.config import RunConfig, field_docs
+from sdstudio.core.config import RunConfig
+from sdstudio.core.config_docs import field_docs
 from sdstudio.core.errors import UserError
 from sdstudio.core.overrides import parse_set_value
 from sdstudio.core.presets import config_to_toml
@@ -124,24 +125,31 @@ def parse_range(text: str) -> Any:
     return values
 
 
-def build_search(rows: list[tuple[str, str]]) -> dict[str, Any]:
-    """``{key: range or choices}`` from the dialog's rows in search mode."""
-    ranges: dict[str, Any] = {}
+def _parse_rows(rows: list[tuple[str, str]], parse: Any, twice: str, empty: str) -> dict[str, Any]:
+    """``{key: parse(text)}`` from the dialog's rows (blank rows skipped); a row's problem is a UserError naming
+    the key; ``twice`` / ``empty``: what to say for a repeated key / no row at all."""
+    out: dict[str, Any] = {}
     for key, text in rows:
         key = key.strip()
         if not key and not text.strip():
             continue
         if not key:
             raise UserError(f"values {text!r} without a setting: pick the setting they are for")
-        if key in ranges:
-            raise UserError(f"{key}: chosen twice; give its range in one row")
+        if key in out:
+            raise UserError(f"{key}: chosen twice; {twice}")
         try:
-            ranges[key] = parse_range(text)
+            out[key] = parse(text)
         except UserError as exc:
             raise UserError(f"{key}: {exc}") from None
-    if not ranges:
-        raise UserError("choose at least one setting and its range, e.g. 1e-4 .. 1e-2 log")
-    return ranges
+    if not out:
+        raise UserError(empty)
+    return out
+
+
+def build_search(rows: list[tuple[str, str]]) -> dict[str, Any]:
+    """``{key: range or choices}`` from the dialog's rows in search mode."""
+    return _parse_rows(rows, parse_range, "give its range in one row",
+                       "choose at least one setting and its range, e.g. 1e-4 .. 1e-2 log")
 
 
 def describe_range(spec: Any) -> str:
@@ -152,22 +160,8 @@ def describe_range(spec: Any) -> str:
 
 def build_grid(rows: list[tuple[str, str]]) -> dict[str, list[Any]]:
     """``{key: values}`` from the dialog's rows; a row's problem is a UserError naming the key."""
-    grid: dict[str, list[Any]] = {}
-    for key, text in rows:
-        key = key.strip()
-        if not key and not text.strip():
-            continue
-        if not key:
-            raise UserError(f"values {text!r} without a setting: pick the setting they are for")
-        if key in grid:
-            raise UserError(f"{key}: chosen twice; give all its values in one row")
-        try:
-            grid[key] = parse_values(text)
-        except UserError as exc:
-            raise UserError(f"{key}: {exc}") from None
-    if not grid:
-        raise UserError("choose at least one setting and the values to try")
-    return grid
+    return _parse_rows(rows, parse_values, "give all its values in one row",
+                       "choose at least one setting and the values to try")
 
 
 def plan_sweep(base: RunConfig, name: str, grid: dict[str, Any], folder: Path,
