@@ -217,8 +217,8 @@ class SchedulePanel(QWidget):
         self.show_learned(snapshot.step, snapshot.timesteps, snapshot.log10_snr)
         self.learned_run = Path(run_dir)
         name = Path(run_dir).name
-        self.snr_plot.setTitle(f"log₁₀ SNR per timestep (dashed: learned by {name}, step {snapshot.step})")
-        self.alpha_plot.setTitle(f"ᾱ (signal kept) per timestep (dashed: learned by {name}, step {snapshot.step})")
+        self.snr_plot.setTitle(f"log₁₀ SNR (dashed: learned by {name}, step {snapshot.step})")  # short: the plot is narrow
+        self.alpha_plot.setTitle(f"ᾱ (dashed: learned by {name}, step {snapshot.step})")
 
     def clear_learned(self) -> None:
         self.learned_run = None
