@@ -41,6 +41,10 @@ def main() -> int:
                         help="skip training: score this run's newest checkpoint (or this checkpoint folder)")
     parser.add_argument("--guidance", type=float, nargs="+", default=[],
                         help="with --evaluate: score at each of these guidance scales (default: the run's)")
+    parser.add_argument("--sampler", choices=["ddpm", "ddim", "euler", "dpmpp_2m"],
+                        help="with --evaluate: this sampler instead of the run's sample.sampler")
+    parser.add_argument("--sample-steps", type=int, default=0,
+                        help="with --evaluate: sampler steps (0 = the run's sample.steps)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -83,14 +87,20 @@ def evaluate_only(args: argparse.Namespace) -> int:
     step = loaded.checkpoint.name
     for guidance in args.guidance or [loaded.config.sample.guidance]:
         t1 = time.perf_counter()
-        report = compositional.evaluate(lambda prompts, seeds, g=guidance: loaded.generate(prompts, seeds, guidance=g),
-                                        samples_per_combo=args.samples)
+        report = compositional.evaluate(
+            lambda prompts, seeds, g=guidance: loaded.generate(prompts, seeds, guidance=g, sampler=args.sampler,
+                                                               steps=args.sample_steps or None),
+            samples_per_combo=args.samples)
+        sampler = args.sampler or loaded.config.sample.sampler
+        steps = args.sample_steps or loaded.config.sample.steps
         result = {"label": args.label, "checkpoint": str(loaded.checkpoint), "guidance": guidance,
+                  "sampler": sampler, "sample_steps": steps,
                   "eval_s": round(time.perf_counter() - t1, 1), "torch_threads": torch.get_num_threads(),
                   **report.as_dict()}
-        print(f"{args.label} ({step}, guidance {guidance}):")
+        print(f"{args.label} ({step}, {sampler} {steps} steps, guidance {guidance}):")
         print(report.table(), flush=True)
-        out = args.out / f"compositional-{step}-g{guidance:g}.json"
+        tag = "" if args.sampler is None and not args.sample_steps else f"-{sampler}{steps}"
+        out = args.out / f"compositional-{step}{tag}-g{guidance:g}.json"
         out.write_text(json.dumps(result, indent=1), encoding="utf-8")
     return 0
 

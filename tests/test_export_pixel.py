@@ -289,3 +289,34 @@ def test_caption_options_export_and_sample_as_in_sdstudio(tiny_config, tmp_path:
     again = generate(loaded.bundle, loaded.bundle.trainable, loaded.scheduler, PROMPTS, [5], steps=3, guidance=3.0,
                      sampler="ddim", device=torch.device("cpu"))
     assert np.array_equal(again, ours)
+
+
+def test_v_prediction_ddim_recomputes_its_noise_from_the_clipped_image(tiny_config, tmp_path: Path,
+                                                                      modules_cache: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """DDIM in pixel space with v-prediction steps with the noise estimate recomputed from the clipped image
+    (guided samples otherwise lose their colours, docs/benchmarks.md), in sdstudio's sampler and in the exported
+    pipeline alike; epsilon-prediction, DDPM and latent models keep diffusers' default."""
+    from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline
+
+    from sdstudio.core import diffusion
+    from sdstudio.core.sampling import sampler as sampler_module
+
+    v_ddim = DDIMScheduler(prediction_type="v_prediction", clip_sample=True)
+    assert diffusion.step_kwargs(v_ddim) == {"use_clipped_model_output": True}
+    assert diffusion.step_kwargs(DDIMScheduler(prediction_type="epsilon", clip_sample=True)) == {}
+    assert diffusion.step_kwargs(DDIMScheduler(prediction_type="v_prediction", clip_sample=False)) == {}
+    assert diffusion.step_kwargs(DDPMScheduler(prediction_type="v_prediction", clip_sample=True)) == {}
+
+    cfg = tiny_config.with_overrides({"diffusion.prediction_type": "v_prediction", "train.max_steps": 2,
+                                      "sample.every_epochs": 0})
+    run = _train(cfg, tmp_path / "run")
+    folder = export(run, "diffusers-folder", tmp_path / "export", dtype=torch.float32)
+    pipe = DiffusionPipeline.from_pretrained(str(folder), trust_remote_code=True, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    loaded = load_trained(run, device="cpu")
+    ours = loaded.generate(PROMPTS, [5], steps=4, guidance=3.0, sampler="ddim")
+    theirs = pipe(PROMPTS, num_inference_steps=4, guidance_scale=3.0, seed=5).images
+    assert np.array_equal(_pil_stack(theirs), ours), np.abs(_pil_stack(theirs).astype(int) - ours).max()
+    monkeypatch.setattr(sampler_module, "step_kwargs", lambda sched: {})  # the old step: the images differ
+    assert not np.array_equal(loaded.generate(PROMPTS, [5], steps=4, guidance=3.0, sampler="ddim"), ours)

@@ -47,6 +47,7 @@ It needs torch, diffusers and transformers only. With `seed=S` image k of every 
 generator seeded with S + 7919: the same numbers `sdstudio sample --seed S` uses, so the images match.
 """
 
+import inspect
 from typing import List, Optional, Union
 
 import numpy as np
@@ -157,6 +158,10 @@ class SDStudioPixelPipeline(DiffusionPipeline):
                 break
             steps -= 1
         x = noise.to(device) * sched.init_noise_sigma
+        # as sdstudio does: DDIM with v-prediction recomputes its noise estimate from the clipped image
+        clipped_v = (sched.config.get("clip_sample") and sched.config.get("prediction_type") == "v_prediction"
+                     and "use_clipped_model_output" in inspect.signature(sched.step).parameters)
+        step_kwargs = {"use_clipped_model_output": True} if clipped_v else {}
         for t in self.progress_bar(sched.timesteps):
             inp = sched.scale_model_input(x, t)
             tt = torch.full((inp.shape[0],), int(t), device=device, dtype=torch.long)
@@ -171,7 +176,7 @@ class SDStudioPixelPipeline(DiffusionPipeline):
                 pred = self.unet(inp.to(self.unet.dtype), tt, **self.caption_inputs(states, mask)).sample.float()
             if pred.shape[1] == 2 * x.shape[1] and sched.config.get("variance_type") != "learned_range":
                 pred = pred[:, :x.shape[1]]  # a deterministic sampler has no use for the learned variance
-            x = sched.step(pred, t, x, generator=step_generator).prev_sample
+            x = sched.step(pred, t, x, generator=step_generator, **step_kwargs).prev_sample
 
         x = x.float().clamp(-1, 1)
         if output_type == "pt":

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..diffusion import sampling_scheduler, set_sampling_timesteps
+from ..diffusion import sampling_scheduler, set_sampling_timesteps, step_kwargs
 from ..flow import FlowSchedule
 from ..learned_schedule import refresh_scheduler
 from ..models.bundle import ModelBundle
@@ -100,7 +100,7 @@ def generate_pairs(bundle: ModelBundle, model: torch.nn.Module, train_sched: Any
                 set_sampling_timesteps(sched, train_sched, steps, device)
             if sampler != "ddpm":
                 pred = pred[:, :c]
-        x = sched.step(pred, t, x, generator=gen).prev_sample
+        x = sched.step(pred, t, x, generator=gen, **step_kwargs(sched)).prev_sample
     return _to_uint8(bundle, x)
 
 
