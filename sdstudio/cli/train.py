@@ -107,6 +107,8 @@ def drive_training(config: Any, run_dir: Path, *, resume: bool, quiet: bool, arg
                     if event.done >= event.total:
                         phase_bar.close()
                         phase_bar = None
+                elif isinstance(event, ev.Status) and event.phase == "compiled":  # train.compile_prewarm
+                    say(f"torch.compile warm-up: {event.text}")
                 elif isinstance(event, ev.Warning) and not warning_already_shown(event.text):
                     say(f"warning: {cli_message(event.text, args)}")
                 elif isinstance(event, ev.ValidationResult):

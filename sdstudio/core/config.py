@@ -367,11 +367,19 @@ class TrainConfig(Section):
         "and resnet blocks, Flux's double / single blocks) once per shape (a fraction of the warm-up, the same "
         "speed); whole compiles the entire denoiser as one graph.")
     compile_dynamic: bool = Field(False, description="With train.compile: false compiles one graph per shape "
-                                  "(each aspect-ratio bucket once, when it first comes up; the fastest kernels); "
+                                  "(each aspect-ratio bucket once: before step 1 with train.compile_prewarm, else when it "
+                                  "first comes up; the fastest kernels); "
                                   "true marks batch and image sizes dynamic (one graph for every bucket).")
     compile_cache: bool = Field(True, description="With train.compile: keep compiled graphs and kernels in the "
                                 "sdstudio cache folder (compile/), so a later run with the same shapes skips "
                                 "most of the warm-up.")
+    compile_prewarm: bool = Field(True, description="With train.compile and static shapes "
+                                  "(train.compile_dynamic = false): before step 1 (and after a resume), run the "
+                                  "compiled model forward and backward once per batch shape the run will train on "
+                                  "(each aspect-ratio bucket), then discard the gradients, so no bucket compiles "
+                                  "mid-run and step times are steady from step 1. Changes no weight, loss or data "
+                                  "order; the warm-up time is reported on its own (warmup_s). Matters with "
+                                  "data.bucketing (several shapes); false compiles each shape when it first comes up.")
     attention_backend: Literal["auto", "flash", "efficient", "cudnn", "math", "default"] = Field(
         "auto", description="Attention kernel order (GPU): auto tries FlashAttention, then memory-efficient, then "
         "cuDNN, then the plain math kernel (the first that supports the shapes and dtype runs); flash / efficient "

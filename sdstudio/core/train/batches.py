@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import RunConfig
+from ..data.buckets import BucketSize
 from ..data.dataset import EpochOrder, ImageCaptionDataset, SampleKey, collate
 from ..errors import DatasetError
 from .setup import PreparedData, prepare_data
@@ -117,6 +118,40 @@ class TrainingBatches:
                 remaining -= 1
                 if remaining <= 0:
                     return
+
+    def shapes_ahead(self, epoch: int, step_in_epoch: int, steps: int) -> list[BucketSize | None]:
+        """The distinct bucket sizes of the next ``steps`` optimizer steps from ``step_in_epoch`` of epoch
+        ``epoch``, in the order they come up (None: no bucketing, every batch at the square resolution). Walks
+        the seeded epoch order only (no image is read); stops once every bucket that fills a batch was met."""
+        if steps <= 0:
+            return []
+        if self.order.buckets is None:
+            return [None]
+        gb = self.order.global_batch
+        fillable = {size for size, positions in self.order.groups.items() if len(positions) >= gb}
+        used = self.steps_per_epoch * self.accum  # batch_groups leaves the batches past the last full group
+        seen: list[BucketSize | None] = []
+        left, start = steps * self.accum, step_in_epoch * self.accum
+        while left > 0 and len(seen) < len(fillable):
+            for b, keys in enumerate(self.order.batches(epoch, start), start):
+                if b >= used or left <= 0 or len(seen) == len(fillable):
+                    break
+                if keys[0].size not in seen:
+                    seen.append(keys[0].size)
+                left -= 1
+            epoch, start = epoch + 1, 0
+        return seen
+
+    def shape_batch(self, size: BucketSize | None) -> dict[str, Any]:
+        """A micro-batch of this process at bucket ``size`` as the loader would give it (the first images of the
+        bucket, read through the loader's dataset: cached latents when the cache is in use), for compiling that
+        shape before training; the epoch order is not touched."""
+        gb, b = self.order.global_batch, self.keys.batch
+        positions = self.order.groups[size] if size is not None else range(len(self.order.expanded))
+        chunk = list(positions)[:gb]
+        keys = [SampleKey(self.order.expanded[p], 0, k, size) for k, p in enumerate(chunk)]
+        dataset, collate_fn = self.loader.dataset, self.loader.collate_fn
+        return collate_fn([dataset[k] for k in keys[self.rank * b:(self.rank + 1) * b]])
 
     def class_batch(self, step: int, micro: int, size: int) -> dict[str, Any] | None:
         """DreamBooth class images for a micro-batch: a seeded walk through the class set (exact after

@@ -233,7 +233,11 @@ def _run(s: TrainingSession, control: TrainingControl) -> Iterator[ev.Event]:
                  len(s.batches.data.val), p.steps_per_epoch)
         if metrics and not s.resume:
             metrics.write(metrics_row("event", 0, 0, event="started", total_steps=p.total_steps))
-        if cfg.train.compile:
+        shapes = s.prewarm_shapes()  # train.compile_prewarm: every batch shape compiled before step 1
+        if shapes:
+            yield from _prewarm(s, shapes, metrics)
+            yield ev.Status("training", "training")
+        elif cfg.train.compile:
             yield ev.Status("compiling", "compiling the model with torch.compile: the first steps take minutes")
         else:
             yield ev.Status("training", "training")
@@ -243,6 +247,30 @@ def _run(s: TrainingSession, control: TrainingControl) -> Iterator[ev.Event]:
             metrics.close()
         if tensorboard is not None:
             tensorboard.close()
+
+
+def _prewarm(s: TrainingSession, shapes: list[Any], metrics: MetricsWriter | None) -> Iterator[ev.Event]:
+    """Compiles the graphs of each batch shape (one forward and backward each, nothing kept), timed apart from
+    the steps: a Status with the time, run.log, and an event row ``compiled`` with ``warmup_s`` in metrics.jsonl
+    (the steps' img_per_s and the ETA then measure the steady state only)."""
+    p = s.progress
+    res = s.config.data.resolution
+    names = [f"{size[0]}x{size[1]}" if size is not None else f"{res}x{res}" for size in shapes]
+    what = "compiling bucket shapes"
+    yield ev.Status("compiling", f"compiling {len(shapes)} bucket shape{'s' if len(shapes) != 1 else ''} "
+                                 f"({', '.join(names)}; batch {s.config.train.batch_size}) with torch.compile")
+    t0 = time.perf_counter()
+    for done, size in enumerate(shapes):
+        yield ev.Progress(done, len(shapes), what)
+        s.prewarm(size)
+    warmup = time.perf_counter() - t0
+    yield ev.Progress(len(shapes), len(shapes), what)
+    text = f"{len(shapes)} bucket shape{'s' if len(shapes) != 1 else ''} compiled in {warmup:.1f} s"
+    log.info("torch.compile warm-up: %s (%s)", text, ", ".join(names))
+    if metrics:
+        metrics.write(metrics_row("event", p.step, p.epoch, event="compiled", warmup_s=round(warmup, 3),
+                                  shapes=names, batch_size=s.config.train.batch_size))
+    yield ev.Status("compiled", text)
 
 
 def _resume_at_the_end(s: TrainingSession) -> str | None:

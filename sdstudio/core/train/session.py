@@ -197,6 +197,7 @@ class TrainingSession:
         from .speed import AttentionChoice, compile_model, compiler_available, use_compile_cache
 
         self.attention = AttentionChoice(cfg.attention_backend).apply()  # restored by close()
+        self.compiled = False
         if not cfg.compile:
             return 0
         missing = compiler_available(self.device)
@@ -208,6 +209,7 @@ class TrainingSession:
 
             use_compile_cache(cache_dir() / "compile")
         self.model, regions = compile_model(self.model, mode=cfg.compile_mode, dynamic=cfg.compile_dynamic)
+        self.compiled = True
         return regions
 
     def park_frozen(self) -> None:
@@ -312,6 +314,46 @@ class TrainingSession:
         grad norm may be device tensors, not read yet (``OptimizerStep.lazy``): ``float()`` them when needed."""
         loss_fn: LossFn = self.compute_loss
         return self.steps.run(group, self.step, loss_fn)
+
+    def prewarm_shapes(self) -> list[Any]:
+        """``train.compile_prewarm``: the batch shapes (bucket sizes, None = the square resolution) to compile
+        before the next step, in the order they come up; [] when nothing is to be pre-warmed (no compile, dynamic
+        shapes, pre-warm off, torch.compile unavailable, no step left)."""
+        cfg = self.config.train
+        if not (getattr(self, "compiled", False) and cfg.compile_prewarm and not cfg.compile_dynamic):
+            return []
+        p = self.progress
+        return self.batches.shapes_ahead(p.epoch, p.step_in_epoch, p.total_steps - p.step)
+
+    def prewarm(self, size: Any) -> None:
+        """One forward and backward pass of the compiled model on a micro-batch at bucket ``size``, as a step
+        makes it (same objective, autocast, checkpointing: the same graphs), then nothing of it kept: gradients
+        dropped, no optimizer step (train.fused_backward's hooks held back), no schedule or EMA update, the
+        per-image loss and the recipe's terms not recorded, every random stream (Python, numpy, torch, CUDA) put
+        back, so the run trains bit for bit as without it."""
+        from .fused_backward import FusedBackwardOptimizer
+
+        batch = self.batches.shape_batch(size)
+        objective, fused = self.objective, self.steps.optimizer
+        fused = fused if isinstance(fused, FusedBackwardOptimizer) else None
+        tracker, objective.image_losses = objective.image_losses, None
+        rng = ckpt_state.rng_state()
+        if fused is not None:
+            fused.enabled = False
+        try:
+            self.accelerator.backward(self.compute_loss(batch, 0))
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # the warm-up time includes the device's work
+        finally:
+            for param in self.bundle.trainable.parameters():
+                param.grad = None
+            if fused is not None:
+                fused.enabled = True
+            objective.image_losses = tracker
+            recipe = getattr(objective, "recipe", None)
+            if recipe is not None:
+                recipe.last.clear()
+            ckpt_state.set_rng_state(rng)
 
     def agree(self, flag: bool) -> bool:
         """True when ``flag`` is set on any process (one tiny all-reduce with several processes)."""

@@ -12,7 +12,8 @@ from PySide6.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QPushButton, QV
 from sdstudio.core import events as ev
 
 PHASE_TEXT = {"scanning": "Scanning the dataset", "caching": "Caching", "building": "Building the model",
-              "compiling": "Compiling", "loading": "Loading the checkpoint", "training": "Training",
+              "compiling": "Compiling", "compiled": "Compiled", "loading": "Loading the checkpoint",
+              "training": "Training",
               "validating": "Validation", "sampling": "Sampling", "saving": "Saving a checkpoint",
               "paused": "Paused"}
 
@@ -143,6 +144,8 @@ class TrainBar(QWidget):
         elif isinstance(event, ev.Status):
             self.phase.setText(PHASE_TEXT.get(event.phase, event.phase.title()) +
                                (f": {event.text}" if event.text and event.text != event.phase else ""))
+            if event.phase == "compiled":  # train.compile_prewarm: the it/s rate starts after the warm-up
+                self._last = (time.perf_counter(), self.progress.value())
             if event.phase == "paused" or (self._paused and event.phase == "training"):
                 self.set_paused(event.phase == "paused")
         elif isinstance(event, ev.StepMetrics):
