@@ -1,6 +1,7 @@
 """One end-to-end ``train()`` for benchmarks/gpu_train.py: the sd15-lora preset on random real-size weights (tiny
 on a CPU), images written to disk, the latent and text-embedding caches built and read back, the data loader
-(pinned memory on a GPU), metrics rows. Reports the phases' times and the steady img/s of the metrics rows."""
+(pinned memory on a GPU), metrics rows. Reports the phases' times, the steady img/s of the metrics rows and, with
+train.compile (``--set train.compile=true``), the pre-warm time of the bucket shapes (``warmup_s``)."""
 
 from __future__ import annotations
 
@@ -71,6 +72,11 @@ def end_to_end(args: argparse.Namespace, device: torch.device, name: str = "sd15
             os.environ["SDSTUDIO_HOME"] = old_home
     phases[phase] = phases.get(phase, 0.0) + time.perf_counter() - last
     steady = [r.img_per_s for r in rows[1:]] or [r.img_per_s for r in rows]
+    # train.compile with train.compile_prewarm: every bucket compiled before step 1, timed on its own
+    from sdstudio.core.runs import RunFolder
+
+    warmup = [r.get("warmup_s") for r in RunFolder(root / "run").metrics_rows() if r.get("event") == "compiled"]
     return {"workload": name, "steps": steps, "batch": batch, "resolution": side, "images": batch * 2 + 2,
             "wall_s": time.perf_counter() - t0, "phases_s": phases, "img_s_rows": [r.img_per_s for r in rows],
-            "img_s": float(np.median(steady)) if steady else None, "last_loss": rows[-1].loss if rows else None}
+            "img_s": float(np.median(steady)) if steady else None, "last_loss": rows[-1].loss if rows else None,
+            "warmup_s": warmup[0] if warmup else None}

@@ -53,6 +53,7 @@ def test_tiny_dry_run_writes_the_promised_fields(tmp_path: Path) -> None:
     e2e = data["end_to_end"]
     assert "error" not in e2e, e2e
     assert e2e["img_s"] > 0 and e2e["phases_s"]["caching"] > 0 and e2e["phases_s"]["training"] > 0
+    assert e2e["warmup_s"] is None  # not compiled: nothing pre-warmed
 
 
 def test_the_ratio_is_the_median_of_interleaved_rounds() -> None:

@@ -7,8 +7,10 @@ dynamic shapes (``train.compile_dynamic``) and the attention kernel (``train.att
   place (``nn.Module.compile``): one graph serves every block of the same shapes, so warm-up is a fraction of a
   whole-model compile, parameter names (checkpoints, LoRA keys) do not change, and peft/accelerate see the
   model they built. A model without such blocks (the pixel model) is compiled whole.
-- Shapes: ``compile_dynamic = false`` compiles one graph per shape (each aspect-ratio bucket compiles once, the
-  first time it comes up; the recompile limit is raised so that buckets never fall back to eager silently);
+- Shapes: ``compile_dynamic = false`` compiles one graph per shape (each aspect-ratio bucket compiles once:
+  before step 1 with ``train.compile_prewarm``, which the session does with a discarded forward and backward per
+  bucket, else the first time it comes up; the recompile limit is raised so that buckets never fall back to eager
+  silently);
   ``true`` marks batch and spatial sizes dynamic (one graph for all buckets, somewhat slower kernels).
 - The compile cache: inductor's FX graph / kernel caches in ``<sdstudio cache>/compile`` so that a second run
   (another process) with the same shapes skips most of the warm-up.

@@ -1,0 +1,173 @@
+"""train.compile_prewarm (issue 14): with torch.compile and static shapes every aspect-ratio bucket's graphs are
+compiled before step 1 (a forward and backward per shape, nothing kept), so nothing compiles mid-run, the losses
+and weights are bit for bit those of a run without it, the warm-up is reported apart (a ``compiled`` event row
+with ``warmup_s``), and a resume pre-warms again.
+
+The runs compile with the ``aot_eager`` backend (dynamo's graphs, guards and recompiles and AOT autograd's joint
+forward/backward, without inductor's C++ code generation, minutes per shape on this CPU); the one inductor run is
+marked slow."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sdstudio.core import events as ev
+from sdstudio.core.control import TrainingControl
+from sdstudio.core.data.buckets import BucketSize
+from sdstudio.core.train.loop import train
+from sdstudio.core.train.speed import compiler_available
+from tests.conftest_data import noise_image, save
+
+SQUARE, WIDE = BucketSize(16, 16), BucketSize(24, 8)
+
+
+def two_bucket_folder(root: Path) -> Path:
+    """Two square and two 3:1 wide captioned images: at 16 px and batch 2, one batch of each bucket per epoch."""
+    for i in range(2):
+        for name, (w, h) in (("square", (48, 48)), ("wide", (96, 32))):
+            save(noise_image(w, h, seed=10 + i * 7 + len(name)), root / f"{name}{i}.png")
+            (root / f"{name}{i}.txt").write_text(f"a {name} picture", encoding="utf-8")
+    return root
+
+
+@pytest.fixture
+def bucket_config(tiny_config, tmp_path: Path):
+    return tiny_config.with_overrides({
+        "data.path": str(two_bucket_folder(tmp_path / "data")), "data.bucketing": True, "data.val_split": 0.0,
+        "train.batch_size": 2, "train.max_steps": 4, "train.lr_scheduler": "constant",
+        "train.compile": True, "train.compile_mode": "whole", "train.compile_cache": False,
+        "checkpoint.every_steps": 2, "sample.at_end": False})
+
+
+def _graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def _run(config, run_dir: Path, *, resume: bool = False, stop_after: int = 0) -> tuple[list[ev.Event], dict[int, int]]:
+    """All events of the run, and the number of dynamo graphs compiled so far at each logged step."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()  # every run compiles from nothing
+    counters.clear()
+    control = TrainingControl()
+    events, graphs = [], {}
+    for event in train(config, control, run_dir=run_dir, resume=resume):
+        events.append(event)
+        if isinstance(event, ev.StepMetrics):
+            graphs[event.step] = _graphs()
+            if stop_after and event.step == stop_after:
+                control.request_stop()
+    assert isinstance(events[-1], ev.Finished), events[-1]
+    return events, graphs
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
+
+
+def _rows(run_dir: Path, event: str) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["kind"] == "event" and r.get("event") == event]
+
+
+@pytest.fixture
+def aot_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    if compiler_available(torch.device("cpu")):
+        pytest.skip(compiler_available(torch.device("cpu")))
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+
+
+def test_the_shapes_ahead_are_the_buckets_the_run_meets(bucket_config) -> None:
+    from sdstudio.core.train.session import TrainingSession
+
+    session = TrainingSession(bucket_config, run_dir=None, resume=False)
+    session.prepare_data()
+    batches = session.batches
+    order = [keys[0].size for e in range(2) for keys in batches.order.batches(e)]
+    assert set(order[:2]) == {SQUARE, WIDE}  # one batch of each bucket per epoch
+    assert batches.shapes_ahead(0, 0, 4) == order[:2]  # in the order they come up
+    assert batches.shapes_ahead(0, 0, 1) == order[:1]  # a one-step run meets one bucket
+    assert batches.shapes_ahead(0, 1, 1) == order[1:2]  # ... from where a resumed run stands
+    assert batches.shapes_ahead(1, 1, 0) == []
+    batch = batches.shape_batch(WIDE)
+    assert batch["pixels"].shape == (2, 3, 8, 24)
+    plain = TrainingSession(bucket_config.with_overrides({"data.bucketing": False}), run_dir=None, resume=False)
+    plain.prepare_data()
+    assert plain.batches.shapes_ahead(0, 0, 4) == [None]
+    assert plain.batches.shape_batch(None)["pixels"].shape == (2, 3, 16, 16)
+
+
+def test_prewarm_compiles_every_bucket_before_step_1_and_changes_nothing(bucket_config, tmp_path: Path,
+                                                                         aot_eager) -> None:
+    warm_events, warm = _run(bucket_config, tmp_path / "warm")
+    cold_events, cold = _run(bucket_config.with_overrides({"train.compile_prewarm": False}), tmp_path / "cold")
+    # pre-warmed: both buckets' graphs exist at step 1 and nothing compiles after it
+    assert warm[1] == warm[4] >= 2
+    # without: the second bucket compiles when it first comes up (step 2: one batch of each bucket per epoch)
+    assert cold[1] < cold[2] == cold[4] == warm[4]
+    # bit for bit the same run
+    assert _losses(tmp_path / "warm") == _losses(tmp_path / "cold")
+    final = "checkpoints/step-00000004/model.safetensors"
+    wa, wb = load_file(str(tmp_path / "warm" / final)), load_file(str(tmp_path / "cold" / final))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    # the warm-up, reported apart: a Status with the count, progress per shape, the time, an event row
+    statuses = [(e.phase, e.text) for e in warm_events if isinstance(e, ev.Status)]
+    assert ("compiling", "compiling 2 bucket shapes (") in [(p, t[:27]) for p, t in statuses]
+    assert any(p == "compiled" and "2 bucket shapes compiled in" in t for p, t in statuses)
+    progress = [(e.done, e.total) for e in warm_events if isinstance(e, ev.Progress) and "bucket" in e.what]
+    assert progress == [(0, 2), (1, 2), (2, 2)]
+    (row,) = _rows(tmp_path / "warm", "compiled")
+    assert row["step"] == 0 and row["warmup_s"] > 0 and sorted(row["shapes"]) == ["16x16", "24x8"]
+    assert row["batch_size"] == 2
+    assert not _rows(tmp_path / "cold", "compiled")
+    assert not any(isinstance(e, ev.Status) and e.phase == "compiled" for e in cold_events)
+
+
+@pytest.mark.slow
+def test_a_resumed_run_prewarms_again_and_continues_exactly(bucket_config, tmp_path: Path, aot_eager) -> None:
+    _run(bucket_config, tmp_path / "whole")
+    _run(bucket_config, tmp_path / "cut", stop_after=2)
+    assert max(_losses(tmp_path / "cut")) == 2
+    _, graphs = _run(bucket_config, tmp_path / "cut", resume=True)
+    assert graphs[3] == graphs[4] >= 2  # steps 3 and 4: the two buckets, both compiled before step 3
+    assert _losses(tmp_path / "cut") == _losses(tmp_path / "whole")
+    rows = _rows(tmp_path / "cut", "compiled")
+    assert [r["step"] for r in rows] == [0, 2]
+
+
+def test_prewarm_is_off_without_compile_or_with_dynamic_shapes(bucket_config) -> None:
+    from sdstudio.core.train.session import TrainingSession
+
+    for overrides in ({"train.compile": False}, {"train.compile_dynamic": True}, {"train.compile_prewarm": False}):
+        session = TrainingSession(bucket_config.with_overrides(overrides), run_dir=None, resume=False)
+        session.prepare_data()
+        session.build()
+        try:
+            assert session.prewarm_shapes() == []
+        finally:
+            session.close()
+
+
+@pytest.mark.slow
+def test_prewarm_with_inductor_leaves_the_run_unchanged(bucket_config, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real backend (C++ kernels on the CPU): minutes per shape here; the compile cache makes the second run
+    reuse the first run's kernels."""
+    if compiler_available(torch.device("cpu")):
+        pytest.skip(compiler_available(torch.device("cpu")))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    config = bucket_config.with_overrides({"train.compile_cache": True, "train.max_steps": 2,
+                                           "checkpoint.every_steps": 0})
+    _, warm = _run(config, tmp_path / "warm")
+    _run(config.with_overrides({"train.compile_prewarm": False}), tmp_path / "cold")
+    assert warm[1] == warm[2]
+    assert _losses(tmp_path / "warm") == _losses(tmp_path / "cold")
