@@ -171,3 +171,67 @@ def test_prewarm_with_inductor_leaves_the_run_unchanged(bucket_config, tmp_path:
     _run(config.with_overrides({"train.compile_prewarm": False}), tmp_path / "cold")
     assert warm[1] == warm[2]
     assert _losses(tmp_path / "warm") == _losses(tmp_path / "cold")
+
+
+class _Tracker:
+    def __init__(self) -> None:
+        self.seen = 0
+
+    def observe(self, *args) -> None:
+        self.seen += 1
+
+
+@pytest.mark.parametrize("paths", ["fused_backward", "ema", "sd1-lora-checkpointing", "sd1-full"])
+def test_a_prewarm_pass_runs_forward_and_backward_and_keeps_nothing(paths: str, bucket_config, tiny_sd1: Path,
+                                                                   tmp_path: Path, monkeypatch) -> None:
+    """Eager (the pass is the same with or without compile): the backward runs, and afterwards the weights, the
+    gradients (None), the optimizer state, the EMA, the per-image loss and every random stream are as before."""
+    import random
+
+    import numpy as np
+
+    from sdstudio.core.train.session import TrainingSession
+    from tests.sd_helpers import sd_config
+
+    config = bucket_config.with_overrides({"train.compile": False})
+    size = WIDE
+    if paths == "fused_backward":
+        config = config.with_overrides({"train.fused_backward": True, "train.max_grad_norm": 0.0})
+    elif paths == "ema":
+        config = config.with_overrides({"train.ema": True})
+    else:
+        preset, extra = (("sd15-lora", {"train.gradient_checkpointing": True}) if paths.endswith("checkpointing")
+                         else ("sd15-full", {"train.ema": False}))
+        config = sd_config(preset, tiny_sd1, two_bucket_folder(tmp_path / "sd"),
+                           **{"train.batch_size": 2, "train.max_steps": 2, **extra})
+        size = None
+    session = TrainingSession(config, run_dir=None, resume=False)
+    session.prepare_data()
+    session.build()
+    try:
+        trainable = [(n, p) for n, p in session.bundle.trainable.named_parameters() if p.requires_grad]
+        weights = {n: p.detach().clone() for n, p in trainable}
+        ema = session.ema.optimization_step if session.ema is not None else None
+        backward: list[int] = []
+        trainable[-1][1].register_hook(lambda g: backward.append(1))
+        loss = session.objective.loss
+
+        def drawing_loss(*args):  # something in a step that draws from the global streams (e.g. dropout)
+            torch.rand(3), random.random(), np.random.rand()
+            return loss(*args)
+
+        monkeypatch.setattr(session.objective, "loss", drawing_loss)
+        tracker = session.objective.image_losses = _Tracker()
+        streams = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+        session.prewarm(size)
+        assert backward, "the backward pass ran"
+        assert all(p.grad is None for _, p in trainable)
+        assert all(torch.equal(p, weights[n]) for n, p in trainable), "no weight moved"
+        assert not session.optimizer.state, "the optimizer never stepped"
+        if ema is not None:
+            assert session.ema.optimization_step == ema == 0
+        assert session.objective.image_losses is tracker and tracker.seen == 0
+        assert torch.equal(torch.get_rng_state(), streams[0]) and random.getstate() == streams[1]
+        assert np.array_equal(np.random.get_state()[1], streams[2])
+    finally:
+        session.close()
