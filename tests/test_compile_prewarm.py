@@ -106,8 +106,10 @@ def test_the_shapes_ahead_are_the_buckets_the_run_meets(bucket_config) -> None:
     assert plain.batches.shape_batch(None)["pixels"].shape == (2, 3, 16, 16)
 
 
-def test_prewarm_compiles_every_bucket_before_step_1_and_changes_nothing(bucket_config, tmp_path: Path,
+@pytest.mark.parametrize("mode", ["whole", pytest.param("regional", marks=pytest.mark.slow)])
+def test_prewarm_compiles_every_bucket_before_step_1_and_changes_nothing(mode: str, bucket_config, tmp_path: Path,
                                                                          aot_eager) -> None:
+    bucket_config = bucket_config.with_overrides({"train.compile_mode": mode})
     warm_events, warm = _run(bucket_config, tmp_path / "warm")
     cold_events, cold = _run(bucket_config.with_overrides({"train.compile_prewarm": False}), tmp_path / "cold")
     # pre-warmed: both buckets' graphs exist at step 1 and nothing compiles after it

@@ -345,6 +345,7 @@ class TrainingSession:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)  # the warm-up time includes the device's work
         finally:
+            self.steps.optimizer.zero_grad(set_to_none=True)
             for param in self.bundle.trainable.parameters():
                 param.grad = None
             if fused is not None:
