@@ -238,3 +238,25 @@ def test_a_prewarm_pass_runs_forward_and_backward_and_keeps_nothing(paths: str, 
         assert np.array_equal(np.random.get_state()[1], streams[2])
     finally:
         session.close()
+
+
+def test_the_cli_shows_the_warm_up(tiny_config, tmp_path: Path, monkeypatch, capsys) -> None:
+    import argparse
+
+    from sdstudio.cli.train import drive_training
+    from sdstudio.core.train import loop
+
+    def fake_train(config, control, *, run_dir, resume):
+        yield ev.Started(run_dir, {}, 4, 0)
+        yield ev.Status("compiling", "compiling 2 bucket shapes (16x16, 24x8; batch 2) with torch.compile")
+        for done in range(3):
+            yield ev.Progress(done, 2, "compiling bucket shapes")
+        yield ev.Status("compiled", "2 bucket shapes compiled in 12.5 s")
+        yield ev.Status("training", "training")
+        yield ev.Finished(run_dir, "completed", 4)
+
+    monkeypatch.setattr(loop, "train", fake_train)
+    assert drive_training(tiny_config, tmp_path / "run", resume=False, quiet=False, args=argparse.Namespace()) == 0
+    err = capsys.readouterr().err
+    assert "compiling bucket shapes" in err  # the progress bar of the shapes
+    assert "torch.compile warm-up: 2 bucket shapes compiled in 12.5 s" in err
