@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 from pathlib import Path
+from typing import Any
 
 import accelerate
 import pytest
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from sdstudio.core.config import RunConfig
 from tests.sd_helpers import sd_config
 
 CASTS = ("aten._to_copy.default", "aten.to.dtype", "aten.copy_.default")
@@ -48,17 +50,22 @@ class CastCount(TorchDispatchMode):
         return sum(self.counts.values())
 
 
-def bf16_session(monkeypatch: pytest.MonkeyPatch, model: Path, data: Path, **overrides):
-    """A built training session of a tiny SD1 LoRA as a GPU's bf16 run makes it: 16-bit base weights, fp32
-    adapters, the prepared forward under bf16 autocast."""
+def sd_lora(model: Path, data: Path, preset: str = "sd15-lora", **overrides: Any) -> RunConfig:
+    return sd_config(preset, model, data, **{"data.resolution": 32, "train.batch_size": 2, "lora.rank": 4,
+                                             "train.gradient_checkpointing": False, **overrides})
+
+
+def bf16_session(monkeypatch: pytest.MonkeyPatch, cfg: RunConfig):
+    """A built training session as a GPU's bf16 run makes it: 16-bit base weights, fp32 adapters, the prepared
+    forward under bf16 autocast."""
+    from sdstudio.core.models.flux import model as flux
     from sdstudio.core.models.sd import model as sd
     from sdstudio.core.train import session as session_module
 
     monkeypatch.setattr(sd, "_weight_dtype", lambda config, device: torch.bfloat16)
+    monkeypatch.setattr(flux, "_weight_dtype", lambda config, device: torch.bfloat16)
     real = accelerate.Accelerator
     monkeypatch.setattr(session_module, "Accelerator", lambda **kw: real(**{**kw, "mixed_precision": "bf16"}))
-    cfg = sd_config("sd15-lora", model, data, **{"data.resolution": 32, "train.batch_size": 2, "lora.rank": 4,
-                                                 "train.gradient_checkpointing": False, **overrides})
     session = session_module.TrainingSession(cfg, run_dir=None, resume=False)
     session.prepare_data()
     session.build()
@@ -116,7 +123,7 @@ def _cosine(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], keys: list[s
 
 def test_a_bf16_lora_step_casts_less_with_the_same_loss_and_gradients(tiny_sd1: Path, four_images: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    session = bf16_session(monkeypatch, tiny_sd1, four_images)
+    session = bf16_session(monkeypatch, sd_lora(tiny_sd1, four_images))
     try:
         group = next(iter(session.batches.batch_groups(0, 0)))
         adapters = [n for n, p in session.bundle.trainable.named_parameters() if p.requires_grad]
@@ -150,13 +157,13 @@ def test_dora_under_bf16_autocast_starts_as_lora(tiny_sd1: Path, four_images: Pa
     """DoRA starts with its magnitude at the weights' norm: its first step is the LoRA step (same loss, lora_B
     gradients parallel to LoRA's). With peft's fp32 input cast under autocast it was not (lora_B gradients
     uncorrelated with LoRA's, cosine about 0 on this model)."""
-    lora = bf16_session(monkeypatch, tiny_sd1, four_images)
+    lora = bf16_session(monkeypatch, sd_lora(tiny_sd1, four_images))
     try:
         group = next(iter(lora.batches.batch_groups(0, 0)))
         lora_loss, lora_grads, _, _ = one_step(lora, group)
     finally:
         lora.close()
-    dora = bf16_session(monkeypatch, tiny_sd1, four_images, **{"lora.type": "dora"})
+    dora = bf16_session(monkeypatch, sd_lora(tiny_sd1, four_images, **{"lora.type": "dora"}))
     try:
         loss, grads, _, _ = one_step(dora, group)
         _, old_grads, _, _ = one_step(dora, group, old_path=True)
@@ -174,7 +181,7 @@ def test_text_encoder_adapters_keep_their_cast_for_sampling(tiny_sd1: Path, four
     layers keep peft's input cast; the UNet's, always under autocast, do not. A step and a preview both run."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    session = bf16_session(monkeypatch, tiny_sd1, four_images, **{"lora.text_encoder": True})
+    session = bf16_session(monkeypatch, sd_lora(tiny_sd1, four_images, **{"lora.text_encoder": True}))
     try:
         encoders = list(session.bundle.text_encoders().values())
         in_encoders = {id(m) for e in encoders for m in e.modules() if isinstance(m, BaseTunerLayer)}
@@ -196,12 +203,46 @@ def test_fp32_training_leaves_peft_casts_alone(tiny_sd1: Path, four_images: Path
 
     from sdstudio.core.train.session import TrainingSession
 
-    cfg = sd_config("sd15-lora", tiny_sd1, four_images, **{"data.resolution": 32, "lora.rank": 4})
-    session = TrainingSession(cfg, run_dir=None, resume=False)
+    session = TrainingSession(sd_lora(tiny_sd1, four_images), run_dir=None, resume=False)
     session.prepare_data()
     session.build()
     try:
         layers = [m for m in session.bundle.trainable.modules() if isinstance(m, BaseTunerLayer)]
         assert layers and all(m.cast_input_dtype_enabled for m in layers)
+    finally:
+        session.close()
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_sdxl_and_flux_lora_steps_under_bf16(family: str, tiny_sdxl: Path, four_images: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """SDXL's UNet LoRA and Flux's transformer + CLIP-L LoRA (flow matching): one autocast region, fewer casts,
+    the old path's loss and gradients; the text encoder's layers keep peft's cast and a preview samples."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if family == "sdxl":
+        cfg = sd_lora(tiny_sdxl, four_images, preset="sdxl-lora", **{"data.resolution": 64})
+    else:
+        from tests.tiny_flux import save_tiny_flux
+        from tests.transformer_helpers import tiny_run_config
+
+        flux_dev = save_tiny_flux(tmp_path / "flux")
+        cfg = tiny_run_config("flux-lora", flux_dev, four_images, **{"data.resolution": 32, "train.batch_size": 2,
+                                                                    "lora.text_encoder": True})
+    session = bf16_session(monkeypatch, cfg)
+    try:
+        group = next(iter(session.batches.batch_groups(0, 0)))
+        loss, grads, casts, depth = one_step(session, group)
+        old_loss, old_grads, old_casts, old_depth = one_step(session, group, old_path=True)
+        assert depth == 1 and old_depth == 2
+        assert casts.total < old_casts.total, (casts.counts, old_casts.counts)
+        assert torch.allclose(loss, old_loss, rtol=1e-3)
+        assert set(grads) == set(old_grads) and _cosine(grads, old_grads, list(grads)) > 0.999
+        encoders = [m for e in session.bundle.text_encoders().values() for m in e.modules()]
+        kept = {id(m) for m in encoders if isinstance(m, BaseTunerLayer)}
+        assert (family == "flux") == bool(kept)
+        assert all(m.cast_input_dtype_enabled == (id(m) in kept) for m in session.bundle.trainable.modules()
+                   if isinstance(m, BaseTunerLayer))
+        assert session.previews.sample_images(["a red circle"], [0]).shape[0] == 1
     finally:
         session.close()
