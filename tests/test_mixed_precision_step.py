@@ -213,15 +213,21 @@ def test_fp32_training_leaves_peft_casts_alone(tiny_sd1: Path, four_images: Path
         session.close()
 
 
-@pytest.mark.parametrize("family", ["sdxl", "flux"])
-def test_sdxl_and_flux_lora_steps_under_bf16(family: str, tiny_sdxl: Path, four_images: Path, tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    """SDXL's UNet LoRA and Flux's transformer + CLIP-L LoRA (flow matching): one autocast region, fewer casts,
-    the old path's loss and gradients; the text encoder's layers keep peft's cast and a preview samples."""
+@pytest.mark.parametrize("family", ["sdxl", "flux", "sd1-prior", "sd1-contrastive"])
+def test_other_lora_steps_under_bf16(family: str, tiny_sd1: Path, tiny_sdxl: Path, four_images: Path,
+                                     class_images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SDXL's UNet LoRA, Flux's transformer + CLIP-L LoRA (flow matching), SD1 with DreamBooth's class images
+    (one forward of both) and with the contrastive caption term (a second forward): one autocast region, fewer
+    casts, the old path's loss and gradients; the text encoder's layers keep peft's cast and a preview samples."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     if family == "sdxl":
         cfg = sd_lora(tiny_sdxl, four_images, preset="sdxl-lora", **{"data.resolution": 64})
+    elif family == "sd1-prior":
+        cfg = sd_lora(tiny_sd1, four_images, **{"data.instance_prompt": "sks", "data.reg_path": str(class_images),
+                                                "data.class_prompt": "a shape"})
+    elif family == "sd1-contrastive":
+        cfg = sd_lora(tiny_sd1, four_images, **{"loss.contrastive_weight": 0.1})
     else:
         from tests.tiny_flux import save_tiny_flux
         from tests.transformer_helpers import tiny_run_config
@@ -241,6 +247,10 @@ def test_sdxl_and_flux_lora_steps_under_bf16(family: str, tiny_sdxl: Path, four_
         encoders = [m for e in session.bundle.text_encoders().values() for m in e.modules()]
         kept = {id(m) for m in encoders if isinstance(m, BaseTunerLayer)}
         assert (family == "flux") == bool(kept)
+        if family == "sd1-prior":
+            assert session.batches.class_batch(0, 0, 2) is not None
+        if family == "sd1-contrastive":
+            assert "contrastive" in session.objective.recipe.last
         assert all(m.cast_input_dtype_enabled == (id(m) in kept) for m in session.bundle.trainable.modules()
                    if isinstance(m, BaseTunerLayer))
         assert session.previews.sample_images(["a red circle"], [0]).shape[0] == 1
