@@ -76,7 +76,7 @@ def skip_adapter_input_casts(module: nn.Module, keep: Iterable[nn.Module] = ()) 
     modules whose every forward runs under autocast (autocast casts input and weight itself); the adapter weights
     stay fp32 (the optimizer's masters, what checkpoints and exports store). ``keep``: modules (e.g. text encoders
     that previews also run outside autocast) whose adapter layers keep peft's cast. Returns the layers changed
-    (peft before 0.15 always casts and ignores the switch)."""
+    (a peft without the switch ignores it and keeps casting)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     kept = {id(m) for part in keep for m in part.modules()}
