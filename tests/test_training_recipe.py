@@ -112,11 +112,10 @@ def test_vlb_term_at_t0_is_the_decoder_nll() -> None:
 
 
 def _recipe(**overrides) -> tuple[TrainingRecipe, RunConfig]:
-    from contextlib import nullcontext
 
     cfg = RunConfig().with_overrides({"train.device": "cpu", **overrides})
     model = nn.Identity()
-    return TrainingRecipe(cfg, model, _sched(), nullcontext), cfg
+    return TrainingRecipe(cfg, model, _sched()), cfg
 
 
 def test_hybrid_loss_trains_only_the_variance_from_the_bound() -> None:
@@ -195,11 +194,10 @@ class _CaptionModel(nn.Module):
 
 
 def _contrastive(model: nn.Module, negatives: int = 3, captions: list[str] | None = None) -> torch.Tensor:
-    from contextlib import nullcontext
 
     cfg = RunConfig().with_overrides({"loss.contrastive_weight": 1.0, "loss.contrastive_temperature": 0.01,
                                       "loss.contrastive_negatives": negatives})
-    recipe = TrainingRecipe(cfg, model, _sched(), nullcontext)
+    recipe = TrainingRecipe(cfg, model, _sched())
     b = 4
     noisy = torch.arange(b, dtype=torch.float32).view(-1, 1, 1, 1).expand(b, 3, 4, 4).contiguous()
     target = torch.zeros_like(noisy)
@@ -252,7 +250,6 @@ def test_learned_schedule_starts_at_the_configured_schedule() -> None:
 
 
 def test_schedule_gradient_reaches_the_schedule_and_not_the_denoiser() -> None:
-    from contextlib import nullcontext
 
     cfg = RunConfig().with_overrides({"diffusion.learned_schedule": True})
     trainable = nn.Module()
@@ -265,7 +262,7 @@ def test_schedule_gradient_reaches_the_schedule_and_not_the_denoiser() -> None:
 
     def grads(with_schedule_term: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         trainable.zero_grad()
-        recipe = TrainingRecipe(cfg, trainable, _sched(), nullcontext)
+        recipe = TrainingRecipe(cfg, trainable, _sched())
         recipe.begin()
         noisy, target = recipe.noised(clean, noise, noise, t, learn=True)
         pred = trainable.denoiser(noisy)

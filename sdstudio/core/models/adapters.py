@@ -7,7 +7,11 @@ peft one diffusers and the sampling path already use.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import nn
 
 ADAPTER_TYPES = ("lora", "loha", "lokr", "dora", "oft")
 # the parameter names each kind's peft layers hold (what get_peft_model_state_dict returns, adapter name removed)
@@ -62,3 +66,21 @@ def peft_adapter_config(lora: dict[str, Any], target_modules: list[str] | str,
         return OFTConfig(r=0, oft_block_size=int(lora.get("oft_block_size", 32)), module_dropout=dropout,
                          target_modules=target_modules, use_cayley_neumann=False)
     raise ValueError(f"lora.type {kind!r}: unknown; use one of {', '.join(ADAPTER_TYPES)}")
+
+
+def skip_adapter_input_casts(module: nn.Module, keep: Iterable[nn.Module] = ()) -> int:
+    """Under autocast, turn off the cast of each input to the adapter weights' dtype that peft's layers make
+    (``cast_input_dtype_enabled``, the switch ``peft.helpers.disable_input_dtype_casting`` flips): with fp32
+    adapter weights on a 16-bit base model, every LoRA layer casts its bf16 input up to fp32 and autocast casts
+    it straight back down for the matmul, two copies of the activation per layer, forward and backward. Only for
+    modules whose every forward runs under autocast (autocast casts input and weight itself); the adapter weights
+    stay fp32 (the optimizer's masters, what checkpoints and exports store). ``keep``: modules (e.g. text encoders
+    that previews also run outside autocast) whose adapter layers keep peft's cast. Returns the layers changed
+    (a peft without the switch ignores it and keeps casting)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    kept = {id(m) for part in keep for m in part.modules()}
+    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer) and id(m) not in kept]
+    for layer in layers:
+        layer.cast_input_dtype_enabled = False
+    return len(layers)

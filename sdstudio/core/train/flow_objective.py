@@ -96,12 +96,13 @@ class FlowMatchingObjective:
         mask = loss_mask(self.config, batch, clean)
         reg = self.batches.class_batch(step, micro, len(batch["captions"]))
         if reg is None:
-            with self.accelerator.autocast():
-                pred = self.model(noisy, t, self.caches.condition(batch))
+            with self.accelerator.autocast():  # the text encoders (the model's forward enters autocast itself)
+                cond = self.caches.condition(batch)
+            pred = self.model(noisy, t, cond)
             return self._instance_loss(batch, pred, target, t, mask)
         reg_clean = self.bundle.to_model_space(reg["pixels"].to(self.device))
         reg_noisy, reg_target, reg_t = self.noised(reg_clean, gen)
-        with self.accelerator.autocast():
+        with self.accelerator.autocast():  # two forwards: one region, so they share autocast's weight casts
             pred = self.model(noisy, t, self.caches.condition(batch))
             reg_pred = self.model(reg_noisy, reg_t, self.caches.condition(reg))
         prior = self._loss(reg_pred, reg_target, reg_t, loss_mask(self.config, reg, reg_clean))

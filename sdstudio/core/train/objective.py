@@ -58,7 +58,7 @@ class DiffusionObjective:
         self.rank = accelerator.process_index
         self.image_losses: ImageLossTracker | None = None  # the per-image loss, when tracked
         # learned variance, contrastive caption term, learned schedule (each off unless configured)
-        self.recipe = TrainingRecipe(config, model, sched, accelerator.autocast)
+        self.recipe = TrainingRecipe(config, model, sched)
 
     def image_loss_span(self) -> float:
         """What the timesteps passed to ``image_losses`` run up to (its buckets split [0, span))."""
@@ -98,8 +98,7 @@ class DiffusionObjective:
         extra = {"clean": clean, "noisy": noisy, "t": t, "target": target, "cond": cond,
                  "captions": list(batch["captions"])}
         if reg is None:
-            with self.accelerator.autocast():
-                pred = self.model(noisy, t, cond)
+            pred = self.model(noisy, t, cond)  # the prepared forward runs under autocast (see make_objective)
             return self._instance_loss(batch, pred, target, t, mask, extra)
         # DreamBooth prior preservation: instance and class images in one forward, losses weighted apart
         reg_clean = self.bundle.to_model_space(reg["pixels"].to(self.device))
@@ -107,11 +106,15 @@ class DiffusionObjective:
         both = {k: _concat(batch[k], reg[k]) for k in ("captions", "original_size", "crop_top_left", "target_size")
                 if k in batch and k in reg}
         n = clean.shape[0]
-        with self.accelerator.autocast():
-            if reg_clean.shape[2:] == clean.shape[2:]:
-                pred = self.model(torch.cat([noisy, reg_noisy]), torch.cat([t, reg_t]), self.caches.condition(both))
-                pred, reg_pred = pred[:n], pred[n:]
-            else:  # a non-square bucket: class images are square, so two forwards
+        if reg_clean.shape[2:] == clean.shape[2:]:
+            with self.accelerator.autocast():  # (the text encoder)
+                cond_both = self.caches.condition(both)
+            pred = self.model(torch.cat([noisy, reg_noisy]), torch.cat([t, reg_t]), cond_both)
+            pred, reg_pred = pred[:n], pred[n:]
+        else:  # a non-square bucket: class images are square, so two forwards, in one autocast region on purpose:
+            # autocast's cache of 16-bit weight copies lasts to the end of the outermost region, so the second
+            # forward reuses the first one's (a full fine-tune casts each fp32 weight once, not twice)
+            with self.accelerator.autocast():
                 pred = self.model(noisy, t, self.caches.condition(batch) if cond is None else cond)
                 reg_pred = self.model(reg_noisy, reg_t, self.caches.condition(reg))
         reg_pred, _ = split_learned_variance(reg_pred, reg_clean.shape[1])
@@ -200,5 +203,17 @@ def training_schedule(config: RunConfig, bundle: ModelBundle, device: torch.devi
 
 def make_objective(config: RunConfig, bundle: ModelBundle, sched: Any, model: Any, accelerator: Accelerator,
                    caches: FeatureCaches, batches: TrainingBatches) -> Any:
-    """The objective the bundle's family trains (``ModelFamily.objective``)."""
+    """The objective the bundle's family trains (``ModelFamily.objective``).
+
+    Autocast: with mixed precision, ``accelerator.prepare`` made the model's forward run under autocast (and
+    return fp32 outputs, the cast the loss needs anyway); the objectives call it without entering autocast again,
+    and enter autocast themselves only for what runs outside that forward (text encoding). peft's adapter layers
+    of the prepared model then need not cast their inputs to their fp32 weights' dtype (autocast does it): off,
+    except in the text encoders, which previews and validation also run outside autocast."""
+    if config.lora.enabled and accelerator.native_amp:
+        from ..models.adapters import skip_adapter_input_casts
+
+        encoders = bundle.text_encoders().values() if hasattr(bundle, "text_encoders") else ()
+        n = skip_adapter_input_casts(bundle.trainable, keep=encoders)
+        log.debug("autocast: %d adapter layers run without peft's input cast", n)
     return _objectives()[bundle.model_family.objective](config, bundle, sched, model, accelerator, caches, batches)

@@ -9,7 +9,6 @@ Each is off (adds nothing, draws nothing) unless its key is set."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,9 +66,8 @@ class TrainingRecipe:
     schedule, when it has one, is its ``noise_schedule``); ``sched``: the run's DDPM scheduler, kept in step with
     a learned schedule so validation, previews and loss weights use the learned curve."""
 
-    def __init__(self, config: RunConfig, model: torch.nn.Module, sched: Any,
-                 autocast: Callable[[], Any]) -> None:
-        self.config, self.model, self.sched, self.autocast = config, model, sched, autocast
+    def __init__(self, config: RunConfig, model: torch.nn.Module, sched: Any) -> None:
+        self.config, self.model, self.sched = config, model, sched
         self.prediction_type = str(sched.config.prediction_type)
         self.schedule: LearnedNoiseSchedule | None = learned_schedule_of(model)
         self._gamma: torch.Tensor | None = None
@@ -127,9 +125,8 @@ class TrainingRecipe:
         b = noisy.shape[0]
         k = min(self.config.loss.contrastive_negatives, b - 1)
         rolled = [roll_condition(cond, s, b) for s in range(1, k + 1)]
-        with self.autocast():
-            others = self.model(noisy.repeat(k, *([1] * (noisy.ndim - 1))), t.repeat(k),
-                                concat_conditions(rolled, b))
+        # the prepared model's forward runs under autocast itself
+        others = self.model(noisy.repeat(k, *([1] * (noisy.ndim - 1))), t.repeat(k), concat_conditions(rolled, b))
         others, _ = split_learned_variance(others, target.shape[1])
         dims = tuple(range(1, target.ndim))
         own = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=dims)
