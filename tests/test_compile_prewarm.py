@@ -139,6 +139,7 @@ def test_prewarm_compiles_every_bucket_before_step_1_and_changes_nothing(mode: s
 
 @pytest.mark.slow
 def test_a_resumed_run_prewarms_again_and_continues_exactly(bucket_config, tmp_path: Path, aot_eager) -> None:
+    bucket_config = bucket_config.with_overrides({"train.compile_mode": "regional"})  # the default, half the time
     _run(bucket_config, tmp_path / "whole")
     _run(bucket_config, tmp_path / "cut", stop_after=2)
     assert max(_losses(tmp_path / "cut")) == 2
