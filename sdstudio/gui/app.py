@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -28,10 +29,22 @@ def create_application(argv: list[str]) -> QApplication:
     return app
 
 
+def collect_garbage_in_gui_thread() -> object:
+    """Python's cyclic garbage collector runs in whichever thread happens to allocate; when that is a worker
+    (training, a dataset scan) and the garbage holds Qt objects, Qt crashes (seen: a segfault while a scan thread
+    collected). pyqtgraph's GarbageCollector turns automatic collection off and collects on a GUI-thread timer
+    instead. Keep the returned object alive as long as the app runs."""
+    from pyqtgraph.util.garbage_collector import GarbageCollector
+
+    return GarbageCollector(interval=1.0)
+
+
 def run_app(argv: list[str]) -> int:
     """Open the main window and run the event loop; returns the process exit code."""
     app = create_application(argv)
     from .main_window import MainWindow  # after the QApplication: importing pyqtgraph needs one
+
+    collector = collect_garbage_in_gui_thread()
 
     window = MainWindow()
     window.restore_session()
@@ -45,5 +58,6 @@ def run_app(argv: list[str]) -> int:
         sys.stderr.flush()
         os._exit(code or 1)
     window.deleteLater()
-    del window
+    del window, collector
+    gc.enable()
     return code

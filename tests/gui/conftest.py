@@ -16,6 +16,20 @@ import pytest
 import sdstudio.gui.qt_compat  # noqa: F401 - before any Qt call (PySide6 6.12.0 on Python < 3.12)
 
 
+@pytest.fixture(autouse=True)
+def garbage_collected_in_the_gui_thread(qapp) -> Iterator[None]:
+    """As the app does (sdstudio.gui.app.collect_garbage_in_gui_thread): no automatic collection while a GUI
+    test runs (a worker thread collecting Qt objects crashes Qt), a full collection in this thread after it."""
+    import gc
+
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.collect()
+        gc.enable()
+
+
 @pytest.fixture
 def tiny_copy(tiny_dataset: Path, tmp_path: Path) -> Path:
     """A writable copy of the tiny dataset (the session fixture must never change)."""

@@ -125,15 +125,23 @@ def test_run_app_opens_the_window_and_quits(qtbot) -> None:
     from sdstudio.gui.app import run_app
     from sdstudio.gui.main_window import MainWindow
 
+    import gc
+
+    seen: list[bool] = []
+
     def close_window() -> None:
+        seen.append(gc.isenabled())
         for widget in QApplication.topLevelWidgets():
             if isinstance(widget, MainWindow) and widget.isVisible():
                 assert widget.windowTitle() == "sdstudio" and not widget.windowIcon().isNull()
                 widget.close()
 
+    gc.enable()  # as in a fresh process (the GUI tests' fixture turns it off)
     QTimer.singleShot(1500, close_window)
     assert run_app([]) == 0
     assert QApplication.organizationName() == "sdstudio"
+    # while the app ran, garbage was collected on the GUI thread's timer only, never by a worker thread
+    assert seen == [False] and gc.isenabled()
 
 
 def test_run_summary_reads_state_from_metrics_and_lock(tmp_path: Path) -> None:
