@@ -24,6 +24,7 @@ from ..export.api import export
 from ..export.formats import get_format, torch_dtype
 from ..runs import MetricsWriter, RunFolder, RunLock, close_run_log, metrics_row
 from .evaluation import evaluate
+from .prewarm import prewarm_events
 from .progress import StepTimer
 from .recipe import schedule_snapshot
 from .session import TrainingSession
@@ -235,7 +236,7 @@ def _run(s: TrainingSession, control: TrainingControl) -> Iterator[ev.Event]:
             metrics.write(metrics_row("event", 0, 0, event="started", total_steps=p.total_steps))
         shapes = s.prewarm_shapes()  # train.compile_prewarm: every batch shape compiled before step 1
         if shapes:
-            yield from _prewarm(s, shapes, metrics)
+            yield from prewarm_events(s, shapes, metrics)
             yield ev.Status("training", "training")
         elif cfg.train.compile:
             yield ev.Status("compiling", "compiling the model with torch.compile: the first steps take minutes")
@@ -247,30 +248,6 @@ def _run(s: TrainingSession, control: TrainingControl) -> Iterator[ev.Event]:
             metrics.close()
         if tensorboard is not None:
             tensorboard.close()
-
-
-def _prewarm(s: TrainingSession, shapes: list[Any], metrics: MetricsWriter | None) -> Iterator[ev.Event]:
-    """Compiles the graphs of each batch shape (one forward and backward each, nothing kept), timed apart from
-    the steps: a Status with the time, run.log, and an event row ``compiled`` with ``warmup_s`` in metrics.jsonl
-    (the steps' img_per_s and the ETA then measure the steady state only)."""
-    p = s.progress
-    res = s.config.data.resolution
-    names = [f"{size[0]}x{size[1]}" if size is not None else f"{res}x{res}" for size in shapes]
-    what = "compiling bucket shapes"
-    yield ev.Status("compiling", f"compiling {len(shapes)} bucket shape{'s' if len(shapes) != 1 else ''} "
-                                 f"({', '.join(names)}; batch {s.config.train.batch_size}) with torch.compile")
-    t0 = time.perf_counter()
-    for done, size in enumerate(shapes):
-        yield ev.Progress(done, len(shapes), what)
-        s.prewarm(size)
-    warmup = time.perf_counter() - t0
-    yield ev.Progress(len(shapes), len(shapes), what)
-    text = f"{len(shapes)} bucket shape{'s' if len(shapes) != 1 else ''} compiled in {warmup:.1f} s"
-    log.info("torch.compile warm-up: %s (%s)", text, ", ".join(names))
-    if metrics:
-        metrics.write(metrics_row("event", p.step, p.epoch, event="compiled", warmup_s=round(warmup, 3),
-                                  shapes=names, batch_size=s.config.train.batch_size))
-    yield ev.Status("compiled", text)
 
 
 def _resume_at_the_end(s: TrainingSession) -> str | None:
