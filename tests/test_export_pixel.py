@@ -320,3 +320,41 @@ def test_v_prediction_ddim_recomputes_its_noise_from_the_clipped_image(tiny_conf
     assert np.array_equal(_pil_stack(theirs), ours), np.abs(_pil_stack(theirs).astype(int) - ours).max()
     monkeypatch.setattr(sampler_module, "step_kwargs", lambda sched: {})  # the old step: the images differ
     assert not np.array_equal(loaded.generate(PROMPTS, [5], steps=4, guidance=3.0, sampler="ddim"), ours)
+
+
+def test_unconditional_v_prediction_ddim_folder_samples_as_sdstudio(tiny_config, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unconditional v-prediction model sampled with DDIM: a plain DDPMPipeline would keep DDIM's unclipped
+    noise estimate, so the folder carries its DDPMPipeline subclass, which steps as sdstudio does; the README
+    says why it needs trust_remote_code. With DDPM the folder stays a standard DDPMPipeline."""
+    from diffusers import DDIMScheduler, DDPMPipeline, DiffusionPipeline
+
+    from sdstudio.core.export import pixel_folder
+
+    cfg = tiny_config.with_overrides({"model.conditional": False, "diffusion.prediction_type": "v_prediction",
+                                      "train.max_steps": 3, "sample.every_epochs": 0})
+    run = _train(cfg, tmp_path / "run")
+    folder = export(run, "diffusers-folder", tmp_path / "export", dtype=torch.float32)
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == [pixel_folder.PIPELINE_MODULE, pixel_folder.UNCONDITIONAL_CLASS]
+    assert "v-prediction" in (folder / "README.md").read_text() and "LeakyReLU" not in (folder / "README.md").read_text()
+    pipe = DiffusionPipeline.from_pretrained(str(folder), trust_remote_code=True, local_files_only=True)
+    assert isinstance(pipe, DDPMPipeline) and isinstance(pipe.scheduler, DDIMScheduler)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config, steps_offset=1)
+    ours = load_trained(run, device="cpu").generate([""], [5, 6], steps=4, sampler="ddim")
+
+    def theirs(p) -> np.ndarray:
+        gens = [torch.Generator().manual_seed(s) for s in (5, 6)]
+        return p(batch_size=2, generator=gens, num_inference_steps=4, output_type="np").images * 255.0
+
+    assert np.abs(theirs(pipe) - ours.astype(np.float64)).max() <= 0.5 + 1e-3
+    assert "step" not in vars(pipe.scheduler), "the step is the scheduler's own again after the call"
+    plain = DDPMPipeline(unet=pipe.unet, scheduler=pipe.scheduler)
+    plain.set_progress_bar_config(disable=True)
+    assert np.abs(theirs(plain) - ours.astype(np.float64)).max() > 1.0, "a plain DDPMPipeline steps differently"
+
+    ddpm = export(_train(cfg.with_overrides({"sample.sampler": "ddpm"}), tmp_path / "run-ddpm"), "diffusers-folder",
+                  tmp_path / "export-ddpm", dtype=torch.float32)
+    assert json.loads((ddpm / "model_index.json").read_text())["_class_name"] == "DDPMPipeline"
+    assert not (ddpm / f"{pixel_folder.PIPELINE_MODULE}.py").exists()

@@ -1,7 +1,10 @@
 """diffusers pipeline folders of from-scratch (pixel) runs.
 
 - Unconditional model: a standard ``DDPMPipeline`` folder (``unet/`` + ``scheduler/``);
-  ``DiffusionPipeline.from_pretrained(folder)`` loads it and ``pipe()`` runs with no arguments.
+  ``DiffusionPipeline.from_pretrained(folder)`` loads it and ``pipe()`` runs with no arguments. Two cases need
+  the folder's own DDPMPipeline subclass (``SDStudioDDPMPipeline``, loaded with ``trust_remote_code=True``): a
+  LeakyReLU model, and DDIM with v-prediction, whose step must recompute its noise estimate from the clipped
+  image as sdstudio's sampler does (``diffusion.step_kwargs``); DDPMPipeline passes no such argument.
 - Conditional model: diffusers has no pipeline for a pixel-space UNet conditioned on a CLIP text encoder, so the
   folder ships its own, ``pipeline_sdstudio_pixel.py`` (class ``SDStudioPixelPipeline``), and
   ``model_index.json`` names it as ``["pipeline_sdstudio_pixel", "SDStudioPixelPipeline"]``. diffusers 0.42
@@ -29,7 +32,9 @@ from .source import ExportSource
 
 PIPELINE_MODULE = "pipeline_sdstudio_pixel"
 PIPELINE_CLASS = "SDStudioPixelPipeline"
-UNCONDITIONAL_CLASS = "SDStudioDDPMPipeline"  # only for LeakyReLU models: diffusers cannot build those alone
+# unconditional models that a plain DDPMPipeline cannot sample as sdstudio does: LeakyReLU (diffusers cannot build
+# it by name) or DDIM with v-prediction and a clipped image (DDPMPipeline keeps the unclipped noise estimate)
+UNCONDITIONAL_CLASS = "SDStudioDDPMPipeline"
 SDSTUDIO_FILE = "sdstudio.json"
 FOLDER_FORMAT = "sdstudio-pixel-folder"
 
@@ -61,8 +66,29 @@ from torch import nn
 _activations.ACT2CLS.setdefault("leaky_relu", nn.LeakyReLU)
 
 
+def _step_kwargs(sched):
+    """As sdstudio samples: DDIM with v-prediction recomputes its noise estimate from the clipped image."""
+    clipped_v = (sched.config.get("clip_sample") and sched.config.get("prediction_type") == "v_prediction"
+                 and "use_clipped_model_output" in inspect.signature(sched.step).parameters)
+    return {"use_clipped_model_output": True} if clipped_v else {}
+
+
 class SDStudioDDPMPipeline(DDPMPipeline):
-    """DDPMPipeline for unconditional sdstudio models whose activation diffusers does not know by name."""
+    """DDPMPipeline for unconditional sdstudio models: diffusers' own loop, plus LeakyReLU (registered above)
+    and DDIM's v-prediction step as sdstudio takes it (``_step_kwargs``)."""
+
+    @torch.no_grad()
+    def __call__(self, *args, **kwargs):
+        extra = _step_kwargs(self.scheduler)
+        if not extra:
+            return super().__call__(*args, **kwargs)
+        sched = self.scheduler
+        step = sched.step
+        sched.step = lambda *a, **k: step(*a, **{**extra, **k})  # the instance attribute shadows the method
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            del sched.step
 
 
 class SDStudioPixelPipeline(DiffusionPipeline):
@@ -158,10 +184,7 @@ class SDStudioPixelPipeline(DiffusionPipeline):
                 break
             steps -= 1
         x = noise.to(device) * sched.init_noise_sigma
-        # as sdstudio does: DDIM with v-prediction recomputes its noise estimate from the clipped image
-        clipped_v = (sched.config.get("clip_sample") and sched.config.get("prediction_type") == "v_prediction"
-                     and "use_clipped_model_output" in inspect.signature(sched.step).parameters)
-        step_kwargs = {"use_clipped_model_output": True} if clipped_v else {}
+        step_kwargs = _step_kwargs(sched)
         for t in self.progress_bar(sched.timesteps):
             inp = sched.scale_model_input(x, t)
             tt = torch.full((inp.shape[0],), int(t), device=device, dtype=torch.long)
@@ -299,8 +322,14 @@ def _readme(source: ExportSource, facts: dict[str, Any], class_name: Any) -> str
         remote = class_name != "DDPMPipeline"
         load = ("DiffusionPipeline.from_pretrained(FOLDER, trust_remote_code=True)" if remote
                 else "DiffusionPipeline.from_pretrained(FOLDER)")
-        why = ("\nThe model uses LeakyReLU, which diffusers does not know by name: the folder's "
-               f"`{PIPELINE_MODULE}.py` registers it, hence `trust_remote_code=True`.\n" if remote else "")
+        reasons = []
+        if cfg.model.activation == "leaky_relu":
+            reasons.append("the model uses LeakyReLU, which diffusers does not know by name (the file registers it)")
+        if facts["scheduler_class"] == "DDIMScheduler" and d["prediction_type"] == "v_prediction":
+            reasons.append("DDIM with v-prediction must recompute its noise estimate from the clipped image, as "
+                           "sdstudio samples, which a plain DDPMPipeline does not ask its scheduler to do")
+        why = (f"\nThe folder's `{PIPELINE_MODULE}.py` is needed because " + "; and ".join(reasons)
+               + ", hence `trust_remote_code=True`.\n" if remote else "")
         return head + (
             "## With diffusers\n\n"
             + ("A `DDPMPipeline` folder (`unet/`, `scheduler/`; the pipeline class is a DDPMPipeline subclass "
@@ -346,6 +375,8 @@ def _write_folder(tmp: Path, source: ExportSource, dtype: torch.dtype) -> None:
     import diffusers
     from transformers.utils import logging as transformers_logging
 
+    from ..diffusion import step_kwargs
+
     transformers_logging.disable_progress_bar()  # "Writing model shards" bars; sdstudio reports its own phases
 
     unet, text_encoder, tokenizer = pixel_modules(source)
@@ -353,6 +384,7 @@ def _write_folder(tmp: Path, source: ExportSource, dtype: torch.dtype) -> None:
     facts = folder_facts(source, scheduler)
     cfg = source.config
     leaky = cfg.model.activation == "leaky_relu"
+    own_class = leaky or bool(step_kwargs(scheduler))  # an unconditional model DDPMPipeline cannot sample alone
     tmp.mkdir(parents=True)
     if cfg.model.conditional:
         _cast(unet, dtype).save_pretrained(str(tmp / "unet"), safe_serialization=True)
@@ -372,12 +404,12 @@ def _write_folder(tmp: Path, source: ExportSource, dtype: torch.dtype) -> None:
 
         DDPMPipeline(unet=_cast(unet, dtype), scheduler=scheduler).save_pretrained(str(tmp), safe_serialization=True)
         class_name = "DDPMPipeline"
-        if leaky:
+        if own_class:
             index_path = tmp / "model_index.json"
             index = json.loads(index_path.read_text(encoding="utf-8"))
             class_name = index["_class_name"] = [PIPELINE_MODULE, UNCONDITIONAL_CLASS]
             index_path.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    if cfg.model.conditional or leaky:
+    if cfg.model.conditional or own_class:
         (tmp / f"{PIPELINE_MODULE}.py").write_text(PIPELINE_SOURCE, encoding="utf-8")
     (tmp / SDSTUDIO_FILE).write_text(json.dumps(facts, indent=1) + "\n", encoding="utf-8")
     (tmp / "README.md").write_text(_readme(source, facts, class_name), encoding="utf-8")
