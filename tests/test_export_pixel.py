@@ -89,7 +89,7 @@ def test_conditional_folder_loads_in_diffusers_with_the_checkpoint_weights(pixel
     # the tokenizer came back from tokenizer/ with its vocabulary, specials and length
     own = load_trained(pixel_run, device="cpu").bundle.tokenizer
     for text in [*PROMPTS, "a purple elephant", ""]:
-        kwargs = dict(padding="max_length", truncation=True, max_length=own.model_max_length)
+        kwargs = {"padding": "max_length", "truncation": True, "max_length": own.model_max_length}
         assert pipe.tokenizer(text, **kwargs)["input_ids"] == own(text, **kwargs)["input_ids"], text
     assert pipe.tokenizer.model_max_length == own.model_max_length == TINY_OVERRIDES["model.max_caption_tokens"]
 
