@@ -5,6 +5,7 @@ verified once, the attention kernel choice, and regional torch.compile agreeing 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -99,6 +100,64 @@ def test_a_nan_step_is_skipped_on_the_device_and_fails_at_settle_as_before() -> 
         strict.steps.run([{"step": s}], s, strict.loss)
     with pytest.raises(NonFiniteLoss, match="step 2"):
         strict.steps.settle()
+
+
+@pytest.mark.parametrize("lazy", [True, False], ids=["lazy", "sync"])
+@pytest.mark.parametrize("max_grad_norm", [1.0, 0.0], ids=["clipped", "unclipped"])
+def test_a_finite_loss_with_an_inf_gradient_is_skipped_before_it_reaches_the_weights(
+        lazy: bool, max_grad_norm: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An overflow in the backward pass gives an inf gradient under a finite loss. Clipping multiplies every
+    gradient by 0 (or NaN without clipping), so the optimizer wrote NaN into the weights and the run failed one
+    step later, the damage done; the step is skipped as a NaN loss is, and the weights are those of the run
+    without it. fp16's loss scaler keeps skipping such steps itself (not counted as bad)."""
+    monkeypatch.setattr(OptimizerStep, "lazy", property(lambda self: lazy))
+
+    def toy_run(steps: list[int], overflow: set[int]) -> _Toy:
+        toy = _Toy(max_grad_norm=max_grad_norm, nan_skip_steps=1)
+
+        def loss(batch: dict, micro: int) -> torch.Tensor:
+            out = toy.model(toy.x)
+            if batch["step"] in overflow:
+                out.register_hook(lambda g: g * float("inf"))
+            return F.mse_loss(out, toy.x.flip(1))
+
+        for s in steps:
+            value, grad_norm, _ = toy.steps.run([{"step": s}], s, loss)
+            assert math.isnan(float(grad_norm)) == (s in overflow) and math.isfinite(float(value)) != (s in overflow)
+        toy.steps.settle()
+        return toy
+
+    hit = toy_run([0, 1, 2, 3], overflow={2})
+    assert hit.steps.bad_steps == 1
+    clean = toy_run([0, 1, 3], overflow=set())
+    for a, b in zip(hit.model.parameters(), clean.model.parameters(), strict=True):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b)
+    with pytest.raises(NonFiniteLoss, match="loss or its gradients became NaN/inf at step 3"):  # the second bad step
+        toy_run([0, 1, 2], overflow={1, 2})
+
+
+def test_fused_backward_stops_at_a_step_whose_gradient_overflows() -> None:
+    """train.fused_backward moves each weight during the backward pass, so an inf gradient under a finite loss
+    cannot be skipped: the run stops at that step (with the last good checkpoint), not one step later."""
+    from sdstudio.core.train.fused_backward import FusedBackwardOptimizer, FusedOptimizerStep
+
+    toy = _Toy()
+    params = list(toy.model.parameters())
+    fused = FusedBackwardOptimizer(param_groups([("model", params, 1e-2)]), lambda g: torch.optim.AdamW(g, lr=1e-2))
+    steps = FusedOptimizerStep(Accelerator(cpu=True), toy.model, fused, LRSchedule(toy.cfg, 100), params, None,
+                               toy.cfg.model_copy(update={"max_grad_norm": 0.0, "nan_skip_steps": 5}))
+
+    def loss(batch: dict, micro: int) -> torch.Tensor:
+        out = toy.model(toy.x)
+        if batch["step"] == 1:
+            out.register_hook(lambda g: g * float("inf"))
+        return F.mse_loss(out, toy.x.flip(1))
+
+    value, grad_norm, _ = steps.run([{"step": 0}], 0, loss)
+    assert math.isfinite(value) and math.isfinite(grad_norm)
+    with pytest.raises(NonFiniteLoss, match="at step 2.*fused_backward"):
+        steps.run([{"step": 1}], 1, loss)
 
 
 def test_metrics_rows_are_the_same_with_and_without_the_sync_per_step(tiny_config, tmp_path: Path,

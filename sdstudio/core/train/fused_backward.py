@@ -4,7 +4,8 @@ full set of gradients never exists at once (for a full fine-tune of SDXL that is
 
 What this costs, and the config enforces: no gradient accumulation (the step happens during each backward) and no
 clipping by the global norm (it is not known until the last gradient). The NaN/inf guard checks the loss before
-the backward pass (a non-finite loss is skipped as without fusion); the reported gradient norm is accumulated from
+the backward pass (a non-finite loss is skipped as without fusion); a finite loss whose gradient overflows stops
+the run at that step (the weights moved during the backward pass, so it cannot be skipped); the reported gradient norm is accumulated from
 each parameter's gradient as it goes by. Per-parameter AdamW with the same hyper-parameters does exactly the
 arithmetic of one AdamW over all parameters, so the weights are the same as the plain path's (tested)."""
 
@@ -99,12 +100,17 @@ class FusedOptimizerStep(OptimizerStep):
             self.bad_steps += 1
             if self.bad_steps > self.train.nan_skip_steps:
                 raise NonFiniteLoss(self._nan_message(step))
-            log.warning("non-finite loss at step %d skipped (%d of %d allowed)", step + 1,
+            log.warning("non-finite loss or gradient at step %d skipped (%d of %d allowed)", step + 1,
                         self.bad_steps, self.train.nan_skip_steps)
             return float("nan"), float("nan"), lr
         fused.grad_sq = torch.zeros((), device=self.accelerator.device)
         self.accelerator.backward(loss)  # each parameter is updated (and its gradient freed) in here
         norm_value = float(fused.grad_sq.sqrt())
+        if any_process(self.accelerator, not math.isfinite(norm_value)):
+            # a finite loss with an overflowing gradient: the weights that saw it moved already (NaN), so the step
+            # cannot be skipped as the plain path skips it; stop now with the last good checkpoint
+            raise NonFiniteLoss(self._nan_message(step) + "; train.fused_backward updated the weights during the "
+                                "backward pass, so a step with a NaN/inf gradient cannot be skipped")
         if self.ema is not None:
             self.ema.update()
         return loss_value, norm_value, lr

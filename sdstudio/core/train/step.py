@@ -96,12 +96,13 @@ class OptimizerStep:
         # One host sync per step: the loss and gradient norm are read together, and checked before the
         # optimizer touches the weights (a NaN/inf batch leaves them as they were).
         loss_value, norm_value = (float(v) for v in torch.stack([total / len(group), grad_norm.float()]).tolist())
-        if any_process(self.accelerator, not math.isfinite(loss_value)):  # some rank saw NaN/inf
+        bad = not math.isfinite(loss_value) or (self._grads_must_be_finite and not math.isfinite(norm_value))
+        if any_process(self.accelerator, bad):  # some rank saw NaN/inf
             self.optimizer.zero_grad(set_to_none=True)
             self.bad_steps += 1
             if self.bad_steps > self.train.nan_skip_steps:
                 raise NonFiniteLoss(self._nan_message(step))
-            log.warning("non-finite loss at step %d skipped (%d of %d allowed)", step + 1,
+            log.warning("non-finite loss or gradient at step %d skipped (%d of %d allowed)", step + 1,
                         self.bad_steps, self.train.nan_skip_steps)
             return float("nan"), float("nan"), lr
         self.optimizer.step()
@@ -109,6 +110,14 @@ class OptimizerStep:
         if self.ema is not None:
             self.ema.update()
         return loss_value, norm_value, lr
+
+    @property
+    def _grads_must_be_finite(self) -> bool:
+        """A finite loss can still give an inf/NaN gradient (an overflow in the backward pass): clipping then
+        multiplies every gradient by 0 or NaN, and the optimizer would write NaN into the weights one step before
+        the loss shows it. Such a step is skipped like a NaN loss, except under fp16's loss scaler, which skips
+        those steps itself and lowers its scale (an inf gradient is routine there)."""
+        return self.accelerator.scaler is None
 
     @property
     def lazy(self) -> bool:
@@ -123,7 +132,7 @@ class OptimizerStep:
 
     def _step_without_sync(self, loss: torch.Tensor, grad_norm: torch.Tensor, step: int,
                            lr: float) -> tuple[Any, Any, float]:
-        bad = ~torch.isfinite(loss.detach())
+        bad = ~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm.detach()))  # no loss scaler here
         inner = getattr(self.optimizer, "optimizer", self.optimizer)
         inner.found_inf = bad.float()  # the fused kernel leaves weights, moments and step count as they were
         try:
@@ -152,12 +161,13 @@ class OptimizerStep:
             self.bad_steps += 1
             if self.bad_steps > self.train.nan_skip_steps:
                 raise NonFiniteLoss(self._nan_message(step))
-            log.warning("non-finite loss at step %d skipped (%d of %d allowed)", step + 1,
+            log.warning("non-finite loss or gradient at step %d skipped (%d of %d allowed)", step + 1,
                         self.bad_steps, self.train.nan_skip_steps)
 
     def _nan_message(self, step: int) -> str:
         t = self.train
-        return (f"the loss became NaN/inf at step {step + 1}; the last good checkpoint is kept. Usual causes: "
+        return (f"the loss or its gradients became NaN/inf at step {step + 1}; the last good checkpoint is kept. "
+                "Usual causes: "
                 f"a learning rate too high (train.learning_rate = {t.learning_rate:g}: try 3-10x lower), fp16 "
                 f"mixed precision (train.mixed_precision = {t.mixed_precision!r}: try bf16 or no), a VAE in "
                 "fp16 (SDXL), or no gradient clipping (train.max_grad_norm)")
