@@ -5,9 +5,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .errors import ConfigError
+
+
+class Section(BaseModel):
+    """A section of the run config: unknown keys are refused (a typo must not pass silently), and assignments
+    are validated like input."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 def _allowed(err: dict[str, Any]) -> str:
