@@ -148,3 +148,30 @@ def test_an_unreadable_image_gets_a_broken_thumbnail(qtbot, tmp_path: Path) -> N
     Image.new("RGB", (300, 150), "red").save(good)
     thumb = make_thumbnail(good)
     assert (thumb.width(), thumb.height()) == (96, 48)
+
+
+def test_the_list_marks_the_dataset_shown_and_nothing_when_it_is_not_listed(qtbot, tiny_copy: Path,
+                                                                           tmp_path: Path) -> None:
+    """A folder opened without being added (the last session's, a config's data.path) is shown with no list
+    entry selected: the bundled demo used to stay highlighted over another folder's images."""
+    import shutil
+
+    from sdstudio.core import paths
+    from sdstudio.gui.panels.datasets import PATH_ROLE, DatasetsPanel
+
+    panel = DatasetsPanel()
+    qtbot.addWidget(panel)
+    panel.show()
+
+    def selected() -> list[str]:
+        return [item.data(PATH_ROLE) for item in panel.datasets.selectedItems()]
+
+    panel.open_folder(paths.demo_dataset_dir(), remember=False)
+    assert selected() == [str(paths.demo_dataset_dir())]
+    unlisted = shutil.copytree(tiny_copy, tmp_path / "unlisted")
+    panel.open_folder(unlisted, remember=False)
+    assert selected() == [] and panel.datasets.currentItem() is None
+    panel.open_folder(tiny_copy)  # added to the list, and marked
+    assert [Path(p) for p in selected()] == [tiny_copy]
+    qtbot.waitUntil(lambda: not panel.progress.isVisible(), timeout=30_000)
+    panel.shutdown()

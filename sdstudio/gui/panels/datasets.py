@@ -175,6 +175,10 @@ class DatasetsPanel(QWidget):
             if self._current is not None and same_folder(item.data(PATH_ROLE), self._current):
                 self.datasets.setCurrentItem(item)
                 return
+        # the folder shown is not in the list (opened from a config or the last session without being added):
+        # no entry may look selected, or the list would name another dataset than the one shown
+        self.datasets.setCurrentRow(-1)
+        self.datasets.clearSelection()
 
     def _dataset_clicked(self, item: QListWidgetItem) -> None:
         self.open_folder(Path(item.data(PATH_ROLE)), remember=False)
