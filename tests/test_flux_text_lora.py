@@ -81,3 +81,32 @@ def test_clip_lora_trains_resumes_and_exports_in_both_formats(flux_dev: Path, fo
         want = trained.trainable(x, t, cond)
         got = FluxDenoiser(pipe.transformer)(x, t, {**cond, "pooled": got_pooled})
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
+def test_checkpoints_must_match_the_text_encoder_and_adapter_settings(flux_dev: Path, four_images: Path) -> None:
+    """A Flux checkpoint loads only into a bundle that trains the same modules with the same adapters: a CLIP-L
+    LoRA the run does not train, a missing one, another rank or another adapter type each name the setting."""
+    from sdstudio.core.errors import CheckpointError
+    from sdstudio.core.models.flux.model import build_flux_model
+
+    cpu = torch.device("cpu")
+    cfg = _train_config(flux_dev, four_images, **{"lora.text_encoder": True, "data.resolution": 32})
+    state = build_flux_model(cfg, cpu).trainable_state()
+    transformer_only = {k: v for k, v in state.items() if k.startswith("transformer.")}
+    assert transformer_only and len(transformer_only) < len(state)
+    plain = cfg.with_overrides({"lora.text_encoder": False})
+    build_flux_model(plain, cpu).load_trainable_state(transformer_only, Path("old"))
+    with pytest.raises(CheckpointError, match="text_encoder that this Flux.* run does not train; was lora.text_encoder"):
+        build_flux_model(plain, cpu).load_trainable_state(state, Path("x"))
+    with pytest.raises(CheckpointError, match="no text_encoder weights"):
+        build_flux_model(cfg, cpu).load_trainable_state(transformer_only, Path("x"))
+    with pytest.raises(CheckpointError, match="do not fit this model's transformer.*lora.rank"):
+        build_flux_model(plain.with_overrides({"lora.rank": 8}), cpu).load_trainable_state(transformer_only,
+                                                                                          Path("x"))
+    with pytest.raises(CheckpointError, match="do not fit this model's transformer"):
+        build_flux_model(plain.with_overrides({"lora.type": "loha"}), cpu).load_trainable_state(transformer_only,
+                                                                                               Path("x"))
+    again = build_flux_model(cfg, cpu)
+    again.load_trainable_state(state, Path("x"))
+    restored = again.trainable_state()
+    assert restored.keys() == state.keys() and all(torch.equal(v, restored[k]) for k, v in state.items())

@@ -192,6 +192,8 @@ def test_checkpoints_must_match_the_text_encoder_setting(tiny_sd1: Path, four_im
         plain.load_trainable_state(state, Path("x"))
     with pytest.raises(CheckpointError, match="no text_encoder weights"):
         build_sd_model(cfg, CPU).load_trainable_state(unet_only, Path("x"))
+    with pytest.raises(CheckpointError, match="do not fit this model's unet.*lora.rank"):  # not torch's page of it
+        build_sd_model(cfg.with_overrides({"lora.rank": 2 * cfg.lora.rank}), CPU).load_trainable_state(state, Path("x"))
     again = build_sd_model(cfg, CPU)
     again.load_trainable_state(state, Path("x"))
     restored = again.trainable_state()

@@ -17,6 +17,7 @@ from ...config import RunConfig
 from ..bundle import ModelBundle
 from ..registry import get_family
 from ..split_files import file_stamps as _file_stamps
+from ..trained_state import load_trained_state, trained_state
 from ..transformer_parts import load_options, prepare_transformer
 from ..transformer_parts import optional_path as _path
 from ..transformer_parts import weight_dtype as _weight_dtype
@@ -181,42 +182,13 @@ class FluxBundle(ModelBundle):
         return modules
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """"transformer.<key>" (+ "text_encoder.<key>" with a CLIP-L LoRA): the peft adapter tensors."""
-        from peft.utils import get_peft_model_state_dict
-
-        out: dict[str, torch.Tensor] = {}
-        for prefix, module in self._trained_modules().items():
-            state = get_peft_model_state_dict(module) if self.lora else module.state_dict()
-            out.update({f"{prefix}.{k}": v.detach().to("cpu").contiguous() for k, v in state.items()})
-        return out
+        """"transformer.<key>" (+ "text_encoder.<key>" with a CLIP-L LoRA): the peft adapter tensors, or the
+        whole transformer of a full fine-tune."""
+        return trained_state(self._trained_modules(), lora=self.lora)
 
     def load_trainable_state(self, weights: dict[str, torch.Tensor], source: Path) -> None:
-        from peft.utils import set_peft_model_state_dict
-
-        from ...errors import CheckpointError
-
-        modules = self._trained_modules()
-        stray = sorted({k.split(".", 1)[0] for k in weights} - set(modules))
-        if stray:
-            raise CheckpointError(f"{source}: not the weights of this {self.model_family.short_title} run (it holds {', '.join(stray)}; "
-                                  "was lora.text_encoder changed?)")
-        for prefix, module in modules.items():
-            sub = {k[len(prefix) + 1:]: v for k, v in weights.items() if k.startswith(f"{prefix}.")}
-            if not sub:
-                raise CheckpointError(f"{source}: no {prefix} weights in the checkpoint; was lora.text_encoder "
-                                      "changed?")
-            if not self.lora:  # a full fine-tune: the whole transformer
-                try:
-                    module.load_state_dict(sub, strict=True)
-                except RuntimeError as exc:
-                    raise CheckpointError(f"{source}: the transformer weights do not fit this model ({exc})"
-                                          ) from None
-                continue
-            result = set_peft_model_state_dict(module, sub)
-            unexpected = list(getattr(result, "unexpected_keys", []))
-            if unexpected:
-                raise CheckpointError(f"{source}: LoRA weights do not fit this model ({unexpected[:3]}); "
-                                      "were lora.rank/targets changed?")
+        load_trained_state(self._trained_modules(), weights, source, lora=self.lora,
+                           title=self.model_family.short_title, hint="was lora.text_encoder changed?")
 
     def save_extra(self, folder: Path) -> None:
         (folder / "model.json").write_text(json.dumps(self.architecture, indent=1), encoding="utf-8")

@@ -16,6 +16,7 @@ from ...config import RunConfig
 from ..adapters import TEXT_LORA_TARGETS, peft_adapter_config, text_lora_targets  # noqa: F401 - names kept here
 from ..bundle import ModelBundle
 from ..registry import get_family
+from ..trained_state import load_trained_state, trained_state
 from .files import SDComponents, load_sd_components
 
 # Text-encoder LoRA targets (CLIP layers): the attention projections, all four (A1111 applies a LoRA on
@@ -253,46 +254,12 @@ class SDBundle(ModelBundle):
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """"unet.<key>" (+ "text_encoder.<key>", "text_encoder_2.<key>"): the peft adapter tensors of a LoRA
         run, the whole state dicts of a full fine-tune."""
-        out: dict[str, torch.Tensor] = {}
-        for prefix, module in self._trained_modules().items():
-            if self.lora:
-                from peft.utils import get_peft_model_state_dict
-
-                state = get_peft_model_state_dict(module)
-            else:
-                state = module.state_dict()
-            out.update({f"{prefix}.{k}": v.detach().to("cpu").contiguous() for k, v in state.items()})
-        return out
+        return trained_state(self._trained_modules(), lora=self.lora)
 
     def load_trainable_state(self, weights: dict[str, torch.Tensor], source: Path) -> None:
-        from ...errors import CheckpointError
-
-        modules = self._trained_modules()
-        # a checkpoint with text-encoder weights for a run that does not train them (or the other way round)
-        stray = sorted({k.split(".", 1)[0] for k in weights} - set(modules))
-        if stray:
-            raise CheckpointError(f"{source}: the checkpoint holds weights for {', '.join(stray)} that this run "
-                                  "does not train; were lora.text_encoder / train.train_text_encoder changed?")
-        for prefix, module in modules.items():
-            sub = {k[len(prefix) + 1:]: v for k, v in weights.items() if k.startswith(f"{prefix}.")}
-            if prefix != "unet" and not sub:
-                raise CheckpointError(f"{source}: no {prefix} weights in the checkpoint, but this run trains the "
-                                      "text encoder; was lora.text_encoder / train.train_text_encoder changed?")
-            if self.lora:
-                from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-
-                expected = set(get_peft_model_state_dict(module)) if prefix != "unet" else set(sub)
-                result = set_peft_model_state_dict(module, sub)
-                unexpected = list(getattr(result, "unexpected_keys", [])) + sorted(expected - set(sub))
-                if unexpected:
-                    raise CheckpointError(f"{source}: LoRA weights do not fit this model's {prefix} "
-                                          f"({unexpected[:3]}); were lora.rank/targets changed?")
-            else:
-                try:
-                    module.load_state_dict(sub, strict=True)
-                except RuntimeError as exc:
-                    raise CheckpointError(f"{source}: weights do not fit this model's {prefix} "
-                                          f"({str(exc).splitlines()[0]})") from None
+        load_trained_state(self._trained_modules(), weights, source, lora=self.lora,
+                           title=self.model_family.short_title,
+                           hint="were lora.text_encoder / train.train_text_encoder changed?")
 
     def save_extra(self, folder: Path) -> None:
         (folder / "model.json").write_text(json.dumps(self.architecture, indent=1), encoding="utf-8")
