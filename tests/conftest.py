@@ -23,6 +23,16 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto`` (pyproject's addopts): one worker per physical core, at most one per 2 GB of free memory (each
+    worker holds torch, diffusers and a few tiny models) and at most 8, so a many-core laptop is not swamped."""
+    import psutil
+
+    cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    by_memory = int(psutil.virtual_memory().available // (2 * 1024**3))
+    return max(1, min(cores, by_memory, 8))
+
+
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path_factory.mktemp("sdstudio-home")
