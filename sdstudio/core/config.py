@@ -75,6 +75,9 @@ class DataConfig(Section):
     val_seed: int = Field(1234, description="Seed of the validation split.")
     num_workers: int = Field(0, ge=0, le=64, description="Data-loader worker processes (0 = in the "
                              "training process; fine for small images).")
+    prefetch_batches: int = Field(2, ge=0, le=16, description="With data.num_workers = 0: batches a background "
+                                  "thread reads ahead while the model trains, so loading images overlaps the GPU's "
+                                  "work (0 = read each batch when it is needed). Same batches, same order.")
     bucketing: bool = Field(False, description="Aspect-ratio bucketing: each image trains at the bucket size "
                             "closest to its aspect ratio (area about resolution squared) instead of a square crop.")
     bucket_step: int = Field(64, ge=8, le=256, multiple_of=8, description="Side step of the bucket sizes in "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..config import RunConfig
 from ..data.buckets import BucketSize
 from ..data.dataset import EpochOrder, ImageCaptionDataset, SampleKey, collate
+from ..data.prefetch import prefetch
 from ..errors import DatasetError
 from .setup import PreparedData, prepare_data
 
@@ -86,6 +88,7 @@ class TrainingBatches:
         self.seed = cfg.train.seed
         self.keys = _KeySource(self.order, cfg.train.batch_size, rank)
         self.workers = cfg.data.num_workers
+        self.read_ahead = cfg.data.prefetch_batches if self.workers == 0 else 0  # workers prefetch on their own
         self.loader = self._loader(self.images, collate)
         if self.images.aug.describe():
             log.info("per-step augmentations: %s", ", ".join(self.images.aug.describe()))
@@ -110,14 +113,15 @@ class TrainingBatches:
         self.keys.seek(epoch, step_in_epoch * self.accum)
         group: list[dict[str, Any]] = []
         remaining = self.steps_per_epoch - step_in_epoch
-        for batch in self.loader:
-            group.append(batch)
-            if len(group) == self.accum:
-                yield group
-                group = []
-                remaining -= 1
-                if remaining <= 0:
-                    return
+        with closing(prefetch(self.loader, self.read_ahead)) as batches:  # data.prefetch_batches
+            for batch in batches:
+                group.append(batch)
+                if len(group) == self.accum:
+                    yield group
+                    group = []
+                    remaining -= 1
+                    if remaining <= 0:
+                        return
 
     def shapes_ahead(self, epoch: int, step_in_epoch: int, steps: int) -> list[BucketSize | None]:
         """The distinct bucket sizes of the next ``steps`` optimizer steps from ``step_in_epoch`` of epoch
