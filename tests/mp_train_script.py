@@ -25,10 +25,21 @@ def main() -> int:
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         (report_dir / f"rank{self.rank}.json").write_text(json.dumps(
-            {"world": self.world, "rank": self.rank, "step": self.step, "digest": digest.hexdigest()}))
+            {"world": self.world, "rank": self.rank, "step": self.step, "digest": digest.hexdigest(),
+             "lazy": self.steps.lazy, "bad_steps": self.steps.bad_steps}))
         original_close(self)
 
     TrainingSession.close = close_with_digest  # type: ignore[method-assign]
+    poison = os.environ.get("SDSTUDIO_TEST_POISON")  # "RANK:STEP": that rank's loss is NaN at that step
+    if poison:
+        rank, step = (int(x) for x in poison.split(":"))
+        original_loss = TrainingSession.compute_loss
+
+        def poisoned(self: TrainingSession, batch, micro):  # type: ignore[no-untyped-def]
+            loss = original_loss(self, batch, micro)
+            return loss * float("nan") if (self.rank, self.step + 1) == (rank, step) else loss
+
+        TrainingSession.compute_loss = poisoned  # type: ignore[method-assign]
     last = None
     for event in train(config, run_dir=run_dir):
         last = event

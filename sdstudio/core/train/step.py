@@ -123,10 +123,12 @@ class OptimizerStep:
     def lazy(self) -> bool:
         """Whether a step runs without any host sync: the NaN/inf guard on the device (the fused optimizer skips
         its update when ``found_inf`` is set, as under a GradScaler), the loss and grad norm returned as tensors
-        and their flags read by ``settle``. Needs one process, a fused Adam(W)/SGD, no loss scaler (fp16), no EMA
-        (its update would see a skipped step); otherwise each step reads the loss once (the sync path)."""
+        and their flags read by ``settle``. Needs a fused Adam(W)/SGD, no loss scaler (fp16), no EMA (its update
+        would see a skipped step); otherwise each step reads the loss once (the sync path). Several processes
+        agree without a message of their own: a rank's NaN/inf loss makes its gradients non-finite, the
+        all-reduce carries them to every rank, so every rank's gradient norm, and flag, is non-finite too."""
         inner = getattr(self.optimizer, "optimizer", self.optimizer)
-        return (self.accelerator.num_processes == 1 and self.accelerator.scaler is None and self.ema is None
+        return (self.accelerator.scaler is None and self.ema is None
                 and bool(getattr(inner, "_step_supports_amp_scaling", False))
                 and bool(getattr(inner, "defaults", {}).get("fused")))
 
