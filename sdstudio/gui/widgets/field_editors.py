@@ -36,7 +36,7 @@ UNITS = {
     "train.val_every_steps": "steps", "sample.every_steps": "steps", "sample.every_epochs": "epochs",
     "checkpoint.every_steps": "steps", "checkpoint.every_epochs": "epochs", "train.batch_size": "images",
     "sample.steps": "steps", "diffusion.num_timesteps": "steps", "checkpoint.keep_last": "checkpoints",
-    "data.num_workers": "processes", "train.threads": "threads",
+    "data.num_workers": "processes", "data.prefetch_batches": "batches", "train.threads": "threads",
 }
 PLACEHOLDERS = {"data.path": "(the bundled demo dataset)", "model.path": "diffusers folder or .safetensors file"}
 
