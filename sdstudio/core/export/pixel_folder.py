@@ -294,7 +294,20 @@ def folder_facts(source: ExportSource, scheduler: Any) -> dict[str, Any]:
             "ema": source.ema, "checkpoint": str(source.checkpoint), "metadata": meta}
 
 
-def _readme(source: ExportSource, facts: dict[str, Any], class_name: Any) -> str:
+def _own_class_reasons(source: ExportSource, scheduler: Any) -> list[str]:
+    """Why an unconditional folder needs its own DDPMPipeline subclass (none: a standard DDPMPipeline)."""
+    from ..diffusion import step_kwargs
+
+    reasons = []
+    if source.config.model.activation == "leaky_relu":
+        reasons.append("the model uses LeakyReLU, which diffusers does not know by name (the file registers it)")
+    if step_kwargs(scheduler):
+        reasons.append("DDIM with v-prediction must recompute its noise estimate from the clipped image, as "
+                       "sdstudio samples, which a plain DDPMPipeline does not ask its scheduler to do")
+    return reasons
+
+
+def _readme(source: ExportSource, facts: dict[str, Any], class_name: Any, reasons: list[str]) -> str:
     cfg = source.config
     s = facts["sample"]
     d = facts["diffusion"]
@@ -322,12 +335,6 @@ def _readme(source: ExportSource, facts: dict[str, Any], class_name: Any) -> str
         remote = class_name != "DDPMPipeline"
         load = ("DiffusionPipeline.from_pretrained(FOLDER, trust_remote_code=True)" if remote
                 else "DiffusionPipeline.from_pretrained(FOLDER)")
-        reasons = []
-        if cfg.model.activation == "leaky_relu":
-            reasons.append("the model uses LeakyReLU, which diffusers does not know by name (the file registers it)")
-        if facts["scheduler_class"] == "DDIMScheduler" and d["prediction_type"] == "v_prediction":
-            reasons.append("DDIM with v-prediction must recompute its noise estimate from the clipped image, as "
-                           "sdstudio samples, which a plain DDPMPipeline does not ask its scheduler to do")
         why = (f"\nThe folder's `{PIPELINE_MODULE}.py` is needed because " + "; and ".join(reasons)
                + ", hence `trust_remote_code=True`.\n" if remote else "")
         return head + (
@@ -375,16 +382,13 @@ def _write_folder(tmp: Path, source: ExportSource, dtype: torch.dtype) -> None:
     import diffusers
     from transformers.utils import logging as transformers_logging
 
-    from ..diffusion import step_kwargs
-
     transformers_logging.disable_progress_bar()  # "Writing model shards" bars; sdstudio reports its own phases
 
     unet, text_encoder, tokenizer = pixel_modules(source)
     scheduler = export_scheduler(source)
     facts = folder_facts(source, scheduler)
     cfg = source.config
-    leaky = cfg.model.activation == "leaky_relu"
-    own_class = leaky or bool(step_kwargs(scheduler))  # an unconditional model DDPMPipeline cannot sample alone
+    reasons = [] if cfg.model.conditional else _own_class_reasons(source, scheduler)
     tmp.mkdir(parents=True)
     if cfg.model.conditional:
         _cast(unet, dtype).save_pretrained(str(tmp / "unet"), safe_serialization=True)
@@ -404,15 +408,15 @@ def _write_folder(tmp: Path, source: ExportSource, dtype: torch.dtype) -> None:
 
         DDPMPipeline(unet=_cast(unet, dtype), scheduler=scheduler).save_pretrained(str(tmp), safe_serialization=True)
         class_name = "DDPMPipeline"
-        if own_class:
+        if reasons:  # an unconditional model a plain DDPMPipeline cannot sample as sdstudio does
             index_path = tmp / "model_index.json"
             index = json.loads(index_path.read_text(encoding="utf-8"))
             class_name = index["_class_name"] = [PIPELINE_MODULE, UNCONDITIONAL_CLASS]
             index_path.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    if cfg.model.conditional or own_class:
+    if cfg.model.conditional or reasons:
         (tmp / f"{PIPELINE_MODULE}.py").write_text(PIPELINE_SOURCE, encoding="utf-8")
     (tmp / SDSTUDIO_FILE).write_text(json.dumps(facts, indent=1) + "\n", encoding="utf-8")
-    (tmp / "README.md").write_text(_readme(source, facts, class_name), encoding="utf-8")
+    (tmp / "README.md").write_text(_readme(source, facts, class_name, reasons), encoding="utf-8")
 
 
 def export_pixel_folder(source: ExportSource, folder: Path, *, dtype: torch.dtype = torch.float16,

@@ -5,13 +5,12 @@ full set of gradients never exists at once (for a full fine-tune of SDXL that is
 What this costs, and the config enforces: no gradient accumulation (the step happens during each backward) and no
 clipping by the global norm (it is not known until the last gradient). The NaN/inf guard checks the loss before
 the backward pass (a non-finite loss is skipped as without fusion); a finite loss whose gradient overflows stops
-the run at that step (the weights moved during the backward pass, so it cannot be skipped); the reported gradient norm is accumulated from
-each parameter's gradient as it goes by. Per-parameter AdamW with the same hyper-parameters does exactly the
+the run at that step (the weights moved during the backward pass, so it cannot be skipped); the reported
+gradient norm is accumulated from each parameter's gradient as it goes by. Per-parameter AdamW with the same hyper-parameters does exactly the
 arithmetic of one AdamW over all parameters, so the weights are the same as the plain path's (tested)."""
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -19,8 +18,6 @@ from typing import Any
 import torch
 
 from .step import NonFiniteLoss, OptimizerStep, any_process
-
-log = logging.getLogger("sdstudio")
 
 
 class FusedBackwardOptimizer:
@@ -97,11 +94,7 @@ class FusedOptimizerStep(OptimizerStep):
         loss = loss_fn(group[0], 0)
         loss_value = float(loss.detach())
         if any_process(self.accelerator, not math.isfinite(loss_value)):  # checked before any weight moves
-            self.bad_steps += 1
-            if self.bad_steps > self.train.nan_skip_steps:
-                raise NonFiniteLoss(self._nan_message(step))
-            log.warning("non-finite loss or gradient at step %d skipped (%d of %d allowed)", step + 1,
-                        self.bad_steps, self.train.nan_skip_steps)
+            self._skip_bad_step(step)
             return float("nan"), float("nan"), lr
         fused.grad_sq = torch.zeros((), device=self.accelerator.device)
         self.accelerator.backward(loss)  # each parameter is updated (and its gradient freed) in here

@@ -99,11 +99,7 @@ class OptimizerStep:
         bad = not math.isfinite(loss_value) or (self._grads_must_be_finite and not math.isfinite(norm_value))
         if any_process(self.accelerator, bad):  # some rank saw NaN/inf
             self.optimizer.zero_grad(set_to_none=True)
-            self.bad_steps += 1
-            if self.bad_steps > self.train.nan_skip_steps:
-                raise NonFiniteLoss(self._nan_message(step))
-            log.warning("non-finite loss or gradient at step %d skipped (%d of %d allowed)", step + 1,
-                        self.bad_steps, self.train.nan_skip_steps)
+            self._skip_bad_step(step)
             return float("nan"), float("nan"), lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -160,11 +156,16 @@ class OptimizerStep:
         for (step, _), bad in zip(pending, flags, strict=True):
             if not bad:
                 continue
-            self.bad_steps += 1
-            if self.bad_steps > self.train.nan_skip_steps:
-                raise NonFiniteLoss(self._nan_message(step))
-            log.warning("non-finite loss or gradient at step %d skipped (%d of %d allowed)", step + 1,
-                        self.bad_steps, self.train.nan_skip_steps)
+            self._skip_bad_step(step)
+
+    def _skip_bad_step(self, step: int) -> None:
+        """Counts a NaN/inf step (0-based ``step``) as skipped, or raises ``NonFiniteLoss`` past
+        ``train.nan_skip_steps``: the one rule of every step path (sync, device-side, fused backward)."""
+        self.bad_steps += 1
+        if self.bad_steps > self.train.nan_skip_steps:
+            raise NonFiniteLoss(self._nan_message(step))
+        log.warning("non-finite loss or gradient at step %d skipped (%d of %d allowed)", step + 1,
+                    self.bad_steps, self.train.nan_skip_steps)
 
     def _nan_message(self, step: int) -> str:
         t = self.train
